@@ -1,0 +1,180 @@
+"""Composition blocks and their compilation into per-slot plans.
+
+Blocks are small serialisable values in AdapterHub's vocabulary: ``Stack("a", "b")`` runs ``a``
+then ``b`` at every slot, ``Average("a", "b", weights=[...])`` mixes their outputs and
+``BatchSplit("a", "b", batch_sizes=[2, 3])`` gives each adapter its share of the batch. A plain
+name or a list stands for a ``Stack``. Per-example routing (``model(..., adapter_names=[...])``)
+is the same mechanism as ``BatchSplit`` with an index per adapter instead of a contiguous range.
+
+``compile_plan(setup, modules)`` turns a setup into one function per slot, once per change of
+the setup; at forward time a slot only calls it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .errors import AdapterError
+from .slots import Plan, SlotIO
+
+Setup = Union[str, "Block"]
+
+
+class Block:
+    """A composition of adapters (or of other blocks)."""
+
+    children: tuple[Setup, ...]
+
+    def __init__(self, *children: Union[Setup, Sequence[Setup]]):
+        flat: list[Setup] = []
+        for child in children:
+            flat.extend(child if isinstance(child, (list, tuple)) else [child])
+        if not flat:
+            raise AdapterError(f"{type(self).__name__} needs at least one adapter name.")
+        for child in flat:
+            if not isinstance(child, (str, Block)):
+                raise AdapterError(f"{type(self).__name__} takes adapter names or blocks, not {child!r}.")
+        self.children = tuple(flat)
+
+    def names(self) -> list[str]:
+        """Every adapter name in the block, depth first, without repeats."""
+        out: list[str] = []
+        for child in self.children:
+            for name in [child] if isinstance(child, str) else child.names():
+                if name not in out:
+                    out.append(name)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"type": type(self).__name__, "children": [c if isinstance(c, str) else c.to_dict() for c in self.children]}
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.to_dict() == other.to_dict()  # type: ignore[union-attr]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(map(repr, self.children))})"
+
+
+class Stack(Block):
+    """Run adapters one after the other at every slot (AdapterHub ``Stack``; MAD-X)."""
+
+
+class Average(Block):
+    """Weighted mean of the children's outputs (weights normalised to sum to 1)."""
+
+    def __init__(self, *children: Union[Setup, Sequence[Setup]], weights: Optional[Sequence[float]] = None):
+        super().__init__(*children)
+        weights = list(weights) if weights is not None else [1.0] * len(self.children)
+        if len(weights) != len(self.children) or sum(weights) <= 0:
+            raise AdapterError(f"Average needs one positive-sum weight per child; got {weights} for {len(self.children)}.")
+        self.weights = [w / sum(weights) for w in weights]
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "weights": self.weights}
+
+
+class BatchSplit(Block):
+    """The first ``batch_sizes[0]`` examples go to the first child, and so on."""
+
+    def __init__(self, *children: Union[Setup, Sequence[Setup]], batch_sizes: Sequence[int]):
+        super().__init__(*children)
+        if len(batch_sizes) != len(self.children) or any(b < 0 for b in batch_sizes):
+            raise AdapterError(f"BatchSplit needs one non-negative size per child; got {list(batch_sizes)}.")
+        self.batch_sizes = list(batch_sizes)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "batch_sizes": self.batch_sizes}
+
+
+BLOCKS = {cls.__name__: cls for cls in (Stack, Average, BatchSplit)}
+
+
+def as_setup(setup: Union[None, Setup, Sequence[Setup]]) -> Optional[Block]:
+    """Normalise what users pass to ``set_active_adapters``: a name, a list or a block."""
+    if setup is None:
+        return None
+    if isinstance(setup, Block):
+        return setup
+    if isinstance(setup, str):
+        return Stack(setup)
+    if isinstance(setup, (list, tuple)):
+        return Stack(*setup) if setup else None
+    raise AdapterError(f"An adapter setup is a name, a list of names or a block such as Stack(...), not {setup!r}.")
+
+
+def setup_from_dict(data: Union[str, Mapping]) -> Setup:
+    if isinstance(data, str):
+        return data
+    cls = BLOCKS.get(data.get("type", ""))
+    if cls is None:
+        raise AdapterError(f"Unknown composition block {data.get('type')!r}; known: {', '.join(BLOCKS)}.")
+    children = [setup_from_dict(c) for c in data["children"]]
+    extra = {k: data[k] for k in ("weights", "batch_sizes") if k in data}
+    return cls(*children, **extra)
+
+
+# -- compilation into plans ---------------------------------------------------------------------
+def compile_plan(setup: Setup, modules: Mapping[str, nn.Module]) -> Optional[Plan]:
+    """The function a slot runs for ``setup``, given the adapter modules placed at that slot
+    (name -> module). ``None`` when no adapter of the setup is placed there."""
+    if isinstance(setup, str):
+        return modules.get(setup)
+    plans = [compile_plan(child, modules) for child in setup.children]
+    if isinstance(setup, Stack):
+        steps = [p for p in plans if p is not None]
+        if not steps:
+            return None
+        if len(steps) == 1:
+            return steps[0]
+
+        def stack(io: SlotIO) -> torch.Tensor:
+            y = io.y
+            for step in steps:
+                y = step(io.with_y(y))
+            return y
+
+        return stack
+    if isinstance(setup, Average):
+        if all(p is None for p in plans):
+            return None
+        pairs = [(w, p) for w, p in zip(setup.weights, plans)]
+
+        def average(io: SlotIO) -> torch.Tensor:
+            return sum(w * (p(io) if p is not None else io.y) for w, p in pairs)
+
+        return average
+    if isinstance(setup, BatchSplit):
+        bounds, start = [], 0
+        for size in setup.batch_sizes:
+            bounds.append((start, start + size))
+            start += size
+
+        def batch_split(io: SlotIO) -> torch.Tensor:
+            if io.y.shape[0] != start:
+                raise AdapterError(f"BatchSplit sizes {setup.batch_sizes} add up to {start}, but the batch has {io.y.shape[0]} examples.")
+            index = [torch.arange(a, b, device=io.y.device) for a, b in bounds]
+            return route(io, list(zip(index, plans)))
+
+        return batch_split
+    raise AdapterError(f"Unsupported composition block {type(setup).__name__}.")
+
+
+def route(io: SlotIO, groups: Sequence[tuple[torch.Tensor, Optional[Plan]]]) -> torch.Tensor:
+    """Run each plan on its rows of the batch; rows with no plan keep the host output."""
+    out = io.y
+    for index, plan in groups:
+        if plan is None or index.numel() == 0:
+            continue
+        out = out.index_copy(0, index, plan(io.rows(index)))
+    return out
+
+
+def routing_plan(groups: Sequence[tuple[torch.Tensor, Optional[Plan]]]) -> Optional[Plan]:
+    """Plan for per-example routing: ``groups`` pairs row indices with each adapter's plan."""
+    if all(plan is None for _, plan in groups):
+        return None
+    return lambda io: route(io, groups)

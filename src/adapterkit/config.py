@@ -1,0 +1,176 @@
+"""The base class of every method config, and the method registry.
+
+A method is one file in ``adapterkit/methods``: a frozen dataclass config that knows where its
+modules go (``places``) and how to build one (``build``), registered with one decorator::
+
+    @register_method("lora")
+    @dataclass(frozen=True)
+    class LoRAConfig(AdapterConfig): ...
+
+Configs are immutable (``cfg.replace(r=16)`` gives a new one) and round-trip through JSON with
+``to_dict`` / ``config_from_dict``. Named presets (``"pfeiffer"``, ``"houlsby"``, ...) are configs
+registered under a name with ``register_preset``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+
+from torch import nn
+
+from .errors import AdapterError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .layouts import Layout
+    from .slots import Site
+
+_METHODS: dict[str, type["AdapterConfig"]] = {}
+_PRESETS: dict[str, "AdapterConfig"] = {}
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Options every method shares: where to put the adapter.
+
+    Args:
+        target_modules: module-name patterns for the generic path (any ``nn.Module``): a regex
+            string matched against full module names with ``re.fullmatch``, or a list of name
+            suffixes. ``None`` uses the method's default places in the model's layout.
+        layers: restrict placement to these layer indices (``None`` = all layers).
+        leave_out: layer indices that get no adapter (AdapterHub's ``leave_out``).
+    """
+
+    method: ClassVar[str] = ""
+    #: whether ``merge_adapter`` can fold this method into the base weights
+    supports_merge: ClassVar[bool] = False
+
+    target_modules: str | tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    leave_out: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Lists from JSON or from users become tuples so that configs stay hashable and frozen.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                object.__setattr__(self, f.name, tuple(value))
+        self.validate()
+
+    # -- to be provided by each method -------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``AdapterError`` when options do not make sense on their own."""
+
+    def sites(self, layout: "Layout") -> list["Site"]:
+        """The sites (host modules) this adapter occupies in a model with this layout."""
+        raise NotImplementedError
+
+    def build(self, site: "Site") -> nn.Module:
+        """A fresh adapter module for one site, initialised so that the output is unchanged."""
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------
+    def replace(self, **changes: Any) -> "AdapterConfig":
+        """A copy with some options changed (the config itself is immutable)."""
+        _check_option_names(type(self), changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with the method name and every option."""
+        out: dict[str, Any] = {"method": self.method}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _check_option_names(cls: type[AdapterConfig], options: Mapping[str, Any]) -> None:
+    valid = {f.name for f in fields(cls)}
+    for key in options:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise AdapterError(
+                f"Unknown option '{key}' for method '{cls.method}'.{hint} "
+                f"Valid options: {', '.join(sorted(valid))}."
+            )
+
+
+def register_method(name: str):
+    """Class decorator: make a config class available under ``name`` (one line per method)."""
+
+    def decorate(cls: type[AdapterConfig]) -> type[AdapterConfig]:
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise AdapterError(f"A method named '{name}' is already registered; pick another name.")
+        cls.method = name
+        _METHODS[name] = cls
+        return cls
+
+    return decorate
+
+
+def register_preset(name: str, config: AdapterConfig) -> None:
+    """Register a named configuration, e.g. ``register_preset("pfeiffer", BottleneckConfig(...))``."""
+    _PRESETS[name.lower()] = config
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def available_presets() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def _unknown(kind: str, name: str, choices: Sequence[str]) -> AdapterError:
+    close = difflib.get_close_matches(name, choices, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return AdapterError(f"Unknown {kind} '{name}'.{hint} Choose one of: {', '.join(choices)}.")
+
+
+def resolve_config(config: "str | AdapterConfig | Mapping[str, Any]", **overrides: Any) -> AdapterConfig:
+    """Turn a preset name, a method name, a dict or a config into a config, applying overrides.
+
+    >>> resolve_config("pfeiffer", reduction_factor=8).reduction_factor
+    8
+    """
+    if isinstance(config, AdapterConfig):
+        cfg = config
+    elif isinstance(config, str):
+        key = config.lower()
+        if key in _PRESETS:
+            cfg = _PRESETS[key]
+        elif key in _METHODS:
+            cfg = _METHODS[key]()
+        else:
+            raise _unknown("method or preset", config, sorted(set(_PRESETS) | set(_METHODS)))
+    elif isinstance(config, Mapping):
+        return config_from_dict({**config, **overrides})
+    else:
+        raise AdapterError(
+            f"An adapter config must be a preset name, a method name, a dict or an AdapterConfig, "
+            f"not {type(config).__name__}."
+        )
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def config_from_dict(data: Mapping[str, Any]) -> AdapterConfig:
+    """Rebuild a config from ``to_dict()`` output (for example from ``adapter_config.json``)."""
+    data = dict(data)
+    method = data.pop("method", None)
+    if method is None:
+        raise AdapterError("The adapter config has no 'method' key; add one, e.g. \"method\": \"bottleneck\".")
+    if method not in _METHODS:
+        raise _unknown("method", str(method), sorted(_METHODS))
+    cls = _METHODS[method]
+    _check_option_names(cls, data)
+    try:
+        return cls(**data)
+    except TypeError as err:  # wrong types reach dataclass __init__ as TypeError
+        raise AdapterError(f"Invalid options for method '{method}': {err}") from None

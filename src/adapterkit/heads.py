@@ -1,0 +1,109 @@
+"""Prediction heads that sit on the backbone's last hidden states.
+
+A head belongs to the adapter of the same name: it is trained, saved and loaded with it. Heads
+are described by a ``HeadConfig`` (JSON round-trip) so that a checkpoint can rebuild them.
+
+* ``classification``: pooled sequence -> labels; cross-entropy, or BCE with ``multilabel``.
+* ``regression``: pooled sequence -> one value (or ``num_labels`` values); MSE.
+* ``tagging``: every token -> labels; cross-entropy ignoring label -100.
+
+Pooling: ``"cls"`` (first token), ``"mean"`` (mean over the attention mask) or ``"last"`` (last
+non-padding token, for decoder models). ``"auto"`` picks ``mean`` for encoders and ``last`` for
+decoders: all-MiniLM-L6-v2 and most sentence encoders are trained with mean pooling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import AdapterError
+
+HEAD_TYPES = ("classification", "regression", "tagging")
+POOLINGS = ("auto", "cls", "mean", "last")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """What a head is: type, label count, depth, pooling and label names."""
+
+    type: str
+    num_labels: int
+    layers: int = 2
+    pooling: str = "auto"
+    multilabel: bool = False
+    dropout: float = 0.1
+    id2label: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.type not in HEAD_TYPES:
+            raise AdapterError(f"Unknown head type '{self.type}'; use one of {', '.join(HEAD_TYPES)}.")
+        if self.num_labels < 1:
+            raise AdapterError(f"num_labels must be >= 1, got {self.num_labels}.")
+        if self.layers < 1:
+            raise AdapterError(f"A head needs layers >= 1, got {self.layers}.")
+        if self.pooling not in POOLINGS:
+            raise AdapterError(f"pooling must be one of {', '.join(POOLINGS)}, got '{self.pooling}'.")
+        object.__setattr__(self, "id2label", {int(k): str(v) for k, v in self.id2label.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HeadConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise AdapterError(f"Unknown head options {sorted(unknown)}; known: {sorted(known)}.")
+        return cls(**data)
+
+
+def pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor], how: str) -> torch.Tensor:
+    """(B, T, d) -> (B, d)."""
+    if how == "cls":
+        return hidden[:, 0]
+    if attention_mask is None:
+        return hidden.mean(dim=1) if how == "mean" else hidden[:, -1]
+    mask = attention_mask.to(hidden.dtype)
+    if how == "mean":
+        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+    # last non-padding token; works for right padding (and left padding, where it is the last one)
+    last = (mask.cumsum(1) * mask).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class Head(nn.Module):
+    """An MLP of ``layers`` linear layers (tanh between), as AdapterHub's prediction heads."""
+
+    def __init__(self, config: HeadConfig, hidden_size: int, is_decoder: bool = False):
+        super().__init__()
+        self.config = config
+        self.pooling = config.pooling if config.pooling != "auto" else ("last" if is_decoder else "mean")
+        mods: list[nn.Module] = []
+        for _ in range(config.layers - 1):
+            mods += [nn.Dropout(config.dropout), nn.Linear(hidden_size, hidden_size), nn.Tanh()]
+        mods += [nn.Dropout(config.dropout), nn.Linear(hidden_size, config.num_labels)]
+        self.mlp = nn.Sequential(*mods)
+
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        cfg = self.config
+        features = hidden if cfg.type == "tagging" else pool(hidden, attention_mask, self.pooling)
+        logits = self.mlp(features)
+        if labels is None:
+            return None, logits
+        if cfg.type == "regression":
+            loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(logits.squeeze(-1).shape))
+        elif cfg.multilabel:
+            loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        else:
+            loss = F.cross_entropy(logits.reshape(-1, cfg.num_labels), labels.reshape(-1), ignore_index=-100)
+        return loss, logits

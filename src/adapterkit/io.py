@@ -1,0 +1,103 @@
+"""The checkpoint format on disk: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Writes are atomic: both files go to a temporary folder beside the target, which then replaces
+the target by renames, so an interrupted save leaves the previous checkpoint intact. Reads check
+that both files exist, that the JSON parses and that the tensors load (safetensors only: nothing
+is ever unpickled), and raise ``CheckpointError`` naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(directory: "str | os.PathLike", meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """Atomically write ``meta`` (JSON) and ``tensors`` (safetensors) into ``directory``."""
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "adapterkit"})
+        with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
+            json.dump({"format_version": FORMAT_VERSION, **meta}, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tmp / WEIGHTS_NAME, "rb") as f:
+            os.fsync(f.fileno())
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_checkpoint(directory: "str | os.PathLike") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and check a checkpoint folder; returns (meta, tensors)."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise CheckpointError(f"No adapter checkpoint at '{path}': the folder does not exist. Check the path.")
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise CheckpointError(
+                f"'{f}' is missing: an adapter checkpoint holds {CONFIG_NAME} and {WEIGHTS_NAME}. "
+                "Save it again with save_adapter()."
+            )
+    try:
+        meta = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"'{config_file}' is not valid JSON ({err}); the file is corrupt: save the adapter again.") from None
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise CheckpointError(f"'{config_file}' is not an adapterkit adapter config (no 'config' key).")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"'{config_file}' has format version {meta['format_version']}, newer than this adapterkit "
+            f"understands ({FORMAT_VERSION}); upgrade adapterkit."
+        )
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"'{weights_file}' cannot be read ({err}); it is truncated or corrupt: save the adapter again."
+        ) from None
+    return meta, tensors
+
+
+def adapter_size_bytes(directory: "str | os.PathLike") -> int:
+    """Size on disk of a saved adapter (both files)."""
+    path = Path(directory)
+    return sum((path / name).stat().st_size for name in (CONFIG_NAME, WEIGHTS_NAME) if (path / name).exists())

@@ -1,0 +1,7 @@
+"""One file per functional form; importing this package registers them all."""
+
+from .bottleneck import BottleneckConfig
+from .ia3 import IA3Config
+from .lora import LoRAConfig
+
+__all__ = ["BottleneckConfig", "LoRAConfig", "IA3Config"]

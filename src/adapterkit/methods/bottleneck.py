@@ -1,0 +1,195 @@
+"""Bottleneck adapters: down-projection, non-linearity, up-projection, residual add.
+
+Houlsby et al. 2019 (sec. 2.1, fig. 2), Pfeiffer et al. 2020 (AdapterFusion, sec. 3.1), and the
+parallel adapter of He et al. 2021 (sec. 3, eq. 6). The options and their order of operations
+follow AdapterHub ``adapters`` 1.3 (``BnConfig`` / ``Adapter.pre_forward`` / ``forward`` /
+``post_forward``), so the same weights give the same outputs; the one difference is the default
+``init_weights="mam_adapter"`` (up-projection zero), so that a fresh adapter leaves the model's
+outputs unchanged. The model's own residual add and layer norm run after the adapter, exactly as
+``original_ln_after=True`` asks; hooks cannot skip them, so ``original_ln_after=False`` is refused.
+
+Presets: ``pfeiffer`` (= ``seq_bn``), ``houlsby`` (= ``double_seq_bn``), ``parallel`` (= ``par_bn``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig, register_method, register_preset
+from ..errors import AdapterError
+from ..slots import Site, SlotIO
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+INITS = ("mam_adapter", "bert", "houlsby")
+
+
+@register_method("bottleneck")
+@dataclass(frozen=True)
+class BottleneckConfig(AdapterConfig):
+    """A bottleneck adapter. The defaults are the Pfeiffer preset (AdapterHub ``SeqBnConfig``).
+
+    Args:
+        mh_adapter: place after the attention output (``attn_out``).
+        output_adapter: place after the feed-forward output (``ffn_out``).
+        reduction_factor: bottleneck width = hidden size // reduction_factor.
+        bottleneck_dim: bottleneck width, overriding ``reduction_factor``.
+        non_linearity: relu, gelu, swish (= silu) or tanh.
+        dropout: dropout on the adapter's output.
+        norm_position: a new LayerNorm ``"pre"`` (before the down-projection) or ``"post"``
+            (after the up-projection), as NeMo's ``norm_position``; ``None`` for none.
+        original_ln_before: apply the model's residual + layer norm before the adapter.
+        original_ln_after: apply the model's residual + layer norm after the adapter (always).
+        residual_before_ln: take the adapter's residual before the model's layer norm
+            (``True``), after it (``False``), or after the residual add (``"post_add"``).
+        adapter_residual_before_ln: add the residual before the ``"post"`` norm.
+        is_parallel: read the sub-layer's input instead of its output (parallel adapter).
+        scaling: factor on the adapter output: a float, ``"learned"`` (a scalar) or ``"channel"``.
+        init_weights: ``"mam_adapter"`` (up-projection zero: identity at init), ``"bert"``
+            (normal, std 0.02) or ``"houlsby"`` (truncated normal, std 0.01).
+        stochastic_depth: drop the adapter's output for whole examples with this probability
+            while training (row-wise, rescaled), as AdapterHub / torchvision.
+    """
+
+    mh_adapter: bool = False
+    output_adapter: bool = True
+    reduction_factor: float = 16
+    bottleneck_dim: Optional[int] = None
+    non_linearity: str = "relu"
+    dropout: float = 0.0
+    norm_position: Optional[str] = None
+    original_ln_before: bool = True
+    original_ln_after: bool = True
+    residual_before_ln: Union[bool, str] = True
+    adapter_residual_before_ln: bool = False
+    is_parallel: bool = False
+    scaling: Union[float, str] = 1.0
+    init_weights: str = "mam_adapter"
+    stochastic_depth: float = 0.0
+
+    def validate(self) -> None:
+        if self.non_linearity.lower() not in ACTIVATIONS:
+            raise AdapterError(
+                f"non_linearity='{self.non_linearity}' is not supported; use one of {', '.join(ACTIVATIONS)}."
+            )
+        if self.init_weights not in INITS:
+            raise AdapterError(f"init_weights='{self.init_weights}' is not supported; use one of {', '.join(INITS)}.")
+        if self.bottleneck_dim is None and not self.reduction_factor > 0:
+            raise AdapterError(f"reduction_factor must be > 0, got {self.reduction_factor}.")
+        if self.bottleneck_dim is not None and self.bottleneck_dim < 1:
+            raise AdapterError(f"bottleneck_dim must be >= 1, got {self.bottleneck_dim}.")
+        if self.norm_position not in (None, "pre", "post"):
+            raise AdapterError(f"norm_position must be 'pre', 'post' or None, got {self.norm_position!r}.")
+        if self.residual_before_ln not in (True, False, "post_add"):
+            raise AdapterError(f"residual_before_ln must be True, False or 'post_add', got {self.residual_before_ln!r}.")
+        if not isinstance(self.scaling, (int, float)) and self.scaling not in ("learned", "channel"):
+            raise AdapterError(f"scaling must be a number, 'learned' or 'channel', got {self.scaling!r}.")
+        if not self.original_ln_after:
+            raise AdapterError(
+                "original_ln_after=False is not supported: adapterkit keeps the model's own residual add and "
+                "layer norm (it hooks modules instead of copying model code). Use original_ln_after=True."
+            )
+        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.stochastic_depth < 1.0:
+            raise AdapterError("dropout and stochastic_depth must be in [0, 1).")
+        if self.target_modules is None and not (self.mh_adapter or self.output_adapter):
+            raise AdapterError("Set mh_adapter=True and/or output_adapter=True (or target_modules=...).")
+
+    def sites(self, layout) -> list[Site]:
+        if self.target_modules is not None:
+            return layout.generic_sites(self.target_modules, self.layers, self.leave_out, kind="sublayer")
+        places = (["attn_out"] if self.mh_adapter else []) + (["ffn_out"] if self.output_adapter else [])
+        return layout.sublayer_sites(places, self.layers, self.leave_out)
+
+    def build(self, site: Site) -> nn.Module:
+        reads = site.in_features if self.is_parallel and site.residual_from is None else site.out_features
+        return Bottleneck(self, reads, site.out_features)
+
+    def bottleneck_width(self, width: int) -> int:
+        if self.bottleneck_dim is not None:
+            return self.bottleneck_dim
+        return max(1, int(width // self.reduction_factor))
+
+
+class Bottleneck(nn.Module):
+    """``up(act(down(norm(h)))) * scaling``, placed around the host per the config."""
+
+    def __init__(self, config: BottleneckConfig, in_features: int, out_features: int):
+        super().__init__()
+        self.config = config
+        width = config.bottleneck_width(out_features)
+        self.norm_before = nn.LayerNorm(in_features) if config.norm_position == "pre" else None
+        self.down = nn.Linear(in_features, width)
+        self.act = ACTIVATIONS[config.non_linearity.lower()]()
+        self.up = nn.Linear(width, out_features)
+        self.norm_after = nn.LayerNorm(out_features) if config.norm_position == "post" else None
+        self.dropout = nn.Dropout(config.dropout)
+        if config.scaling == "learned":
+            self.scaling = nn.Parameter(torch.ones(1))
+        elif config.scaling == "channel":
+            self.scaling = nn.Parameter(torch.ones(out_features))
+        else:
+            self.scaling = float(config.scaling)
+        self._init(config.init_weights)
+
+    @torch.no_grad()
+    def _init(self, scheme: str) -> None:
+        if scheme == "mam_adapter":
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.up.weight)
+        elif scheme == "bert":
+            nn.init.normal_(self.down.weight, std=0.02)
+            nn.init.normal_(self.up.weight, std=0.02)
+        else:  # houlsby
+            for w in (self.down.weight, self.up.weight):
+                nn.init.trunc_normal_(w, std=1e-2, a=-2e-2, b=2e-2)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.bias)
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """The adapter's own output (before any residual): (B, T, d_in) -> (B, T, d_out)."""
+        if self.norm_before is not None:
+            h = self.norm_before(h)
+        out = self.up(self.act(self.down(h))) * self.scaling
+        p = self.config.stochastic_depth
+        if p > 0.0 and self.training:
+            keep = out.new_empty((out.shape[0],) + (1,) * (out.dim() - 1)).bernoulli_(1 - p)
+            out = out * keep / (1 - p)
+        return self.dropout(out)
+
+    def forward(self, io: SlotIO) -> torch.Tensor:
+        cfg = self.config
+        if cfg.is_parallel:
+            source = io.residual if io.residual is not None else io.x
+            out = self.delta(source)
+            if self.norm_after is not None:
+                out = self.norm_after(out)
+            return io.y + out
+        h, residual = io.y, io.y
+        if cfg.original_ln_before and io.residual is not None:
+            h = h + io.residual
+            if cfg.residual_before_ln == "post_add":
+                residual = h
+            if io.layer_norm is not None:
+                h = io.layer_norm(h)
+        if cfg.residual_before_ln is False:
+            residual = h
+        out = self.delta(h)
+        if cfg.adapter_residual_before_ln:
+            out = out + residual
+        if self.norm_after is not None:
+            out = self.norm_after(out)
+        if not cfg.adapter_residual_before_ln:
+            out = out + residual
+        return out
+
+
+PFEIFFER = BottleneckConfig()
+HOULSBY = BottleneckConfig(mh_adapter=True, output_adapter=True, non_linearity="swish", original_ln_before=False)
+PARALLEL = BottleneckConfig(is_parallel=True, original_ln_before=False, reduction_factor=2, scaling=4.0)
+for _name, _cfg in (("pfeiffer", PFEIFFER), ("seq_bn", PFEIFFER), ("houlsby", HOULSBY),
+                    ("double_seq_bn", HOULSBY), ("parallel", PARALLEL), ("par_bn", PARALLEL)):
+    register_preset(_name, _cfg)

