@@ -117,7 +117,10 @@ class Slot:
         if self.site.residual_from is not None:
             module, _ = self.site.residual_from
             self._handles.append(module.register_forward_pre_hook(self._capture, with_kwargs=True))
-        self._handles.append(self.site.host.register_forward_hook(self._run, with_kwargs=True))
+        # Weight-level adapters (LoRA, IA3) belong to the host's own computation, so they run
+        # before sub-layer adapters that share the host (Llama's o_proj is both).
+        prepend = self.site.kind == "linear"
+        self._handles.append(self.site.host.register_forward_hook(self._run, with_kwargs=True, prepend=prepend))
 
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._residual = self.site.residual_from[1].pick(args, kwargs)
