@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh) and run the whole test suite. Extra arguments go to pytest.
+# pytest's exit code 5 ("no tests collected") is turned into a failure: a run that tests
+# nothing must not pass.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || exit 1
+VENV=${ADAPTERKIT_VENV:-.venv}
+"$VENV/bin/python" -m pytest tests -q -p no:cacheprovider "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "ERROR: pytest collected no tests" >&2
+  exit 1
+fi
+exit "$rc"
