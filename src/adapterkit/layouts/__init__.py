@@ -75,9 +75,10 @@ class Layout:
     def _layer_indices(self, layers: Optional[Sequence[int]], leave_out: Iterable[int] = ()) -> list[int]:
         n = self.num_layers
         chosen = list(range(n)) if layers is None else list(layers)
-        bad = [i for i in chosen if not -n <= i < n]
-        if bad:
-            raise AdapterError(f"layers={bad} is out of range: this model has {n} layers (0 to {n - 1}).")
+        for option, values in (("layers", chosen), ("leave_out", list(leave_out))):
+            bad = [i for i in values if not -n <= i < n]
+            if bad:
+                raise AdapterError(f"{option}={bad} is out of range: this model has {n} layers (0 to {n - 1}).")
         skip = {i % n for i in leave_out}
         return [i % n for i in chosen if i % n not in skip]
 
@@ -189,13 +190,18 @@ class Layout:
                 in_f, out_f = _module_widths(module, name)
                 sites.append(Site(place_id, module, in_f, out_f, layer=layer, kind="sublayer"))
         if not sites:
-            raise AdapterError(f"target_modules={patterns!r} matched {matched[:10]}, but none in layers={layers}.")
+            found = sorted({i for i in map(self._layer_of, matched) if i is not None})
+            raise AdapterError(
+                f"target_modules={patterns!r} matched {matched[:10]}, but none in layers={layers} "
+                f"(leave_out={tuple(leave_out)}); the matched modules are in layers {found}."
+            )
         return sites
 
     def _layer_of(self, name: str) -> Optional[int]:
         if self.blocks_path and name.startswith(self.blocks_path + "."):
             return int(name[len(self.blocks_path) + 1 :].split(".")[0])
-        m = re.search(r"\.(\d+)(\.|$)", name)
+        # the first numeric name component: "encoder.3.fc", or "3.fc" in an nn.Sequential of blocks
+        m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
         return int(m.group(1)) if m else None
 
     def _relative(self, name: str) -> str:
