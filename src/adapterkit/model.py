@@ -374,22 +374,27 @@ class AdapterModel(nn.Module):
         ``adapter_names`` routes each example of the batch to its own adapter (or ``None`` for
         the base model): the result equals running each example alone with that adapter.
         Without an active head the wrapped model's own output is returned (e.g. a causal LM's
-        logits and loss)."""
+        logits and loss). A plain ``nn.Module`` (no ``transformers`` config) gets its input as its
+        first positional argument: ``model(x)`` runs ``model.model(x)`` with the adapters."""
         head_name = head if head is not None else self._active_head
         if head_name is not None and head_name not in self.heads:
             raise AdapterError(f"No head named '{head_name}'; heads: {', '.join(self.heads) or 'none'}.")
         routing = self._routing(adapter_names, input_ids) if adapter_names is not None else contextlib.nullcontext()
+        args: tuple = ()
         if input_ids is not None:
-            kwargs["input_ids"] = input_ids
+            if self.config is None:
+                args = (input_ids,)
+            else:
+                kwargs["input_ids"] = input_ids
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         with routing:
             if head_name is None:
                 if labels is not None:
                     kwargs["labels"] = labels
-                return self.model(**kwargs)
+                return self.model(*args, **kwargs)
             backbone = getattr(self.model, "base_model", self.model)
-            out = backbone(**kwargs)
+            out = backbone(*args, **kwargs)
             hidden = out if isinstance(out, torch.Tensor) else out[0]  # (B, T, d)
             loss, logits = self.heads[head_name](hidden, attention_mask, labels)
             return SequenceClassifierOutput(loss=loss, logits=logits)
