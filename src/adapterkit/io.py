@@ -1,7 +1,9 @@
 """The checkpoint format on disk: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Writes are atomic: both files go to a temporary folder beside the target, which then replaces
-the target by renames, so an interrupted save leaves the previous checkpoint intact. Reads check
+the target by renames, so an interrupted save leaves the previous checkpoint intact (if the final
+rename fails, the previous folder is renamed back). Because the whole folder is replaced, a save
+refuses a target folder that holds anything but a checkpoint, rather than deleting it. Reads check
 that both files exist, that the JSON parses and that the tensors load (safetensors only: nothing
 is ever unpickled), and raise ``CheckpointError`` naming the file and the fix.
 """
@@ -40,6 +42,7 @@ def _fsync_dir(path: Path) -> None:
 def write_checkpoint(directory: "str | os.PathLike", meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Atomically write ``meta`` (JSON) and ``tensors`` (safetensors) into ``directory``."""
     target = Path(directory)
+    _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -54,7 +57,11 @@ def write_checkpoint(directory: "str | os.PathLike", meta: dict[str, Any], tenso
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)  # put the previous checkpoint back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
@@ -63,6 +70,20 @@ def write_checkpoint(directory: "str | os.PathLike", meta: dict[str, Any], tenso
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _check_replaceable(target: Path) -> None:
+    """A save replaces the whole folder: allow only a new, empty or checkpoint-only one."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise CheckpointError(f"'{target}' is a file, not a folder; save the adapter to a folder path.")
+    others = sorted(p.name for p in target.iterdir() if p.name not in (CONFIG_NAME, WEIGHTS_NAME))
+    if others:
+        raise CheckpointError(
+            f"'{target}' holds other files ({', '.join(others[:5])}) that saving the adapter there would "
+            f"delete: save into a new or empty folder, e.g. '{target / 'adapter'}'."
+        )
 
 
 def read_checkpoint(directory: "str | os.PathLike") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -81,8 +102,11 @@ def read_checkpoint(directory: "str | os.PathLike") -> tuple[dict[str, Any], dic
         meta = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"'{config_file}' is not valid JSON ({err}); the file is corrupt: save the adapter again.") from None
-    if not isinstance(meta, dict) or "config" not in meta:
-        raise CheckpointError(f"'{config_file}' is not an adapterkit adapter config (no 'config' key).")
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or not isinstance(meta.get("places"), list):
+        raise CheckpointError(
+            f"'{config_file}' is not an adapterkit adapter config (it needs a 'config' object and a 'places' "
+            "list); the file was edited or comes from another library: save the adapter again with save_adapter()."
+        )
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"'{config_file}' has format version {meta['format_version']}, newer than this adapterkit "
