@@ -58,7 +58,15 @@ class AdapterConfig:
             value = getattr(self, f.name)
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
-        self.validate()
+        try:
+            self.validate()
+        except TypeError as err:  # a value of the wrong type, e.g. reduction_factor="16"
+            given = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                              if getattr(self, f.name) != f.default)
+            raise AdapterError(
+                f"Invalid option value for method '{self.method}' ({err}); options given: {given or 'none'}. "
+                "Check their types (numbers, booleans, strings) against the method's documentation."
+            ) from None
 
     # -- to be provided by each method -------------------------------------------------------
     def validate(self) -> None:
