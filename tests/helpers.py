@@ -1,0 +1,290 @@
+"""The table the shared invariant suite runs over, and the helpers its tests share.
+
+Every invariant test is parametrised over ``CASES``: (tiny architecture) x (method preset and
+options), in the style of PEFT's ``tests/testing_common.py`` ``TEST_CASES``, with AdapterHub's
+test dimensions (hidden 32, 4 layers, 4 heads, intermediate 37). Adding an architecture is one
+entry in ``ARCHS``; adding a method is one entry in ``METHODS`` (plus its parameter formula in
+``expected_adapter_params``). The expected numbers are derived from the model config and the
+method's formula, never read back from the modules under test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import transformers as T
+from torch import nn
+
+from adapterkit import AdapterModel, resolve_config
+
+SST2_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+
+# AdapterHub tests/test_methods: hidden 32, 4 layers, 4 heads, intermediate 37.
+D, N_LAYERS, N_HEADS, FFN, VOCAB = 32, 4, 4, 37, 100
+KV = D // N_HEADS * 2  # decoders below use 2 key/value heads (grouped-query attention)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A tiny ``from_config`` model and the shapes of its projections, by layout role."""
+
+    name: str
+    auto: Any  # AutoModel or AutoModelForCausalLM
+    config: Callable[[], T.PretrainedConfig]
+    roles: dict[str, tuple[int, int]]  # role -> (in, out) of that projection
+    lora_default: tuple[str, ...]
+    ia3_default: tuple[str, ...]
+
+    @property
+    def causal_lm(self) -> bool:
+        return self.auto is T.AutoModelForCausalLM
+
+
+_ENCODER = dict(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
+                intermediate_size=FFN)
+_DECODER = dict(_ENCODER, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_ENC_ROLES = {"q": (D, D), "k": (D, D), "v": (D, D), "attn_proj": (D, D), "ffn_in": (D, FFN), "ffn_proj": (FFN, D)}
+_DEC_ROLES = {"q": (D, D), "k": (D, KV), "v": (D, KV), "attn_proj": (D, D), "ffn_gate": (D, FFN),
+              "ffn_in": (D, FFN), "ffn_proj": (FFN, D)}
+
+ARCHS: dict[str, Arch] = {a.name: a for a in [
+    Arch("bert", T.AutoModel, lambda: T.BertConfig(**_ENCODER), _ENC_ROLES, ("q", "v"), ("k", "v", "ffn_in")),
+    Arch("roberta", T.AutoModel, lambda: T.RobertaConfig(**_ENCODER, pad_token_id=1), _ENC_ROLES, ("q", "v"),
+         ("k", "v", "ffn_in")),
+    Arch("xlm-roberta", T.AutoModel, lambda: T.XLMRobertaConfig(**_ENCODER, pad_token_id=1), _ENC_ROLES,
+         ("q", "v"), ("k", "v", "ffn_in")),
+    Arch("distilbert", T.AutoModel,
+         lambda: T.DistilBertConfig(vocab_size=VOCAB, dim=D, n_layers=N_LAYERS, n_heads=N_HEADS, hidden_dim=FFN),
+         _ENC_ROLES, ("q", "v"), ("k", "v", "ffn_in")),
+    Arch("gpt2", T.AutoModelForCausalLM,
+         lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=N_LAYERS, n_head=N_HEADS, n_inner=FFN,
+                              n_positions=64, bos_token_id=1, eos_token_id=2),
+         {"qkv": (D, 3 * D), "attn_proj": (D, D), "ffn_in": (D, FFN), "ffn_proj": (FFN, D)}, ("qkv",),
+         ("qkv", "ffn_in")),
+    Arch("llama", T.AutoModelForCausalLM, lambda: T.LlamaConfig(**_DECODER), _DEC_ROLES, ("q", "v"),
+         ("k", "v", "ffn_in")),
+    Arch("mistral", T.AutoModelForCausalLM, lambda: T.MistralConfig(**_DECODER), _DEC_ROLES, ("q", "v"),
+         ("k", "v", "ffn_in")),
+    Arch("qwen2", T.AutoModelForCausalLM, lambda: T.Qwen2Config(**_DECODER), _DEC_ROLES, ("q", "v"),
+         ("k", "v", "ffn_in")),
+]}
+
+#: method id -> (preset, options). Small ranks so that LoRA fits every projection.
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "pfeiffer": ("pfeiffer", {}),
+    "houlsby": ("houlsby", {}),
+    "parallel": ("parallel", {}),
+    "lora": ("lora", {"r": 4, "alpha": 8.0}),
+    "ia3": ("ia3", {}),
+}
+
+#: Extra configurations that exercise options beyond the presets, run on one architecture per layout
+#: family. The third element says whether a fresh adapter is an identity: AdapterHub's
+#: ``residual_before_ln=False`` / ``"post_add"`` take the adapter's residual after the model's own
+#: residual add, which the model then adds again, so those configs change the output from the start
+#: (as in AdapterHub ``adapters`` 1.x); every other invariant still holds for them.
+EXTRA_METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "houlsby-prenorm-learned": ("houlsby", {"norm_position": "pre", "scaling": "learned", "bottleneck_dim": 5}, True),
+    "pfeiffer-postnorm-channel": ("pfeiffer", {"norm_position": "post", "scaling": "channel", "reduction_factor": 4},
+                                  True),
+    "pfeiffer-ln-residual": ("pfeiffer", {"residual_before_ln": False, "non_linearity": "gelu"}, False),
+    "pfeiffer-post-add-leave-out": ("pfeiffer", {"residual_before_ln": "post_add", "leave_out": [0, 3]}, False),
+    "lora-all-roles": ("lora", {"r": 2, "alpha": 4.0, "roles": "ALL"}, True),
+    "lora-layers": ("lora", {"r": 3, "alpha": 3.0, "layers": [1, 2]}, True),
+    "ia3-all-roles": ("ia3", {"roles": "ALL"}, True),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One (architecture, method configuration) pair."""
+
+    arch: Arch
+    method: str
+    preset: str
+    options: dict[str, Any] = field(default_factory=dict)
+    identity_at_init: bool = True
+
+    @property
+    def id(self) -> str:
+        return f"{self.arch.name}-{self.method}"
+
+    def adapter_options(self) -> dict[str, Any]:
+        opts = dict(self.options)
+        if opts.get("roles") == "ALL":
+            opts["roles"] = list(self.arch.roles)
+        return opts
+
+    @property
+    def config(self):
+        return resolve_config(self.preset, **self.adapter_options())
+
+    @property
+    def mergeable(self) -> bool:
+        return type(self.config).supports_merge
+
+
+def _extra_cases() -> list[Case]:
+    archs = ["bert", "distilbert", "gpt2", "llama"]  # one per layout family
+    return [Case(ARCHS[a], m, *EXTRA_METHODS[m]) for a in archs for m in EXTRA_METHODS]
+
+
+CASES: list[Case] = [Case(arch, m, *METHODS[m]) for arch in ARCHS.values() for m in METHODS] + _extra_cases()
+CASE_IDS = [c.id for c in CASES]
+MERGEABLE = [c for c in CASES if c.mergeable]
+
+
+# -- expected sizes, from the formulas ------------------------------------------------------------
+def _layers_used(cfg) -> int:
+    if cfg.layers is not None:
+        return len(set(cfg.layers) - set(cfg.leave_out))
+    return N_LAYERS - len(set(cfg.leave_out))
+
+
+def expected_adapter_params(case: Case) -> int:
+    """Trainable parameters of the adapter, from each method's formula."""
+    cfg = case.config
+    layers = _layers_used(cfg)
+    if cfg.method == "bottleneck":
+        # per site: down d*m + m, up m*d + d, plus an optional LayerNorm (2d) and scaling (1 or d)
+        m = cfg.bottleneck_dim if cfg.bottleneck_dim is not None else int(D // cfg.reduction_factor)
+        per_site = D * m + m + m * D + D
+        per_site += 2 * D if cfg.norm_position else 0
+        per_site += {"learned": 1, "channel": D}.get(cfg.scaling, 0) if isinstance(cfg.scaling, str) else 0
+        return per_site * (int(cfg.mh_adapter) + int(cfg.output_adapter)) * layers
+    if cfg.method == "lora":
+        roles = cfg.roles or case.arch.lora_default
+        return layers * sum(cfg.r * (case.arch.roles[r][0] + case.arch.roles[r][1]) for r in roles)
+    if cfg.method == "ia3":
+        roles = cfg.roles or case.arch.ia3_default
+        return layers * sum(case.arch.roles[r][1] for r in roles)
+    raise AssertionError(f"no parameter formula for method {cfg.method}: add one to tests/helpers.py")
+
+
+def expected_head_params(num_labels: int, layers: int = 2, hidden: int = D) -> int:
+    """An MLP head: (layers - 1) hidden Linear(d, d), then Linear(d, num_labels)."""
+    return (layers - 1) * (hidden * hidden + hidden) + hidden * num_labels + num_labels
+
+
+# -- building models and batches ----------------------------------------------------------------
+def make_base(arch: Arch, seed: int = 0) -> nn.Module:
+    """A tiny randomly initialised model; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    return arch.auto.from_config(arch.config()).eval()
+
+
+def make_model(case: Case, *, head: bool = False, seed: int = 0, name: str = "a") -> AdapterModel:
+    """Base model (eval mode) wrapped, with adapter ``name`` of ``case`` added and active."""
+    model = AdapterModel(make_base(case.arch, seed))
+    model.add_adapter(name, case.preset, **case.adapter_options())
+    if head:
+        model.add_classification_head(name, num_labels=3)
+    model.set_active_adapters(name)
+    return model.eval()
+
+
+def make_batch(batch_size: int = 4, seq_len: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Token ids (avoiding special ids 0-2) with right padding on two rows."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (batch_size, seq_len), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, seq_len - 2:] = 0
+    if batch_size > 2:
+        attention_mask[2, seq_len - 3:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def output_of(out: Any) -> torch.Tensor:
+    """The main tensor of a model output: logits when there are, else the last hidden state."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out[0]
+
+
+@torch.no_grad()
+def run(model: nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+    return output_of(model(**batch, **kwargs))
+
+
+@torch.no_grad()
+def perturb(module: nn.Module, scale: float = 0.3, seed: int = 7) -> None:
+    """Move every parameter away from its (identity) initialisation, reproducibly."""
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in nn.Module.state_dict(module).items()}
+
+
+def assert_state_equal(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    now = nn.Module.state_dict(module)
+    assert now.keys() == saved.keys()
+    changed = [k for k in saved if not torch.equal(now[k], saved[k])]
+    assert not changed, f"tensors changed: {changed[:5]}"
+
+
+def hook_counts(model: AdapterModel) -> dict[str, tuple[int, int]]:
+    """Forward and forward-pre hooks on every module of the wrapped model."""
+    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.model.named_modules()}
+
+
+def total_hooks(model: AdapterModel) -> int:
+    return sum(a + b for a, b in hook_counts(model).values())
+
+
+@dataclass
+class Snapshot:
+    """Everything a failed call must leave exactly as it was."""
+
+    adapters: list[str]
+    configs: dict[str, dict]
+    heads: list[str]
+    setup: Optional[dict]
+    active_head: Optional[str]
+    state: dict[str, torch.Tensor]
+    requires_grad: dict[str, bool]
+    hooks: dict[str, tuple[int, int]]
+    output: torch.Tensor
+    batch: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, model: AdapterModel, batch: dict[str, torch.Tensor]) -> "Snapshot":
+        return cls(
+            adapters=list(model.adapters),
+            configs={n: model._configs[n].to_dict() for n in model.adapters},
+            heads=list(model.heads),
+            setup=model.active_adapters.to_dict() if model.active_adapters is not None else None,
+            active_head=model.active_head,
+            state=clone_state(model),  # base weights, adapters and heads
+            requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
+            hooks=hook_counts(model),
+            output=run(model, batch),
+            batch=batch,
+        )
+
+    def assert_unchanged(self, model: AdapterModel) -> None:
+        assert list(model.adapters) == self.adapters
+        assert {n: model._configs[n].to_dict() for n in model.adapters} == self.configs
+        assert list(model.heads) == self.heads
+        setup = model.active_adapters.to_dict() if model.active_adapters is not None else None
+        assert setup == self.setup
+        assert model.active_head == self.active_head
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == self.requires_grad
+        assert hook_counts(model) == self.hooks, "hooks were left behind or removed"
+        assert_state_equal(model, self.state)
+        assert torch.equal(run(model, self.batch), self.output)
+
+
+def read_sst2(split: str, limit: Optional[int] = None) -> tuple[list[str], list[int]]:
+    """Sentences and labels from ``../shared/data/sst2/<split>.tsv`` (never copied into the repo)."""
+    lines = (SST2_DIR / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
+    assert lines[0].split("\t") == ["sentence", "label"], lines[0]
+    rows = [line.rsplit("\t", 1) for line in lines[1:] if line.strip()]
+    rows = rows[:limit] if limit is not None else rows
+    return [s.strip() for s, _ in rows], [int(y) for _, y in rows]
