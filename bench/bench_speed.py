@@ -1,0 +1,450 @@
+"""Speed and memory of adapters on all-MiniLM-L6-v2: one process, one table (issue 2).
+
+    python bench/bench_speed.py                       # batch 32 x 128 tokens, 7 quiet samples each
+    python bench/bench_speed.py --quick               # smoke run: batch 4 x 32, 3 samples each
+    python bench/bench_speed.py --json results.jsonl  # also write the rows as JSON lines
+
+Every configuration is built once (its own copy of the model), then all are timed in rounds,
+A B C A B C ..., and the median of each is quoted, because the machine is shared and noisy:
+each sample records how much CPU other processes used meanwhile, rounds go on until every
+configuration has ``--repeats`` quiet samples (or ``--max-rounds``), and the median is taken
+over the quietest ``--repeats`` samples of each configuration.
+Training rows are judged against the *floor* (the frozen model with the backward pass forced
+through every layer: what any adapter in layer 0 must pay), inference rows against the bare
+model. Where ``adapters`` (AdapterHub) or ``peft`` is importable, their rows are measured in the
+same rounds. Peak memory of a training step is the peak of the tensor memory it allocates
+(``step_peak_mb``); see bench/README.md for what each row measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import transformers
+
+from adapterkit import AdapterModel
+from adapterkit.packaged import resolve_model
+
+try:
+    import adapters as adapterhub
+except ImportError:  # pragma: no cover - depends on the environment
+    adapterhub = None
+try:
+    import peft
+except ImportError:  # pragma: no cover
+    peft = None
+
+# AdapterHub config names of our presets (our bottleneck.py docstring gives the mapping).
+AH_CONFIGS = {"pfeiffer": "seq_bn", "houlsby": "double_seq_bn", "parallel": "par_bn", "lora": "lora", "ia3": "ia3"}
+PRESET_TITLES = {"pfeiffer": "Pfeiffer", "houlsby": "Houlsby", "parallel": "Parallel", "lora": "LoRA q/v", "ia3": "IA3"}
+
+# The issue's targets: training vs the floor, inference vs the bare model.
+TRAIN_TARGETS = {"pfeiffer": 1.03, "houlsby": 1.03, "lora": 1.05}
+INFER_TARGETS = {"pfeiffer": 1.02, "houlsby": 1.02, "lora": 1.03, "lora-merged": 1.005}
+
+
+# -- one configuration ----------------------------------------------------------------------------
+@dataclass
+class Case:
+    """A row of the table: how to build it and what it is judged by."""
+
+    key: str  # stable id, also the JSON name
+    title: str
+    mode: str  # "train" or "infer"
+    library: str  # "torch", "adapterkit", "adapters", "peft"
+    preset: Optional[str] = None
+    target: Optional[float] = None
+
+    @property
+    def yardstick(self) -> Optional[str]:
+        if self.key in ("floor", "bare"):
+            return None
+        return "floor" if self.mode == "train" else "bare"
+
+
+@dataclass
+class Built:
+    """A built configuration: ``step()`` runs one timed step; ``model`` is what gets saved."""
+
+    step: Callable[[], None]
+    model: torch.nn.Module
+    trainable: int
+    base_params: int
+    save: Optional[Callable[[str], None]] = None
+
+
+def all_cases() -> list[Case]:
+    cases = [
+        Case("bare", "bare model", "infer", "torch"),
+        Case("floor", "floor (frozen, backward through all layers)", "train", "torch"),
+        Case("full", "full fine-tuning", "train", "torch"),
+    ]
+    for preset in ("pfeiffer", "houlsby", "parallel", "lora", "ia3"):
+        cases.append(Case(f"ak-{preset}-train", f"adapterkit {PRESET_TITLES[preset]}", "train", "adapterkit", preset,
+                          TRAIN_TARGETS.get(preset)))
+    for preset in ("pfeiffer", "houlsby", "parallel", "lora", "lora-merged", "ia3"):
+        title = "LoRA q/v merged" if preset == "lora-merged" else PRESET_TITLES[preset]
+        cases.append(Case(f"ak-{preset}-infer", f"adapterkit {title}", "infer", "adapterkit", preset,
+                          INFER_TARGETS.get(preset)))
+    if adapterhub is not None:
+        for preset in ("pfeiffer", "houlsby", "parallel", "lora"):
+            cases.append(Case(f"ah-{preset}-train", f"AdapterHub {PRESET_TITLES[preset]}", "train", "adapters", preset))
+        for preset in ("pfeiffer", "houlsby", "parallel", "lora"):
+            cases.append(Case(f"ah-{preset}-infer", f"AdapterHub {PRESET_TITLES[preset]}", "infer", "adapters", preset))
+    if peft is not None:
+        cases.append(Case("peft-lora-train", "PEFT LoRA q/v", "train", "peft", "lora"))
+        cases.append(Case("peft-lora-infer", "PEFT LoRA q/v", "infer", "peft", "lora"))
+    return cases
+
+
+# -- building ---------------------------------------------------------------------------------------
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def load_minilm() -> torch.nn.Module:
+    folder, _ = resolve_model("minilm")
+    return transformers.AutoModel.from_pretrained(folder, local_files_only=True)
+
+
+def make_batch(batch: int, seq_len: int, vocab: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, vocab, (batch, seq_len), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _hidden(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]  # (B, T, d)
+
+
+def _train_step(model: torch.nn.Module, batch: dict) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def step() -> None:
+        loss = _hidden(model(**batch)).float().pow(2).mean()
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _infer_step(model: torch.nn.Module, batch: dict) -> Callable[[], None]:
+    def step() -> None:
+        with torch.inference_mode():
+            model(**batch)
+
+    return step
+
+
+def _finish(case: Case, model: torch.nn.Module, batch: dict, base_params: int, save=None) -> Built:
+    if case.mode == "train":
+        model.train()
+        step = _train_step(model, batch)
+    else:
+        model.eval()
+        step = _infer_step(model, batch)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if case.mode == "train" else 0
+    return Built(step, model, trainable, base_params, save)
+
+
+def build(case: Case, batch: dict) -> Built:
+    base = load_minilm()
+    n_base = sum(p.numel() for p in base.parameters())
+    if case.library == "torch":
+        if case.key == "bare":
+            return _finish(case, base, batch, n_base)
+        if case.key == "full":
+            return _finish(case, base, batch, n_base, save=base.save_pretrained)
+        # floor: every weight frozen, but the embeddings' output asks for a gradient, so the
+        # backward pass runs through all layers (input gradients only, no weight gradients).
+        base.requires_grad_(False)
+        base.embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+        return _finish(case, base, batch, n_base)
+
+    if case.library == "adapterkit":
+        model = AdapterModel(base)
+        preset = "lora" if case.preset == "lora-merged" else case.preset
+        model.add_adapter("a", preset)
+        if case.mode == "train":
+            model.train_adapter("a")
+        else:
+            model.set_active_adapters("a")
+            if case.preset == "lora-merged":
+                model.merge_adapter("a")
+        return _finish(case, model, batch, n_base, save=lambda d: model.save_adapter(d, "a"))
+
+    if case.library == "adapters":
+        adapterhub.init(base)
+        base.add_adapter("a", config=AH_CONFIGS[case.preset])
+        if case.mode == "train":
+            base.train_adapter("a")
+        else:
+            base.set_active_adapters("a")
+        return _finish(case, base, batch, n_base, save=lambda d: base.save_adapter(d, "a", use_safetensors=True))
+
+    if case.library == "peft":
+        cfg = peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"])
+        model = peft.get_peft_model(base, cfg)
+        return _finish(case, model, batch, n_base, save=model.save_pretrained)
+    raise ValueError(case.library)
+
+
+def saved_size(built: Built) -> Optional[int]:
+    """Bytes on disk of what the library's own save writes (adapter-only for adapters)."""
+    if built.save is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        built.save(tmp)
+        return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+
+
+# -- memory -------------------------------------------------------------------------------------------
+def step_peak_mb(step: Callable[[], None]) -> float:
+    """Peak of the tensor memory a step allocates on top of what exists before it, in MiB.
+
+    torch's profiler records every CPU tensor allocation and free (``profile_memory=True``);
+    summed in time order they give the live bytes of the step, and the largest value is its peak:
+    activations kept for the backward pass, gradients, optimizer temporaries. Weights and the
+    optimizer state that outlive the step (created by the warm-up step) are not counted. It is
+    exact and repeatable, unlike the process's resident set, which moves by +-5 % from run to run
+    with malloc's caching and would drown the differences between libraries.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+# -- timing -------------------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    wall: float  # seconds
+    cpu: float  # CPU seconds of this process (all its threads)
+    others: float  # CPU the rest of the machine used meanwhile, as a share of all cores
+
+    def quiet(self, threshold: float) -> bool:
+        return self.others <= threshold
+
+
+class CpuMonitor:
+    """Times a step and tells how busy the rest of the machine was meanwhile, from the kernel's
+    CPU counters (``/proc/stat``: busy = everything but idle and iowait, steal included) minus
+    this process's own CPU time. Where /proc/stat is missing, every sample counts as quiet."""
+
+    def __init__(self):
+        self.cores = os.cpu_count() or 1
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def _busy(self) -> Optional[float]:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except OSError:
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return (sum(fields[:8]) - idle) / self.tick
+
+    def time(self, step: Callable[[], None]) -> Sample:
+        busy0, cpu0, wall0 = self._busy(), time.process_time(), time.perf_counter()
+        step()
+        wall, cpu, busy1 = time.perf_counter() - wall0, time.process_time() - cpu0, self._busy()
+        others = 0.0 if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0) - cpu) / (wall * self.cores)
+        return Sample(wall, cpu, others)
+
+
+def summarise(samples: list[Sample], args) -> dict:
+    """Medians over the ``repeats`` quietest samples (all of them quiet when the machine allowed)."""
+    use = sorted(samples, key=lambda s: s.others)[: args.repeats]
+    return {"wall": statistics.median(s.wall for s in use), "cpu": statistics.median(s.cpu for s in use),
+            "quiet": sum(s.quiet(args.quiet) for s in samples), "worst_used": max(s.others for s in use)}
+
+
+# -- the run --------------------------------------------------------------------------------------
+def environment() -> dict:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if adapterhub is not None:
+        info["adapters"] = adapterhub.__version__
+    if peft is not None:
+        info["peft"] = peft.__version__
+    return info
+
+
+def run(args) -> list[dict]:
+    cases = all_cases()
+    if args.only:
+        keep = re.compile(args.only)
+        cases = [c for c in cases if c.key in ("bare", "floor") or keep.search(c.key)]
+    print(f"# {len(cases)} configurations, batch {args.batch} x {args.seq_len}, {args.repeats} quiet samples each "
+          f"(at most {args.max_rounds} rounds); {environment()}", file=sys.stderr)
+
+    torch.manual_seed(0)
+    vocab = load_minilm().config.vocab_size
+    batch = make_batch(args.batch, args.seq_len, vocab)
+    built = {}
+    for case in cases:
+        built[case.key] = build(case, batch)
+    sizes = {key: saved_size(b) for key, b in built.items()}
+    memory = {}
+    if not args.no_memory:
+        for case in cases:
+            if case.mode == "train":
+                built[case.key].step()  # warm-up: the optimizer state exists before the measured step
+                memory[case.key] = step_peak_mb(built[case.key].step)
+
+    samples: dict[str, list[Sample]] = {c.key: [] for c in cases}
+    train = [c for c in cases if c.mode == "train"]
+    infer = [c for c in cases if c.mode == "infer"]
+    monitor = CpuMonitor()
+    rounds = 0
+    while rounds < args.warmup + args.max_rounds:
+        # one round: every training configuration once, then every inference configuration
+        # ``infer_per_round`` times (they are short), always in the same alternating order
+        for case in train + infer * args.infer_per_round:
+            gc.collect()
+            sample = monitor.time(built[case.key].step)
+            if rounds >= args.warmup:
+                samples[case.key].append(sample)
+        rounds += 1
+        if rounds > args.warmup:
+            quiet = {k: sum(s.quiet(args.quiet) for s in v) for k, v in samples.items()}
+            print(f"  round {rounds - args.warmup}: quiet samples " + ", ".join(f"{k} {n}" for k, n in quiet.items())
+                  + " | last: " + ", ".join(f"{k} {v[-1].wall:.3f}{'' if v[-1].quiet(args.quiet) else '*'}"
+                                           for k, v in samples.items()), file=sys.stderr)
+            if rounds - args.warmup >= args.repeats and min(quiet.values()) >= args.repeats:
+                break
+
+    stats = {key: summarise(v, args) for key, v in samples.items()}
+    medians = {key: st["wall"] for key, st in stats.items()}
+    rows = []
+    for case in cases:
+        b = built[case.key]
+        yard = case.yardstick
+        ratio = medians[case.key] / medians[yard] if yard else None
+        cpu_ratio = stats[case.key]["cpu"] / stats[yard]["cpu"] if yard else None
+        ok = None if case.target is None or ratio is None else ratio <= case.target
+        ref_mem = memory.get(f"ah-{case.preset}-train") if case.library == "adapterkit" else None
+        mem = memory.get(case.key)
+        rows.append({
+            "name": case.key,
+            "title": case.title,
+            "mode": case.mode,
+            "value": medians[case.key],
+            "unit": "s",
+            "ratio": ratio,
+            "yardstick": yard,
+            "target": case.target,
+            "pass": ok,
+            "peak_mb": mem,
+            "memory_target_mb": ref_mem,
+            "memory_pass": None if mem is None or ref_mem is None else mem <= ref_mem,
+            "trainable": b.trainable,
+            "trainable_pct": 100.0 * b.trainable / b.base_params,
+            "file_bytes": sizes[case.key],
+            "cpu_s": stats[case.key]["cpu"],
+            "cpu_ratio": cpu_ratio,
+            "quiet_samples": stats[case.key]["quiet"],
+            "busiest_sample_used": stats[case.key]["worst_used"],
+            "samples": [round(x.wall, 4) for x in samples[case.key]],
+            "others_busy": [round(x.others, 3) for x in samples[case.key]],
+        })
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table: ratios are to the floor for training rows and to the bare model for inference."""
+    head = ("| configuration | step | median s | ratio | target | pass | peak step MiB (AdapterHub) "
+            "| trainable % | file KiB | quiet samples |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.3f} × {r['yardstick']}"
+        target = "—" if r["target"] is None else f"≤ {r['target']:.3f}"
+        verdict = "—" if r["pass"] is None else ("pass" if r["pass"] else "**FAIL**")
+        memory = "—" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
+        if r["memory_pass"] is not None:
+            memory += f" ({'≤' if r['memory_pass'] else '**>**'} {r['memory_target_mb']:.1f})"
+        train = r["mode"] == "train"
+        share = f"{r['trainable_pct']:.3f}" if train else "—"
+        size = f"{r['file_bytes'] / 1024:.1f}" if train and r["file_bytes"] is not None else "—"
+        lines.append(f"| {r['title']} | {r['mode']} | {r['value']:.3f} | {ratio} | {target} | {verdict} | {memory} "
+                     f"| {share} | {size} | {r['quiet_samples']}/{len(r['samples'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=7,
+                   help="quiet samples wanted per configuration (a round runs every configuration once)")
+    p.add_argument("--max-rounds", type=int, help="stop after this many rounds even if too few were quiet "
+                   "(default: 3 x repeats)")
+    p.add_argument("--quiet", type=float, default=0.05, metavar="SHARE",
+                   help="a sample is quiet when other processes used at most this share of all cores meanwhile")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
+    p.add_argument("--infer-per-round", type=int, default=3,
+                   help="inference configurations run this many times per round (A B C A B C ...)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON lines to FILE")
+    p.add_argument("--quick", action="store_true", help="smoke run: batch 4 x 32 tokens, 3 rounds")
+    p.add_argument("--only", metavar="REGEX", help="only configurations whose key matches (plus bare and floor)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.seq_len, args.repeats = 4, 32, 3
+    if args.max_rounds is None:
+        args.max_rounds = 3 * args.repeats
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = datetime.datetime.now().astimezone()
+    rows = run(args)
+    env = environment()
+    print(f"all-MiniLM-L6-v2, batch {args.batch} x {args.seq_len} tokens; median of the {args.repeats} quietest "
+          f"samples of each configuration; {started:%Y-%m-%d %H:%M %Z}; " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    print()
+    print(markdown(rows))
+    failed = [r["name"] for r in rows if r["pass"] is False or r["memory_pass"] is False]
+    print()
+    print("targets missed: " + (", ".join(failed) if failed else "none"))
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps({**r, "batch": args.batch, "seq_len": args.seq_len,
+                                    "date": started.isoformat(timespec="seconds"), **env}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
