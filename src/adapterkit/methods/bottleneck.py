@@ -153,7 +153,9 @@ class Bottleneck(nn.Module):
         """The adapter's own output (before any residual): (B, T, d_in) -> (B, T, d_out)."""
         if self.norm_before is not None:
             h = self.norm_before(h)
-        out = self.up(self.act(self.down(h))) * self.scaling
+        out = self.up(self.act(self.down(h)))
+        if not isinstance(self.scaling, float) or self.scaling != 1.0:  # x * 1.0 == x: skip the pass
+            out = out * self.scaling
         p = self.config.stochastic_depth
         if p > 0.0 and self.training:
             keep = out.new_empty((out.shape[0],) + (1,) * (out.dim() - 1)).bernoulli_(1 - p)
