@@ -1,0 +1,131 @@
+"""Find and load what training produced, for ``eval``, ``predict``, ``inspect`` and ``merge``.
+
+``--adapter`` accepts any of:
+
+* a run folder written by ``adapterkit train`` (``run.json`` + ``adapter/`` or ``model/``);
+* an adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``), from the CLI or
+  from ``AdapterModel.save_adapter``;
+* a full model folder (``config.json``) written by ``--full-finetune`` or ``adapterkit merge``,
+  with its task head in ``adapterkit_head.*``.
+
+Folders written by the CLI also hold ``adapterkit_task.json`` (task, columns, labels) and
+``adapterkit_base.json`` (the base model), so ``--model`` may be left out. An adapter saved from
+Python has neither: its head's label names are used, and ``--model`` is required.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .data import Columns, TaskSpec
+from .errors import AdapterError, CheckpointError
+from .io import CONFIG_NAME
+from .model import AdapterModel
+
+BASE_FILE = "adapterkit_base.json"
+
+
+@dataclass
+class Artifact:
+    """A located training result: ``kind`` is ``"adapter"`` or ``"model"``."""
+
+    kind: str
+    path: Path
+    run: Optional[Path] = None
+
+
+def locate(path: "str | Path") -> Artifact:
+    path = Path(path)
+    if not path.exists():
+        raise AdapterError(f"--adapter {path}: no such folder; pass a run folder (--out of adapterkit train) or an adapter folder.")
+    if not path.is_dir():
+        raise AdapterError(f"--adapter {path}: is a file; pass the folder that holds {CONFIG_NAME}, or a run folder.")
+    if (path / CONFIG_NAME).is_file():
+        return Artifact("adapter", path)
+    if (path / "config.json").is_file():
+        return Artifact("model", path)
+    if (path / "run.json").is_file():
+        if (path / "adapter" / CONFIG_NAME).is_file():
+            return Artifact("adapter", path / "adapter", run=path)
+        if (path / "model" / "config.json").is_file():
+            return Artifact("model", path / "model", run=path)
+        raise AdapterError(f"--adapter {path}: the run has not saved an adapter yet (no adapter/ folder); wait for the "
+                           f"first evaluation or resume it with adapterkit train --resume {path}.")
+    raise AdapterError(f"--adapter {path}: not an adapter ({CONFIG_NAME} missing), a run folder (run.json) or a model "
+                       "folder (config.json).")
+
+
+def base_model_of(artifact: Artifact, model: Optional[str]) -> str:
+    """``--model`` if given, else the base recorded beside the adapter."""
+    if artifact.kind == "model":
+        return str(artifact.path)
+    if model:
+        return model
+    ref = artifact.path / BASE_FILE
+    if ref.is_file():
+        return json.loads(ref.read_text(encoding="utf-8"))["model"]
+    raise AdapterError(f"{artifact.path}: does not record its base model; pass --model PATH_OR_ALIAS.")
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path / CONFIG_NAME}: cannot be read ({err}); the adapter is corrupt.") from None
+
+
+def task_of(artifact: Artifact, head_config: Optional[dict[str, Any]], decoder: bool) -> TaskSpec:
+    """The saved task, or one derived from the head (adapters saved from Python)."""
+    spec = TaskSpec.load(artifact.path)
+    if spec is not None:
+        return spec
+    if head_config is None:
+        if decoder:
+            return TaskSpec(task="causal-lm", columns=Columns(text="text"))
+        raise AdapterError(f"{artifact.path}: has no task head, so there is nothing to predict with an encoder model.")
+    labels = [head_config.get("id2label", {}).get(str(i), str(i)) for i in range(head_config["num_labels"])]
+    kind = head_config["type"]
+    if kind == "classification":
+        return TaskSpec(task="multilabel" if head_config.get("multilabel") else "classification", columns=Columns(), labels=labels)
+    if kind == "regression":
+        return TaskSpec(task="regression", columns=Columns())
+    return TaskSpec(task="tagging", columns=Columns(), labels=labels)
+
+
+@dataclass
+class Loaded:
+    model: AdapterModel
+    tokenizer: Any
+    spec: TaskSpec
+    name: Optional[str]
+    artifact: Artifact
+    base: str
+
+
+def load_trained(adapter: "str | Path", model: Optional[str] = None) -> Loaded:
+    """Load the base model with the trained adapter (or the full model) and its head, ready to run."""
+    from .train.checkpoint import load_head
+    from .train.loop import _load_tokenizer, load_model, model_is_decoder
+
+    artifact = locate(adapter)
+    base = base_model_of(artifact, model)
+    decoder = model_is_decoder(base)
+    tokenizer = _load_tokenizer(base)
+    net = load_model(base)
+    if artifact.kind == "model":
+        head = load_head(artifact.path, net.layout.hidden_size, is_decoder=bool(net.layout.spec and net.layout.spec.decoder))
+        name = None
+        if head is not None:
+            name = "head"
+            net.heads[name] = head
+            net.active_head = name
+        spec = task_of(artifact, head.config.to_dict() if head is not None else None, decoder)
+    else:
+        meta = _read_meta(artifact.path)
+        name = net.load_adapter(artifact.path, set_active=True)
+        spec = task_of(artifact, meta.get("head"), decoder)
+    net.eval()
+    return Loaded(net, tokenizer, spec, name, artifact, base)

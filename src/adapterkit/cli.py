@@ -1,0 +1,492 @@
+"""The ``adapterkit`` command: ``train``, ``eval``, ``predict``, ``inspect``, ``merge``.
+
+Bad input of any kind (a missing file or column, an unknown method or option, a folder that is not
+a model or a run, ...) prints one line, ``adapterkit <command>: error: <what and the fix>``, on
+stderr and exits with code 2, before anything is written. Ctrl-C during training exits with
+130 and leaves the last checkpoint for ``--resume``. ``python -m adapterkit`` and
+``torchrun -m adapterkit`` run the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .errors import AdapterError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line and exit 2 like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# -- argument parsing ------------------------------------------------------------------------------
+_S = argparse.SUPPRESS
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as JSON when it parses (numbers, true, null, lists)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"method option '{text}' must look like key=value, e.g. reduction_factor=8")
+    key, value = text.split("=", 1)
+    key = key.strip().replace("-", "_")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = {"True": True, "False": False, "None": None}.get(value, value)
+    return key, parsed
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers like 0,1,2, got '{text}'") from None
+
+
+# (flag, config field, type, help) for training flags whose default lives in TrainConfig
+_TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--model", "model", str, "a transformers model folder or an alias: minilm, smollm2 (default: minilm)"),
+    ("--train", "train", str, "training data: .tsv, .csv or .jsonl"),
+    ("--eval", "eval", str, "evaluation data, scored after every epoch; selects the best adapter"),
+    ("--test", "test", str, "test data, scored once with the best adapter at the end"),
+    ("--format", "format", str, "tsv, csv, jsonl or json (default: from the file name)"),
+    ("--text-column", "text_column", str, "column with the text (default: detected)"),
+    ("--text-pair-column", "text_pair_column", str, "column with the second text of a pair"),
+    ("--label-column", "label_column", str, "column with the label(s) (default: detected)"),
+    ("--prompt-column", "prompt_column", str, "causal LM: column with the prompt (no loss on it)"),
+    ("--completion-column", "completion_column", str, "causal LM: column with the completion"),
+    ("--task", "task", str, "classification, multilabel, regression, tagging or causal-lm (default: detected)"),
+    ("--label-sep", "label_sep", str, "separator of multi-label labels in TSV/CSV (default: ',')"),
+    ("--method", "method", str, "pfeiffer (default), houlsby, parallel, lora, ia3, bottleneck, ..."),
+    ("--name", "name", str, "adapter name (default: from the training file, e.g. sst2)"),
+    ("--pooling", "pooling", str, "head pooling: auto (mean for encoders, last token for decoders), mean, cls, last"),
+    ("--head-layers", "head_layers", int, "layers of the prediction head (default: 2)"),
+    ("--head-dropout", "head_dropout", float, "dropout in the head (default: 0.1)"),
+    ("--epochs", "epochs", int, "passes over the training data (default: 3)"),
+    ("--lr", "lr", float, "peak learning rate (default: 1e-3 for adapters, 5e-5 with --full-finetune)"),
+    ("--batch-size", "batch_size", int, "examples per optimizer step, over all processes (default: 32)"),
+    ("--micro-batch-size", "micro_batch_size", int, "split each batch into micro-batches (gradient accumulation)"),
+    ("--max-length", "max_length", int, "truncate inputs to this many tokens (default: 128)"),
+    ("--seed", "seed", int, "seed of initialisation, data order and dropout (default: 42)"),
+    ("--warmup", "warmup", float, "warm-up: a fraction of all steps if < 1, else steps (default: 0.06)"),
+    ("--schedule", "schedule", str, "after warm-up: linear (default), cosine or constant"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay on matrices (default: 0)"),
+    ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm, 0 = off (default: 1.0)"),
+    ("--max-steps", "max_steps", int, "stop after this many optimizer steps"),
+    ("--max-train-rows", "max_train_rows", int, "train on this many rows (a fixed random subset)"),
+    ("--max-eval-rows", "max_eval_rows", int, "evaluate on this many rows of --eval (a fixed random subset)"),
+    ("--val-fraction", "val_fraction", float, "hold out this fraction of --train for evaluation (without --eval)"),
+    ("--metric", "metric", str, "metric that selects the best adapter (default: the task's, e.g. accuracy)"),
+    ("--early-stopping", "early_stopping", int, "stop after N evaluations without improvement (default: 0 = off)"),
+    ("--eval-every", "eval_every", int, "also evaluate every N steps (default: after each epoch only)"),
+    ("--eval-batch-size", "eval_batch_size", int, "batch size for evaluation (default: max(64, 2 x batch))"),
+    ("--save-every", "save_every", int, "save a resumable checkpoint every N steps (default: 200)"),
+    ("--log-every", "log_every", int, "write a training record to metrics.jsonl every N steps (default: 20)"),
+    ("--progress", "progress", str, "auto (bar on a terminal, log lines otherwise), bar, log, none"),
+]
+
+# shortcuts for common method options: flag -> option name
+_METHOD_SHORTCUTS = [
+    ("--reduction-factor", "reduction_factor", float, "bottleneck: hidden size / bottleneck width"),
+    ("--bottleneck-dim", "bottleneck_dim", int, "bottleneck: width (overrides --reduction-factor)"),
+    ("--non-linearity", "non_linearity", str, "bottleneck: relu, gelu, swish, tanh"),
+    ("--lora-r", "r", int, "LoRA rank"),
+    ("--lora-alpha", "alpha", float, "LoRA alpha (the update is scaled by alpha / r)"),
+    ("--adapter-dropout", "dropout", float, "dropout inside the adapter"),
+    ("--layers", "layers", _int_list, "only these layers, e.g. 6,7,8,9,10,11"),
+    ("--leave-out", "leave_out", _int_list, "no adapter in these layers"),
+]
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="train an adapter (or the whole model) on a data file",
+                       description="Train an adapter on a TSV/CSV/JSONL file and write DIR/adapter/, "
+                                   "DIR/metrics.jsonl, DIR/training.png and DIR/results.json.")
+    for flag, dest, typ, help_ in _TRAIN_FLAGS:
+        p.add_argument(flag, dest=dest, type=typ, default=_S, help=help_)
+    group = p.add_argument_group("method options")
+    group.add_argument("-o", "--option", dest="method_options", action="append", type=_option, default=_S,
+                       metavar="KEY=VALUE", help="any option of the method, e.g. -o reduction_factor=8 -o non_linearity=gelu")
+    for flag, opt, typ, help_ in _METHOD_SHORTCUTS:
+        group.add_argument(flag, dest=f"opt__{opt}", type=typ, default=_S, help=help_)
+    p.add_argument("--full-finetune", dest="full_finetune", action="store_true", default=_S,
+                   help="train all weights instead of an adapter (the baseline)")
+    p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false", default=_S,
+                   help="plain random batches instead of length-grouped ones")
+    p.add_argument("--out", help="run folder to create (must be new or empty)")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+
+
+def _add_common_model(p: argparse.ArgumentParser, adapter_required: bool = True) -> None:
+    p.add_argument("--model", help="base model folder or alias (default: the one the adapter was trained on)")
+    p.add_argument("--adapter", required=adapter_required,
+                   help="a run folder, an adapter folder, or a full model folder (--full-finetune, merge)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="adapterkit", description="Train, evaluate and use small adapters on frozen models.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"adapterkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    _add_train(sub)
+
+    p = sub.add_parser("eval", help="score a trained adapter on a labelled data file")
+    _add_common_model(p)
+    p.add_argument("--data", required=True, help="labelled data file (.tsv, .csv, .jsonl)")
+    p.add_argument("--format")
+    p.add_argument("--text-column")
+    p.add_argument("--text-pair-column")
+    p.add_argument("--label-column")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, help="default: as in training")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+
+    p = sub.add_parser("predict", help="predict labels (or generate text) for text lines")
+    _add_common_model(p)
+    p.add_argument("texts", nargs="*", help="texts to predict (default: lines of --input, else stdin)")
+    p.add_argument("--input", help="file with one text per line (a tab separates a text pair)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="causal LM: tokens to generate")
+    p.add_argument("--json", action="store_true", help="JSON lines with every probability")
+
+    p = sub.add_parser("inspect", help="show an adapter's config and parameter table")
+    p.add_argument("path", help="a run folder, an adapter folder or a full model folder")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("merge", help="fold a LoRA / IA3 adapter into the base and save a plain transformers model")
+    _add_common_model(p)
+    p.add_argument("--out", required=True, help="folder for the merged model (must be new or empty)")
+    p.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+# -- train -----------------------------------------------------------------------------------------
+def _config_from_args(args: argparse.Namespace, base: Optional[dict[str, Any]] = None):
+    from .train.config import TrainConfig
+
+    given = {dest: getattr(args, dest) for _, dest, _, _ in _TRAIN_FLAGS if hasattr(args, dest)}
+    for flag in ("full_finetune", "group_by_length"):
+        if hasattr(args, flag):
+            given[flag] = getattr(args, flag)
+    options = dict(getattr(args, "method_options", []))
+    for _, opt, _, _ in _METHOD_SHORTCUTS:
+        if hasattr(args, f"opt__{opt}"):
+            options[opt] = getattr(args, f"opt__{opt}")
+    if options:
+        given["options"] = options
+    if base is None:
+        return TrainConfig(**given), given
+    merged = TrainConfig.from_dict(base)
+    changed = [k for k, v in given.items() if getattr(merged, k) != v]
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise AdapterError(f"--resume continues the run with its own settings; {flags} differ from them. Drop those "
+                           "flags, or start a new run with --out.")
+    return merged, given
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import distributed as D
+    from .train import loop
+
+    env = D.init_from_env()
+    out = Path(args.resume or args.out or "")
+    prep = None
+    error: Optional[str] = None
+    try:
+        if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise AdapterError("--resume DIR continues the run in DIR; drop --out (or pass the same folder).")
+        if not args.resume and not args.out:
+            raise AdapterError("--out DIR is required: the folder to write the adapter, metrics and plot to.")
+        run = loop.read_run(out) if args.resume else None
+        config, given = _config_from_args(args, run["config"] if run else None)
+        loop.check_out_dir(out, resume=bool(args.resume), overwrite=args.overwrite)
+        if not config.train:
+            raise AdapterError("--train FILE is required: a .tsv, .csv or .jsonl file with a text and a label column.")
+        prep = loop.prepare(config, env, echo=_note if env.is_main else None)
+        if run:
+            loop.check_same_data(run, prep, out)
+    except AdapterError as err:
+        error = str(err)
+    if not D.all_ok(env, error is None):
+        if error and env.is_main or (error and not env.enabled):
+            _fail("train", error)
+        D.shutdown(env)
+        return EXIT_BAD_INPUT
+    assert prep is not None
+    counts = loop.parameter_counts(prep.model)
+    started = time.perf_counter()
+    if env.is_main:
+        what = "all weights (full fine-tuning)" if config.full_finetune else f"a {config.method} adapter"
+        print(f"adapterkit train: {what} on {config.model}, task {prep.spec.task} "
+              f"({len(prep.train):,} training rows{_rows_note(prep)}), {env.world_size} process(es)")
+        print(f"trainable parameters: {counts['trainable']:,} of {counts['total']:,} "
+              f"({100 * counts['trainable'] / counts['total']:.2f} %), head {counts['head']:,}", flush=True)
+    try:
+        results = loop.fit(prep, out, resume=bool(args.resume), overwrite=args.overwrite, echo=_note)
+    except KeyboardInterrupt:
+        if env.is_main:
+            print(f"\nadapterkit train: interrupted; continue with: adapterkit train --resume {out}", file=sys.stderr)
+        return 130
+    except AdapterError as err:  # e.g. a loss that became NaN
+        if env.is_main:
+            _fail("train", str(err))
+        return EXIT_BAD_INPUT
+    finally:
+        D.shutdown(env)
+    if env.is_main:
+        _print_results(results, out, time.perf_counter() - started)
+    return 0
+
+
+def _rows_note(prep: Any) -> str:
+    parts = []
+    if prep.eval is not None:
+        parts.append(f"{len(prep.eval):,} eval")
+    if prep.test is not None:
+        parts.append(f"{len(prep.test):,} test")
+    return ", " + ", ".join(parts) if parts else ""
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+def _fmt(scores: Optional[dict[str, float]]) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in (scores or {}).items())
+
+
+def _print_results(results: dict[str, Any], out: Path, seconds: float) -> None:
+    counts = results["parameters"]
+    print(f"trainable share: {100 * counts['trainable'] / counts['total']:.2f} % "
+          f"({counts['trainable']:,} of {counts['total']:,} parameters)")
+    if results.get("eval"):
+        print(f"best eval {results['metric']}: {results['best_eval']:.4f} (step {results['best_step']})   "
+              f"{_fmt(results['eval'])}")
+    if results.get("test"):
+        test = results["test"]
+        first = next(iter(test))
+        print(f"test {first}: {100 * test[first]:.2f} %   {_fmt(test)}" if first in ("accuracy", "micro_f1", "span_f1",
+              "macro_f1") else f"test: {_fmt(test)}")
+    kind = "model" if results["artifact"].endswith("model") else "adapter"
+    print(f"{kind} size on disk: {_human_bytes(results['size_bytes'])} ({results['size_bytes']:,} bytes) in {results['artifact']}")
+    print(f"wall-clock: {seconds / 60:.1f} min; metrics: {out / 'metrics.jsonl'}, plot: {out / 'training.png'}")
+
+
+# -- eval / predict / inspect / merge -------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import check_eval_labels, detect_columns, encode, read_table
+    from .train.evaluate import evaluate
+    from .train.metrics import metric_names
+
+    table = read_table(args.data, args.format)  # before loading the model: fail fast
+    from .artifacts import load_trained
+
+    loaded = load_trained(args.adapter, args.model)
+    spec = loaded.spec
+    if spec.task != "causal-lm":
+        flags = {"text": args.text_column, "text_pair": args.text_pair_column, "label": args.label_column}
+        cols = spec.columns
+        if any(flags.values()) or not cols.text or cols.text not in table.columns:
+            cols = detect_columns(table, text=args.text_column or (cols.text if cols.text in table.columns else None),
+                                  text_pair=args.text_pair_column, label=args.label_column, task=spec.task)
+        spec.columns = cols
+        if spec.columns.label is None:
+            raise AdapterError(f"{table.path}: no label column to score against; pass --label-column NAME.")
+    if args.max_length:
+        spec.max_length = args.max_length
+    check_eval_labels(spec, table)
+    enc = encode(spec, table, loaded.tokenizer)
+    pad = loaded.tokenizer.pad_token_id or 0
+    scores = evaluate(loaded.model, enc, spec, batch_size=args.batch_size, pad_id=pad)
+    if args.json:
+        print(json.dumps({"data": str(args.data), "rows": len(enc), "task": spec.task, **scores}))
+    else:
+        print(f"{args.data}: {len(enc):,} rows, task {spec.task}")
+        for name in metric_names(spec):
+            if name in scores:
+                print(f"  {name:<16}{scores[name]:.4f}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .data import read_lines
+
+    if args.texts:
+        lines = list(args.texts)
+    elif args.input:
+        path = Path(args.input)
+        if not path.is_file():
+            raise AdapterError(f"--input {path}: no such file.")
+        try:
+            lines = read_lines(path.read_text(encoding="utf-8-sig").splitlines())
+        except UnicodeDecodeError as err:
+            raise AdapterError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start}); re-save it as UTF-8.") from None
+    else:
+        if sys.stdin.isatty():
+            print("reading texts from stdin, one per line (Ctrl-D to finish)", file=sys.stderr)
+        lines = read_lines(sys.stdin)
+    if not lines:
+        raise AdapterError("No text to predict: pass texts as arguments, --input FILE, or lines on stdin.")
+    from .artifacts import load_trained
+    from .inference import predict_texts
+
+    loaded = load_trained(args.adapter, args.model)
+    results = predict_texts(loaded.model, loaded.tokenizer, loaded.spec, lines, batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens)
+    for r in results:
+        if args.json:
+            print(json.dumps(r, ensure_ascii=False))
+        elif "label" in r:
+            print(f"{r['label']}\t{r['probability']:.4f}\t{r['text']}")
+        elif "labels" in r:
+            print(f"{','.join(r['labels'])}\t{r['text']}")
+        elif "value" in r:
+            print(f"{r['value']:.4f}\t{r['text']}")
+        elif "tags" in r:
+            print(" ".join(f"{t}/{g}" for t, g in zip(r["tokens"], r["tags"])))
+        else:
+            print(r["generated"].replace("\n", "\\n"))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspection import describe
+
+    info, text = describe(args.path)
+    print(json.dumps(info, indent=2) if args.json else text)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .artifacts import load_trained, locate
+    from .data import TaskSpec
+    from .train.checkpoint import save_head, write_dir_atomic
+    from .train.loop import check_out_dir
+
+    out = Path(args.out)
+    check_out_dir(out, resume=False, overwrite=args.overwrite)
+    artifact = locate(args.adapter)
+    if artifact.kind != "adapter":
+        raise AdapterError(f"--adapter {args.adapter}: is a full model already (nothing to merge); use it as --model.")
+    config = json.loads((artifact.path / "adapter_config.json").read_text(encoding="utf-8"))["config"]
+    from .config import config_from_dict
+
+    if not config_from_dict(config).supports_merge:
+        raise AdapterError(f"--adapter {args.adapter}: a {config['method']} adapter adds modules and cannot be folded "
+                           "into the weights; only lora and ia3 adapters can be merged.")
+    loaded = load_trained(args.adapter, args.model)
+    loaded.model.merge_adapter(loaded.name)
+    head = loaded.model.heads[loaded.name] if loaded.name in loaded.model.heads else None
+    spec = loaded.spec
+
+    def fill(tmp: Path) -> None:
+        loaded.model.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        if head is not None:
+            save_head(tmp, head)
+        TaskSpec.save(spec, tmp)
+
+    if args.overwrite and out.is_dir():
+        import shutil
+
+        shutil.rmtree(out)
+    write_dir_atomic(out, fill)
+    cls = type(loaded.model.model).__name__
+    print(f"merged adapter '{loaded.name}' into {loaded.base}; saved a plain transformers model ({cls}) to {out}")
+    print(f"load it without adapterkit: transformers.AutoModel{'ForCausalLM' if 'CausalLM' in cls else ''}"
+          f".from_pretrained('{out}')")
+    if head is not None:
+        print(f"its task head is in {out}/adapterkit_head.*: adapterkit eval/predict --adapter {out}")
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------------------------------
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _fail(command: str, message: str) -> None:
+    print(f"adapterkit {command}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "inspect": cmd_inspect, "merge": cmd_merge}
+
+
+def _quiet_libraries() -> None:
+    """No "Loading weights" bars or hub warnings from transformers in our output."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _passive_openmp(argv: Optional[Sequence[str]]) -> None:
+    """Re-run ``train`` / ``eval`` with ``OMP_WAIT_POLICY=PASSIVE`` unless the user set it.
+
+    PyTorch's OpenMP threads spin while they wait for each other. On a machine whose cores are
+    busy with other work, a spinning thread keeps the one doing the work off its core: on the
+    shared 2-core machine this was written on, a MiniLM training step took 5-20x longer with two
+    spinning threads than with one. Passive waiting removes that (and costs ~nothing when the
+    machine is idle). libgomp reads the variable when torch is loaded, which has happened by the
+    time this runs, hence the re-exec; it only happens from the command line (``argv is None``).
+    """
+    import os
+
+    if argv is not None or "OMP_WAIT_POLICY" in os.environ or os.environ.get("ADAPTERKIT_NO_REEXEC"):
+        return
+    if len(sys.argv) < 2 or sys.argv[1] not in ("train", "eval"):
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "adapterkit", *sys.argv[1:]])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    _passive_openmp(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # usage errors (exit 2), --help and --version (exit 0)
+        return int(stop.code or 0)
+    _quiet_libraries()
+    try:
+        return COMMANDS[args.command](args)
+    except AdapterError as err:
+        _fail(args.command, str(err))
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"adapterkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. adapterkit predict ... | head
+        return 0
+
+
+def console_main() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

@@ -1,0 +1,95 @@
+"""Predictions for raw text lines, as ``adapterkit predict`` prints them.
+
+One input line is one example; a tab separates the two texts of a pair task, and tagging splits
+the line on whitespace into tokens. Results are dicts (printed as TSV or JSON lines):
+
+* classification: ``label``, ``probability`` and every label's probability;
+* multilabel: the ``labels`` whose sigmoid is >= the threshold (0.5) and every probability;
+* regression: ``value`` in the label's units;
+* tagging: ``tokens`` and one ``tags`` entry per token (the first word piece decides);
+* causal-lm: the greedy continuation (``generated``), ``max_new_tokens`` long at most.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .data import TaskSpec
+
+
+@torch.inference_mode()
+def predict_texts(model: Any, tokenizer: Any, spec: TaskSpec, lines: Sequence[str], *, batch_size: int = 32,
+                  max_new_tokens: int = 64) -> list[dict[str, Any]]:
+    model.eval()
+    if spec.task == "causal-lm":
+        return _generate(model, tokenizer, spec, lines, batch_size, max_new_tokens)
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(lines), batch_size):
+        chunk = list(lines[start : start + batch_size])
+        if spec.task == "tagging":
+            out += _tag(model, tokenizer, spec, chunk)
+            continue
+        pairs = [line.split("\t", 1) if spec.columns.text_pair else [line] for line in chunk]
+        firsts = [p[0] for p in pairs]
+        seconds = [p[1] if len(p) > 1 else "" for p in pairs] if spec.columns.text_pair else None
+        batch = tokenizer(firsts, seconds, truncation=True, max_length=spec.max_length, padding=True, return_tensors="pt")
+        if not spec.columns.text_pair:
+            batch.pop("token_type_ids", None)
+        logits = model(**batch).logits.float()
+        for line, row in zip(chunk, logits):
+            out.append({"text": line, **_read(spec, row)})
+    return out
+
+
+def _read(spec: TaskSpec, row: torch.Tensor) -> dict[str, Any]:
+    if spec.task == "regression":
+        return {"value": row[0].item() * spec.target_std + spec.target_mean}
+    if spec.task == "multilabel":
+        probs = torch.sigmoid(row)
+        chosen = [spec.labels[i] for i in range(len(spec.labels)) if probs[i] >= spec.threshold]
+        return {"labels": chosen, "probabilities": {l: round(p, 6) for l, p in zip(spec.labels, probs.tolist())}}
+    probs = torch.softmax(row, -1)
+    best = int(probs.argmax())
+    return {"label": spec.labels[best], "probability": probs[best].item(),
+            "probabilities": {l: round(p, 6) for l, p in zip(spec.labels, probs.tolist())}}
+
+
+def _tag(model: Any, tokenizer: Any, spec: TaskSpec, chunk: list[str]) -> list[dict[str, Any]]:
+    words = [line.split() for line in chunk]
+    batch = tokenizer(words, is_split_into_words=True, truncation=True, max_length=spec.max_length,
+                      padding=True, return_tensors="pt")
+    word_ids = [batch.word_ids(i) for i in range(len(words))]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    out = []
+    for i, ws in enumerate(words):
+        tags: list[str] = ["O" if "O" in spec.labels else ""] * len(ws)  # words cut off by max_length
+        seen = set()
+        for t, w in enumerate(word_ids[i]):
+            if w is not None and w not in seen:
+                seen.add(w)
+                tags[w] = spec.labels[int(logits[i, t].argmax())]
+        out.append({"text": chunk[i], "tokens": ws, "tags": tags})
+    return out
+
+
+def _generate(model: Any, tokenizer: Any, spec: TaskSpec, lines: Sequence[str], batch_size: int,
+              max_new_tokens: int) -> list[dict[str, Any]]:
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the last real token
+    try:
+        out = []
+        for start in range(0, len(lines), batch_size):
+            chunk = list(lines[start : start + batch_size])
+            prompts = [spec.prompt_template.format(prompt=p) for p in chunk] if spec.columns.prompt else chunk
+            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new = ids[:, batch["input_ids"].shape[1]:]
+            for line, seq in zip(chunk, new):
+                out.append({"text": line, "generated": tokenizer.decode(seq, skip_special_tokens=True)})
+        return out
+    finally:
+        tokenizer.padding_side = side

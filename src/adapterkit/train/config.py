@@ -1,0 +1,125 @@
+"""``TrainConfig``: every setting of a training run, with the defaults users get without flags.
+
+One source of truth for the CLI (``adapterkit train``), the Python API (``adapterkit.train.fit``)
+and the run folder (``run.json`` stores the config so that ``--resume`` continues the same run).
+
+Why these defaults (measured on SST-2 with all-MiniLM-L6-v2 on a 2-core CPU; see
+``docs/training.md``): a Pfeiffer bottleneck adapter (reduction factor 16) with AdapterHub's
+adapter learning rate 1e-3, linear warm-up over the first 6 % of steps then linear decay, batches
+of 32 grouped by length (short SST-2 phrases are not padded to the longest sentence of the set),
+a two-layer head over mean pooling (``pooling="auto"``; MiniLM is a mean-pooling sentence encoder).
+Full fine-tuning (``full_finetune=True``) uses 5e-5 unless ``lr`` is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..errors import AdapterError
+
+ADAPTER_LR = 1e-3
+FULL_FINETUNE_LR = 5e-5
+SCHEDULES = ("linear", "cosine", "constant")
+PROGRESS = ("auto", "bar", "log", "none")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one run. ``None`` means "decide from the data or the method"."""
+
+    model: str = "minilm"
+    train: str = ""
+    eval: Optional[str] = None
+    test: Optional[str] = None
+    format: Optional[str] = None
+    # columns and task
+    text_column: Optional[str] = None
+    text_pair_column: Optional[str] = None
+    label_column: Optional[str] = None
+    prompt_column: Optional[str] = None
+    completion_column: Optional[str] = None
+    task: Optional[str] = None
+    label_sep: str = ","
+    # what to train
+    method: str = "pfeiffer"
+    options: dict[str, Any] = field(default_factory=dict)
+    full_finetune: bool = False
+    name: Optional[str] = None
+    pooling: str = "auto"
+    head_layers: int = 2
+    head_dropout: float = 0.1
+    # optimisation
+    epochs: int = 3
+    lr: Optional[float] = None
+    batch_size: int = 32
+    micro_batch_size: Optional[int] = None
+    max_length: int = 128
+    seed: int = 42
+    warmup: float = 0.06
+    schedule: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_steps: Optional[int] = None
+    group_by_length: bool = True
+    # data subsets
+    max_train_rows: Optional[int] = None
+    max_eval_rows: Optional[int] = None
+    val_fraction: float = 0.0
+    # evaluation, checkpoints, feedback
+    metric: Optional[str] = None
+    early_stopping: int = 0
+    eval_every: Optional[int] = None
+    eval_batch_size: Optional[int] = None
+    save_every: int = 200
+    log_every: int = 20
+    progress: str = "auto"
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return FULL_FINETUNE_LR if self.full_finetune else ADAPTER_LR
+
+    def validate(self) -> None:
+        """Checks that need neither files nor the model (``AdapterError`` naming the flag)."""
+        checks = [
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}."),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}."),
+            (self.micro_batch_size is None or self.micro_batch_size >= 1, "--micro-batch-size must be >= 1."),
+            (self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}."),
+            (self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}."),
+            (0 <= self.warmup, f"--warmup must be >= 0 (a fraction of the steps below 1, else steps), got {self.warmup}."),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'."),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0."),
+            (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0 (0 turns clipping off)."),
+            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1."),
+            (self.max_train_rows is None or self.max_train_rows >= 1, "--max-train-rows must be >= 1."),
+            (self.max_eval_rows is None or self.max_eval_rows >= 1, "--max-eval-rows must be >= 1."),
+            (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)."),
+            (self.early_stopping >= 0, "--early-stopping must be >= 0 (evaluations without improvement)."),
+            (self.eval_every is None or self.eval_every >= 1, "--eval-every must be >= 1 step."),
+            (self.save_every >= 1, "--save-every must be >= 1 step."),
+            (self.log_every >= 1, "--log-every must be >= 1 step."),
+            (self.progress in PROGRESS, f"--progress must be one of {', '.join(PROGRESS)}."),
+            (self.head_layers >= 1, "--head-layers must be >= 1."),
+            (0 <= self.head_dropout < 1, "--head-dropout must be in [0, 1)."),
+            (bool(self.train), "--train FILE is required."),
+            (not (self.eval and self.val_fraction), "Pass --eval FILE or --val-fraction, not both."),
+            (not (self.full_finetune and self.options), "--full-finetune trains all weights; drop the method options."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise AdapterError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise AdapterError(f"Unknown training settings {unknown}; known: {', '.join(sorted(known))}.")
+        return cls(**data)

@@ -1,0 +1,576 @@
+"""The training loop: from a ``TrainConfig`` to a run folder with the best adapter.
+
+``prepare(config)`` does everything that can fail on bad input (files, columns, labels, model,
+method options, tokenisation) and writes nothing. ``fit(prepared, out)`` then trains:
+
+* AdamW over the trainable parameters, linear warm-up then decay (``optim.lr_at``), gradient
+  clipping, optional gradient accumulation (``micro_batch_size``);
+* global batches in a seeded order (``batches``), split over ``torchrun`` processes with DDP;
+* evaluation after every epoch (and every ``eval_every`` steps), the best adapter kept by the
+  task's metric, optional early stopping;
+* a resumable checkpoint every ``save_every`` steps and after every evaluation; resuming replays
+  the remaining steps exactly (same order, same RNG, same optimizer state), so the adapter equals
+  that of an uninterrupted run;
+* ``metrics.jsonl``, ``training.png``, ``results.json``; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..config import AdapterConfig, resolve_config
+from ..data import (
+    Encoded,
+    TaskSpec,
+    Table,
+    build_task,
+    check_eval_labels,
+    default_name,
+    detect_columns,
+    encode,
+    read_table,
+)
+from ..errors import AdapterError, CheckpointError
+from ..heads import Head, HeadConfig
+from ..io import adapter_size_bytes
+from ..model import AdapterModel
+from . import checkpoint as ckpt
+from . import distributed as D
+from .batches import collate, epoch_batches, micro_batches, shard, units
+from .config import TrainConfig
+from .evaluate import evaluate
+from .metrics import LOWER_IS_BETTER, MetricsLog, better, metric_names, primary_metric
+from .optim import lr_at, make_optimizer, set_lr, trainable, warmup_steps
+from .plots import plot_training
+from .progress import Progress
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, validated; nothing written yet."""
+
+    config: TrainConfig
+    spec: TaskSpec
+    name: str
+    model: AdapterModel
+    tokenizer: Any
+    train: Encoded
+    eval: Optional[Encoded]
+    test: Optional[Encoded]
+    env: D.DistEnv
+    adapter_config: Optional[AdapterConfig]
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else 0
+
+
+# -- preparing ---------------------------------------------------------------------------------------
+def model_is_decoder(name_or_path: str) -> bool:
+    """Whether the model is a decoder, from its config only (fast; checks the path is a model)."""
+    import transformers
+
+    from ..layouts import spec_for
+    from ..packaged import resolve_model
+
+    folder, gguf = resolve_model(name_or_path)
+    if gguf:
+        return True
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise AdapterError(f"'{name_or_path}' is not a usable model: {folder / 'config.json'} cannot be read ({err}).") from None
+    arch = spec_for(config.model_type)
+    return bool(getattr(config, "is_decoder", False) or (arch is not None and arch.decoder))
+
+
+def _subset(table: Table, n: Optional[int], seed: int) -> Table:
+    """``n`` rows picked by a permutation with a fixed seed (the same rows whatever ``--seed``)."""
+    if n is None or n >= len(table):
+        return table
+    keep = sorted(torch.randperm(len(table), generator=torch.Generator().manual_seed(seed)).tolist()[:n])
+    return Table(table.path, table.format, table.columns, [table.rows[i] for i in keep], [table.lines[i] for i in keep])
+
+
+def _split(table: Table, fraction: float) -> tuple[Table, Table]:
+    perm = torch.randperm(len(table), generator=torch.Generator().manual_seed(1)).tolist()
+    n_val = max(1, int(round(fraction * len(table))))
+    if n_val >= len(table):
+        raise AdapterError(f"{table.path}: --val-fraction {fraction} leaves no training rows; lower it.")
+    val, keep = sorted(perm[:n_val]), sorted(perm[n_val:])
+    pick = lambda idx: Table(table.path, table.format, table.columns, [table.rows[i] for i in idx],  # noqa: E731
+                             [table.lines[i] for i in idx])
+    return pick(keep), pick(val)
+
+
+def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional[Echo] = None) -> Prepared:
+    """Validate and load everything; raises ``AdapterError`` (bad input) before writing anything."""
+    env = env or D.DistEnv()
+    echo = echo or (lambda _msg: None)
+    config.validate()
+    train_table = read_table(config.train, config.format)
+    eval_table = read_table(config.eval, config.format) if config.eval else None
+    test_table = read_table(config.test, config.format) if config.test else None
+    decoder = model_is_decoder(config.model)
+    columns = detect_columns(
+        train_table, text=config.text_column, text_pair=config.text_pair_column, label=config.label_column,
+        prompt=config.prompt_column, completion=config.completion_column, task=config.task,
+    )
+    spec = build_task(train_table, columns, config.task, decoder=decoder, label_sep=config.label_sep,
+                      max_length=config.max_length)
+    for table in (eval_table, test_table):
+        if table is not None:
+            check_eval_labels(spec, table)
+    adapter_config = None if config.full_finetune else resolve_config(config.method, **config.options)
+    name = config.name or default_name(config.train)
+    if not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise AdapterError(f"--name '{name}' is invalid: use letters, digits, '_' and '-' only.")
+    data = {"train": _fingerprint(train_table), "eval": _fingerprint(eval_table), "test": _fingerprint(test_table)}
+    train_table = _subset(train_table, config.max_train_rows, 0)
+    if config.val_fraction:
+        train_table, eval_table = _split(train_table, config.val_fraction)
+    if eval_table is not None:
+        eval_table = _subset(eval_table, config.max_eval_rows, 0)
+    tokenizer = _load_tokenizer(config.model)
+    train_enc = encode(spec, train_table, tokenizer)
+    eval_enc = encode(spec, eval_table, tokenizer) if eval_table is not None else None
+    test_enc = encode(spec, test_table, tokenizer) if test_table is not None else None
+    if train_enc.dropped:
+        echo(f"note: {train_enc.dropped} training rows have no target token within --max-length {config.max_length}; skipped.")
+    torch.manual_seed(config.seed)
+    model = load_model(config.model)
+    setup_model(model, spec, name, config, adapter_config)
+    torch.manual_seed(config.seed + 1000 * env.rank)  # dropout differs per process, as with a larger batch
+    data["rows"] = {"train": len(train_enc), "eval": len(eval_enc) if eval_enc else 0, "test": len(test_enc) if test_enc else 0}
+    return Prepared(config, spec, name, model, tokenizer, train_enc, eval_enc, test_enc, env, adapter_config, data)
+
+
+def _fingerprint(table: Optional[Table]) -> Optional[dict[str, Any]]:
+    if table is None:
+        return None
+    return {"path": str(Path(table.path).resolve()), "sha256": ckpt.file_sha256(table.path), "rows": len(table)}
+
+
+def _load_tokenizer(name: str) -> Any:
+    from ..packaged import load_tokenizer
+
+    try:
+        return load_tokenizer(name)
+    except AdapterError:
+        raise
+    except Exception as err:  # transformers raises OSError, ValueError, TypeError, ... for bad folders
+        raise AdapterError(f"'{name}': cannot load its tokenizer ({type(err).__name__}: {err}); the model folder "
+                           "needs tokenizer files (tokenizer.json or vocab files) beside config.json.") from None
+
+
+def load_model(name: str, **kwargs: Any) -> AdapterModel:
+    try:
+        return AdapterModel.from_pretrained(name, **kwargs)
+    except AdapterError:
+        raise
+    except Exception as err:
+        raise AdapterError(f"'{name}': cannot load the model ({type(err).__name__}: {err}); pass a transformers "
+                           "model folder (config.json + weights) or an alias (minilm, smollm2).") from None
+
+
+def add_head(model: AdapterModel, name: str, spec: TaskSpec, *, pooling: str = "auto", layers: int = 2,
+             dropout: float = 0.1) -> None:
+    """The task's head, named like the adapter (built from a ``HeadConfig`` to set its dropout)."""
+    if spec.task == "causal-lm":
+        return
+    id2label = dict(enumerate(spec.labels))
+    if spec.task == "tagging":
+        cfg = HeadConfig("tagging", len(spec.labels), 1 if layers == 2 else layers, dropout=dropout, id2label=id2label)
+    elif spec.task == "regression":
+        cfg = HeadConfig("regression", 1, layers, pooling, dropout=dropout)
+    else:
+        cfg = HeadConfig("classification", len(spec.labels), layers, pooling, spec.task == "multilabel",
+                         dropout=dropout, id2label=id2label)
+    is_decoder = bool(model.layout.spec and model.layout.spec.decoder)
+    head = Head(cfg, model.layout.hidden_size, is_decoder=is_decoder)
+    ref = next((p for p in model.model.parameters() if p.is_floating_point()), None)
+    if ref is not None:
+        head.to(device=ref.device, dtype=ref.dtype)
+    model.heads[name] = head
+    model.active_head = name
+
+
+def setup_model(model: AdapterModel, spec: TaskSpec, name: str, config: TrainConfig,
+                adapter_config: Optional[AdapterConfig]) -> None:
+    if config.full_finetune:
+        add_head(model, name, spec, pooling=config.pooling, layers=config.head_layers, dropout=config.head_dropout)
+        model.model.requires_grad_(False)
+        # the backbone only: a causal LM's output layer gets no gradient from a task head
+        target = model.model if spec.task == "causal-lm" else getattr(model.model, "base_model", model.model)
+        target.requires_grad_(True)
+        model.heads.requires_grad_(True)
+        model.train()
+        return
+    assert adapter_config is not None
+    model.add_adapter(name, adapter_config)
+    add_head(model, name, spec, pooling=config.pooling, layers=config.head_layers, dropout=config.head_dropout)
+    model.train_adapter(name)
+
+
+def parameter_counts(model: AdapterModel) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    head = sum(p.numel() for p in model.heads.parameters())
+    return {"total": total, "trainable": train, "head": head, "base": sum(p.numel() for p in model.model.parameters())}
+
+
+# -- the run folder ----------------------------------------------------------------------------------
+def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """``--out`` must be new or empty, unless resuming or ``--overwrite`` (checked before writing)."""
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"--out {out} is a file; pass a folder path.")
+    if resume:
+        return
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        hint = " (it holds a run: continue it with --resume)" if (out / ckpt.RUN_FILE).exists() else ""
+        raise AdapterError(f"--out {out} is not empty{hint}; choose a new folder or pass --overwrite to replace it.")
+
+
+def read_run(out: Path) -> dict[str, Any]:
+    """``run.json`` of a run folder, for ``--resume`` (``AdapterError`` when there is no run)."""
+    import json
+
+    path = out / ckpt.RUN_FILE
+    if not out.is_dir():
+        raise AdapterError(f"--resume {out}: no such folder; pass the --out folder of the run to continue.")
+    if not path.is_file():
+        raise AdapterError(f"--resume {out}: the folder holds no run (no {ckpt.RUN_FILE}); pass the --out folder of "
+                           "an adapterkit train run, or start a new run with --out.")
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt ({err}); the run cannot be resumed, start it again.") from None
+    if run.get("status") == "finished":
+        raise AdapterError(f"--resume {out}: that run has finished already (see {out / 'results.json'}); "
+                           "start a new run with --out to train more.")
+    return run
+
+
+def check_same_data(run: dict[str, Any], prep: Prepared, out: Path) -> None:
+    for split in ("train", "eval", "test"):
+        old, new = run.get("data", {}).get(split), prep.data.get(split)
+        if old and new and old["sha256"] != new["sha256"]:
+            raise AdapterError(f"--resume {out}: {new['path']} changed since the run started; a resumed run needs the "
+                               "same data. Restore the file or start a new run.")
+
+
+# -- training ------------------------------------------------------------------------------------------
+class _Runner:
+    def __init__(self, prep: Prepared, out: Path, echo: Echo, progress: Progress):
+        self.prep, self.out, self.echo, self.progress = prep, out, echo, progress
+        self.cfg, self.spec, self.env = prep.config, prep.spec, prep.env
+        self.model = prep.model
+        self.device = torch.device("cuda", self.env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        self.model.to(self.device)
+        self.names = [n for n, _ in trainable(self.model)]
+        self.params = [p for _, p in trainable(self.model)]
+        self.optimizer = make_optimizer(self.model, self.cfg.learning_rate, self.cfg.weight_decay)
+        self.metric = self.cfg.metric or primary_metric(self.spec)
+        known = metric_names(self.spec)
+        if self.metric not in known:
+            raise AdapterError(f"--metric {self.metric} is not computed for {self.spec.task}; choose one of {', '.join(known)}.")
+        self.lengths = prep.train.lengths()
+        self.steps_per_epoch = len(epoch_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, 1,
+                                                 group_by_length=self.cfg.group_by_length))
+        total = self.cfg.epochs * self.steps_per_epoch
+        self.total_steps = min(total, self.cfg.max_steps) if self.cfg.max_steps else total
+        self.warmup = warmup_steps(self.cfg.warmup, self.total_steps)
+        self.log = MetricsLog(out / "metrics.jsonl", enabled=self.env.is_main)
+        self.state: dict[str, Any] = {"step": 0, "epoch": 1, "batch": 0, "best": None, "best_step": None,
+                                      "bad_evals": 0, "stopped_early": False, "elapsed": 0.0, "last_eval_step": None}
+        self.best: Optional[dict[str, torch.Tensor]] = None
+        self.eval_batch = self.cfg.eval_batch_size or max(64, 2 * self.cfg.batch_size)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        if self.env.is_main:
+            state = {**self.state, "log_offset": self.log.offset(), "log_count": self.log.count(),
+                     "elapsed": self.elapsed()}
+            ckpt.save_state(self.out / "checkpoint", self.model, self.optimizer, state, self.best)
+
+    def restore(self) -> bool:
+        if ckpt.existing_dir(self.out / "checkpoint") is None:
+            self.log.truncate(0, 0)
+            return False
+        state, best = ckpt.load_state(self.out / "checkpoint", self.model, self.optimizer)
+        self.log.truncate(state.pop("log_offset"), state.pop("log_count"))
+        self.state.update(state)
+        self.best = best
+        self.started = time.perf_counter() - self.state["elapsed"]
+        return True
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    # -- one optimizer step ----------------------------------------------------------------------------
+    def step(self, ddp: nn.Module, batch: list[int]) -> float:
+        task, enc, env = self.spec.task, self.prep.train, self.env
+        n_global = units(enc, batch, task)
+        mine = shard(batch, env.rank, env.world_size)
+        parts = micro_batches(mine, self.cfg.micro_batch_size) if mine else [[batch[0]]]
+        local = 0.0
+        for j, part in enumerate(parts):
+            sync = j == len(parts) - 1
+            ctx = ddp.no_sync() if env.enabled and not sync else contextlib.nullcontext()
+            with ctx:
+                inputs = {k: v.to(self.device) for k, v in collate(enc, part, task, self.prep.pad_id).items()}
+                out = ddp(**inputs)
+                u = units(enc, part, task) if mine else 0
+                if u > 0 and n_global > 0:
+                    weight = u / n_global
+                    (out.loss * (weight * env.world_size)).backward()
+                    local += out.loss.item() * weight
+                else:  # nothing to learn from here, but DDP needs every process to take part
+                    (out.logits.float().sum() * 0.0).backward()
+        loss = D.sum_scalar(env, local)
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    # -- evaluation and the best adapter -----------------------------------------------------------------
+    def evaluate(self, split: str, enc: Encoded) -> dict[str, float]:
+        return evaluate(self.model, enc, self.spec, batch_size=self.eval_batch, pad_id=self.prep.pad_id,
+                        env=self.env, device=self.device)
+
+    def eval_and_keep(self, epoch: float) -> bool:
+        """Evaluate, keep the best weights, update early stopping; True = stop training."""
+        step = self.state["step"]
+        self.state["last_eval_step"] = step
+        if self.prep.eval is None:
+            self.best = {k: v.detach().clone().cpu() for k, v in ckpt.trainable_state(self.model).items()}
+            self.save_best()
+            return False
+        scores = self.evaluate("eval", self.prep.eval)
+        value = scores[self.metric]
+        improved = better(self.metric, value, self.state["best"])
+        self.log.write({"type": "eval", "split": "eval", "step": step, "epoch": round(epoch, 4), **scores,
+                        "best": improved, "elapsed_s": round(self.elapsed(), 2)})
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in scores.items())
+        self.progress.write(f"eval after epoch {epoch:g} (step {step}): {shown}{'  (best so far)' if improved else ''}")
+        if improved:
+            self.state.update(best=value, best_step=step, best_scores=scores, bad_evals=0)
+            self.best = {k: v.detach().clone().cpu() for k, v in ckpt.trainable_state(self.model).items()}
+            self.save_best()
+            return False
+        self.state["bad_evals"] += 1
+        if self.cfg.early_stopping and self.state["bad_evals"] >= self.cfg.early_stopping:
+            self.state["stopped_early"] = True
+            self.progress.write(f"early stopping: no better {self.metric} in {self.state['bad_evals']} evaluations.")
+            return True
+        return False
+
+    def save_best(self) -> None:
+        if not self.env.is_main:
+            return
+        prep = self.prep
+        meta_spec = TaskSpec.from_dict(prep.spec.to_dict())
+        if self.cfg.full_finetune:
+            def fill(tmp: Path) -> None:
+                prep.model.model.save_pretrained(tmp)
+                prep.tokenizer.save_pretrained(tmp)
+                if prep.name in prep.model.heads:
+                    ckpt.save_head(tmp, prep.model.heads[prep.name])
+                meta_spec.save(tmp)
+            ckpt.write_dir_atomic(self.out / "model", fill)
+            return
+
+        def fill_adapter(tmp: Path) -> None:
+            prep.model.save_adapter(tmp / "a", prep.name)
+            meta_spec.save(tmp / "a")
+            _write_model_ref(tmp / "a", self.cfg.model)
+        staging = Path(tempfile.mkdtemp(prefix=".adapter.staging-", dir=self.out))
+        try:
+            fill_adapter(staging)
+            ckpt.write_dir_atomic(self.out / "adapter", lambda tmp: _move_contents(staging / "a", tmp))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def load_best(self) -> None:
+        if self.best is None:
+            return
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for k, v in self.best.items():
+                params[k].copy_(v)
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def run(self, resume: bool) -> dict[str, Any]:
+        cfg, env = self.cfg, self.env
+        self.started = time.perf_counter()
+        if resume and self.restore():
+            self.progress.write(f"resuming at step {self.state['step']} (epoch {self.state['epoch']}, "
+                                f"batch {self.state['batch']} of {self.steps_per_epoch})")
+        elif env.is_main:
+            self.log.truncate(0, 0)
+        ddp = D.wrap(self.model, env)
+        stop = self.state["stopped_early"] or self.state["step"] >= self.total_steps
+        window_loss, window_n, window_t, window_ex = 0.0, 0, time.perf_counter(), 0
+        while not stop and self.state["epoch"] <= cfg.epochs:
+            epoch = self.state["epoch"]
+            batches = epoch_batches(self.lengths, cfg.batch_size, cfg.seed, epoch, group_by_length=cfg.group_by_length)
+            steps_left_total = self.total_steps - self.state["step"]
+            epoch_total = min(len(batches), self.state["batch"] + steps_left_total)
+            self.progress.start_epoch(epoch, cfg.epochs, epoch_total, self.state["batch"])
+            while self.state["batch"] < len(batches) and self.state["step"] < self.total_steps:
+                batch = batches[self.state["batch"]]
+                lr = lr_at(self.state["step"], self.total_steps, self.warmup, cfg.learning_rate, cfg.schedule)
+                set_lr(self.optimizer, lr)
+                loss = self.step(ddp, batch)
+                if not math.isfinite(loss):
+                    raise AdapterError(f"The training loss became {loss} at step {self.state['step'] + 1}; lower --lr "
+                                       f"(now {cfg.learning_rate:g}) or check the labels.")
+                self.state["step"] += 1
+                self.state["batch"] += 1
+                step = self.state["step"]
+                window_loss += loss
+                window_n += 1
+                window_ex += len(batch)
+                now = time.perf_counter()
+                speed = window_ex / max(now - window_t, 1e-9)
+                log_now = step % cfg.log_every == 0
+                self.progress.update(step, window_loss / window_n, lr, speed, log_now)
+                if log_now:
+                    self.log.write({"type": "train", "step": step, "epoch": round(step / self.steps_per_epoch, 4),
+                                    "loss": window_loss / window_n, "lr": lr, "examples_per_s": round(speed, 1),
+                                    "elapsed_s": round(self.elapsed(), 2)})
+                    window_loss, window_n, window_t, window_ex = 0.0, 0, now, 0
+                end_of_epoch = self.state["batch"] == len(batches)
+                if cfg.eval_every and step % cfg.eval_every == 0 and not end_of_epoch and step < self.total_steps:
+                    stop = self.eval_and_keep(step / self.steps_per_epoch)
+                    self.save_checkpoint()
+                    if stop:
+                        break
+                elif step % cfg.save_every == 0 and not end_of_epoch:
+                    self.save_checkpoint()
+            self.progress.end_epoch()
+            if stop:
+                break
+            finished_epoch = self.state["batch"] == len(batches)
+            if finished_epoch:
+                self.state["epoch"] += 1
+                self.state["batch"] = 0
+            stop = self.eval_and_keep(float(epoch) if finished_epoch else self.state["step"] / self.steps_per_epoch)
+            stop = stop or self.state["step"] >= self.total_steps
+            self.save_checkpoint()
+            if env.is_main:
+                plot_training(self.log.records, self.out / "training.png", self.metric, title=self._title())
+        if self.state["last_eval_step"] != self.state["step"]:
+            self.eval_and_keep(self.state["step"] / self.steps_per_epoch)
+        return self.finish()
+
+    def _title(self) -> str:
+        what = "full fine-tuning" if self.cfg.full_finetune else f"{self.cfg.method} adapter"
+        return f"{what} on {Path(self.cfg.train).name} ({self.cfg.model})"
+
+    def finish(self) -> dict[str, Any]:
+        cfg, env = self.cfg, self.env
+        self.load_best()
+        results: dict[str, Any] = {
+            "name": self.prep.name, "task": self.spec.task, "metric": self.metric,
+            "best_eval": self.state["best"], "best_step": self.state["best_step"], "steps": self.state["step"],
+            "stopped_early": self.state["stopped_early"], "parameters": parameter_counts(self.model),
+        }
+        if self.prep.eval is not None:
+            results["eval"] = self.state.get("best_scores")
+        if self.prep.test is not None:
+            results["test"] = self.evaluate("test", self.prep.test)
+            self.log.write({"type": "eval", "split": "test", "step": self.state["step"], **results["test"]})
+        results["train_seconds"] = round(self.elapsed(), 1)
+        artifact = self.out / ("model" if cfg.full_finetune else "adapter")
+        results["artifact"] = str(artifact)
+        if env.is_main:
+            results["size_bytes"] = ckpt.folder_size(artifact)
+            if not cfg.full_finetune:
+                results["adapter_files_bytes"] = adapter_size_bytes(artifact)
+            plot_training(self.log.records, self.out / "training.png", self.metric, title=self._title())
+            ckpt.write_json_atomic(self.out / "results.json", results)
+            run = _read_json(self.out / ckpt.RUN_FILE)
+            run["status"] = "finished"
+            ckpt.write_json_atomic(self.out / ckpt.RUN_FILE, run)
+            shutil.rmtree(self.out / "checkpoint", ignore_errors=True)
+            for old in self.out.glob(".checkpoint.old-*"):
+                shutil.rmtree(old, ignore_errors=True)
+        D.barrier(env)
+        return results
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _write_model_ref(directory: Path, model: str) -> None:
+    """Remember which base the adapter was trained on, so ``eval`` / ``predict`` need no ``--model``."""
+    import json
+
+    from ..packaged import ALIASES
+
+    ref = model if model.lower() in ALIASES else str(Path(model).resolve())
+    (directory / "adapterkit_base.json").write_text(json.dumps({"model": ref}), encoding="utf-8")
+
+
+def _move_contents(src: Path, dst: Path) -> None:
+    for item in src.iterdir():
+        shutil.move(str(item), dst / item.name)
+
+
+def start_run(prep: Prepared, out: Path, *, overwrite: bool = False) -> None:
+    """Create the run folder and ``run.json`` (rank 0), replacing an old run with ``overwrite``."""
+    if not prep.env.is_main:
+        return
+    if overwrite and out.is_dir():
+        for item in out.iterdir():
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json_atomic(out / ckpt.RUN_FILE, {
+        "adapterkit_version": __version__, "status": "running", "name": prep.name,
+        "config": prep.config.to_dict(), "task": prep.spec.to_dict(), "data": prep.data,
+        "world_size": prep.env.world_size, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    })
+
+
+def fit(prep: Prepared, out: "str | Path", *, resume: bool = False, overwrite: bool = False,
+        echo: Optional[Echo] = None) -> dict[str, Any]:
+    """Train ``prep`` into the run folder ``out`` (see module docstring); returns the results."""
+    out = Path(out)
+    echo = echo or print
+    if not resume:
+        start_run(prep, out, overwrite=overwrite)
+    D.barrier(prep.env)
+    progress = Progress(prep.config.progress, enabled=prep.env.is_main)
+    return _Runner(prep, out, echo, progress).run(resume)
+
+
+def train(config: TrainConfig, out: "str | Path", *, overwrite: bool = False, echo: Optional[Echo] = None) -> dict[str, Any]:
+    """Python API: validate, train, and return the results (``AdapterError`` on bad input)."""
+    out = Path(out)
+    check_out_dir(out, resume=False, overwrite=overwrite)
+    prep = prepare(config, echo=echo)
+    return fit(prep, out, overwrite=overwrite, echo=echo)
+
+
+__all__ = ["Prepared", "prepare", "fit", "train", "setup_model", "add_head", "load_model", "check_out_dir",
+           "read_run", "check_same_data", "start_run", "parameter_counts", "LOWER_IS_BETTER"]
