@@ -62,7 +62,10 @@ def write_dir_atomic(target: "str | Path", fill: Callable[[Path], None]) -> Path
                 shutil.rmtree(old)
             os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            # renamed before deleting, so a half-deleted folder never looks like a usable ".old"
+            trash = target.with_name(f".{target.name}.trash-{os.getpid()}")
+            os.replace(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, target)
     except BaseException:
@@ -78,6 +81,14 @@ def existing_dir(target: "str | Path") -> Optional[Path]:
         return target
     olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
     return olds[-1] if olds else None
+
+
+def clean_leftovers(target: "str | Path") -> None:
+    """Remove what interrupted writes of ``target`` left behind (temporary and trash folders)."""
+    target = Path(target)
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.trash-*"):
+        for path in target.parent.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def write_json_atomic(path: "str | Path", data: Any) -> None:

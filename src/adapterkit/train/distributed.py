@@ -71,7 +71,7 @@ def wrap(model: nn.Module, env: DistEnv) -> nn.Module:
     ignore += [n for n, _ in model.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
     device_ids = [env.local_rank] if torch.cuda.is_available() and next(model.parameters()).is_cuda else None
-    return DDP(model, device_ids=device_ids, broadcast_buffers=False)
+    return DDP(model, device_ids=device_ids)  # buffers are ignored above: nothing to broadcast
 
 
 def unwrap(model: nn.Module) -> nn.Module:

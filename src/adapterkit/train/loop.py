@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -309,6 +310,15 @@ class _Runner:
             ckpt.save_state(self.out / "checkpoint", self.model, self.optimizer, state, self.best)
 
     def restore(self) -> bool:
+        if self.env.is_main:
+            for name in ("checkpoint", "adapter", "model"):
+                ckpt.clean_leftovers(self.out / name)
+                found = ckpt.existing_dir(self.out / name)
+                if found is not None and found != self.out / name:  # died between the two renames
+                    os.replace(found, self.out / name)
+            for path in self.out.glob(".adapter.staging-*"):
+                shutil.rmtree(path, ignore_errors=True)
+        D.barrier(self.env)
         if ckpt.existing_dir(self.out / "checkpoint") is None:
             self.log.truncate(0, 0)
             return False
@@ -487,6 +497,8 @@ class _Runner:
     def finish(self) -> dict[str, Any]:
         cfg, env = self.cfg, self.env
         self.load_best()
+        if self.best is not None:
+            self.save_best()  # again: a resumed run may have lost the folder in an interrupted swap
         results: dict[str, Any] = {
             "name": self.prep.name, "task": self.spec.task, "metric": self.metric,
             "best_eval": self.state["best"], "best_step": self.state["best_step"], "steps": self.state["step"],
