@@ -5,7 +5,9 @@ parallel adapter of He et al. 2021 (sec. 3, eq. 6). The options and their order 
 follow AdapterHub ``adapters`` 1.3 (``BnConfig`` / ``Adapter.pre_forward`` / ``forward`` /
 ``post_forward``), so the same weights give the same outputs; the one difference is the default
 ``init_weights="mam_adapter"`` (up-projection zero), so that a fresh adapter leaves the model's
-outputs unchanged. The model's own residual add and layer norm run after the adapter, exactly as
+outputs unchanged. That holds for every preset; options that move the adapter's residual
+(``residual_before_ln=False`` or ``"post_add"``, ``adapter_residual_before_ln=True`` with a
+``"post"`` norm) change outputs from the start, exactly as they do in AdapterHub. The model's own residual add and layer norm run after the adapter, exactly as
 ``original_ln_after=True`` asks; hooks cannot skip them, so ``original_ln_after=False`` is refused.
 
 Presets: ``pfeiffer`` (= ``seq_bn``), ``houlsby`` (= ``double_seq_bn``), ``parallel`` (= ``par_bn``).
