@@ -194,3 +194,17 @@ def test_console_entry_point_exit_code(tmp_path):
     res = run_cli(["train", "--train", str(tmp_path / "missing.tsv"), "--out", str(tmp_path / "o")])
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "missing.tsv" in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_minilm_alias_on_real_sst2_rows(sst2_dir, tmp_path, capsys):
+    """The packaged all-MiniLM-L6-v2 through the alias, on 480 real SST-2 rows (about 30 s)."""
+    out = tmp_path / "sst2"
+    assert main(["train", "--model", "minilm", "--train", str(sst2_dir / "train.tsv"), "--eval",
+                 str(sst2_dir / "dev.tsv"), "--max-train-rows", "480", "--max-eval-rows", "200", "--epochs", "1",
+                 "--out", str(out), "--progress", "none"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["eval"]["accuracy"] > 0.7 and results["parameters"]["trainable"] == 261_650
+    capsys.readouterr()
+    assert main(["predict", "--adapter", str(out), "a gripping , beautifully acted film", "dull and lifeless"]) == 0
+    assert [l.split("\t")[0] for l in capsys.readouterr().out.strip().splitlines()] == ["1", "0"]

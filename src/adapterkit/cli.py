@@ -189,6 +189,9 @@ def _config_from_args(args: argparse.Namespace, base: Optional[dict[str, Any]] =
     if base is None:
         return TrainConfig(**given), given
     merged = TrainConfig.from_dict(base)
+    for key in ("progress", "eval_batch_size"):  # how the run reports, not what it computes
+        if key in given:
+            setattr(merged, key, given.pop(key))
     changed = [k for k, v in given.items() if getattr(merged, k) != v]
     if changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)

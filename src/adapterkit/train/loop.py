@@ -492,7 +492,8 @@ class _Runner:
 
     def _title(self) -> str:
         what = "full fine-tuning" if self.cfg.full_finetune else f"{self.cfg.method} adapter"
-        return f"{what} on {Path(self.cfg.train).name} ({self.cfg.model})"
+        train = Path(self.cfg.train)
+        return f"{what} '{self.prep.name}' on {train.parent.name}/{train.name} ({self.cfg.model})"
 
     def finish(self) -> dict[str, Any]:
         cfg, env = self.cfg, self.env

@@ -19,7 +19,8 @@ def plot_training(records: Sequence[dict[str, Any]], path: "str | Path", metric:
 
     path = Path(path)
     train = [r for r in records if r.get("type") == "train"]
-    evals = [r for r in records if r.get("type") == "eval" and metric in r]
+    evals = [r for r in records if r.get("type") == "eval" and r.get("split", "eval") == "eval" and metric in r]
+    tests = [r for r in records if r.get("type") == "eval" and r.get("split") == "test" and metric in r]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
         steps = [r["step"] for r in train]
@@ -42,6 +43,10 @@ def plot_training(records: Sequence[dict[str, Any]], path: "str | Path", metric:
         for r in evals:
             ax_metric.annotate(f"ep {r.get('epoch', 0):g}", (r["step"], r[metric]), textcoords="offset points",
                                xytext=(0, 6), ha="center", fontsize=7)
+        for r in tests:
+            ax_metric.plot([r["step"]], [r[metric]], "*", color="tab:red", markersize=10, label=f"test ({r[metric]:.4f})")
+        if tests:
+            ax_metric.legend(loc="lower right")
     else:
         ax_metric.text(0.5, 0.5, "no evaluation data (--eval FILE)", ha="center", va="center",
                        transform=ax_metric.transAxes)

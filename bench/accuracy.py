@@ -1,0 +1,198 @@
+"""Accuracy benchmark (issue 3): adapters vs full fine-tuning on SST-2 with all-MiniLM-L6-v2.
+
+Every row trains on the same training rows (a fixed random subset of SST-2 ``train.tsv``, 8,000
+by default, max length 64), selects its best epoch on a fixed subset of ``dev.tsv`` and is
+scored once on ``test.tsv`` (the GLUE dev set, 872 full sentences). Full fine-tuning runs first,
+2 epochs at its best learning rate (a small sweep, chosen on dev, never on test); its wall-clock
+is the budget every adapter row must stay within (adapter steps are cheaper, so they may take
+more epochs). The question: are Pfeiffer, Houlsby and LoRA adapters each within 1.0 accuracy
+point of full fine-tuning while training at most 3 % of the parameters (Houlsby et al. 2019)?
+
+Every row runs ``adapterkit.train`` (the code behind ``adapterkit train``): nothing here trains
+by itself. Rows only override what the comparison fixes (rows, max length, epochs); everything
+else is the CLI's default, so the adapter rows show what users get without flags.
+
+    python bench/accuracy.py                  # the table (about 40-60 min on 2 shared cores)
+    python bench/accuracy.py --quick          # smoke run: 400 rows, 1 epoch, no sweep
+    python bench/accuracy.py --full-lr 5e-5   # skip the full fine-tuning sweep
+
+Writes ``bench/results/accuracy.json``, ``bench/results/accuracy.md`` (the table) and
+``bench/results/accuracy.png`` (test accuracy against trainable parameters, one point per
+method and size); the runs themselves go to ``bench/results/accuracy_runs/``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see adapterkit.cli._passive_openmp
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Optional  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "sst2"
+
+# (row label, method, options, epochs): the adapter rows; the epochs fit the full-FT budget
+ADAPTER_ROWS = [
+    ("Pfeiffer (reduction 16)", "pfeiffer", {}, 3),
+    ("Houlsby (reduction 16)", "houlsby", {}, 3),
+    ("LoRA (r 8, q+v)", "lora", {}, 3),
+    ("Pfeiffer (reduction 64)", "pfeiffer", {"reduction_factor": 64}, 3),
+    ("LoRA (r 2, q+v)", "lora", {"r": 2, "alpha": 2}, 3),
+]
+
+
+def run_row(label: str, out: Path, args: argparse.Namespace, **settings: Any) -> dict[str, Any]:
+    from adapterkit.train import TrainConfig, fit, prepare
+
+    config = TrainConfig(
+        model=args.model, train=str(args.data / "train.tsv"), eval=str(args.data / "dev.tsv"),
+        test=str(args.data / "test.tsv"), max_train_rows=args.rows, max_eval_rows=args.eval_rows,
+        max_length=args.max_length, progress="log" if args.verbose else "none", seed=args.seed, **settings,
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"== {label}: {settings}", file=sys.stderr, flush=True)
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    prep = prepare(config)
+    results = fit(prep, out, echo=lambda m: print(m, file=sys.stderr))
+    seconds = time.perf_counter() - started
+    counts = results["parameters"]
+    row = {
+        "label": label, "method": "full fine-tuning" if config.full_finetune else config.method,
+        "options": config.options, "epochs": config.epochs, "lr": config.learning_rate,
+        "trainable": counts["trainable"], "total": counts["total"], "head": counts["head"],
+        "trainable_percent": 100.0 * counts["trainable"] / counts["total"],
+        "size_bytes": results["size_bytes"], "dev_accuracy": results["best_eval"],
+        "best_step": results["best_step"], "test_accuracy": results["test"]["accuracy"],
+        "test_macro_f1": results["test"]["macro_f1"], "seconds": round(seconds, 1),
+        "train_seconds": results["train_seconds"], "load_average": round(load, 2),
+    }
+    print(f"   test accuracy {100 * row['test_accuracy']:.2f} %, dev {100 * row['dev_accuracy']:.2f} %, "
+          f"{row['trainable_percent']:.2f} % trainable, {seconds / 60:.1f} min", file=sys.stderr, flush=True)
+    return row
+
+
+def table(rows: list[dict[str, Any]], full: dict[str, Any]) -> str:
+    lines = [
+        "| method | epochs | lr | trainable params | trainable % | size on disk | dev acc | test acc | Δ vs full FT | wall-clock |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        delta = 100 * (r["test_accuracy"] - full["test_accuracy"])
+        size = r["size_bytes"] / 2**20
+        within = "" if r is full else (" ✓" if r["seconds"] <= full["seconds"] else " ✗ over budget")
+        lines.append(
+            f"| {r['label']} | {r['epochs']} | {r['lr']:g} | {r['trainable']:,} | {r['trainable_percent']:.2f} % | "
+            f"{size:.1f} MB | {100 * r['dev_accuracy']:.2f} % | **{100 * r['test_accuracy']:.2f} %** | "
+            f"{'—' if r is full else f'{delta:+.2f}'} | {r['seconds'] / 60:.1f} min{within} |"
+        )
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict[str, Any]], full: dict[str, Any]) -> list[str]:
+    out = []
+    for r in rows:
+        if r is full or r["method"] not in ("pfeiffer", "houlsby", "lora") or r["options"]:
+            continue
+        gap = 100 * (full["test_accuracy"] - r["test_accuracy"])
+        ok = gap <= 1.0 and r["trainable_percent"] <= 3.0 and r["seconds"] <= full["seconds"]
+        out.append(f"{'PASS' if ok else 'FAIL'}: {r['label']}: test accuracy {100 * r['test_accuracy']:.2f} % vs "
+                   f"{100 * full['test_accuracy']:.2f} % for full fine-tuning ({-gap:+.2f} points; at least -1.0), "
+                   f"{r['trainable_percent']:.2f} % of the parameters trained (at most 3 %), "
+                   f"{r['seconds'] / 60:.1f} min (at most {full['seconds'] / 60:.1f})")
+    return out
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {"pfeiffer": "tab:blue", "houlsby": "tab:orange", "lora": "tab:green", "full fine-tuning": "tab:red"}
+    for r in rows:
+        ax.scatter(r["trainable"], 100 * r["test_accuracy"], color=colors.get(r["method"], "tab:gray"), s=50, zorder=3)
+        ax.annotate(r["label"], (r["trainable"], 100 * r["test_accuracy"]), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    full = next(r for r in rows if r["method"] == "full fine-tuning")
+    ax.axhline(100 * full["test_accuracy"] - 1.0, color="tab:red", ls="--", lw=0.8, label="full FT − 1 point")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (adapter + head), log scale")
+    ax.set_ylabel("SST-2 test accuracy (%)")
+    ax.set_title("all-MiniLM-L6-v2 on SST-2: accuracy vs trainable parameters")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with SST-2 train/dev/test.tsv")
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--rows", type=int, default=8000, help="training rows (the same subset for every row)")
+    p.add_argument("--eval-rows", type=int, default=2000, help="dev rows used to pick the best epoch")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--full-epochs", type=int, default=2)
+    p.add_argument("--full-lr", type=float, help="skip the sweep and fine-tune with this learning rate")
+    p.add_argument("--full-lrs", default="2e-5,5e-5,1e-4", help="the sweep, chosen by dev accuracy")
+    p.add_argument("--only", help="comma-separated row labels (substrings) to run after full fine-tuning")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--quick", action="store_true", help="smoke run: 400 rows, 200 dev rows, 1 epoch, no sweep")
+    p.add_argument("--verbose", action="store_true", help="training progress on stderr")
+    args = p.parse_args(argv)
+    if not (args.data / "train.tsv").is_file():
+        print(f"accuracy.py: error: no SST-2 at {args.data}; pass --data DIR", file=sys.stderr)
+        return 2
+    if args.quick:
+        args.rows, args.eval_rows, args.full_epochs = 400, 200, 1
+        args.full_lr = args.full_lr or 5e-5
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = args.out / ("accuracy_runs_quick" if args.quick else "accuracy_runs")
+    started = time.perf_counter()
+
+    sweep = [args.full_lr] if args.full_lr else [float(x) for x in args.full_lrs.split(",")]
+    candidates = [run_row(f"full fine-tuning (lr {lr:g})", runs / f"full-{lr:g}", args, full_finetune=True,
+                          epochs=args.full_epochs, lr=lr) for lr in sweep]
+    full = max(candidates, key=lambda r: r["dev_accuracy"])
+    full["label"] = "full fine-tuning"
+    rows = [full]
+    for label, method, options, epochs in ADAPTER_ROWS:
+        if args.only and not any(s.strip().lower() in label.lower() for s in args.only.split(",")):
+            continue
+        folder = runs / "-".join([method] + [f"{k}{v}" for k, v in options.items()])
+        rows.append(run_row(label, folder, args, method=method, options=options, epochs=1 if args.quick else epochs))
+
+    md = table(rows, full)
+    lines = verdict(rows, full)
+    header = (f"SST-2, all-MiniLM-L6-v2: {args.rows:,} training rows, max length {args.max_length}, best epoch on "
+              f"{args.eval_rows:,} dev rows, test = test.tsv (872). Full fine-tuning: {args.full_epochs} epochs, lr "
+              f"{full['lr']:g} (sweep on dev: " + ", ".join(f"{c['lr']:g} → {100 * c['dev_accuracy']:.2f} %" for c in candidates)
+              + f"). Wall-clock includes per-epoch evaluation; load average at the start of each row: "
+              + ", ".join(f"{r['load_average']}" for r in rows) + ".")
+    report = header + "\n\n" + md + "\n\n" + "\n".join(lines) + "\n"
+    print(report)
+    name = "accuracy_quick" if args.quick else "accuracy"
+    (args.out / f"{name}.md").write_text(report, encoding="utf-8")
+    (args.out / f"{name}.json").write_text(json.dumps({
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "full_finetune_sweep": candidates, "rows": rows, "verdict": lines,
+        "total_minutes": round((time.perf_counter() - started) / 60, 1),
+    }, indent=2), encoding="utf-8")
+    plot(rows, args.out / f"{name}.png")
+    print(f"wrote {args.out / (name + '.json')}, {args.out / (name + '.md')}, {args.out / (name + '.png')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
