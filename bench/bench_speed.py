@@ -8,7 +8,8 @@ Every configuration is built once (its own copy of the model), then all are time
 A B C A B C ..., and the median of each is quoted, because the machine is shared and noisy:
 each sample records how much CPU other processes used meanwhile, rounds go on until every
 configuration has ``--repeats`` quiet samples (or ``--max-rounds``), and the median is taken
-over the quietest ``--repeats`` samples of each configuration.
+over the quiet samples of each configuration (over its ``--repeats`` quietest samples when
+fewer than 3 were quiet).
 Training rows are judged against the *floor* (the frozen model with the backward pass forced
 through every layer: what any adapter in layer 0 must pay), inference rows against the bare
 model. Where ``adapters`` (AdapterHub) or ``peft`` is importable, their rows are measured in the
@@ -280,10 +281,12 @@ class CpuMonitor:
 
 
 def summarise(samples: list[Sample], args) -> dict:
-    """Medians over the ``repeats`` quietest samples (all of them quiet when the machine allowed)."""
-    use = sorted(samples, key=lambda s: s.others)[: args.repeats]
+    """Medians over the quiet samples; when fewer than 3 were quiet, over the ``repeats``
+    quietest ones (``worst_used`` then says how busy the machine was in the worst of them)."""
+    quiet = [s for s in samples if s.quiet(args.quiet)]
+    use = quiet if len(quiet) >= min(3, args.repeats) else sorted(samples, key=lambda s: s.others)[: args.repeats]
     return {"wall": statistics.median(s.wall for s in use), "cpu": statistics.median(s.cpu for s in use),
-            "quiet": sum(s.quiet(args.quiet) for s in samples), "worst_used": max(s.others for s in use)}
+            "quiet": len(quiet), "worst_used": max(s.others for s in use)}
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -328,22 +331,31 @@ def run(args) -> list[dict]:
     infer = [c for c in cases if c.mode == "infer"]
     monitor = CpuMonitor()
     rounds = 0
-    while rounds < args.warmup + args.max_rounds:
-        # one round: every training configuration once, then every inference configuration
-        # ``infer_per_round`` times (they are short), always in the same alternating order
-        for case in train + infer * args.infer_per_round:
-            gc.collect()
-            sample = monitor.time(built[case.key].step)
-            if rounds >= args.warmup:
-                samples[case.key].append(sample)
-        rounds += 1
-        if rounds > args.warmup:
-            quiet = {k: sum(s.quiet(args.quiet) for s in v) for k, v in samples.items()}
-            print(f"  round {rounds - args.warmup}: quiet samples " + ", ".join(f"{k} {n}" for k, n in quiet.items())
-                  + " | last: " + ", ".join(f"{k} {v[-1].wall:.3f}{'' if v[-1].quiet(args.quiet) else '*'}"
-                                           for k, v in samples.items()), file=sys.stderr)
-            if rounds - args.warmup >= args.repeats and min(quiet.values()) >= args.repeats:
-                break
+    try:
+        while rounds < args.warmup + args.max_rounds:
+            # one round: every training configuration once, then every inference configuration
+            # ``infer_per_round`` times (they are short), always in the same alternating order
+            for case in train + infer * args.infer_per_round:
+                gc.collect()
+                sample = monitor.time(built[case.key].step)
+                if rounds >= args.warmup:
+                    samples[case.key].append(sample)
+            rounds += 1
+            if rounds > args.warmup:
+                quiet = {k: sum(s.quiet(args.quiet) for s in v) for k, v in samples.items()}
+                print(f"  round {rounds - args.warmup}: quiet samples "
+                      + ", ".join(f"{k} {n}" for k, n in quiet.items()) + " | last: "
+                      + ", ".join(f"{k} {v[-1].wall:.3f}{'' if v[-1].quiet(args.quiet) else '*'}"
+                                  for k, v in samples.items()), file=sys.stderr)
+                if rounds - args.warmup >= args.repeats and min(quiet.values()) >= args.repeats:
+                    break
+    except KeyboardInterrupt:  # Ctrl-C (or kill -INT): summarise the complete rounds so far
+        print(f"  interrupted: using the {rounds - args.warmup} complete rounds", file=sys.stderr)
+        done = max(0, rounds - args.warmup)
+        samples = {k: v[: done * (args.infer_per_round if k in {c.key for c in infer} else 1)]
+                   for k, v in samples.items()}
+        if done == 0:
+            raise
 
     stats = {key: summarise(v, args) for key, v in samples.items()}
     medians = {key: st["wall"] for key, st in stats.items()}
@@ -431,8 +443,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = datetime.datetime.now().astimezone()
     rows = run(args)
     env = environment()
-    print(f"all-MiniLM-L6-v2, batch {args.batch} x {args.seq_len} tokens; median of the {args.repeats} quietest "
-          f"samples of each configuration; {started:%Y-%m-%d %H:%M %Z}; " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    print(f"all-MiniLM-L6-v2, batch {args.batch} x {args.seq_len} tokens; medians of the quiet samples "
+          f"(others <= {args.quiet:.0%} of the cores); {started:%Y-%m-%d %H:%M %Z}; " + ", ".join(f"{k} {v}" for k, v in env.items()))
     print()
     print(markdown(rows))
     failed = [r["name"] for r in rows if r["pass"] is False or r["memory_pass"] is False]
