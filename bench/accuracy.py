@@ -178,7 +178,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     header = (f"SST-2, all-MiniLM-L6-v2: {args.rows:,} training rows, max length {args.max_length}, best epoch on "
               f"{args.eval_rows:,} dev rows, test = test.tsv (872). Full fine-tuning: {args.full_epochs} epochs, lr "
               f"{full['lr']:g} (sweep on dev: " + ", ".join(f"{c['lr']:g} → {100 * c['dev_accuracy']:.2f} %" for c in candidates)
-              + f"). Wall-clock includes per-epoch evaluation; load average at the start of each row: "
+              + "). Wall-clock includes per-epoch evaluation; load average at the start of each row: "
               + ", ".join(f"{r['load_average']}" for r in rows) + ".")
     report = header + "\n\n" + md + "\n\n" + "\n".join(lines) + "\n"
     print(report)

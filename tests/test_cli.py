@@ -4,7 +4,6 @@ fine-tuning, causal LM, and bad input (one line on stderr, exit code 2, nothing 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
