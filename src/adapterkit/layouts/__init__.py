@@ -140,6 +140,15 @@ class Layout:
                 sites.append(self._linear_site(f"layers.{i}.{path}", _get(self.blocks[i], path), i))
         return sites
 
+    def weight_sites(self, config, default_roles: str) -> list[Site]:
+        """Sites of a weight-level method (LoRA, IA3): ``config.target_modules`` by name, else
+        ``config.roles``, else the architecture's default roles (the ``ArchSpec`` field named
+        ``default_roles``, e.g. ``"lora_default"``)."""
+        if config.target_modules is not None:
+            return self.generic_sites(config.target_modules, config.layers, config.leave_out, kind="linear")
+        roles = config.roles or getattr(self._need_spec(config.method), default_roles)
+        return self.linear_sites(roles, config.layers, config.leave_out)
+
     def _linear_site(self, place_id: str, module: nn.Module, layer: Optional[int]) -> Site:
         feats = linear_features(module)
         if feats is None:

@@ -27,10 +27,7 @@ class IA3Config(AdapterConfig):
     roles: Optional[tuple[str, ...]] = None
 
     def sites(self, layout) -> list[Site]:
-        if self.target_modules is not None:
-            return layout.generic_sites(self.target_modules, self.layers, self.leave_out, kind="linear")
-        roles = self.roles or layout._need_spec("IA3").ia3_default
-        return layout.linear_sites(roles, self.layers, self.leave_out)
+        return layout.weight_sites(self, "ia3_default")
 
     def build(self, site: Site) -> nn.Module:
         return IA3(site.out_features, transposed=type(site.host).__name__ == "Conv1D")

@@ -50,10 +50,7 @@ class LoRAConfig(AdapterConfig):
             raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}.")
 
     def sites(self, layout) -> list[Site]:
-        if self.target_modules is not None:
-            return layout.generic_sites(self.target_modules, self.layers, self.leave_out, kind="linear")
-        roles = self.roles or layout._need_spec("LoRA").lora_default
-        return layout.linear_sites(roles, self.layers, self.leave_out)
+        return layout.weight_sites(self, "lora_default")
 
     def build(self, site: Site) -> nn.Module:
         if self.r > min(site.in_features, site.out_features):
