@@ -125,6 +125,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     full = next(r for r in rows if r["method"] == "full fine-tuning")
     ax.axhline(100 * full["test_accuracy"] - 1.0, color="tab:red", ls="--", lw=0.8, label="full FT − 1 point")
     ax.set_xscale("log")
+    lo, hi = min(r["trainable"] for r in rows), max(r["trainable"] for r in rows)
+    ax.set_xlim(lo / 1.5, hi * 4)  # room for the labels
     ax.set_xlabel("trainable parameters (adapter + head), log scale")
     ax.set_ylabel("SST-2 test accuracy (%)")
     ax.set_title("all-MiniLM-L6-v2 on SST-2: accuracy vs trainable parameters")

@@ -283,7 +283,7 @@ class CpuMonitor:
 def summarise(samples: list[Sample], args) -> dict:
     """Medians over the quiet samples; when fewer than 3 were quiet, over the ``repeats``
     quietest ones (``worst_used`` then says how busy the machine was in the worst of them)."""
-    quiet = [s for s in samples if s.quiet(args.quiet)]
+    quiet = [s for s in samples if s.quiet(args.quiet_limit)]
     use = quiet if len(quiet) >= min(3, args.repeats) else sorted(samples, key=lambda s: s.others)[: args.repeats]
     return {"wall": statistics.median(s.wall for s in use), "cpu": statistics.median(s.cpu for s in use),
             "quiet": len(quiet), "worst_used": max(s.others for s in use)}
@@ -342,10 +342,10 @@ def run(args) -> list[dict]:
                     samples[case.key].append(sample)
             rounds += 1
             if rounds > args.warmup:
-                quiet = {k: sum(s.quiet(args.quiet) for s in v) for k, v in samples.items()}
+                quiet = {k: sum(s.quiet(args.quiet_limit) for s in v) for k, v in samples.items()}
                 print(f"  round {rounds - args.warmup}: quiet samples "
                       + ", ".join(f"{k} {n}" for k, n in quiet.items()) + " | last: "
-                      + ", ".join(f"{k} {v[-1].wall:.3f}{'' if v[-1].quiet(args.quiet) else '*'}"
+                      + ", ".join(f"{k} {v[-1].wall:.3f}{'' if v[-1].quiet(args.quiet_limit) else '*'}"
                                   for k, v in samples.items()), file=sys.stderr)
                 if rounds - args.warmup >= args.repeats and min(quiet.values()) >= args.repeats:
                     break
@@ -423,7 +423,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-rounds", type=int, help="stop after this many rounds even if too few were quiet "
                    "(default: 3 x repeats)")
     p.add_argument("--quiet", type=float, default=0.05, metavar="SHARE",
-                   help="a sample is quiet when other processes used at most this share of all cores meanwhile")
+                   help="a sample is quiet when other processes used at most this share of all cores meanwhile "
+                   "(plus the cores that --threads leaves free)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     p.add_argument("--infer-per-round", type=int, default=3,
                    help="inference configurations run this many times per round (A B C A B C ...)")
@@ -440,11 +441,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # cores that torch's threads leave free may be busy without slowing the step down
+    cores = os.cpu_count() or 1
+    args.quiet_limit = args.quiet + max(0, cores - torch.get_num_threads()) / cores
     started = datetime.datetime.now().astimezone()
     rows = run(args)
     env = environment()
     print(f"all-MiniLM-L6-v2, batch {args.batch} x {args.seq_len} tokens; medians of the quiet samples "
-          f"(others <= {args.quiet:.0%} of the cores); {started:%Y-%m-%d %H:%M %Z}; " + ", ".join(f"{k} {v}" for k, v in env.items()))
+          f"(others <= {args.quiet_limit:.0%} of the cores); {started:%Y-%m-%d %H:%M %Z}; " + ", ".join(f"{k} {v}" for k, v in env.items()))
     print()
     print(markdown(rows))
     failed = [r["name"] for r in rows if r["pass"] is False or r["memory_pass"] is False]
@@ -453,7 +457,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:
-                f.write(json.dumps({**r, "batch": args.batch, "seq_len": args.seq_len,
+                f.write(json.dumps({**r, "batch": args.batch, "seq_len": args.seq_len, "quiet_limit": args.quiet_limit,
                                     "date": started.isoformat(timespec="seconds"), **env}) + "\n")
     return 0
 
