@@ -38,60 +38,85 @@ from typing import Any, Optional  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sst2"
 
-# (row label, method, options, epochs): the adapter rows; the epochs fit the full-FT budget
+# (row label, method, options, epochs, all seeds?): the adapter rows; the epochs fit the full-FT budget.
+# The second sizes (for the plot) run with the first seed only, to save time.
 ADAPTER_ROWS = [
-    ("Pfeiffer (reduction 16)", "pfeiffer", {}, 3),
-    ("Houlsby (reduction 16)", "houlsby", {}, 3),
-    ("LoRA (r 8, q+v)", "lora", {}, 3),
-    ("Pfeiffer (reduction 64)", "pfeiffer", {"reduction_factor": 64}, 3),
-    ("LoRA (r 2, q+v)", "lora", {"r": 2, "alpha": 2}, 3),
+    ("Pfeiffer (reduction 16)", "pfeiffer", {}, 3, True),
+    ("Houlsby (reduction 16)", "houlsby", {}, 3, True),
+    ("LoRA (r 8, q+v)", "lora", {}, 3, True),
+    ("Pfeiffer (reduction 64)", "pfeiffer", {"reduction_factor": 64}, 3, False),
+    ("LoRA (r 2, q+v)", "lora", {"r": 2, "alpha": 2}, 3, False),
 ]
 
 
-def run_row(label: str, out: Path, args: argparse.Namespace, **settings: Any) -> dict[str, Any]:
+def run_one(label: str, out: Path, args: argparse.Namespace, seed: int, **settings: Any) -> dict[str, Any]:
+    """One training run (``adapterkit.train``), or its results when ``out`` holds the same finished run."""
     from adapterkit.train import TrainConfig, fit, prepare
 
     config = TrainConfig(
         model=args.model, train=str(args.data / "train.tsv"), eval=str(args.data / "dev.tsv"),
         test=str(args.data / "test.tsv"), max_train_rows=args.rows, max_eval_rows=args.eval_rows,
-        max_length=args.max_length, progress="log" if args.verbose else "none", seed=args.seed, **settings,
+        max_length=args.max_length, progress="log" if args.verbose else "none", seed=seed, **settings,
     )
-    shutil.rmtree(out, ignore_errors=True)
-    print(f"== {label}: {settings}", file=sys.stderr, flush=True)
-    load = os.getloadavg()[0]
-    started = time.perf_counter()
-    prep = prepare(config)
-    results = fit(prep, out, echo=lambda m: print(m, file=sys.stderr))
-    seconds = time.perf_counter() - started
+    run_file, results_file = out / "run.json", out / "results.json"
+    same = run_file.is_file() and results_file.is_file() and not args.no_reuse and \
+        {k: v for k, v in json.loads(run_file.read_text())["config"].items() if k != "progress"} == \
+        {k: v for k, v in config.to_dict().items() if k != "progress"}
+    load = None
+    if same:
+        results = json.loads(results_file.read_text())
+        print(f"== {label}, seed {seed}: reusing the finished run in {out}", file=sys.stderr, flush=True)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"== {label}, seed {seed}: {settings}", file=sys.stderr, flush=True)
+        load = round(os.getloadavg()[0], 2)
+        results = fit(prepare(config), out, echo=lambda m: print(m, file=sys.stderr))
     counts = results["parameters"]
-    row = {
-        "label": label, "method": "full fine-tuning" if config.full_finetune else config.method,
+    run = {
+        "label": label, "seed": seed, "method": "full fine-tuning" if config.full_finetune else config.method,
         "options": config.options, "epochs": config.epochs, "lr": config.learning_rate,
         "trainable": counts["trainable"], "total": counts["total"], "head": counts["head"],
-        "trainable_percent": 100.0 * counts["trainable"] / counts["total"],
-        "size_bytes": results["size_bytes"], "dev_accuracy": results["best_eval"],
-        "best_step": results["best_step"], "test_accuracy": results["test"]["accuracy"],
-        "test_macro_f1": results["test"]["macro_f1"], "seconds": round(seconds, 1),
-        "train_seconds": results["train_seconds"], "load_average": round(load, 2),
+        "trainable_percent": 100.0 * counts["trainable"] / counts["total"], "size_bytes": results["size_bytes"],
+        "dev_accuracy": results["best_eval"], "best_step": results["best_step"],
+        "test_accuracy": results["test"]["accuracy"], "test_macro_f1": results["test"]["macro_f1"],
+        "seconds": results["train_seconds"], "load_average": load, "folder": str(out),
     }
-    print(f"   test accuracy {100 * row['test_accuracy']:.2f} %, dev {100 * row['dev_accuracy']:.2f} %, "
-          f"{row['trainable_percent']:.2f} % trainable, {seconds / 60:.1f} min", file=sys.stderr, flush=True)
+    print(f"   test accuracy {100 * run['test_accuracy']:.2f} %, dev {100 * run['dev_accuracy']:.2f} %, "
+          f"{run['trainable_percent']:.2f} % trainable, {run['seconds'] / 60:.1f} min", file=sys.stderr, flush=True)
+    return run
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One table row from the runs of one configuration (means over seeds)."""
+    import statistics
+
+    row = {k: runs[0][k] for k in ("label", "method", "options", "epochs", "lr", "trainable", "total", "head",
+                                   "trainable_percent", "size_bytes")}
+    for key in ("test_accuracy", "dev_accuracy", "seconds"):
+        values = [r[key] for r in runs]
+        row[key] = statistics.fmean(values)
+        row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    row["seeds"] = [r["seed"] for r in runs]
+    row["runs"] = runs
     return row
 
 
 def table(rows: list[dict[str, Any]], full: dict[str, Any]) -> str:
     lines = [
-        "| method | epochs | lr | trainable params | trainable % | size on disk | dev acc | test acc | Δ vs full FT | wall-clock |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | seeds | epochs | lr | trainable params | trainable % | size on disk | dev acc | test acc (mean ± sd) "
+        "| Δ vs full FT | wall-clock |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         delta = 100 * (r["test_accuracy"] - full["test_accuracy"])
         size = r["size_bytes"] / 2**20
         within = "" if r is full else (" ✓" if r["seconds"] <= full["seconds"] else " ✗ over budget")
+        spread = f" ± {100 * r['test_accuracy_std']:.2f}" if len(r["seeds"]) > 1 else ""
         lines.append(
-            f"| {r['label']} | {r['epochs']} | {r['lr']:g} | {r['trainable']:,} | {r['trainable_percent']:.2f} % | "
-            f"{size:.1f} MB | {100 * r['dev_accuracy']:.2f} % | **{100 * r['test_accuracy']:.2f} %** | "
-            f"{'—' if r is full else f'{delta:+.2f}'} | {r['seconds'] / 60:.1f} min{within} |"
+            f"| {r['label']} | {len(r['seeds'])} | {r['epochs']} | {r['lr']:g} | {r['trainable']:,} | "
+            f"{r['trainable_percent']:.2f} % | {size:.1f} MB | {100 * r['dev_accuracy']:.2f} % | "
+            f"**{100 * r['test_accuracy']:.2f} %**{spread} | {'—' if r is full else f'{delta:+.2f}'} | "
+            f"{r['seconds'] / 60:.1f} min{within} |"
         )
     return "\n".join(lines)
 
@@ -144,10 +169,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--rows", type=int, default=8000, help="training rows (the same subset for every row)")
     p.add_argument("--eval-rows", type=int, default=2000, help="dev rows used to pick the best epoch")
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seeds", default="42,43,44", help="seeds averaged in each row (the second sizes use the first)")
+    p.add_argument("--no-reuse", action="store_true", help="retrain even when a run folder holds the same finished run")
     p.add_argument("--full-epochs", type=int, default=2)
     p.add_argument("--full-lr", type=float, help="skip the sweep and fine-tune with this learning rate")
-    p.add_argument("--full-lrs", default="2e-5,5e-5,1e-4", help="the sweep, chosen by dev accuracy")
+    p.add_argument("--full-lrs", default="2e-5,5e-5,1e-4,2e-4", help="the sweep (first seed), chosen by dev accuracy")
     p.add_argument("--only", help="comma-separated row labels (substrings) to run after full fine-tuning")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--quick", action="store_true", help="smoke run: 400 rows, 200 dev rows, 1 epoch, no sweep")
@@ -157,38 +183,44 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"accuracy.py: error: no SST-2 at {args.data}; pass --data DIR", file=sys.stderr)
         return 2
     if args.quick:
-        args.rows, args.eval_rows, args.full_epochs = 400, 200, 1
+        args.rows, args.eval_rows, args.full_epochs, args.seeds = 400, 200, 1, "42"
         args.full_lr = args.full_lr or 5e-5
     args.out.mkdir(parents=True, exist_ok=True)
     runs = args.out / ("accuracy_runs_quick" if args.quick else "accuracy_runs")
     started = time.perf_counter()
 
+    seeds = [int(x) for x in args.seeds.split(",")]
     sweep = [args.full_lr] if args.full_lr else [float(x) for x in args.full_lrs.split(",")]
-    candidates = [run_row(f"full fine-tuning (lr {lr:g})", runs / f"full-{lr:g}", args, full_finetune=True,
-                          epochs=args.full_epochs, lr=lr) for lr in sweep]
-    full = max(candidates, key=lambda r: r["dev_accuracy"])
+    candidates = [run_one(f"full fine-tuning (lr {lr:g})", runs / f"full-{lr:g}-seed{seeds[0]}", args, seeds[0],
+                          full_finetune=True, epochs=args.full_epochs, lr=lr) for lr in sweep]
+    best = max(candidates, key=lambda r: r["dev_accuracy"])  # chosen on dev, never on test
+    full_runs = [best] + [run_one("full fine-tuning", runs / f"full-{best['lr']:g}-seed{seed}", args, seed,
+                                  full_finetune=True, epochs=args.full_epochs, lr=best["lr"]) for seed in seeds[1:]]
+    full = aggregate(full_runs)
     full["label"] = "full fine-tuning"
     rows = [full]
-    for label, method, options, epochs in ADAPTER_ROWS:
+    for label, method, options, epochs, all_seeds in ADAPTER_ROWS:
         if args.only and not any(s.strip().lower() in label.lower() for s in args.only.split(",")):
             continue
-        folder = runs / "-".join([method] + [f"{k}{v}" for k, v in options.items()])
-        rows.append(run_row(label, folder, args, method=method, options=options, epochs=1 if args.quick else epochs))
+        name = "-".join([method] + [f"{k}{v}" for k, v in options.items()])
+        rows.append(aggregate([run_one(label, runs / f"{name}-seed{seed}", args, seed, method=method, options=options,
+                                       epochs=1 if args.quick else epochs)
+                               for seed in (seeds if all_seeds else seeds[:1])]))
 
     md = table(rows, full)
     lines = verdict(rows, full)
     header = (f"SST-2, all-MiniLM-L6-v2: {args.rows:,} training rows, max length {args.max_length}, best epoch on "
               f"{args.eval_rows:,} dev rows, test = test.tsv (872). Full fine-tuning: {args.full_epochs} epochs, lr "
               f"{full['lr']:g} (sweep on dev: " + ", ".join(f"{c['lr']:g} → {100 * c['dev_accuracy']:.2f} %" for c in candidates)
-              + "). Wall-clock includes per-epoch evaluation; load average at the start of each row: "
-              + ", ".join(f"{r['load_average']}" for r in rows) + ".")
+              + "). Test accuracy is the mean over the seeds; wall-clock is the mean training time (fit, with the "
+              "per-epoch evaluations) on 2 CPU cores shared with other jobs.")
     report = header + "\n\n" + md + "\n\n" + "\n".join(lines) + "\n"
     print(report)
     name = "accuracy_quick" if args.quick else "accuracy"
     (args.out / f"{name}.md").write_text(report, encoding="utf-8")
     (args.out / f"{name}.json").write_text(json.dumps({
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "full_finetune_sweep": candidates, "rows": rows, "verdict": lines,
+        "full_finetune_sweep": candidates, "rows": [{k: v for k, v in r.items()} for r in rows], "verdict": lines,
         "total_minutes": round((time.perf_counter() - started) / 60, 1),
     }, indent=2), encoding="utf-8")
     plot(rows, args.out / f"{name}.png")
