@@ -72,7 +72,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--head-layers", "head_layers", int, "layers of the prediction head (default: 2)"),
     ("--head-dropout", "head_dropout", float, "dropout in the head (default: 0.1)"),
     ("--epochs", "epochs", int, "passes over the training data (default: 3)"),
-    ("--lr", "lr", float, "peak learning rate (default: 1e-3 for adapters, 5e-5 with --full-finetune)"),
+    ("--lr", "lr", float, "peak learning rate (default: 1e-3 for adapters, 1e-4 with --full-finetune)"),
     ("--batch-size", "batch_size", int, "examples per optimizer step, over all processes (default: 32)"),
     ("--micro-batch-size", "micro_batch_size", int, "split each batch into micro-batches (gradient accumulation)"),
     ("--max-length", "max_length", int, "truncate inputs to this many tokens (default: 128)"),
