@@ -335,27 +335,21 @@ class AdapterModel(nn.Module):
 
     @torch.no_grad()
     def _apply_merges(self) -> None:
-        """Write original weights, then (unless disabled) every merged adapter in merge order."""
-        hosts: dict[str, nn.Module] = {}
-        for name in self._sites:
-            for site in self._sites[name]:
-                if site.place_id in self._originals:
-                    hosts[site.place_id] = site.host
+        """Write original weights, then (unless disabled) every merged adapter in merge order.
+        A weight no merged adapter touches any more gets its original back and is forgotten."""
+        sites = {site.place_id: site for placed in self._sites.values() for site in placed}
         for place_id, (weight, bias) in list(self._originals.items()):
-            host = hosts.get(place_id)
-            if host is None:
-                del self._originals[place_id]
-                continue
-            w, b = weight, bias
-            if not self._disabled:
-                for name in self._merge_order:
-                    key = place_id.replace(".", "-")
-                    if key in self.adapters[name]:
-                        w, b = self.adapters[name][key].merged(w, b)
-            host.weight.copy_(w)
-            if b is not None:
-                host.bias.copy_(b)
-            if not any(place_id.replace(".", "-") in self.adapters[n] for n in self._merge_order):
+            site = sites.get(place_id)
+            merged = [n for n in self._merge_order if site is not None and site.key in self.adapters[n]]
+            if site is not None:
+                w, b = weight, bias
+                if not self._disabled:
+                    for name in merged:
+                        w, b = self.adapters[name][site.key].merged(w, b)
+                site.host.weight.copy_(w)
+                if b is not None:
+                    site.host.bias.copy_(b)
+            if not merged:
                 del self._originals[place_id]
 
     # -- forward -------------------------------------------------------------------------------

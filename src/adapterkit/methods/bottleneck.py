@@ -7,8 +7,9 @@ follow AdapterHub ``adapters`` 1.3 (``BnConfig`` / ``Adapter.pre_forward`` / ``f
 ``init_weights="mam_adapter"`` (up-projection zero), so that a fresh adapter leaves the model's
 outputs unchanged. That holds for every preset; options that move the adapter's residual
 (``residual_before_ln=False`` or ``"post_add"``, ``adapter_residual_before_ln=True`` with a
-``"post"`` norm) change outputs from the start, exactly as they do in AdapterHub. The model's own residual add and layer norm run after the adapter, exactly as
-``original_ln_after=True`` asks; hooks cannot skip them, so ``original_ln_after=False`` is refused.
+``"post"`` norm) change outputs from the start, exactly as they do in AdapterHub. The model's own
+residual add and layer norm run after the adapter, exactly as ``original_ln_after=True`` asks;
+hooks cannot skip them, so ``original_ln_after=False`` is refused.
 
 Presets: ``pfeiffer`` (= ``seq_bn``), ``houlsby`` (= ``double_seq_bn``), ``parallel`` (= ``par_bn``).
 """
@@ -135,6 +136,8 @@ class Bottleneck(nn.Module):
             self.scaling = nn.Parameter(torch.ones(out_features))
         else:
             self.scaling = float(config.scaling)
+        # x * 1.0 == x bit for bit: decided once here, so the forward skips that pass
+        self._scaled = not (isinstance(self.scaling, float) and self.scaling == 1.0)
         self._init(config.init_weights)
 
     @torch.no_grad()
@@ -156,7 +159,7 @@ class Bottleneck(nn.Module):
         if self.norm_before is not None:
             h = self.norm_before(h)
         out = self.up(self.act(self.down(h)))
-        if not isinstance(self.scaling, float) or self.scaling != 1.0:  # x * 1.0 == x: skip the pass
+        if self._scaled:
             out = out * self.scaling
         p = self.config.stochastic_depth
         if p > 0.0 and self.training:
