@@ -201,3 +201,26 @@ def test_optimizer_state_round_trips_without_pickle():
         m(x).pow(2).sum().backward()
         o.step()
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), clone.parameters()))
+
+
+def test_loraplus_gives_lora_b_its_ratio_through_the_schedule(bert, sst, tmp_path):
+    prep = prepare(cfg(bert, sst, epochs=1, method="lora", loraplus_lr_ratio=8.0))
+    from adapterkit.train.optim import loraplus, set_lr
+
+    opt = make_optimizer(prep.model, 1e-3, 0.0, loraplus(8.0))
+    names = {id(p): n for n, p in prep.model.named_parameters()}
+    rates = {names[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert rates and all(lr == pytest.approx(8e-3 if n.endswith("lora_B") else 1e-3) for n, lr in rates.items())
+    assert any(n.endswith("lora_B") for n in rates) and any(n.endswith("lora_A") for n in rates)
+    set_lr(opt, 5e-4)  # the schedule keeps the ratio
+    assert sorted({round(g["lr"], 12) for g in opt.param_groups}) == [5e-4, 4e-3]
+    results = fit(prep, tmp_path / "run")  # and a run with it trains and saves
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file() and results["parameters"]["trainable"]
+
+
+def test_loraplus_on_another_method_is_refused_before_anything_is_written(bert, sst, tmp_path):
+    from adapterkit.errors import AdapterError
+
+    with pytest.raises(AdapterError, match="--loraplus-lr-ratio applies to LoRA"):
+        train(cfg(bert, sst, epochs=1, method="pfeiffer", loraplus_lr_ratio=16.0), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

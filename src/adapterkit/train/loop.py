@@ -52,7 +52,7 @@ from .batches import collate, epoch_batches, micro_batches, shard, units
 from .config import TrainConfig
 from .evaluate import evaluate
 from .metrics import LOWER_IS_BETTER, MetricsLog, better, metric_names, primary_metric
-from .optim import lr_at, make_optimizer, set_lr, trainable, warmup_steps
+from .optim import loraplus, lr_at, make_optimizer, set_lr, trainable, warmup_steps
 from .plots import plot_training
 from .progress import Progress
 
@@ -138,6 +138,10 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
         if table is not None:
             check_eval_labels(spec, table)
     adapter_config = None if config.full_finetune else resolve_config(config.method, **config.options)
+    if config.loraplus_lr_ratio is not None and getattr(adapter_config, "method", None) != "lora":
+        raise AdapterError(f"--loraplus-lr-ratio applies to LoRA's B matrices, and this run trains "
+                           f"{'all weights' if adapter_config is None else adapter_config.method}; "
+                           "drop the flag or use --method lora.")
     name = config.name or default_name(config.train)
     if not name or not all(c.isalnum() or c in "_-" for c in name):
         raise AdapterError(f"--name '{name}' is invalid: use letters, digits, '_' and '-' only.")
@@ -285,7 +289,7 @@ class _Runner:
         self.model.to(self.device)
         self.names = [n for n, _ in trainable(self.model)]
         self.params = [p for _, p in trainable(self.model)]
-        self.optimizer = make_optimizer(self.model, self.cfg.learning_rate, self.cfg.weight_decay)
+        self.optimizer = make_optimizer(self.model, self.cfg.learning_rate, self.cfg.weight_decay, loraplus(self.cfg.loraplus_lr_ratio))
         self.metric = self.cfg.metric or primary_metric(self.spec)
         known = metric_names(self.spec)
         if self.metric not in known:

@@ -9,7 +9,7 @@ cosine decay, or constant.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -21,14 +21,30 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; biases and norm weights (1-D tensors) get no weight decay, as in BERT."""
-    params = trainable(model)
-    decay = [p for n, p in params if p.ndim >= 2]
-    no_decay = [p for n, p in params if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, lr_scale: Optional[Callable[[str], float]] = None
+) -> torch.optim.AdamW:
+    """AdamW; biases and norm weights (1-D tensors) get no weight decay, as in BERT.
+
+    ``lr_scale(name)`` multiplies the learning rate of a parameter (LoRA+ gives LoRA's ``B``
+    matrices a larger rate); each group keeps its factor as ``lr_scale`` so that ``set_lr``
+    and a resumed run apply it too."""
+    scale = lr_scale or (lambda name: 1.0)
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in trainable(model):
+        groups.setdefault((p.ndim >= 2, float(scale(name))), []).append(p)
+    return torch.optim.AdamW(
+        [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * factor, "lr_scale": factor}
+         for (decay, factor), params in groups.items()],
+        lr=lr, betas=(0.9, 0.999), eps=1e-8,
+    )
+
+
+def loraplus(ratio: Optional[float]) -> Optional[Callable[[str], float]]:
+    """LoRA+ (Hayou et al. 2024): LoRA's ``B`` matrices get ``ratio`` times the learning rate."""
+    if ratio is None or ratio == 1.0:
+        return None
+    return lambda name: ratio if name.rsplit(".", 1)[-1] == "lora_B" else 1.0
 
 
 def warmup_steps(warmup: float, total_steps: int) -> int:
@@ -51,7 +67,7 @@ def lr_at(step: int, total_steps: int, warmup: int, peak: float, schedule: str =
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
