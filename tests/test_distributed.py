@@ -135,6 +135,7 @@ if dist.get_rank() == 0:
     assert all(k.startswith(("adapters.", "heads.")) for k in state), list(state)
     assert all(torch.equal(base[k], after[k]) for k in base)
     print("FSDP2 OK", len(state))
+dist.barrier()  # both ranks leave together: tearing gloo down under a peer still at work aborts it
 dist.destroy_process_group()
 '''
 
