@@ -12,9 +12,13 @@ Every row runs ``adapterkit.train`` (the code behind ``adapterkit train``): noth
 by itself. Rows only override what the comparison fixes (rows, max length, epochs); everything
 else is the CLI's default, so the adapter rows show what users get without flags.
 
-    python bench/accuracy.py                  # the table (about 40-60 min on 2 shared cores)
+    python bench/accuracy.py                  # the table (about 60 min on 2 cores)
+    python bench/accuracy.py --sweep          # and the learning-rate sweep behind the defaults (+30 min)
     python bench/accuracy.py --quick          # smoke run: 400 rows, 1 epoch, no sweep
-    python bench/accuracy.py --full-lr 5e-5   # skip the full fine-tuning sweep
+    python bench/accuracy.py --full-lr 1e-4   # skip the full fine-tuning sweep
+
+Finished runs are reused (a run folder holding the same finished configuration is read, not
+retrained), so re-running after a change retrains only what changed.
 
 Writes ``bench/results/accuracy.json``, ``bench/results/accuracy.md`` (the table) and
 ``bench/results/accuracy.png`` (test accuracy against trainable parameters, one point per

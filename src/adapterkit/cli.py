@@ -74,7 +74,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--epochs", "epochs", int, "passes over the training data (default: 3)"),
     ("--lr", "lr", float, "peak learning rate (default: 2e-3 for adapters, 1e-4 with --full-finetune)"),
     ("--loraplus-lr-ratio", "loraplus_lr_ratio", float,
-     "LoRA+: LoRA's B matrices learn this many times faster than the rest (default for LoRA: see docs/training.md)"),
+     "LoRA+: LoRA's B matrices learn this many times faster than the rest (default: off)"),
     ("--batch-size", "batch_size", int, "examples per optimizer step, over all processes (default: 32)"),
     ("--micro-batch-size", "micro_batch_size", int, "split each batch into micro-batches (gradient accumulation)"),
     ("--max-length", "max_length", int, "truncate inputs to this many tokens (default: 128)"),

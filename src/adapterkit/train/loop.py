@@ -289,7 +289,8 @@ class _Runner:
         self.model.to(self.device)
         self.names = [n for n, _ in trainable(self.model)]
         self.params = [p for _, p in trainable(self.model)]
-        self.optimizer = make_optimizer(self.model, self.cfg.learning_rate, self.cfg.weight_decay, loraplus(self.cfg.loraplus_lr_ratio))
+        self.optimizer = make_optimizer(self.model, self.cfg.learning_rate, self.cfg.weight_decay,
+                                        loraplus(self.cfg.loraplus_lr_ratio))
         self.metric = self.cfg.metric or primary_metric(self.spec)
         known = metric_names(self.spec)
         if self.metric not in known:

@@ -33,9 +33,10 @@ def make_optimizer(
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in trainable(model):
         groups.setdefault((p.ndim >= 2, float(scale(name))), []).append(p)
+    ordered = sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))  # decayed first, as checkpoints expect
     return torch.optim.AdamW(
         [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * factor, "lr_scale": factor}
-         for (decay, factor), params in groups.items()],
+         for (decay, factor), params in ordered],
         lr=lr, betas=(0.9, 0.999), eps=1e-8,
     )
 
