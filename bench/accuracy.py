@@ -97,7 +97,8 @@ def run_one(label: str, out: Path, args: argparse.Namespace, seed: int, **settin
     counts = results["parameters"]
     run = {
         "label": label, "seed": seed, "method": "full fine-tuning" if config.full_finetune else config.method,
-        "options": config.options, "loraplus_lr_ratio": config.loraplus_lr_ratio, "epochs": config.epochs, "lr": config.learning_rate,
+        "options": config.options, "loraplus_lr_ratio": config.loraplus_lr_ratio, "epochs": config.epochs,
+        "lr": config.learning_rate,
         "trainable": counts["trainable"], "total": counts["total"], "head": counts["head"],
         "trainable_percent": 100.0 * counts["trainable"] / counts["total"], "size_bytes": results["size_bytes"],
         "dev_accuracy": results["best_eval"], "best_step": results["best_step"],
@@ -241,12 +242,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     for label, method, options, epochs, all_seeds in ADAPTER_ROWS:
         if args.only and not any(s.strip().lower() in label.lower() for s in args.only.split(",")):
             continue
-        defaults = TrainConfig(method=method)  # what ``adapterkit train --method <method>`` uses
-        settings = {"lr": defaults.learning_rate}
+        lr = TrainConfig(method=method).learning_rate  # what ``adapterkit train --method <method>`` uses
         rows.append(aggregate([
-            run_one(label, run_folder(runs, method, options, {k: v for k, v in settings.items() if k != "lr"},
-                                      settings["lr"], seed), args, seed, method=method, options=options,
-                    epochs=1 if args.quick else epochs, **settings)
+            run_one(label, run_folder(runs, method, options, {}, lr, seed), args, seed, method=method,
+                    options=options, epochs=1 if args.quick else epochs, lr=lr)
             for seed in (seeds if all_seeds else seeds[:1])]))
     sweep_runs = []
     if args.sweep and not args.quick:
@@ -272,7 +271,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     (args.out / f"{name}.md").write_text(report, encoding="utf-8")
     (args.out / f"{name}.json").write_text(json.dumps({
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "full_finetune_sweep": candidates, "lr_sweep": sweep_runs, "rows": [{k: v for k, v in r.items()} for r in rows], "verdict": lines,
+        "full_finetune_sweep": candidates, "lr_sweep": sweep_runs, "rows": rows, "verdict": lines,
         "total_minutes": round((time.perf_counter() - started) / 60, 1),
     }, indent=2), encoding="utf-8")
     plot(rows, args.out / f"{name}.png")

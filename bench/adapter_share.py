@@ -42,8 +42,8 @@ def flops(model: torch.nn.Module, batch: dict) -> int:
     return counter.get_total_flops()
 
 
-def time_share(model: AdapterModel, batch: dict, forwards: int) -> tuple[float, float]:
-    """Median over ``forwards`` of (adapter seconds) / (rest of the forward), and the median forward."""
+def time_share(model: AdapterModel, batch: dict, forwards: int) -> float:
+    """Median over ``forwards`` of (adapter seconds) / (rest of the same forward)."""
     spent = [0.0]
 
     def timed(plan):
@@ -55,10 +55,10 @@ def time_share(model: AdapterModel, batch: dict, forwards: int) -> tuple[float, 
 
         return run
 
-    for slot in model._slots.values():  # the hooks read slot.plan at call time
+    for slot in model._slots.values():  # bench-only peek at the runtime: the hooks read slot.plan at call time
         if slot.plan is not None:
             slot.plan = timed(slot.plan)
-    shares, walls = [], []
+    shares = []
     with torch.inference_mode():
         model(**batch)  # warm-up
         for _ in range(forwards):
@@ -67,8 +67,7 @@ def time_share(model: AdapterModel, batch: dict, forwards: int) -> tuple[float, 
             model(**batch)
             wall = time.perf_counter() - t0
             shares.append(spent[0] / (wall - spent[0]))
-            walls.append(wall)
-    return statistics.median(shares), statistics.median(walls)
+    return statistics.median(shares)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -100,7 +99,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         model.set_active_adapters(preset)
         model.eval()
         extra = flops(model, batch) - bare_flops
-        share, _ = time_share(model, batch, args.forwards)
+        share = time_share(model, batch, args.forwards)
         target = TARGETS.get(preset)
         print(f"| {preset} | {100 * extra / bare_flops:.2f} % | {100 * share:.2f} % | {1 + share:.3f} | "
               f"{'≤ %.3f' % target if target else '—'} |", flush=True)
