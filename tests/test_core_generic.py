@@ -176,13 +176,14 @@ def norm_net() -> nn.Sequential:
     return nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
 
 
-def test_frozen_base_keeps_batchnorm_statistics_in_training_mode():
+@pytest.mark.parametrize("base_dropout", [False, True])
+def test_frozen_base_keeps_batchnorm_statistics_in_training_mode(base_dropout):
     """NeMo's habit: training adapters must not update the frozen base's running statistics, or
-    "adapters off" would stop reproducing the base model."""
+    "adapters off" would stop reproducing the base model (with or without the base's dropout)."""
     model = AdapterModel(norm_net())
     model.add_adapter("a", "lora", r=2, target_modules=["0", "3"])
     base = clone_state(model.model)
-    model.train_adapter("a")
+    model.train_adapter("a", base_dropout=base_dropout)
     assert model.training
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     for _ in range(3):
@@ -192,3 +193,38 @@ def test_frozen_base_keeps_batchnorm_statistics_in_training_mode():
     assert_state_equal(model.model, base)  # running_mean / running_var / num_batches_tracked too
     with model.disable_adapters():
         assert torch.equal(model(X), norm_net()(X))
+
+
+def dropout_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_frozen_base_runs_as_at_inference_while_the_adapter_trains():
+    """Default ``train_adapter``: the base is in eval mode (no dropout), the adapter is not."""
+    model = AdapterModel(dropout_net())
+    model.add_adapter("a", "bottleneck", target_modules=["3"], bottleneck_dim=4, dropout=0.5, init_weights="bert")
+    model.train_adapter("a")
+    assert model.training and model.adapters["a"].training
+    assert not any(m.training for m in model.model.modules())
+    with model.disable_adapters():  # the base alone: deterministic, equal to its eval output
+        assert torch.equal(model(X), dropout_net().eval()(X))
+    assert not torch.equal(model(X), model(X))  # the adapter's own dropout still acts
+    model.eval()
+    model.train()  # e.g. after an evaluation: the base goes back to eval mode, not to training
+    assert not model.model[1].training and model.adapters["a"].training
+
+
+def test_base_dropout_true_keeps_the_base_model_in_training_mode():
+    """AdapterHub's and PEFT's behaviour, on request; and a base unfrozen later trains as usual."""
+    model = AdapterModel(dropout_net())
+    model.add_adapter("a", "lora", r=2, target_modules=["3"])
+    model.train_adapter("a", base_dropout=True)
+    assert model.model[1].training
+    with model.disable_adapters():
+        assert not torch.equal(model(X), model(X))
+    model.train_adapter("a")
+    assert not model.model[1].training
+    model.model[0].weight.requires_grad_(True)  # the user unfreezes part of the base
+    model.train()
+    assert model.model[1].training

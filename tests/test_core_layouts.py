@@ -77,3 +77,20 @@ def test_parallel_adapter_reads_the_sublayer_input(arch, batch):
     assert len(captured) == 8
     for key, x in captured.items():
         assert x is seen[key].residual
+
+
+@archs
+def test_all_linear_puts_lora_on_every_projection_of_every_block(arch):
+    """``roles="all-linear"`` (PEFT's name) = every role of the map once; "q,v" reads as a list."""
+    model = AdapterModel(make_base(arch))
+    model.add_adapter("a", "lora", r=2, roles="all-linear")
+    want = 4 * sum(2 * (i + o) for i, o in arch.roles.values())  # 4 layers, A and B per projection
+    assert sum(p.numel() for p in model.adapters["a"].parameters()) == want
+    assert len(model.adapters["a"]) == 4 * len(arch.roles)
+    first = next(iter(arch.roles))
+    model.add_adapter("b", "lora", r=2, roles=f"all-linear,{first}")  # a role named twice is placed once
+    assert len(model.adapters["b"]) == len(model.adapters["a"])
+    if "q" in arch.roles:
+        model.add_adapter("c", "lora", r=2, roles="q, v")
+        assert model.adapters["c"].keys() == model.adapters["a"].keys() & model.adapters["c"].keys()
+        assert len(model.adapters["c"]) == 8

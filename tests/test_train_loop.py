@@ -224,3 +224,32 @@ def test_loraplus_on_another_method_is_refused_before_anything_is_written(bert, 
     with pytest.raises(AdapterError, match="--loraplus-lr-ratio applies to LoRA"):
         train(cfg(bert, sst, epochs=1, method="pfeiffer", loraplus_lr_ratio=16.0), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("base_dropout", [False, True])
+def test_the_frozen_base_trains_in_eval_mode_unless_base_dropout(tmp_path, sst, base_dropout):
+    """Default: the base runs as at inference through every training step (evaluations put the
+    model in eval mode and back); ``--base-dropout`` keeps AdapterHub's behaviour."""
+    bert = tiny_bert(tmp_path / "bert", dropout=0.1)
+    prep = prepare(cfg(bert, sst, epochs=2, base_dropout=base_dropout))
+    dropout = next(m for m in prep.model.model.modules() if isinstance(m, torch.nn.Dropout))
+    seen: list[bool] = []
+    dropout.register_forward_pre_hook(lambda module, args: seen.append(module.training) if torch.is_grad_enabled() else None)
+    fit(prep, tmp_path / "run")
+    assert len(seen) > 2 and set(seen) == {base_dropout}
+    assert prep.model.heads[prep.name].training  # the head's own dropout acts either way
+
+
+def test_base_dropout_with_full_finetune_is_refused_and_old_runs_keep_theirs(bert, sst, tmp_path):
+    from adapterkit.errors import AdapterError
+    from adapterkit.train import TrainConfig
+
+    with pytest.raises(AdapterError, match="--base-dropout is for adapter training"):
+        train(cfg(bert, sst, full_finetune=True, base_dropout=True), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    # run.json written before the setting existed: those runs kept the base's dropout
+    assert TrainConfig.from_saved({"train": "a.tsv"}).base_dropout is True
+    assert TrainConfig.from_saved({"train": "a.tsv", "base_dropout": False}).base_dropout is False
+    old_full = TrainConfig.from_saved({"train": "a.tsv", "full_finetune": True})
+    assert old_full.base_dropout is False
+    old_full.validate()  # a full fine-tuning run from before resumes

@@ -103,6 +103,8 @@ _METHOD_SHORTCUTS = [
     ("--non-linearity", "non_linearity", str, "bottleneck: relu, gelu, swish, tanh"),
     ("--lora-r", "r", int, "LoRA rank"),
     ("--lora-alpha", "alpha", float, "LoRA alpha (the update is scaled by alpha / r)"),
+    ("--roles", "roles", str, "LoRA / IA3: projections to adapt, e.g. q,v or all-linear (default: the architecture's, "
+                              "q,v for LoRA)"),
     ("--adapter-dropout", "dropout", float, "dropout inside the adapter"),
     ("--layers", "layers", _int_list, "only these layers, e.g. 6,7,8,9,10,11"),
     ("--leave-out", "leave_out", _int_list, "no adapter in these layers"),
@@ -122,6 +124,9 @@ def _add_train(sub: Any) -> None:
         group.add_argument(flag, dest=f"opt__{opt}", type=typ, default=_S, help=help_)
     p.add_argument("--full-finetune", dest="full_finetune", action="store_true", default=_S,
                    help="train all weights instead of an adapter (the baseline)")
+    p.add_argument("--base-dropout", dest="base_dropout", action="store_true", default=_S,
+                   help="keep the frozen base model's dropout while training the adapter (AdapterHub/PEFT behaviour; "
+                        "default: the base runs as at inference, which is faster)")
     p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false", default=_S,
                    help="plain random batches instead of length-grouped ones")
     p.add_argument("--out", help="run folder to create (must be new or empty)")
@@ -179,7 +184,7 @@ def _config_from_args(args: argparse.Namespace, base: Optional[dict[str, Any]] =
     from .train.config import TrainConfig
 
     given = {dest: getattr(args, dest) for _, dest, _, _ in _TRAIN_FLAGS if hasattr(args, dest)}
-    for flag in ("full_finetune", "group_by_length"):
+    for flag in ("full_finetune", "group_by_length", "base_dropout"):
         if hasattr(args, flag):
             given[flag] = getattr(args, flag)
     options = dict(getattr(args, "method_options", []))
@@ -190,7 +195,7 @@ def _config_from_args(args: argparse.Namespace, base: Optional[dict[str, Any]] =
         given["options"] = options
     if base is None:
         return TrainConfig(**given), given
-    merged = TrainConfig.from_dict(base)
+    merged = TrainConfig.from_saved(base)
     for key in ("progress", "eval_batch_size"):  # how the run reports, not what it computes
         if key in given:
             setattr(merged, key, given.pop(key))

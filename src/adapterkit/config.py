@@ -58,6 +58,8 @@ class AdapterConfig:
             value = getattr(self, f.name)
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
+            elif f.name == "roles" and isinstance(value, str):  # "q,v" or "all-linear"
+                object.__setattr__(self, f.name, tuple(r.strip() for r in value.split(",") if r.strip()))
         try:
             self.validate()
         except TypeError as err:  # a value of the wrong type, e.g. reduction_factor="16"

@@ -65,6 +65,7 @@ class AdapterModel(nn.Module):
         self._originals: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
         self._disabled = 0
         self._base_frozen = False
+        self._base_dropout = False
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -246,9 +247,28 @@ class AdapterModel(nn.Module):
         self._setup = block
         self._refresh()
 
-    def train_adapter(self, setup: Union[str, Block, Sequence[Any]], *, train_head: bool = True) -> None:
+    def train_adapter(self, setup: Union[str, Block, Sequence[Any]], *, train_head: bool = True,
+                      base_dropout: bool = False) -> None:
         """Freeze the base model and every other adapter; train ``setup`` (and its heads).
-        Also activates the setup and puts the model in training mode."""
+        Also activates the setup and puts the model in training mode.
+
+        Args:
+            setup: an adapter name, a list (stacked) or a composition block.
+            train_head: train the heads named like the adapters of ``setup`` too.
+            base_dropout: keep the frozen base model's own train-time behaviour (dropout,
+                LayerDrop) while training, as AdapterHub and PEFT do. By default (``False``) the
+                frozen base runs exactly as at inference (``eval`` mode) and only the adapters and
+                heads are in training mode: the adapter sees the features it will see when
+                deployed, and a training step is about 25 % faster on CPU (no dropout masks;
+                attention takes its fused kernel). On SST-2 with MiniLM the accuracy was the
+                same (``docs/training.md``). Applies while every base weight stays frozen.
+
+        Example:
+            >>> model.add_adapter("sst2", "pfeiffer")            # doctest: +SKIP
+            >>> model.train_adapter("sst2")                      # doctest: +SKIP
+            >>> model.model.training, model.adapters["sst2"].training  # doctest: +SKIP
+            (False, True)
+        """
         block = as_setup(setup)
         if block is None:
             raise AdapterError("train_adapter needs an adapter name or setup.")
@@ -263,17 +283,22 @@ class AdapterModel(nn.Module):
         for name, head in self.heads.items():
             head.requires_grad_(train_head and name in names)
         self._base_frozen = True
+        self._base_dropout = base_dropout
         self.set_active_adapters(block)
         self.train()
 
     def train(self, mode: bool = True) -> "AdapterModel":
-        """As ``nn.Module.train``, but a frozen base keeps its normalisation statistics fixed
-        (BatchNorm stays in eval mode), so that adapters off still reproduce the base model."""
+        """As ``nn.Module.train``, but a base frozen by ``train_adapter`` stays in eval mode: whole
+        (the default) or, with ``base_dropout=True``, its BatchNorm layers only, whose statistics
+        must stay fixed so that adapters off still reproduce the base model."""
         super().train(mode)
-        if mode and self._base_frozen:
-            for module in self.model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        if mode and self._base_frozen and not any(p.requires_grad for p in self.model.parameters()):
+            if not self._base_dropout:
+                self.model.eval()
+            else:
+                for module in self.model.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.eval()
         return self
 
     @contextlib.contextmanager

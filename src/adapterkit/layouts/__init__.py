@@ -4,7 +4,8 @@
 ``architectures.py``) and the list of transformer blocks, once. Methods then ask it for sites:
 
 * ``sublayer_sites(["ffn_out"], layers)``: residual sub-layer outputs (bottleneck adapters),
-* ``linear_sites(["q", "v"], layers)``: projection weights by role (LoRA, IA3),
+* ``linear_sites(["q", "v"], layers)``: projection weights by role (LoRA, IA3); the role
+  ``"all-linear"`` stands for every projection the architecture map names,
 * ``generic_sites(patterns, layers)``: any module by name, for any ``nn.Module``.
 
 A pattern that matches nothing raises an error listing the candidate module names.
@@ -23,6 +24,9 @@ from ..slots import Site
 from .architectures import ARCHITECTURES, ArchSpec, SubLayerSpec, spec_for
 
 __all__ = ["Layout", "ArchSpec", "SubLayerSpec", "ARCHITECTURES", "linear_features"]
+
+
+ALL_LINEAR = "all-linear"
 
 
 def linear_features(module: nn.Module) -> Optional[tuple[int, int, bool]]:
@@ -127,16 +131,18 @@ class Layout:
         self, roles: Sequence[str], layers: Optional[Sequence[int]] = None, leave_out: Iterable[int] = ()
     ) -> list[Site]:
         spec = self._need_spec("linear-layer adapters")
+        if ALL_LINEAR in roles:  # PEFT's name for every projection of the blocks
+            roles = list(dict.fromkeys([r for r in roles if r != ALL_LINEAR] + list(spec.linears)))
         unknown = [r for r in roles if r not in spec.linears]
         if unknown:
             raise AdapterError(
                 f"This {self.model_type} layout has no linear role {unknown}. Roles: {', '.join(spec.linears)}; "
                 "or pass target_modules=... to choose modules by name."
             )
+        paths = list(dict.fromkeys(spec.linears[role] for role in roles))  # two roles may name one module
         sites = []
         for i in self._layer_indices(layers, leave_out):
-            for role in roles:
-                path = spec.linears[role]
+            for path in paths:
                 sites.append(self._linear_site(f"layers.{i}.{path}", _get(self.blocks[i], path), i))
         return sites
 

@@ -229,7 +229,7 @@ def setup_model(model: AdapterModel, spec: TaskSpec, name: str, config: TrainCon
     assert adapter_config is not None
     model.add_adapter(name, adapter_config)
     add_head(model, name, spec, pooling=config.pooling, layers=config.head_layers, dropout=config.head_dropout)
-    model.train_adapter(name)
+    model.train_adapter(name, base_dropout=config.base_dropout)
 
 
 def parameter_counts(model: AdapterModel) -> dict[str, int]:
