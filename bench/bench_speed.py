@@ -13,8 +13,8 @@ fewer than 3 were quiet).
 Training rows are judged against the *floor* (the frozen model with the backward pass forced
 through every layer: what any adapter in layer 0 must pay), inference rows against the bare
 model. Like the floor and AdapterHub, adapterkit's training rows keep the base model's dropout
-(``train_adapter(..., base_dropout=True)``); the "base in eval mode" rows show
-``train_adapter``'s default, which runs the frozen base as at inference. Where ``adapters`` (AdapterHub) or ``peft`` is importable, their rows are measured in the
+(``train_adapter``'s default); the "base in eval mode" rows show ``base_dropout=False``, which
+runs the frozen base as at inference. Where ``adapters`` (AdapterHub) or ``peft`` is importable, their rows are measured in the
 same rounds. Peak memory of a training step is the peak of the tensor memory it allocates
 (``step_peak_mb``); see bench/README.md for what each row measures.
 """
@@ -100,7 +100,7 @@ def all_cases() -> list[Case]:
     for preset in ("pfeiffer", "houlsby", "parallel", "lora", "ia3"):
         cases.append(Case(f"ak-{preset}-train", f"adapterkit {PRESET_TITLES[preset]}", "train", "adapterkit", preset,
                           TRAIN_TARGETS.get(preset)))
-    for preset in ("pfeiffer", "houlsby", "lora"):  # train_adapter's default: the frozen base in eval mode
+    for preset in ("pfeiffer", "houlsby", "lora"):  # train_adapter(..., base_dropout=False)
         cases.append(Case(f"ak-{preset}-train-evalbase", f"adapterkit {PRESET_TITLES[preset]}, base in eval mode",
                           "train", "adapterkit", preset))
     for preset in ("pfeiffer", "houlsby", "parallel", "lora", "lora-merged", "ia3"):
@@ -191,8 +191,8 @@ def build(case: Case, batch: dict) -> Built:
         preset = "lora" if case.preset == "lora-merged" else case.preset
         model.add_adapter("a", preset)
         if case.mode == "train":
-            # like for like with the floor and AdapterHub (base dropout on), except the
-            # "-evalbase" rows: train_adapter's default, the frozen base run as at inference
+            # base dropout on, like the floor and AdapterHub, except in the "-evalbase" rows
+            # (``base_dropout=False``: the frozen base run as at inference)
             model.train_adapter("a", base_dropout=not case.key.endswith("-evalbase"))
         else:
             model.set_active_adapters("a")

@@ -164,7 +164,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(ws, tmp_path, capsys):
     bad(capsys, train_args(ws, out) + ["--lora-r", "8"], "Unknown option 'r' for method 'bottleneck'")
     bad(capsys, ["train", "--resume", str(ws)], "holds no run", "run.json")
     bad(capsys, train_args(ws, out, **{"--epochs": "0"}), "--epochs must be >= 1")
-    bad(capsys, train_args(ws, out) + ["--full-finetune", "--base-dropout"], "--base-dropout is for adapter training")
+    bad(capsys, train_args(ws, out) + ["--full-finetune", "--no-base-dropout"], "--no-base-dropout is for adapter training")
     bad(capsys, ["train", "--model", str(ws / "bert"), "--train"], "expected one argument")
     bad(capsys, ["eval", "--adapter", str(tmp_path / "none"), "--data", str(ws / "dev.tsv")], "no such folder")
     assert not out.exists()

@@ -200,11 +200,11 @@ def dropout_net() -> nn.Sequential:
     return nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3))
 
 
-def test_frozen_base_runs_as_at_inference_while_the_adapter_trains():
-    """Default ``train_adapter``: the base is in eval mode (no dropout), the adapter is not."""
+def test_base_dropout_false_runs_the_frozen_base_as_at_inference():
+    """``train_adapter(..., base_dropout=False)``: the base is in eval mode (no dropout), the adapter is not."""
     model = AdapterModel(dropout_net())
     model.add_adapter("a", "bottleneck", target_modules=["3"], bottleneck_dim=4, dropout=0.5, init_weights="bert")
-    model.train_adapter("a")
+    model.train_adapter("a", base_dropout=False)
     assert model.training and model.adapters["a"].training
     assert not any(m.training for m in model.model.modules())
     with model.disable_adapters():  # the base alone: deterministic, equal to its eval output
@@ -215,15 +215,15 @@ def test_frozen_base_runs_as_at_inference_while_the_adapter_trains():
     assert not model.model[1].training and model.adapters["a"].training
 
 
-def test_base_dropout_true_keeps_the_base_model_in_training_mode():
-    """AdapterHub's and PEFT's behaviour, on request; and a base unfrozen later trains as usual."""
+def test_by_default_the_frozen_base_keeps_its_dropout():
+    """AdapterHub's and PEFT's behaviour by default; and a base unfrozen later trains as usual."""
     model = AdapterModel(dropout_net())
     model.add_adapter("a", "lora", r=2, target_modules=["3"])
-    model.train_adapter("a", base_dropout=True)
+    model.train_adapter("a")
     assert model.model[1].training
     with model.disable_adapters():
         assert not torch.equal(model(X), model(X))
-    model.train_adapter("a")
+    model.train_adapter("a", base_dropout=False)
     assert not model.model[1].training
     model.model[0].weight.requires_grad_(True)  # the user unfreezes part of the base
     model.train()

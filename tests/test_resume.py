@@ -33,10 +33,17 @@ def args(ws: Path, out: Path) -> list[str]:
             "--log-every", "3", "--progress", "log"]
 
 
+def _as_in_a_terminal() -> None:
+    # A shell starts background jobs (`cmd &`, as CI runners may) with SIGINT ignored, and a child
+    # inherits that: Python then installs no KeyboardInterrupt handler and Ctrl-C does nothing.
+    # The test plays a user's Ctrl-C in a terminal, so the run starts with SIGINT's default action.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(argv: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "adapterkit", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_as_in_a_terminal)
 
 
 def checkpoint_step(out: Path) -> int:

@@ -227,9 +227,9 @@ def test_loraplus_on_another_method_is_refused_before_anything_is_written(bert, 
 
 
 @pytest.mark.parametrize("base_dropout", [False, True])
-def test_the_frozen_base_trains_in_eval_mode_unless_base_dropout(tmp_path, sst, base_dropout):
-    """Default: the base runs as at inference through every training step (evaluations put the
-    model in eval mode and back); ``--base-dropout`` keeps AdapterHub's behaviour."""
+def test_no_base_dropout_keeps_the_frozen_base_in_eval_mode_through_training(tmp_path, sst, base_dropout):
+    """``--no-base-dropout``: the base runs as at inference through every training step
+    (evaluations put the model in eval mode and back); by default its dropout acts."""
     bert = tiny_bert(tmp_path / "bert", dropout=0.1)
     prep = prepare(cfg(bert, sst, epochs=2, base_dropout=base_dropout))
     dropout = next(m for m in prep.model.model.modules() if isinstance(m, torch.nn.Dropout))
@@ -240,16 +240,9 @@ def test_the_frozen_base_trains_in_eval_mode_unless_base_dropout(tmp_path, sst, 
     assert prep.model.heads[prep.name].training  # the head's own dropout acts either way
 
 
-def test_base_dropout_with_full_finetune_is_refused_and_old_runs_keep_theirs(bert, sst, tmp_path):
+def test_no_base_dropout_with_full_finetune_is_refused(bert, sst, tmp_path):
     from adapterkit.errors import AdapterError
-    from adapterkit.train import TrainConfig
 
-    with pytest.raises(AdapterError, match="--base-dropout is for adapter training"):
-        train(cfg(bert, sst, full_finetune=True, base_dropout=True), tmp_path / "run")
+    with pytest.raises(AdapterError, match="--no-base-dropout is for adapter training"):
+        train(cfg(bert, sst, full_finetune=True, base_dropout=False), tmp_path / "run")
     assert not (tmp_path / "run").exists()
-    # run.json written before the setting existed: those runs kept the base's dropout
-    assert TrainConfig.from_saved({"train": "a.tsv"}).base_dropout is True
-    assert TrainConfig.from_saved({"train": "a.tsv", "base_dropout": False}).base_dropout is False
-    old_full = TrainConfig.from_saved({"train": "a.tsv", "full_finetune": True})
-    assert old_full.base_dropout is False
-    old_full.validate()  # a full fine-tuning run from before resumes

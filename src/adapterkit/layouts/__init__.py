@@ -136,8 +136,8 @@ class Layout:
         unknown = [r for r in roles if r not in spec.linears]
         if unknown:
             raise AdapterError(
-                f"This {self.model_type} layout has no linear role {unknown}. Roles: {', '.join(spec.linears)}; "
-                "or pass target_modules=... to choose modules by name."
+                f"This {self.model_type} layout has no linear role {unknown}. Roles: {', '.join(spec.linears)} "
+                f"('{ALL_LINEAR}' = all of them); or pass target_modules=... to choose modules by name."
             )
         paths = list(dict.fromkeys(spec.linears[role] for role in roles))  # two roles may name one module
         sites = []
