@@ -14,6 +14,7 @@ else is the CLI's default, so the adapter rows show what users get without flags
 
     python bench/accuracy.py                  # the table (about 60 min on 2 cores)
     python bench/accuracy.py --sweep          # and the learning-rate sweep behind the defaults (+30 min)
+    python bench/accuracy.py --lora-variants  # and what else was tried for LoRA on query + value (+20 min)
     python bench/accuracy.py --quick          # smoke run: 400 rows, 1 epoch, no sweep
     python bench/accuracy.py --full-lr 1e-4   # skip the full fine-tuning sweep
 
@@ -69,6 +70,19 @@ LR_SWEEP = [
     ("Houlsby", "houlsby", {}, (5e-4, 1e-3, 2e-3, 4e-3)),
     ("LoRA", "lora", {}, (1e-3, 2e-3, 4e-3, 8e-3)),
     ("LoRA+ (B x16)", "lora", {"loraplus_lr_ratio": 16.0}, (5e-4, 1e-3, 2e-3)),
+]
+
+# ``--lora-variants``: what else we tried to bring LoRA on query + value closer to full
+# fine-tuning (seed 42, the default lr; docs/training.md): (label, LoRA options, settings).
+LORA_VARIANTS = [
+    ("r 8, alpha 8 (default)", {}, {}),
+    ("r 8, alpha 16", {"alpha": 16}, {}),
+    ("r 16, alpha 16", {"r": 16, "alpha": 16}, {}),
+    ("r 16, alpha 32", {"r": 16, "alpha": 32}, {}),
+    ("r 32, alpha 32", {"r": 32, "alpha": 32}, {}),
+    ("batch 16", {}, {"batch_size": 16}),
+    ("4 epochs", {}, {"epochs": 4}),
+    ("every linear layer", {"roles": EVERY_LINEAR}, {}),
 ]
 
 
@@ -165,6 +179,14 @@ def sweep_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def variant_table(runs: list[dict[str, Any]]) -> str:
+    lines = ["| LoRA variant | trainable % | dev acc | test acc | wall-clock |", "|---|---:|---:|---:|---:|"]
+    for r in runs:
+        lines.append(f"| {r['label']} | {r['trainable_percent']:.2f} % | {100 * r['dev_accuracy']:.2f} % | "
+                     f"{100 * r['test_accuracy']:.2f} % | {r['seconds'] / 60:.1f} min |")
+    return "\n".join(lines)
+
+
 def verdict(rows: list[dict[str, Any]], full: dict[str, Any]) -> list[str]:
     out = []
     for r in rows:
@@ -220,6 +242,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--full-lr", type=float, help="skip the sweep and fine-tune with this learning rate")
     p.add_argument("--full-lrs", default="5e-5,1e-4,2e-4", help="the sweep (first seed), chosen by dev accuracy")
     p.add_argument("--sweep", action="store_true", help="also run the learning-rate sweep behind the defaults")
+    p.add_argument("--lora-variants", action="store_true", help="also run the LoRA variants of docs/training.md (+20 min)")
     p.add_argument("--only", help="comma-separated row labels (substrings) to run after full fine-tuning")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--quick", action="store_true", help="smoke run: 400 rows, 200 dev rows, 1 epoch, no sweep")
@@ -263,6 +286,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                               method=method, epochs=3, lr=lr, **settings)
                 sweep_runs.append({**run, "label": label})
 
+    variant_runs = []
+    if args.lora_variants and not args.quick:
+        lr = TrainConfig(method="lora").learning_rate
+        for label, options, settings in LORA_VARIANTS:
+            settings = dict(settings)
+            run = run_one(f"LoRA {label}", run_folder(runs, "lora", options, settings, lr, seeds[0]), args, seeds[0],
+                          method="lora", options=options, lr=lr, **{"epochs": 3, **settings})
+            variant_runs.append({**run, "label": label})
+
     md = table(rows, full)
     lines = verdict(rows, full)
     header = (f"SST-2, all-MiniLM-L6-v2: {args.rows:,} training rows, max length {args.max_length}, best epoch on "
@@ -274,12 +306,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if sweep_runs:
         report += ("\nLearning-rate sweep behind the defaults (seed " + str(seeds[0]) + ", 3 epochs; chosen on dev):\n\n"
                    + sweep_table(sweep_runs) + "\n")
+    if variant_runs:
+        report += ("\nLoRA variants (seed " + str(seeds[0]) + ", 3 epochs unless said; the epoch chosen on dev):\n\n"
+                   + variant_table(variant_runs) + "\n")
     print(report)
     name = "accuracy_quick" if args.quick else "accuracy"
     (args.out / f"{name}.md").write_text(report, encoding="utf-8")
     (args.out / f"{name}.json").write_text(json.dumps({
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "full_finetune_sweep": candidates, "lr_sweep": sweep_runs, "rows": rows, "verdict": lines,
+        "full_finetune_sweep": candidates, "lr_sweep": sweep_runs, "lora_variants": variant_runs, "rows": rows, "verdict": lines,
         "total_minutes": round((time.perf_counter() - started) / 60, 1),
     }, indent=2), encoding="utf-8")
     plot(rows, args.out / f"{name}.png")

@@ -258,8 +258,8 @@ class AdapterModel(nn.Module):
             base_dropout: keep the frozen base model's own train-time behaviour (dropout,
                 LayerDrop) while training, as AdapterHub and PEFT do (the default). ``False``
                 runs the frozen base exactly as at inference (``eval`` mode) while the adapters
-                and heads train: a CPU step is about 25-30 % faster (no dropout masks; attention
-                takes its fused kernel), but on SST-2 with MiniLM test accuracy varied more
+                and heads train: a CPU step is about 25 % shorter and needs half the peak memory
+                (no dropout masks drawn or kept), but on SST-2 with MiniLM test accuracy varied more
                 between seeds and was lower on average at the same dev accuracy
                 (``docs/training.md``). Applies while every base weight stays frozen.
 

@@ -8,12 +8,12 @@ Why these defaults (measured on SST-2 with all-MiniLM-L6-v2 on a 2-core CPU; see
 learning rate of 2e-3 (``bench/accuracy.py --sweep``: on dev, 2e-3 beat AdapterHub's usual 1e-3
 for Pfeiffer, Houlsby and LoRA alike; 4e-3 was no better over three seeds), linear warm-up over
 the first 6 % of steps then linear decay, the frozen base model's dropout kept on as AdapterHub
-and PEFT do (``base_dropout=False`` runs the base as at inference: steps 25-30 % faster and the
-same dev accuracy, but test accuracy varied more between seeds), batches of 32 grouped by length (short SST-2 phrases
-are not padded to the longest sentence of the set), a two-layer head over mean pooling
-(``pooling="auto"``; MiniLM is a mean-pooling sentence encoder). Full fine-tuning
-(``full_finetune=True``) uses 1e-4 unless ``lr`` is given: of 5e-5, 1e-4 and 2e-4 it was the
-best on dev in ``bench/accuracy.py``.
+and PEFT do (``base_dropout=False`` runs the base as at inference: steps about 25 % shorter at
+the same dev accuracy, but test accuracy varied more between seeds), batches of 32 grouped by
+length (short SST-2 phrases are not padded to the longest sentence of the set), a two-layer
+head over mean pooling (``pooling="auto"``; MiniLM is a mean-pooling sentence encoder). Full
+fine-tuning (``full_finetune=True``) uses 1e-4 unless ``lr`` is given: of 5e-5, 1e-4 and 2e-4 it
+was the best on dev in ``bench/accuracy.py``.
 """
 
 from __future__ import annotations
