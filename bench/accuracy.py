@@ -12,7 +12,7 @@ Every row runs ``adapterkit.train`` (the code behind ``adapterkit train``): noth
 by itself. Rows only override what the comparison fixes (rows, max length, epochs); everything
 else is the CLI's default, so the adapter rows show what users get without flags.
 
-    python bench/accuracy.py                  # the table (about 60 min on 2 cores)
+    python bench/accuracy.py                  # the table, 5 seeds (about 2 h on 2 cores)
     python bench/accuracy.py --sweep          # and the learning-rate sweep behind the defaults (+30 min)
     python bench/accuracy.py --lora-variants  # and what else was tried for LoRA on query + value (+20 min)
     python bench/accuracy.py --quick          # smoke run: 400 rows, 1 epoch, no sweep
@@ -236,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--rows", type=int, default=8000, help="training rows (the same subset for every row)")
     p.add_argument("--eval-rows", type=int, default=2000, help="dev rows used to pick the best epoch")
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--seeds", default="42,43,44", help="seeds averaged in each row (the second sizes use the first)")
+    p.add_argument("--seeds", default="42,43,44,45,46", help="seeds averaged in each row (the second sizes use the first)")
     p.add_argument("--no-reuse", action="store_true", help="retrain even when a run folder holds the same finished run")
     p.add_argument("--full-epochs", type=int, default=2)
     p.add_argument("--full-lr", type=float, help="skip the sweep and fine-tune with this learning rate")
