@@ -252,7 +252,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--full-lr", type=float, help="skip the sweep and fine-tune with this learning rate")
     p.add_argument("--full-lrs", default="5e-5,1e-4,2e-4", help="the sweep (first seed), chosen by dev accuracy")
     p.add_argument("--sweep", action="store_true", help="also run the learning-rate sweep behind the defaults")
-    p.add_argument("--lora-variants", action="store_true", help="also run the LoRA variants of docs/training.md (+20 min)")
+    p.add_argument("--lora-variants", action="store_true",
+                   help="also run the LoRA variants of docs/training.md (+20 min)")
     p.add_argument("--only", help="comma-separated row labels (substrings) to run after full fine-tuning")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--quick", action="store_true", help="smoke run: 400 rows, 200 dev rows, 1 epoch, no sweep")
@@ -326,7 +327,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     (args.out / f"{name}.md").write_text(report, encoding="utf-8")
     (args.out / f"{name}.json").write_text(json.dumps({
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "full_finetune_sweep": candidates, "lr_sweep": sweep_runs, "lora_variants": variant_runs, "rows": rows, "verdict": lines,
+        "full_finetune_sweep": candidates, "lr_sweep": sweep_runs, "lora_variants": variant_runs, "rows": rows,
+        "verdict": lines,
         "total_minutes": round((time.perf_counter() - started) / 60, 1),
     }, indent=2), encoding="utf-8")
     plot(rows, args.out / f"{name}.png")
