@@ -36,8 +36,15 @@ PRESETS = ("pfeiffer", "houlsby", "parallel", "lora", "ia3")
 TARGETS = {"pfeiffer": 1.02, "houlsby": 1.02, "lora": 1.03}
 
 
+def _addmm_flops(input_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    (m, k), n = a_shape, b_shape[1]
+    return 2 * m * k * n
+
+
 def flops(model: torch.nn.Module, batch: dict) -> int:
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+    # torch counts ``addmm`` but not its in-place form, which ``fused.add_linear`` uses
+    in_place = {torch.ops.aten.addmm_: _addmm_flops}
+    with FlopCounterMode(display=False, custom_mapping=in_place) as counter, torch.inference_mode():
         model(**batch)
     return counter.get_total_flops()
 

@@ -94,6 +94,9 @@ class Built:
 def all_cases() -> list[Case]:
     cases = [
         Case("bare", "bare model", "infer", "torch"),
+        # the same model loaded again: how far apart two copies of identical code land in this
+        # run, i.e. the resolution of every inference ratio in the table
+        Case("bare-copy", "bare model, second copy", "infer", "torch"),
         Case("floor", "floor (frozen, backward through all layers)", "train", "torch"),
         Case("full", "full fine-tuning", "train", "torch"),
     ]
@@ -176,7 +179,7 @@ def build(case: Case, batch: dict) -> Built:
     base = load_minilm()
     n_base = sum(p.numel() for p in base.parameters())
     if case.library == "torch":
-        if case.key == "bare":
+        if case.key in ("bare", "bare-copy"):
             return _finish(case, base, batch, n_base)
         if case.key == "full":
             return _finish(case, base, batch, n_base, save=base.save_pretrained)
@@ -315,7 +318,7 @@ def run(args) -> list[dict]:
     cases = all_cases()
     if args.only:
         keep = re.compile(args.only)
-        cases = [c for c in cases if c.key in ("bare", "floor") or keep.search(c.key)]
+        cases = [c for c in cases if c.key in ("bare", "bare-copy", "floor") or keep.search(c.key)]
     print(f"# {len(cases)} configurations, batch {args.batch} x {args.seq_len}, {args.repeats} quiet samples each "
           f"(at most {args.max_rounds} rounds); {environment()}", file=sys.stderr)
 

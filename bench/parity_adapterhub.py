@@ -218,10 +218,13 @@ def compare(kind: str, label: str, ah_config, preset: str, options: dict) -> dic
     with torch.no_grad():
         out_ah = ah_model(**batch)[0]
         out_ak = ak_model(**batch)[0]
+        exact = copy.deepcopy(ah_model).double()(**batch)[0]  # the same function in float64
     mask = batch["attention_mask"].bool()
     diff = (out_ah - out_ak)[mask].abs().max().item()
     moved = (out_ak - reference)[mask].abs().max().item()
     return {"model": kind, "preset": label, "tensors": len(mapped), "max_abs_diff": diff,
+            "ah_rounding": (out_ah.double() - exact)[mask].abs().max().item(),
+            "ak_rounding": (out_ak.double() - exact)[mask].abs().max().item(),
             "changed_by_adapter": moved, "pass": diff <= TOLERANCE and moved > 1e-3}
 
 
@@ -258,8 +261,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, adapters {ah.__version__}\n")
 
     failures = 0
-    print("| model | preset | tensors | max abs diff | adapter changes output by | pass |")
-    print("|---|---|---|---|---|---|")
+    print("| model | preset | tensors | max abs diff | AdapterHub / adapterkit vs float64 | adapter changes output by "
+          "| pass |")
+    print("|---|---|---|---|---|---|---|")
     for kind in kinds:
         for label, make_config, preset, options in CASES:
             if kind == "minilm" and label not in ("pfeiffer", "houlsby", "parallel", "lora q/v", "ia3"):
@@ -267,16 +271,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             skip = SKIP.get((kind, label))
             options = {**options, **OVERRIDES.get((kind, label), {})}
             if skip:
-                print(f"| {kind} | {label} | — | skipped: {skip} | — | — |")
+                print(f"| {kind} | {label} | — | skipped: {skip} | — | — | — |")
                 continue
             try:
                 r = compare(kind, label, make_config(), preset, options)
             except Exception as err:  # report and go on: the table shows every case
                 failures += 1
-                print(f"| {kind} | {label} | — | **error**: {type(err).__name__}: {str(err)[:150]} | — | **FAIL** |")
+                print(f"| {kind} | {label} | — | **error**: {type(err).__name__}: {str(err)[:150]} | — | — | **FAIL** |")
                 continue
             failures += not r["pass"]
-            print(f"| {kind} | {label} | {r['tensors']} | {r['max_abs_diff']:.2e} | {r['changed_by_adapter']:.2e} "
+            print(f"| {kind} | {label} | {r['tensors']} | {r['max_abs_diff']:.2e} | {r['ah_rounding']:.1e} / "
+                  f"{r['ak_rounding']:.1e} | {r['changed_by_adapter']:.2e} "
                   f"| {'pass' if r['pass'] else '**FAIL**'} |")
 
     print("\n| model | preset | fresh adapter: max abs diff | disabled == base bit for bit | pass |")

@@ -12,6 +12,10 @@ residual add and layer norm run after the adapter, exactly as ``original_ln_afte
 hooks cannot skip them, so ``original_ln_after=False`` is refused.
 
 Presets: ``pfeiffer`` (= ``seq_bn``), ``houlsby`` (= ``double_seq_bn``), ``parallel`` (= ``par_bn``).
+
+The up-projection accumulates into the residual in one GEMM, and at inference a Pfeiffer-shaped
+adapter never writes the model's layer norm of ``y + residual`` (``fused.py``): the same
+function with fewer passes over the activations, equal to the written-out formulas to rounding.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
 from ..slots import Site, SlotIO
+from .fused import Folded, add_linear, fold_layer_norm, linear_of_layer_norm
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 INITS = ("mam_adapter", "bert", "houlsby")
@@ -138,6 +143,12 @@ class Bottleneck(nn.Module):
             self.scaling = float(config.scaling)
         # x * 1.0 == x bit for bit: decided once here, so the forward skips that pass
         self._scaled = not (isinstance(self.scaling, float) and self.scaling == 1.0)
+        # Pfeiffer's shape: the down-projection reads the model's layer norm of (y + residual)
+        # and the up-projection adds to y; see ``_inference_with_folded_norm``
+        self._reads_model_norm = (not config.is_parallel and config.original_ln_before
+                                  and config.residual_before_ln is True and config.norm_position is None
+                                  and isinstance(self.scaling, float))
+        self._folded: Optional[tuple[tuple, Folded]] = None
         self._init(config.init_weights)
 
     @torch.no_grad()
@@ -154,11 +165,15 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.bias)
 
-    def delta(self, h: torch.Tensor) -> torch.Tensor:
-        """The adapter's own output (before any residual): (B, T, d_in) -> (B, T, d_out)."""
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The bottleneck activations ``act(down(norm(h)))``: (B, T, d_in) -> (B, T, m)."""
         if self.norm_before is not None:
             h = self.norm_before(h)
-        out = self.up(self.act(self.down(h)))
+        return self.act(self.down(h))
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """The adapter's own output (before any residual): (B, T, d_in) -> (B, T, d_out)."""
+        out = self.up(self.hidden(h))
         if self._scaled:
             out = out * self.scaling
         p = self.config.stochastic_depth
@@ -167,14 +182,51 @@ class Bottleneck(nn.Module):
             out = out * keep / (1 - p)
         return self.dropout(out)
 
+    def add_delta(self, residual: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``residual + delta(h)``. Unless dropout or stochastic depth is at work (training with
+        either set) or the scaling is a parameter, the up-projection accumulates straight into
+        the residual (``fused.add_linear``): one pass over the output instead of three."""
+        cfg = self.config
+        noisy = self.training and (cfg.dropout > 0.0 or cfg.stochastic_depth > 0.0)
+        if noisy or not isinstance(self.scaling, float):
+            return residual + self.delta(h)
+        return add_linear(residual, self.hidden(h), self.up.weight, self.up.bias, self.scaling)
+
+    def _inference_with_folded_norm(self, io: SlotIO) -> Optional[torch.Tensor]:
+        """The Pfeiffer shape at inference, ``y + up(act(down(norm(y + residual))))``, without
+        writing ``norm(y + residual)`` (``fused.linear_of_layer_norm``) and with the output written
+        over ``y + residual``, which nothing else reads. ``None`` where it does not apply."""
+        norm = io.layer_norm
+        if (torch.is_grad_enabled() or not self._reads_model_norm or io.residual is None
+                or type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1
+                or io.y.dtype not in (torch.float32, torch.float64) or io.y.dtype != self.down.weight.dtype
+                or (self.training and (self.config.dropout > 0.0 or self.config.stochastic_depth > 0.0))):
+            return None
+        s = (io.y + io.residual).contiguous()
+        a = linear_of_layer_norm(s.view(-1, s.shape[-1]), norm.eps, self._fold(norm))
+        if a is None:
+            return None
+        return add_linear(io.y, self.act(a), self.up.weight, self.up.bias, self.scaling, out=s)
+
+    def _fold(self, norm: nn.LayerNorm) -> Folded:
+        """``fold_layer_norm`` of the down-projection, kept until a tensor it reads changes
+        (an optimizer step or a load bumps ``_version``; ``.to()`` changes ``data_ptr``)."""
+        tensors = [t for t in (self.down.weight, self.down.bias, norm.weight, norm.bias) if t is not None]
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+        if self._folded is None or self._folded[0] != key:
+            self._folded = (key, fold_layer_norm(norm, self.down.weight, self.down.bias))
+        return self._folded[1]
+
     def forward(self, io: SlotIO) -> torch.Tensor:
         cfg = self.config
+        fast = self._inference_with_folded_norm(io)
+        if fast is not None:
+            return fast
         if cfg.is_parallel:
             source = io.residual if io.residual is not None else io.x
-            out = self.delta(source)
             if self.norm_after is not None:
-                out = self.norm_after(out)
-            return io.y + out
+                return io.y + self.norm_after(self.delta(source))
+            return self.add_delta(io.y, source)
         h, residual = io.y, io.y
         if cfg.original_ln_before and io.residual is not None:
             h = h + io.residual
@@ -184,14 +236,11 @@ class Bottleneck(nn.Module):
                 h = io.layer_norm(h)
         if cfg.residual_before_ln is False:
             residual = h
-        out = self.delta(h)
+        if self.norm_after is None:  # the residual goes in before or after a norm that is not there
+            return self.add_delta(residual, h)
         if cfg.adapter_residual_before_ln:
-            out = out + residual
-        if self.norm_after is not None:
-            out = self.norm_after(out)
-        if not cfg.adapter_residual_before_ln:
-            out = out + residual
-        return out
+            return self.norm_after(self.delta(h) + residual)
+        return self.norm_after(self.delta(h)) + residual
 
 
 PFEIFFER = BottleneckConfig()

@@ -3,7 +3,7 @@
 Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", sec. 4.1: ``A`` random
 (Kaiming-uniform, as in the reference implementation), ``B`` zero, so a fresh adapter changes
 nothing. The forward runs unmerged as ``y + scaling * B(A(dropout(x)))`` (cheap: rank ``r``, and
-the scaling and the add ride on the second GEMM, see ``_AddLowRank``);
+the scaling and the add ride on the second GEMM, see ``fused.add_linear``);
 ``merged`` folds the same delta into the weight, so merge, unmerge and forward all derive from
 ``delta_weight``.
 """
@@ -21,6 +21,7 @@ from torch import nn
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
 from ..slots import Site, SlotIO
+from .fused import add_linear
 
 
 @register_method("lora")
@@ -91,34 +92,7 @@ class LoRA(nn.Module):
     def forward(self, io: SlotIO) -> torch.Tensor:
         y = io.y
         xa = F.linear(self.dropout(io.x), self.lora_A)  # (B, T, in) -> (B, T, r)
-        out = _AddLowRank.apply(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), self.lora_B, self.scaling)
-        return out.view(y.shape)  # (B, T, out)
-
-
-class _AddLowRank(torch.autograd.Function):
-    """``y + s * xa @ b^T`` for ``y`` (N, out), ``xa`` (N, r), ``b`` (out, r): one GEMM that
-    accumulates into a copy of ``y``, so neither the scaling nor the add costs a pass over the
-    (N, out) output. ``b^T`` is used as a row-major copy (r x out, a few KB): as a transposed view
-    it sends the backward's skinny GEMMs to layouts 1.5-4x slower on CPU. The copy is made again
-    in backward rather than kept alive in between, so training holds no more memory than
-    ``y + s * F.linear(xa, b)`` would."""
-
-    @staticmethod
-    def forward(ctx, y, xa, b, s):
-        ctx.save_for_backward(xa, b)
-        ctx.s = s
-        return torch.addmm(y, xa, b.t().contiguous(), alpha=s)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):  # g: (N, out)
-        xa, b = ctx.saved_tensors
-        g_xa = g_b = None
-        if ctx.needs_input_grad[1]:
-            g_xa = torch.mm(g, b.t().contiguous().to(g.dtype).t()).mul_(ctx.s)  # (N, r)
-        if ctx.needs_input_grad[2]:
-            g_b = torch.mm(xa.t().to(g.dtype), g).t().mul_(ctx.s)  # (r, N) @ (N, out) -> (out, r)
-        return g, g_xa, g_b, None
+        return add_linear(y, xa, self.lora_B, scale=self.scaling)  # (B, T, out)
 
 
 register_preset("lora", LoRAConfig())
