@@ -134,6 +134,9 @@ def test_pfeiffer_inference_path_follows_weight_updates():
         adapter.down.weight.add_(0.5)  # an optimizer step or load_adapter writes in place
         io.layer_norm.bias.mul_(2.0)
         assert torch.allclose(adapter(io), _written_out(adapter, io, "pfeiffer"), atol=1e-12)
+        adapter.down.weight = nn.Parameter(adapter.down.weight * 2.0)  # a new tensor, version 0
+        adapter.down.bias.data = adapter.down.bias + 1.0  # new storage under the same Parameter
+        assert torch.allclose(adapter(io), _written_out(adapter, io, "pfeiffer"), atol=1e-12)
     adapter.to(torch.float32)  # new tensors: the fold is made again for them
     io32 = SlotIO(x=io.x.float(), y=io.y.float(), residual=io.residual.float(), layer_norm=io.layer_norm.float())
     with torch.no_grad():

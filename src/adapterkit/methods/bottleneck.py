@@ -148,7 +148,7 @@ class Bottleneck(nn.Module):
         self._reads_model_norm = (not config.is_parallel and config.original_ln_before
                                   and config.residual_before_ln is True and config.norm_position is None
                                   and isinstance(self.scaling, float))
-        self._folded: Optional[tuple[tuple, Folded]] = None
+        self._folded: Optional[tuple[list, list, Folded]] = None  # (tensors read, their state, fold)
         self._init(config.init_weights)
 
     @torch.no_grad()
@@ -182,13 +182,16 @@ class Bottleneck(nn.Module):
             out = out * keep / (1 - p)
         return self.dropout(out)
 
+    @property
+    def _output_noise(self) -> bool:
+        """Dropout or stochastic depth acts on the adapter's own output (training with either set)."""
+        return self.training and (self.config.dropout > 0.0 or self.config.stochastic_depth > 0.0)
+
     def add_delta(self, residual: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """``residual + delta(h)``. Unless dropout or stochastic depth is at work (training with
         either set) or the scaling is a parameter, the up-projection accumulates straight into
         the residual (``fused.add_linear``): one pass over the output instead of three."""
-        cfg = self.config
-        noisy = self.training and (cfg.dropout > 0.0 or cfg.stochastic_depth > 0.0)
-        if noisy or not isinstance(self.scaling, float):
+        if self._output_noise or not isinstance(self.scaling, float):
             return residual + self.delta(h)
         return add_linear(residual, self.hidden(h), self.up.weight, self.up.bias, self.scaling)
 
@@ -197,10 +200,11 @@ class Bottleneck(nn.Module):
         writing ``norm(y + residual)`` (``fused.linear_of_layer_norm``) and with the output written
         over ``y + residual``, which nothing else reads. ``None`` where it does not apply."""
         norm = io.layer_norm
+        # CPU only: the precision check reads a flag back from the device, a sync on a GPU
         if (torch.is_grad_enabled() or not self._reads_model_norm or io.residual is None
-                or type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1
+                or io.y.device.type != "cpu" or type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1
                 or io.y.dtype not in (torch.float32, torch.float64) or io.y.dtype != self.down.weight.dtype
-                or (self.training and (self.config.dropout > 0.0 or self.config.stochastic_depth > 0.0))):
+                or self._output_noise):
             return None
         s = (io.y + io.residual).contiguous()
         a = linear_of_layer_norm(s.view(-1, s.shape[-1]), norm.eps, self._fold(norm))
@@ -209,13 +213,15 @@ class Bottleneck(nn.Module):
         return add_linear(io.y, self.act(a), self.up.weight, self.up.bias, self.scaling, out=s)
 
     def _fold(self, norm: nn.LayerNorm) -> Folded:
-        """``fold_layer_norm`` of the down-projection, kept until a tensor it reads changes
-        (an optimizer step or a load bumps ``_version``; ``.to()`` changes ``data_ptr``)."""
+        """``fold_layer_norm`` of the down-projection, kept until a tensor it reads changes: new
+        storage (a new tensor, ``.to()``, ``.data = ...``) or an in-place write (an optimizer step
+        or a load bumps ``_version``). The tensors are held with the fold, so a replaced one
+        cannot hand its address to its successor."""
         tensors = [t for t in (self.down.weight, self.down.bias, norm.weight, norm.bias) if t is not None]
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
-        if self._folded is None or self._folded[0] != key:
-            self._folded = (key, fold_layer_norm(norm, self.down.weight, self.down.bias))
-        return self._folded[1]
+        state = [(t.data_ptr(), t._version, t.dtype) for t in tensors]
+        if self._folded is None or self._folded[1] != state:
+            self._folded = (tensors, state, fold_layer_norm(norm, self.down.weight, self.down.bias))
+        return self._folded[2]
 
     def forward(self, io: SlotIO) -> torch.Tensor:
         cfg = self.config
