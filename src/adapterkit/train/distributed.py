@@ -20,6 +20,7 @@ The same command scales to many machines through torchrun's rendezvous
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -59,7 +60,11 @@ def init_from_env(backend: Optional[str] = None) -> DistEnv:
 
 
 def shutdown(env: DistEnv) -> None:
+    """Tear the process group down. A DDP wrapper that is no longer referenced but sits in a
+    reference cycle still holds the group through its reducer; collected after the group is
+    destroyed, its gloo backend can block forever joining its threads, so it is collected first."""
     if env.enabled and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
