@@ -69,3 +69,33 @@ def test_trainer_trains_adapter_and_saves_adapter_only(tmp_path):
     batch = tokenizer(["good fun film", "dull weak plot"], padding=True, return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(model(**batch).logits, fresh(**batch).logits, atol=1e-6)
+
+
+def test_gradient_accumulation_gives_the_full_batch_step(tmp_path):
+    """Two micro-batches of 8 with ``gradient_accumulation_steps=2`` make the same SGD step as
+    one batch of 16: Trainer divides the heads' mean losses by the accumulation steps (it would
+    not if it took AdapterModel for a model that normalises by ``num_items_in_batch``)."""
+    folder = tiny_bert(tmp_path / "bert")
+    tokenizer = T.AutoTokenizer.from_pretrained(folder)
+    rows = Rows(tokenizer, sentiment_rows(16))
+
+    def one_step(batch_size: int, accumulation: int) -> dict:
+        torch.manual_seed(0)
+        model = AdapterModel.from_pretrained(str(folder))
+        model.add_adapter("sst", "pfeiffer", reduction_factor=4, init_weights="bert")
+        model.add_classification_head("sst", num_labels=2)
+        for module in model.heads.modules():  # no random masks: the two runs must see the same function
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        model.train_adapter("sst")
+        args = T.TrainingArguments(
+            output_dir=str(tmp_path / f"out{batch_size}"), per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.5, optim="sgd",
+            lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True, seed=0,
+            dataloader_num_workers=0, disable_tqdm=True,
+        )
+        T.Trainer(model=model, args=args, train_dataset=rows, data_collator=T.DataCollatorWithPadding(tokenizer)).train()
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    whole, accumulated = one_step(16, 1), one_step(8, 2)
+    assert max((whole[k] - accumulated[k]).abs().max().item() for k in whole) <= 1e-5

@@ -29,7 +29,11 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 def tiny_bert(path: Path, *, dropout: float = 0.0, layers: int = 2) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     words = SPECIAL + WORDS + ["##s", "##ly"]
-    tok = T.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+    if int(T.__version__.split(".")[0]) >= 5:  # transformers 5 takes the vocabulary itself
+        tok = T.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+    else:  # 4.57 reads it from a vocab.txt
+        (path / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+        tok = T.BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
     config = T.BertConfig(vocab_size=len(SPECIAL) + len(WORDS) + 2, hidden_size=32, num_hidden_layers=layers,
                           num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
                           hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)

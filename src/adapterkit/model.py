@@ -47,6 +47,12 @@ _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 class AdapterModel(nn.Module):
     """Adds, trains, composes, saves and loads adapters on a frozen ``model``."""
 
+    # Read by ``transformers.Trainer``. Without it, the ``**kwargs`` of ``forward`` make Trainer
+    # pass ``num_items_in_batch`` (which the wrapped model may reject, as BERT does under 4.57)
+    # and skip dividing the loss by the gradient-accumulation steps. The losses returned here
+    # (heads, or the wrapped model's own) are batch means, so Trainer must do that division.
+    accepts_loss_kwargs = False
+
     def __init__(self, model: nn.Module):
         super().__init__()
         if isinstance(model, AdapterModel):
