@@ -15,8 +15,9 @@ through every layer: what any adapter in layer 0 must pay), inference rows again
 model. Like the floor and AdapterHub, adapterkit's training rows keep the base model's dropout
 (``train_adapter``'s default); the "base in eval mode" rows show ``base_dropout=False``, which
 runs the frozen base as at inference. Where ``adapters`` (AdapterHub) or ``peft`` is
-importable, their rows are measured in the same rounds. Peak memory of a training step is the peak of the tensor memory it allocates
-(``step_peak_mb``); see bench/README.md for what each row measures.
+importable, their rows are measured in the same rounds. Peak memory of a training step is the
+peak of the tensor memory it allocates (``step_peak_mb``); see bench/README.md for what each row
+measures.
 """
 
 from __future__ import annotations

