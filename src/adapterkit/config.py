@@ -40,8 +40,23 @@ class AdapterConfig:
         target_modules: module-name patterns for the generic path (any ``nn.Module``): a regex
             string matched against full module names with ``re.fullmatch``, or a list of name
             suffixes. ``None`` uses the method's default places in the model's layout.
-        layers: restrict placement to these layer indices (``None`` = all layers).
+        layers: restrict placement to these layer indices (``None`` = all layers), counted
+            within each stack.
         leave_out: layer indices that get no adapter (AdapterHub's ``leave_out``).
+        stacks: the named stacks to place in (``("decoder",)`` on T5 / BART); ``None`` = all.
+            ``add_adapter("decoder:name", ...)`` sets it (NeMo's module-scoped names).
+        place: ``"post"``, ``"pre"``, ``"parallel"`` or ``"weight"`` (see ``slots.Site``);
+            ``None`` = the method's own place.
+        strategy: how the adapter's contribution meets what it is added to: ``"add"``
+            (residual add), ``"scaled_add"`` (times ``strategy_scale``), ``"gate"`` /
+            ``"channel_gate"`` (a learned scalar / per-channel gate) or ``"multiply"``;
+            ``None`` = the method's own (``"multiply"`` for IA3, ``"add"`` otherwise).
+        strategy_scale: the factor of ``"scaled_add"``.
+        stochastic_depth: drop the adapter's contribution for whole examples with this
+            probability while training, rescaling the kept ones by ``1 / (1 - p)`` (NeMo's
+            ``stochastic_depth``; off at inference).
+        l2_lambda: weight of an L2 penalty on the adapter's contribution while training
+            (NeMo's ``l2_lambda``), returned as ``output.aux_loss`` and added to ``output.loss``.
     """
 
     method: ClassVar[str] = ""
@@ -51,6 +66,12 @@ class AdapterConfig:
     target_modules: str | tuple[str, ...] | None = None
     layers: tuple[int, ...] | None = None
     leave_out: tuple[int, ...] = ()
+    stacks: tuple[str, ...] | None = None
+    place: str | None = None
+    strategy: str | None = None
+    strategy_scale: float = 1.0
+    stochastic_depth: float = 0.0
+    l2_lambda: float = 0.0
 
     def __post_init__(self) -> None:
         # Lists from JSON or from users become tuples so that configs stay hashable and frozen.
@@ -58,7 +79,7 @@ class AdapterConfig:
             value = getattr(self, f.name)
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
-            elif f.name == "roles" and isinstance(value, str):  # "q,v" or "all-linear"
+            elif f.name in ("roles", "stacks") and isinstance(value, str):  # "q,v" or "all-linear"
                 object.__setattr__(self, f.name, tuple(r.strip() for r in value.split(",") if r.strip()))
         try:
             self.validate()

@@ -54,7 +54,12 @@ class Site:
         in_features / out_features: host input and output widths.
         residual_from: module and argument holding the residual stream of this sub-layer.
         layer_norm: the model's layer norm applied after the residual add (post-LN models).
-        kind: ``"sublayer"`` (output of an attention or FFN block) or ``"linear"`` (a weight).
+        place: how the adapter meets the host: ``"post"`` (reads and rewrites the host's
+            output), ``"pre"`` (rewrites the host's input), ``"parallel"`` (reads the host's or the
+            sub-layer's input, adds to the host's output) or ``"weight"`` (inside a Linear's own
+            product: LoRA, IA3). ``"attention"`` and ``"input"`` are reserved for prefix and
+            prompt tuning.
+        stack: the named stack (``"encoder"`` / ``"decoder"``) the site belongs to, if any.
     """
 
     place_id: str
@@ -64,7 +69,8 @@ class Site:
     layer: Optional[int] = None
     residual_from: Optional[tuple[nn.Module, ArgRef]] = None
     layer_norm: Optional[nn.Module] = None
-    kind: str = "sublayer"
+    place: str = "post"
+    stack: Optional[str] = None
 
     @property
     def key(self) -> str:
@@ -119,7 +125,7 @@ class Slot:
             self._handles.append(module.register_forward_pre_hook(self._capture, with_kwargs=True))
         # Weight-level adapters (LoRA, IA3) belong to the host's own computation, so they run
         # before sub-layer adapters that share the host (Llama's o_proj is both).
-        prepend = self.site.kind == "linear"
+        prepend = self.site.place == "weight"
         self._handles.append(self.site.host.register_forward_hook(self._run, with_kwargs=True, prepend=prepend))
 
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

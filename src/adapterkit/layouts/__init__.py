@@ -122,7 +122,7 @@ class Layout:
                         layer=i,
                         residual_from=(_get(block, sub.residual), sub.residual_arg),
                         layer_norm=_get(block, sub.layer_norm) if sub.layer_norm else None,
-                        kind="sublayer",
+                        place="post",
                     )
                 )
         return sites
@@ -151,7 +151,7 @@ class Layout:
         ``config.roles``, else the architecture's default roles (the ``ArchSpec`` field named
         ``default_roles``, e.g. ``"lora_default"``)."""
         if config.target_modules is not None:
-            return self.generic_sites(config.target_modules, config.layers, config.leave_out, kind="linear")
+            return self.generic_sites(config.target_modules, config.layers, config.leave_out, place="weight")
         roles = config.roles or getattr(self._need_spec(config.method), default_roles)
         return self.linear_sites(roles, config.layers, config.leave_out)
 
@@ -162,14 +162,14 @@ class Layout:
                 f"Module '{place_id}' is a {type(module).__name__}, not a Linear layer; "
                 "this method needs nn.Linear (or transformers' Conv1D) targets."
             )
-        return Site(place_id, module, feats[0], feats[1], layer=layer, kind="linear")
+        return Site(place_id, module, feats[0], feats[1], layer=layer, place="weight")
 
     def generic_sites(
         self,
         patterns: "str | Sequence[str]",
         layers: Optional[Sequence[int]] = None,
         leave_out: Iterable[int] = (),
-        kind: str = "linear",
+        place: str = "weight",
     ) -> list[Site]:
         """Sites for modules chosen by name: a regex (full match) or a list of name suffixes."""
         names = [name for name, _ in self.model.named_modules() if name]
@@ -199,11 +199,11 @@ class Layout:
                 if wanted is None and ((layers is not None and layer not in layers) or layer in leave_out):
                     continue
             place_id = self._relative(name)
-            if kind == "linear":
+            if place == "weight":
                 sites.append(self._linear_site(place_id, module, layer))
             else:
                 in_f, out_f = _module_widths(module, name)
-                sites.append(Site(place_id, module, in_f, out_f, layer=layer, kind="sublayer"))
+                sites.append(Site(place_id, module, in_f, out_f, layer=layer, place=place))
         if not sites:
             found = sorted({i for i in map(self._layer_of, matched) if i is not None})
             raise AdapterError(

@@ -59,8 +59,6 @@ class BottleneckConfig(AdapterConfig):
         scaling: factor on the adapter output: a float, ``"learned"`` (a scalar) or ``"channel"``.
         init_weights: ``"mam_adapter"`` (up-projection zero: identity at init), ``"bert"``
             (normal, std 0.02) or ``"houlsby"`` (truncated normal, std 0.01).
-        stochastic_depth: drop the adapter's output for whole examples with this probability
-            while training (row-wise, rescaled), as AdapterHub / torchvision.
     """
 
     mh_adapter: bool = False
@@ -77,7 +75,6 @@ class BottleneckConfig(AdapterConfig):
     is_parallel: bool = False
     scaling: Union[float, str] = 1.0
     init_weights: str = "mam_adapter"
-    stochastic_depth: float = 0.0
 
     def validate(self) -> None:
         if self.non_linearity.lower() not in ACTIVATIONS:
@@ -108,7 +105,7 @@ class BottleneckConfig(AdapterConfig):
 
     def sites(self, layout) -> list[Site]:
         if self.target_modules is not None:
-            return layout.generic_sites(self.target_modules, self.layers, self.leave_out, kind="sublayer")
+            return layout.generic_sites(self.target_modules, self.layers, self.leave_out, place="post")
         places = (["attn_out"] if self.mh_adapter else []) + (["ffn_out"] if self.output_adapter else [])
         return layout.sublayer_sites(places, self.layers, self.leave_out)
 
