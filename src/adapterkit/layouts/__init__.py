@@ -21,9 +21,9 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..slots import Site
-from .architectures import ARCHITECTURES, ArchSpec, SubLayerSpec, spec_for
+from .architectures import ARCHITECTURES, ArchSpec, SubLayerSpec, is_decoder_config, spec_for
 
-__all__ = ["Layout", "ArchSpec", "SubLayerSpec", "ARCHITECTURES", "linear_features"]
+__all__ = ["Layout", "ArchSpec", "SubLayerSpec", "ARCHITECTURES", "linear_features", "is_decoder_config"]
 
 
 ALL_LINEAR = "all-linear"
@@ -72,6 +72,11 @@ class Layout:
         return cls(model, spec, blocks, blocks_path, model_type, hidden)
 
     # -- helpers -------------------------------------------------------------------------------
+    @property
+    def is_decoder(self) -> bool:
+        """A decoder-only (causal LM) model; see ``is_decoder_config``."""
+        return is_decoder_config(getattr(self.model, "config", None))
+
     @property
     def num_layers(self) -> int:
         return len(self.blocks)

@@ -131,6 +131,16 @@ LLAMA_LIKE = ArchSpec(
 ARCHITECTURES: tuple[ArchSpec, ...] = (BERT_LIKE, DISTILBERT, GPT2, LLAMA_LIKE)
 
 
+def is_decoder_config(config) -> bool:
+    """Whether a ``transformers`` config describes a decoder-only (causal LM) model: the one
+    place that decides it (the loader picks ``AutoModelForCausalLM`` by it, heads pool the last
+    token by it). Encoder-decoder models (T5, BART) are not decoders in this sense."""
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    spec = spec_for(getattr(config, "model_type", None))
+    return bool(getattr(config, "is_decoder", False) or (spec is not None and spec.decoder))
+
+
 def spec_for(model_type: str | None) -> ArchSpec | None:
     for spec in ARCHITECTURES:
         if model_type in spec.model_types:
