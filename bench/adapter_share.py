@@ -44,7 +44,9 @@ def _addmm_flops(input_shape, a_shape, b_shape, *args, **kwargs) -> int:
 def flops(model: torch.nn.Module, batch: dict) -> int:
     # torch counts ``addmm`` but not its in-place form, which ``fused.add_linear`` uses
     in_place = {torch.ops.aten.addmm_: _addmm_flops}
-    with FlopCounterMode(display=False, custom_mapping=in_place) as counter, torch.inference_mode():
+    # no_grad, not inference_mode: the counter's module tracker cannot hook a module whose output
+    # is a Parameter (IA3's factor) under inference_mode
+    with FlopCounterMode(display=False, custom_mapping=in_place) as counter, torch.no_grad():
         model(**batch)
     return counter.get_total_flops()
 

@@ -257,7 +257,7 @@ class Snapshot:
     def of(cls, model: AdapterModel, batch: dict[str, torch.Tensor]) -> "Snapshot":
         return cls(
             adapters=list(model.adapters),
-            configs={n: model._configs[n].to_dict() for n in model.adapters},
+            configs={n: model.records[n].config.to_dict() for n in model.adapters},
             heads=list(model.heads),
             setup=model.active_adapters.to_dict() if model.active_adapters is not None else None,
             active_head=model.active_head,
@@ -270,7 +270,7 @@ class Snapshot:
 
     def assert_unchanged(self, model: AdapterModel) -> None:
         assert list(model.adapters) == self.adapters
-        assert {n: model._configs[n].to_dict() for n in model.adapters} == self.configs
+        assert {n: model.records[n].config.to_dict() for n in model.adapters} == self.configs
         assert list(model.heads) == self.heads
         setup = model.active_adapters.to_dict() if model.active_adapters is not None else None
         assert setup == self.setup

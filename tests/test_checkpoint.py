@@ -44,7 +44,7 @@ def test_save_then_load_into_a_fresh_model_is_identical(case, batch, tmp_path):
     assert target.load_adapter(tmp_path / "a", set_active=True) == "a"
     assert target.active_head == "a"
     assert torch.equal(run(target.eval(), batch), run(source, batch))
-    assert target._configs["a"] == source._configs["a"]
+    assert target.records["a"].config == source.records["a"].config
     assert target.heads["a"].config == source.heads["a"].config
 
 
@@ -64,7 +64,7 @@ def test_checkpoint_is_safetensors_and_json(tmp_path):
     model.save_adapter(tmp_path / "a", "a")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert meta["config"] == model._configs["a"].to_dict()
+    assert meta["config"] == model.records["a"].config.to_dict()
     assert meta["base_model"]["hidden_size"] == 32 and meta["base_model"]["num_layers"] == 4
     tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     expected = {f"adapter.{k}" for k in model.adapters["a"].state_dict()} | {f"head.{k}" for k in model.heads["a"].state_dict()}

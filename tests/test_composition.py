@@ -115,7 +115,7 @@ def one_site(method: str, **options) -> tuple[AdapterModel, torch.Tensor, SlotIO
     perturb(model.adapters)
     x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
     hidden = mlp[1](mlp[0](x))
-    return model.eval(), x, SlotIO(x=hidden, y=mlp[2](hidden))
+    return model.eval(), x, SlotIO(x=hidden, y=mlp[2](hidden), place=model.records["a"].sites[0].place)
 
 
 @pytest.mark.parametrize("method,options", [("pfeiffer", {"reduction_factor": 2}), ("lora", {"r": 2}), ("ia3", {})])
@@ -123,9 +123,9 @@ def one_site(method: str, **options) -> tuple[AdapterModel, torch.Tensor, SlotIO
 def test_blocks_follow_their_formulas_on_one_site(method, options):
     model, x, io = one_site(method, **options)
     a, b = model.adapters["a"]["2"], model.adapters["b"]["2"]
-    out_a, out_b = a(io), b(io)
+    out_a, out_b = a.run(io), b.run(io)
     model.set_active_adapters(Stack("a", "b"))
-    assert torch.allclose(model(x), b(io.with_y(out_a)), atol=1e-6)
+    assert torch.allclose(model(x), b.run(io.with_value(out_a)), atol=1e-6)
     model.set_active_adapters(Average("a", "b", weights=[1.0, 3.0]))
     assert torch.allclose(model(x), 0.25 * out_a + 0.75 * out_b, atol=1e-6)
     model.set_active_adapters(BatchSplit("a", "b", batch_sizes=[2, 3]))

@@ -82,8 +82,8 @@ def wrapped(factory, method, options) -> AdapterModel:
 @placements
 def test_target_modules_choose_the_places(factory, method, options, places):
     model = wrapped(factory, method, options)
-    assert [site.place_id for site in model._sites["a"]] == places
-    hosts = {id(site.host) for site in model._sites["a"]}
+    assert [site.place_id for site in model.records["a"].sites] == places
+    hosts = {id(site.host) for site in model.records["a"].sites}
     assert sum(1 for m in model.model.modules() if len(m._forward_hooks) and id(m) in hosts) == len(places)
 
 

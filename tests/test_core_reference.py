@@ -46,12 +46,12 @@ def test_lora_matches_peft(arch_name, batch):
     config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets, fan_in_fan_out=fan_in_fan_out,
                              lora_dropout=0.0)
     theirs = peft.get_peft_model(make_base(ARCHS[arch_name]), config).eval()
-    for site in ours._sites["a"]:
+    for site in ours.records["a"].sites:
         module, lora = _peft_module(theirs, site.place_id, ours), ours.adapters["a"][site.key]
         with torch.no_grad():
             module.lora_A["default"].weight.copy_(lora.lora_A)
             module.lora_B["default"].weight.copy_(lora.lora_B)
-    assert len(ours._sites["a"]) == 4 * len(roles)
+    assert len(ours.records["a"].sites) == 4 * len(roles)
     expected = run(theirs, batch)
     assert (expected - run(make_base(ARCHS[arch_name]), batch)).abs().max() > 1e-3  # the adapter matters
     assert (run(ours.eval(), batch) - expected).abs().max() <= 1e-5
@@ -67,7 +67,7 @@ def test_ia3_on_keys_and_values_matches_peft(arch_name, batch):
     _randomise(ours)
     config = peft.IA3Config(target_modules=targets, feedforward_modules=[])
     theirs = peft.get_peft_model(make_base(ARCHS[arch_name]), config).eval()
-    for site in ours._sites["a"]:
+    for site in ours.records["a"].sites:
         module = _peft_module(theirs, site.place_id, ours)
         with torch.no_grad():
             module.ia3_l["default"].copy_(ours.adapters["a"][site.key].ia3_l.view_as(module.ia3_l["default"]))

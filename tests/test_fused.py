@@ -14,6 +14,14 @@ from adapterkit import resolve_config
 from adapterkit.methods.bottleneck import Bottleneck
 from adapterkit.methods.fused import add_linear, fold_layer_norm, linear_of_layer_norm
 from adapterkit.slots import SlotIO
+from adapterkit.strategies import Add
+
+
+def _unit(config) -> Bottleneck:
+    """A bottleneck module as the core places it: with the residual-add strategy attached."""
+    unit = Bottleneck(config, D, D)
+    unit.strategy = Add()
+    return unit
 
 D = 12
 
@@ -45,16 +53,17 @@ def _written_out(adapter: Bottleneck, io: SlotIO, preset: str) -> torch.Tensor:
 @pytest.mark.parametrize("training", [False, True])
 def test_bottleneck_forward_and_gradients_match_the_written_out_formula(preset, training):
     torch.manual_seed(0)
-    adapter = Bottleneck(resolve_config(preset), D, D).double().train(training)
+    adapter = _unit(resolve_config(preset)).double().train(training)
     with torch.no_grad():
         for p in adapter.parameters():
             p.normal_(0, 0.3)  # non-zero up-projection: the adapter changes the output
     norm = nn.LayerNorm(D).double()
     y = torch.randn(3, 4, D, dtype=torch.float64, requires_grad=True)
     io = SlotIO(x=torch.randn(3, 4, D, dtype=torch.float64), y=y,
-                residual=torch.randn(3, 4, D, dtype=torch.float64), layer_norm=norm)
+                residual=torch.randn(3, 4, D, dtype=torch.float64), layer_norm=norm,
+                place=adapter.config.resolved_place)
     params = [*adapter.parameters(), y]
-    ours = adapter(io)
+    ours = adapter.run(io)
     expected = _written_out(adapter, io, preset)
     assert (ours - io.y).abs().max() > 0.1
     assert torch.allclose(ours, expected, atol=1e-12)
@@ -68,15 +77,15 @@ def test_dropout_while_training_takes_the_written_out_path():
     """Dropout acts on the adapter's output alone, so it cannot ride on the fused GEMM: with
     dropout set, training outputs vary from call to call and eval outputs do not."""
     torch.manual_seed(0)
-    adapter = Bottleneck(resolve_config("houlsby", dropout=0.5), D, D)
+    adapter = _unit(resolve_config("houlsby", dropout=0.5))
     with torch.no_grad():
         adapter.up.weight.normal_()
     y = torch.randn(2, 3, D)
     io = SlotIO(x=y, y=y)
-    assert not torch.equal(adapter(io), adapter(io))
+    assert not torch.equal(adapter.run(io), adapter.run(io))
     adapter.eval()
-    assert torch.equal(adapter(io), adapter(io))
-    assert torch.allclose(adapter(io), y + adapter.up(F.silu(adapter.down(y))), atol=1e-6)
+    assert torch.equal(adapter.run(io), adapter.run(io))
+    assert torch.allclose(adapter.run(io), y + adapter.up(F.silu(adapter.down(y))), atol=1e-6)
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -105,7 +114,7 @@ def test_linear_of_layer_norm_declines_rows_whose_mean_dwarfs_their_spread():
 
 def _pfeiffer_io(dtype=torch.float64, offset: float = 0.0) -> tuple[Bottleneck, SlotIO]:
     torch.manual_seed(0)
-    adapter = Bottleneck(resolve_config("pfeiffer"), D, D).to(dtype).eval()
+    adapter = _unit(resolve_config("pfeiffer")).to(dtype).eval()
     norm = nn.LayerNorm(D).to(dtype)
     with torch.no_grad():
         for p in [*adapter.parameters(), *norm.parameters()]:
@@ -120,7 +129,7 @@ def test_pfeiffer_inference_path_matches_the_written_out_formula(mode):
     adapter, io = _pfeiffer_io()
     y_before = io.y.clone()
     with mode():
-        ours = adapter(io)
+        ours = adapter.run(io)
         expected = _written_out(adapter, io, "pfeiffer")
     assert adapter._folded is not None  # the folded path ran
     assert torch.allclose(ours, expected, atol=1e-12)
@@ -130,23 +139,23 @@ def test_pfeiffer_inference_path_matches_the_written_out_formula(mode):
 def test_pfeiffer_inference_path_follows_weight_updates():
     adapter, io = _pfeiffer_io()
     with torch.no_grad():
-        adapter(io)
+        adapter.run(io)
         adapter.down.weight.add_(0.5)  # an optimizer step or load_adapter writes in place
         io.layer_norm.bias.mul_(2.0)
-        assert torch.allclose(adapter(io), _written_out(adapter, io, "pfeiffer"), atol=1e-12)
+        assert torch.allclose(adapter.run(io), _written_out(adapter, io, "pfeiffer"), atol=1e-12)
         adapter.down.weight = nn.Parameter(adapter.down.weight * 2.0)  # a new tensor, version 0
         adapter.down.bias.data = adapter.down.bias + 1.0  # new storage under the same Parameter
-        assert torch.allclose(adapter(io), _written_out(adapter, io, "pfeiffer"), atol=1e-12)
+        assert torch.allclose(adapter.run(io), _written_out(adapter, io, "pfeiffer"), atol=1e-12)
     adapter.to(torch.float32)  # new tensors: the fold is made again for them
     io32 = SlotIO(x=io.x.float(), y=io.y.float(), residual=io.residual.float(), layer_norm=io.layer_norm.float())
     with torch.no_grad():
-        assert torch.allclose(adapter(io32), _written_out(adapter, io32, "pfeiffer"), atol=1e-5)
+        assert torch.allclose(adapter.run(io32), _written_out(adapter, io32, "pfeiffer"), atol=1e-5)
 
 
 def test_pfeiffer_inference_path_falls_back_where_the_fold_would_lose_precision():
     adapter, io = _pfeiffer_io(torch.float32, offset=3000.0)
     with torch.no_grad():
-        delta = adapter(io) - io.y
+        delta = adapter.run(io) - io.y
         expected = _written_out(adapter, io, "pfeiffer") - io.y
     assert adapter._folded is not None and delta.abs().max() > 0.1
     assert torch.allclose(delta, expected, rtol=0.0, atol=2e-3)

@@ -4,10 +4,12 @@ Blocks are small serialisable values in AdapterHub's vocabulary: ``Stack("a", "b
 then ``b`` at every slot, ``Average("a", "b", weights=[...])`` mixes their outputs and
 ``BatchSplit("a", "b", batch_sizes=[2, 3])`` gives each adapter its share of the batch. A plain
 name or a list stands for a ``Stack``. Per-example routing (``model(..., adapter_names=[...])``)
-is the same mechanism as ``BatchSplit`` with an index per adapter instead of a contiguous range.
+lives in ``routing.py``.
 
 ``compile_plan(setup, modules)`` turns a setup into one function per slot, once per change of
-the setup; at forward time a slot only calls it.
+the setup; at forward time a slot only calls it. Each adapter module runs through its own
+strategy (``AdapterModule.run``), so the blocks combine the sites' *values*; the modules' own
+contributions are there for blocks that need them (``AdapterModule.__call__``).
 """
 
 from __future__ import annotations
@@ -122,7 +124,8 @@ def compile_plan(setup: Setup, modules: Mapping[str, nn.Module]) -> Optional[Pla
     """The function a slot runs for ``setup``, given the adapter modules placed at that slot
     (name -> module). ``None`` when no adapter of the setup is placed there."""
     if isinstance(setup, str):
-        return modules.get(setup)
+        unit = modules.get(setup)
+        return None if unit is None else unit.run
     plans = [compile_plan(child, modules) for child in setup.children]
     if isinstance(setup, Stack):
         steps = [p for p in plans if p is not None]
@@ -132,10 +135,10 @@ def compile_plan(setup: Setup, modules: Mapping[str, nn.Module]) -> Optional[Pla
             return steps[0]
 
         def stack(io: SlotIO) -> torch.Tensor:
-            y = io.y
+            value = io.passthrough
             for step in steps:
-                y = step(io.with_y(y))
-            return y
+                value = step(io.with_value(value))
+            return value
 
         return stack
     if isinstance(setup, Average):
@@ -144,7 +147,7 @@ def compile_plan(setup: Setup, modules: Mapping[str, nn.Module]) -> Optional[Pla
         pairs = [(w, p) for w, p in zip(setup.weights, plans)]
 
         def average(io: SlotIO) -> torch.Tensor:
-            return sum(w * (p(io) if p is not None else io.y) for w, p in pairs)
+            return sum(w * (p(io) if p is not None else io.passthrough) for w, p in pairs)
 
         return average
     if isinstance(setup, BatchSplit):
@@ -154,9 +157,10 @@ def compile_plan(setup: Setup, modules: Mapping[str, nn.Module]) -> Optional[Pla
             start += size
 
         def batch_split(io: SlotIO) -> torch.Tensor:
-            if io.y.shape[0] != start:
-                raise AdapterError(f"BatchSplit sizes {setup.batch_sizes} add up to {start}, but the batch has {io.y.shape[0]} examples.")
-            index = [torch.arange(a, b, device=io.y.device) for a, b in bounds]
+            value = io.passthrough
+            if value.shape[0] != start:
+                raise AdapterError(f"BatchSplit sizes {setup.batch_sizes} add up to {start}, but the batch has {value.shape[0]} examples.")
+            index = [torch.arange(a, b, device=value.device) for a, b in bounds]
             return route(io, list(zip(index, plans)))
 
         return batch_split
@@ -164,17 +168,10 @@ def compile_plan(setup: Setup, modules: Mapping[str, nn.Module]) -> Optional[Pla
 
 
 def route(io: SlotIO, groups: Sequence[tuple[torch.Tensor, Optional[Plan]]]) -> torch.Tensor:
-    """Run each plan on its rows of the batch; rows with no plan keep the host output."""
-    out = io.y
+    """Run each plan on its rows of the batch; rows with no plan keep the site's value."""
+    out = io.passthrough
     for index, plan in groups:
         if plan is None or index.numel() == 0:
             continue
         out = out.index_copy(0, index, plan(io.rows(index)))
     return out
-
-
-def routing_plan(groups: Sequence[tuple[torch.Tensor, Optional[Plan]]]) -> Optional[Plan]:
-    """Plan for per-example routing: ``groups`` pairs row indices with each adapter's plan."""
-    if all(plan is None for _, plan in groups):
-        return None
-    return lambda io: route(io, groups)

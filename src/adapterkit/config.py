@@ -62,6 +62,10 @@ class AdapterConfig:
     method: ClassVar[str] = ""
     #: whether ``merge_adapter`` can fold this method into the base weights
     supports_merge: ClassVar[bool] = False
+    #: the places this method's modules can take (``slots.Site.place``); the first is the default
+    places: ClassVar[tuple[str, ...]] = ("post", "pre", "parallel")
+    #: the strategy used when ``strategy`` is ``None``
+    default_strategy: ClassVar[str] = "add"
 
     target_modules: str | tuple[str, ...] | None = None
     layers: tuple[int, ...] | None = None
@@ -82,6 +86,7 @@ class AdapterConfig:
             elif f.name in ("roles", "stacks") and isinstance(value, str):  # "q,v" or "all-linear"
                 object.__setattr__(self, f.name, tuple(r.strip() for r in value.split(",") if r.strip()))
         try:
+            self._validate_shared()
             self.validate()
         except TypeError as err:  # a value of the wrong type, e.g. reduction_factor="16"
             given = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
@@ -90,6 +95,22 @@ class AdapterConfig:
                 f"Invalid option value for method '{self.method}' ({err}); options given: {given or 'none'}. "
                 "Check their types (numbers, booleans, strings) against the method's documentation."
             ) from None
+
+    def _validate_shared(self) -> None:
+        from .strategies import STRATEGIES
+
+        if self.place is not None and self.place not in self.places:
+            raise AdapterError(
+                f"Method '{self.method}' cannot take place='{self.place}'; its places: {', '.join(self.places)}."
+            )
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise AdapterError(f"Unknown strategy '{self.strategy}'; choose one of: {', '.join(STRATEGIES)}.")
+        if not 0.0 <= self.stochastic_depth < 1.0:
+            raise AdapterError(f"stochastic_depth must be in [0, 1), got {self.stochastic_depth}.")
+        if not self.l2_lambda >= 0.0:
+            raise AdapterError(f"l2_lambda must be >= 0, got {self.l2_lambda}.")
+        if self.stacks is not None and not all(isinstance(s, str) and s for s in self.stacks):
+            raise AdapterError(f"stacks must be stack names such as 'encoder' or 'decoder', got {self.stacks!r}.")
 
     # -- to be provided by each method -------------------------------------------------------
     def validate(self) -> None:
@@ -100,10 +121,52 @@ class AdapterConfig:
         raise NotImplementedError
 
     def build(self, site: "Site") -> nn.Module:
-        """A fresh adapter module for one site, initialised so that the output is unchanged."""
+        """A fresh adapter module (an ``AdapterModule``) for one site, initialised so that its
+        contribution leaves the output unchanged."""
         raise NotImplementedError
 
+    def default_place(self) -> str:
+        """The place used when ``place`` is ``None``."""
+        return self.places[0]
+
     # -- shared ------------------------------------------------------------------------------
+    @property
+    def resolved_place(self) -> str:
+        return self.place or self.default_place()
+
+    @property
+    def resolved_strategy(self) -> str:
+        return self.strategy or self.default_strategy
+
+    @property
+    def merges_exactly(self) -> bool:
+        """Whether ``merge_adapter`` can fold this adapter into the weights: a mergeable method
+        combined by its own strategy, with nothing random or learned around it."""
+        return self.supports_merge and self.strategy in (None, self.default_strategy)
+
+    def place_for(self, site: "Site") -> str:
+        """The place of the module at ``site`` (one place for all sites unless a method says otherwise)."""
+        return self.resolved_place
+
+    def build_unit(self, site: "Site") -> nn.Module:
+        """``build(site)`` with its strategy attached: what the core places at a site."""
+        from .methods.base import AdapterModule
+        from .strategies import make_strategy
+
+        module = self.build(site)
+        if not isinstance(module, AdapterModule):
+            raise AdapterError(
+                f"Method '{self.method}' built a {type(module).__name__}; a method's build() must return an "
+                "adapterkit.methods.base.AdapterModule (see methods/ia3.py for a short example)."
+            )
+        width = site.in_features if site.place == "pre" else site.out_features
+        strategy = make_strategy(self.resolved_strategy, width, scale=self.strategy_scale,
+                                 stochastic_depth=self.stochastic_depth, l2_lambda=self.l2_lambda)
+        if strategy.makes_identity:
+            module.init_nonzero()
+        module.strategy = strategy
+        return module
+
     def replace(self, **changes: Any) -> "AdapterConfig":
         """A copy with some options changed (the config itself is immutable)."""
         _check_option_names(type(self), changes)

@@ -1,8 +1,11 @@
 """``AdapterModel``: the handle users hold around a frozen model.
 
-It owns the adapters (``self.adapters[name][site_key]``), the heads (``self.heads[name]``)
-and one ``Slot`` per occupied place. Changing the setup (add, delete, activate, merge, disable)
-recompiles the plan of every slot once; a forward pass only runs the plans.
+It keeps one ``AdapterRecord`` per adapter (its config, its sites and its modules, which are also
+registered under ``self.adapters[name][site_key]``), the heads (``self.heads[name]``), one
+``Slot`` per occupied place, and the merges (``merging.Merges``). Changing the setup (add,
+delete, activate, merge, disable) recompiles the plans of every slot once; a forward pass only
+runs them, with its per-call state (per-example routing, auxiliary losses) in a forward context
+(``context.py``), so one model can serve several threads at once.
 
 >>> import torch, transformers
 >>> from adapterkit import AdapterModel
@@ -23,25 +26,55 @@ base checkpoint), so ``transformers.Trainer`` checkpoints of an ``AdapterModel``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
+import threading
 from collections import OrderedDict
-from typing import Any, Iterator, Optional, Sequence, Union
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from . import __version__
-from .composition import Block, Stack, as_setup, compile_plan, routing_plan
+from . import __version__, context
+from .composition import Block, as_setup, compile_plan
 from .config import AdapterConfig, config_from_dict, resolve_config
 from .errors import AdapterError, CheckpointError
 from .heads import Head, HeadConfig
 from .io import read_checkpoint, write_checkpoint
 from .layouts import Layout
+from .merging import Merges
+from .routing import Routing, routed_plan
 from .slots import Site, Slot
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+#: inputs a batch can arrive as; the first one present gives the batch size and device for routing
+_INPUT_KINDS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+
+
+@dataclass
+class AdapterRecord:
+    """Everything about one adapter: its config, the sites it occupies and its modules (keyed by
+    ``Site.key``)."""
+
+    name: str
+    config: AdapterConfig
+    sites: list[Site]
+    modules: nn.ModuleDict
+
+    def site(self, key: str) -> Site:
+        return next(s for s in self.sites if s.key == key)
+
+
+@dataclass
+class AdapterModelOutput(SequenceClassifierOutput):
+    """A head's output, with the adapters' auxiliary loss (``l2_lambda``) when there is one;
+    ``loss`` already includes it."""
+
+    aux_loss: Optional[torch.Tensor] = None
 
 
 class AdapterModel(nn.Module):
@@ -61,14 +94,12 @@ class AdapterModel(nn.Module):
         self.layout = Layout.of(model)
         self.adapters = nn.ModuleDict()
         self.heads = nn.ModuleDict()
-        self._configs: dict[str, AdapterConfig] = {}
-        self._sites: dict[str, list[Site]] = {}
-        self._slots: dict[str, Slot] = {}
-        self._names_at: dict[str, list[str]] = {}
+        self._records: dict[str, AdapterRecord] = {}
+        self._slots: dict[tuple[str, str], Slot] = {}  # (place id, place) -> slot
         self._setup: Optional[Block] = None
         self._active_head: Optional[str] = None
-        self._merge_order: list[str] = []
-        self._originals: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        self._merges = Merges()
+        self._routed_calls = _CallCounter()
         self._disabled = 0
         self._base_frozen = False
         self._base_dropout = True
@@ -104,27 +135,39 @@ class AdapterModel(nn.Module):
             raise AdapterError(f"No adapter named {missing}; adapters in this model: {have}. Add it with add_adapter().")
 
     # -- adding and removing ------------------------------------------------------------------
-    def _build(self, config: AdapterConfig) -> tuple[list[Site], nn.ModuleDict]:
-        """Sites and fresh modules for ``config``; nothing is attached to the model yet."""
-        sites = config.sites(self.layout)
+    @property
+    def records(self) -> Mapping[str, AdapterRecord]:
+        """Every adapter's record (config, sites, modules), by name; read-only."""
+        return MappingProxyType(self._records)
+
+    def _build(self, name: str, config: AdapterConfig) -> AdapterRecord:
+        """The record of a fresh adapter for ``config``; nothing is attached to the model yet."""
+        sites = [dataclasses.replace(site, place=config.place_for(site)) for site in config.sites(self.layout)]
         modules = nn.ModuleDict()
         for site in sites:
             if site.key in modules:
                 raise AdapterError(f"Place '{site.place_id}' was selected twice; check target_modules / layers.")
-            modules[site.key] = config.build(site)
+            modules[site.key] = config.build_unit(site)
         ref = self._ref_param()
         if ref is not None:
             modules.to(device=ref.device, dtype=ref.dtype)
-        return sites, modules
+        modules.train(self.training)  # new modules follow the handle's mode
+        return AdapterRecord(name, config, sites, modules)
 
-    def _attach(self, name: str, config: AdapterConfig, sites: list[Site], modules: nn.ModuleDict) -> None:
-        self.adapters[name] = modules
-        self._configs[name] = config
-        self._sites[name] = sites
-        for site in sites:
-            if site.place_id not in self._slots:
-                self._slots[site.place_id] = Slot(site)
-            self._names_at.setdefault(site.place_id, []).append(name)
+    def _attach(self, record: AdapterRecord) -> None:
+        self.adapters[record.name] = record.modules
+        self._records[record.name] = record
+        for site in record.sites:
+            self._slots.setdefault((site.place_id, site.place), Slot(site))
+
+    def _units_at(self, slot: Slot) -> dict[str, nn.Module]:
+        """The unmerged adapters' modules at a slot, in the order the adapters were added."""
+        key, place = slot.site.key, slot.site.place
+        return {
+            name: record.modules[key]
+            for name, record in self._records.items()
+            if key in record.modules and record.site(key).place == place and name not in self._merges
+        }
 
     def add_adapter(
         self,
@@ -138,7 +181,12 @@ class AdapterModel(nn.Module):
         """Add a fresh adapter. ``config`` is a preset (``"pfeiffer"``, ``"houlsby"``,
         ``"parallel"``, ``"lora"``, ``"ia3"``), a method name, a dict or a config object;
         ``options`` override its fields, e.g. ``add_adapter("a", "lora", r=16)``.
+        A name ``"decoder:name"`` (NeMo's module-scoped names) places the adapter ``name`` in
+        that stack only (``stacks=("decoder",)``); see ``adapter_module_names``.
         On any error the model is left exactly as it was."""
+        if isinstance(name, str) and ":" in name:
+            stack, name = name.split(":", 1)
+            options = {**options, "stacks": (stack,)}
         self._check_name(name)
         if name in self.adapters and not overwrite:
             raise AdapterError(
@@ -146,10 +194,10 @@ class AdapterModel(nn.Module):
                 f"or call delete_adapter('{name}') first."
             )
         cfg = resolve_config(config, **options)
-        sites, modules = self._build(cfg)  # may raise: nothing changed yet
+        record = self._build(name, cfg)  # may raise: nothing changed yet
         if name in self.adapters:
             self.delete_adapter(name, delete_head=False)
-        self._attach(name, cfg, sites, modules)
+        self._attach(record)
         if set_active:
             self.set_active_adapters(name)
         else:
@@ -158,18 +206,18 @@ class AdapterModel(nn.Module):
     def delete_adapter(self, name: str, *, delete_head: bool = True) -> None:
         """Remove an adapter (unmerging it first) and, by default, its head."""
         self._require([name])
-        if name in self._merge_order:
+        if name in self._merges:
             self.unmerge_adapter(name)
         if self._setup is not None and name in self._setup.names():
             self._setup = None
-        for site in self._sites.pop(name):
-            names = self._names_at[site.place_id]
-            names.remove(name)
-            if not names:
-                self._slots.pop(site.place_id).set_plan(None)
-                del self._names_at[site.place_id]
+        record = self._records.pop(name)
         del self.adapters[name]
-        del self._configs[name]
+        for site in record.sites:
+            slot_key = (site.place_id, site.place)
+            still_used = any(site.key in r.modules and r.site(site.key).place == site.place
+                             for r in self._records.values())
+            if not still_used:
+                self._slots.pop(slot_key).set_plans(None)
         if delete_head and name in self.heads:
             self.delete_head(name)
         self._refresh()
@@ -182,13 +230,16 @@ class AdapterModel(nn.Module):
         hidden = self.layout.hidden_size
         if hidden is None:
             raise AdapterError("Cannot tell the model's hidden size (no config.hidden_size); heads need it.")
-        head = Head(config, hidden, is_decoder=bool(self.layout.spec and self.layout.spec.decoder))
+        self.heads[name] = self._make_head(config)
+        if set_active:
+            self._active_head = name
+
+    def _make_head(self, config: HeadConfig) -> Head:
+        head = Head(config, self.layout.hidden_size, is_decoder=self.layout.is_decoder)
         ref = self._ref_param()
         if ref is not None:
             head.to(device=ref.device, dtype=ref.dtype)
-        self.heads[name] = head
-        if set_active:
-            self._active_head = name
+        return head.train(self.training)  # follows the handle's mode
 
     def add_classification_head(
         self,
@@ -279,7 +330,7 @@ class AdapterModel(nn.Module):
         if block is None:
             raise AdapterError("train_adapter needs an adapter name or setup.")
         self._require(block.names())
-        merged = [n for n in block.names() if n in self._merge_order]
+        merged = [n for n in block.names() if n in self._merges]
         if merged:
             raise AdapterError(f"Adapter(s) {merged} are merged into the weights; call unmerge_adapter() before training.")
         names = set(block.names())
@@ -311,28 +362,23 @@ class AdapterModel(nn.Module):
     def disable_adapters(self) -> Iterator[None]:
         """Run the bare base model inside the block (merged weights are restored meanwhile)."""
         self._disabled += 1
-        self._apply_merges()
+        self._merges.apply(self._records, disabled=True)
         self._refresh()
         try:
             yield
         finally:
             self._disabled -= 1
-            self._apply_merges()
+            self._merges.apply(self._records, disabled=bool(self._disabled))
             self._refresh()
 
     def _refresh(self) -> None:
-        """Recompile the plan of every slot for the current setup (the one place that does)."""
+        """Recompile every slot's plans for the current setup (the one place that does): the
+        active setup's plan and the per-example routing plan."""
         setup = None if self._disabled else self._setup
-        for place_id, slot in self._slots.items():
-            if setup is None:
-                slot.set_plan(None)
-                continue
-            modules = {
-                name: self.adapters[name][slot.site.key]
-                for name in self._names_at[place_id]
-                if name not in self._merge_order
-            }
-            slot.set_plan(compile_plan(setup, modules))
+        for slot in self._slots.values():
+            units = self._units_at(slot)
+            plan = compile_plan(setup, units) if setup is not None else None
+            slot.set_plans(plan, None if self._disabled else routed_plan(units))
 
     # -- merging -----------------------------------------------------------------------------------
     def merge_adapter(self, name: str) -> None:
@@ -340,48 +386,15 @@ class AdapterModel(nn.Module):
         lives in the weights whether or not it is active; ``unmerge_adapter`` restores the exact
         original weights (they are kept aside, not recomputed)."""
         self._require([name])
-        cfg = self._configs[name]
-        if not cfg.supports_merge:
-            raise AdapterError(f"Adapter '{name}' ({cfg.method}) cannot be merged; only methods that change weights can (lora, ia3).")
-        if name in self._merge_order:
-            raise AdapterError(f"Adapter '{name}' is already merged.")
-        for site in self._sites[name]:
-            if site.place_id not in self._originals:
-                bias = getattr(site.host, "bias", None)
-                self._originals[site.place_id] = (
-                    site.host.weight.detach().clone(),
-                    bias.detach().clone() if isinstance(bias, torch.Tensor) else None,
-                )
-        self._merge_order.append(name)
-        self._apply_merges()
+        self._merges.merge(self._records[name])
+        self._merges.apply(self._records, disabled=bool(self._disabled))
         self._refresh()
 
     def unmerge_adapter(self, name: str) -> None:
         """Undo ``merge_adapter``: the weights become bit-for-bit the originals again."""
-        if name not in self._merge_order:
-            raise AdapterError(f"Adapter '{name}' is not merged.")
-        self._merge_order.remove(name)
-        self._apply_merges()
+        self._merges.unmerge(name)
+        self._merges.apply(self._records, disabled=bool(self._disabled))
         self._refresh()
-
-    @torch.no_grad()
-    def _apply_merges(self) -> None:
-        """Write original weights, then (unless disabled) every merged adapter in merge order.
-        A weight no merged adapter touches any more gets its original back and is forgotten."""
-        sites = {site.place_id: site for placed in self._sites.values() for site in placed}
-        for place_id, (weight, bias) in list(self._originals.items()):
-            site = sites.get(place_id)
-            merged = [n for n in self._merge_order if site is not None and site.key in self.adapters[n]]
-            if site is not None:
-                w, b = weight, bias
-                if not self._disabled:
-                    for name in merged:
-                        w, b = self.adapters[name][site.key].merged(w, b)
-                site.host.weight.copy_(w)
-                if b is not None:
-                    site.host.bias.copy_(b)
-            if not merged:
-                del self._originals[place_id]
 
     # -- forward -------------------------------------------------------------------------------
     def forward(
@@ -397,14 +410,18 @@ class AdapterModel(nn.Module):
         """Run the model with the active setup and head.
 
         ``adapter_names`` routes each example of the batch to its own adapter (or ``None`` for
-        the base model): the result equals running each example alone with that adapter.
-        Without an active head the wrapped model's own output is returned (e.g. a causal LM's
-        logits and loss). A plain ``nn.Module`` (no ``transformers`` config) gets its input as its
-        first positional argument: ``model(x)`` runs ``model.model(x)`` with the adapters."""
+        the base model): the result equals running each example alone with that adapter. It
+        holds for this call only and for this thread only: several threads may call one model
+        at once with different ``adapter_names``. Without an active head the wrapped model's own
+        output is returned (e.g. a causal LM's logits and loss). A plain ``nn.Module`` (no
+        ``transformers`` config) gets its input as its first positional argument: ``model(x)``
+        runs ``model.model(x)`` with the adapters.
+
+        Auxiliary losses of the adapters (``l2_lambda``, while training) are returned as
+        ``output.aux_loss`` and added to ``output.loss`` when there is one."""
         head_name = head if head is not None else self._active_head
         if head_name is not None and head_name not in self.heads:
             raise AdapterError(f"No head named '{head_name}'; heads: {', '.join(self.heads) or 'none'}.")
-        routing = self._routing(adapter_names, input_ids) if adapter_names is not None else contextlib.nullcontext()
         args: tuple = ()
         if input_ids is not None:
             if self.config is None:
@@ -413,42 +430,64 @@ class AdapterModel(nn.Module):
                 kwargs["input_ids"] = input_ids
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
-        with routing:
+        routing = self._routing(adapter_names, args[0] if args else None, kwargs) if adapter_names is not None else None
+        with self._routing_hooks(routing is not None), context.forward(routing) as ctx:
             if head_name is None:
                 if labels is not None:
                     kwargs["labels"] = labels
-                return self.model(*args, **kwargs)
+                return _with_aux_loss(self.model(*args, **kwargs), ctx.aux_loss())
             backbone = getattr(self.model, "base_model", self.model)
             out = backbone(*args, **kwargs)
             hidden = out if isinstance(out, torch.Tensor) else out[0]  # (B, T, d)
             loss, logits = self.heads[head_name](hidden, attention_mask, labels)
-            return SequenceClassifierOutput(loss=loss, logits=logits)
+            return _with_aux_loss(AdapterModelOutput(loss=loss, logits=logits), ctx.aux_loss())
+
+    def _routing(self, adapter_names: Sequence[Optional[str]], positional: Optional[torch.Tensor],
+                 kwargs: dict) -> Routing:
+        """Check ``adapter_names`` against the batch and make the call's ``Routing``."""
+        if self._merges:
+            raise AdapterError(f"Per-example routing needs unmerged adapters; unmerge {self._merges.order} first.")
+        if isinstance(adapter_names, str):
+            raise AdapterError("adapter_names takes one adapter name (or None) per example, e.g. ['a', None, 'b'].")
+        names = list(adapter_names)
+        self._require(sorted({n for n in names if n is not None}))
+        inputs = [positional] + [kwargs.get(k) for k in _INPUT_KINDS]
+        batch = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
+        if batch is not None and len(names) != batch.shape[0]:
+            raise AdapterError(f"adapter_names has {len(names)} entries but the batch has {batch.shape[0]} examples.")
+        ref = self._ref_param()
+        device = batch.device if batch is not None else (ref.device if ref is not None else None)
+        return Routing(names, device)
+
+    def generate(self, *args: Any, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs: Any):
+        """``generate`` of the wrapped model, with the active adapters, or with one adapter per
+        prompt (``adapter_names``; beams and several sequences per prompt follow their prompt)."""
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        routing = self._routing(adapter_names, args[0] if args else None, kwargs)
+        with self._routing_hooks(True), context.forward(routing):
+            return self.model.generate(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _routing(self, adapter_names: Sequence[Optional[str]], input_ids: Optional[torch.Tensor]) -> Iterator[None]:
-        if self._merge_order:
-            raise AdapterError(f"Per-example routing needs unmerged adapters; unmerge {self._merge_order} first.")
-        names = list(adapter_names)
-        if input_ids is not None and len(names) != input_ids.shape[0]:
-            raise AdapterError(f"adapter_names has {len(names)} entries but the batch has {input_ids.shape[0]} examples.")
-        self._require(sorted({n for n in names if n is not None}))
-        device = input_ids.device if input_ids is not None else None
-        groups = {}
-        for i, n in enumerate(names):
-            if n is not None:
-                groups.setdefault(n, []).append(i)
-        index = {n: torch.tensor(rows, device=device) for n, rows in groups.items()}
-        for place_id, slot in self._slots.items():
-            modules = {n: self.adapters[n][slot.site.key] for n in self._names_at[place_id]}
-            slot.set_plan(routing_plan([(index[n], compile_plan(Stack(n), modules)) for n in index]))
+    def _routing_hooks(self, routed: bool) -> Iterator[None]:
+        """While any routed call is under way, every slot keeps its hooks (the first such call
+        installs them, the last one removes those the active setup does not need)."""
+        if not routed:
+            yield
+            return
+        with self._routed_calls.lock:
+            self._routed_calls.count += 1
+            if self._routed_calls.count == 1:
+                for slot in self._slots.values():
+                    slot.arm_routing(True)
         try:
             yield
         finally:
-            self._refresh()
-
-    def generate(self, *args: Any, **kwargs: Any):
-        """``generate`` of the wrapped model, with the active adapters."""
-        return self.model.generate(*args, **kwargs)
+            with self._routed_calls.lock:
+                self._routed_calls.count -= 1
+                if self._routed_calls.count == 0:
+                    for slot in self._slots.values():
+                        slot.arm_routing(False)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self, *args: Any, destination=None, prefix: str = "", keep_vars: bool = False):  # type: ignore[override]
@@ -469,18 +508,19 @@ class AdapterModel(nn.Module):
         base = sum(p.numel() for p in self.model.parameters())
         active = set(self._setup.names()) if self._setup is not None else set()
         rows = []
-        for name, module in self.adapters.items():
+        for name, record in self._records.items():
+            module = record.modules
             params = sum(p.numel() for p in module.parameters())
             head_params = sum(p.numel() for p in self.heads[name].parameters()) if name in self.heads else 0
             rows.append({
                 "name": name,
-                "method": self._configs[name].method,
+                "method": record.config.method,
                 "parameters": params,
                 "head_parameters": head_params,
                 "percent_of_base": 100.0 * params / max(base, 1),
                 "active": name in active,
                 "trainable": any(p.requires_grad for p in module.parameters()),
-                "merged": name in self._merge_order,
+                "merged": name in self._merges,
             })
         if as_dict:
             return rows
@@ -499,12 +539,13 @@ class AdapterModel(nn.Module):
     def save_adapter(self, directory: "str | os.PathLike", name: str, *, with_head: bool = True) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically)."""
         self._require([name])
-        sites = self._sites[name]
+        record = self._records[name]
+        sites = record.sites
         head = self.heads[name] if with_head and name in self.heads else None
         meta = {
             "name": name,
             "adapterkit_version": __version__,
-            "config": self._configs[name].to_dict(),
+            "config": record.config.to_dict(),
             "places": [s.place_id for s in sites],
             "base_model": {**self.layout.fingerprint(), "host_shapes": {s.place_id: s.weight_shape() for s in sites}},
             "head": head.config.to_dict() if head is not None else None,
@@ -535,7 +576,8 @@ class AdapterModel(nn.Module):
         except AdapterError as err:
             raise CheckpointError(f"{directory}: {err}") from None
         self._check_fingerprint(meta.get("base_model", {}), directory)
-        sites, modules = self._build(cfg)
+        record = self._build(name, cfg)
+        sites, modules = record.sites, record.modules
         if [s.place_id for s in sites] != meta.get("places"):
             raise CheckpointError(
                 f"{directory}: the adapter occupies places {meta.get('places')[:4]}..., but this model resolves its "
@@ -552,15 +594,11 @@ class AdapterModel(nn.Module):
         if with_head and meta.get("head"):
             if name in self.heads:
                 raise AdapterError(f"A head named '{name}' already exists; pass load_as='other_name' or delete it first.")
-            head_cfg = HeadConfig.from_dict(meta["head"])
-            head = Head(head_cfg, self.layout.hidden_size, is_decoder=bool(self.layout.spec and self.layout.spec.decoder))
-            ref = self._ref_param()
-            if ref is not None:
-                head.to(device=ref.device, dtype=ref.dtype)
+            head = self._make_head(HeadConfig.from_dict(meta["head"]))
         _load_exact(modules, tensors, "adapter.", directory)
         if head is not None:
             _load_exact(head, tensors, "head.", directory)
-        self._attach(name, cfg, sites, modules)
+        self._attach(record)
         if head is not None:
             self.heads[name] = head
         if set_active:
@@ -597,3 +635,28 @@ def _load_exact(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str
                 f"{tuple(expected[key].shape)}; the adapter was made for another base model."
             )
     module.load_state_dict(given, strict=True)
+
+
+class _CallCounter:
+    """Routed calls under way, with the lock that guards arming the slots' hooks for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {"count": 0}
+
+    def __setstate__(self, state: dict) -> None:
+        self.count, self.lock = 0, threading.Lock()
+
+
+def _with_aux_loss(output: Any, aux: Optional[torch.Tensor]) -> Any:
+    """Put the auxiliary loss on a ``ModelOutput`` (and into its ``loss``); other outputs (a
+    plain module's tensor) are returned as they are."""
+    if aux is None or not isinstance(output, dict):
+        return output
+    if output.get("loss") is not None:
+        output["loss"] = output["loss"] + aux
+    output["aux_loss"] = aux
+    return output

@@ -1,30 +1,36 @@
 """Sites and slots: where adapters meet the frozen model, and how they run there.
 
-A ``Site`` describes one place in the model: the *host* module whose forward the adapter
-rewrites, plus, for transformer sub-layers, where the residual stream comes from and the
-layer norm that follows. A ``Slot`` is the runtime at one site: a forward hook on the host that
-calls the active *plan* (a function ``SlotIO -> Tensor`` compiled from the active composition
-when the setup changes). With no plan, the slot removes its hooks, so the model runs exactly
-the code it had before: adapters off means the base model, bit for bit.
+A ``Site`` describes one place in the model: the *host* module the adapter meets, how it
+meets it (``place``: ``post``, ``pre``, ``parallel``, ``weight``), plus, for transformer
+sub-layers, where the residual stream comes from and the layer norm that follows. A ``Slot`` is
+the runtime at one site: a hook on the host (a forward hook; a forward pre-hook at a ``pre``
+place) that calls a *plan* (a function ``SlotIO -> Tensor`` compiled when the setup changes).
+With no plan, the slot removes its hooks, so the model runs exactly the code it had before:
+adapters off means the base model, bit for bit.
 
-Every adapter module receives a ``SlotIO`` and returns the new host output:
+A plan receives a ``SlotIO`` and returns the site's new value (the host's output, or its input
+at a ``pre`` place):
 
-* ``x``: the host's input (first positional argument),
-* ``y``: the host's output (first element when the host returns a tuple),
+* ``x``: the host's input (first positional argument, else first tensor keyword argument),
+* ``y``: the host's output (first element when the host returns a tuple; ``None`` at ``pre``),
 * ``residual``: the residual stream entering the sub-layer, captured by a pre-hook
   (``None`` at sites without one),
-* ``layer_norm``: the model's layer norm that follows the sub-layer (post-LN models only).
+* ``layer_norm``: the model's layer norm that follows the sub-layer (post-LN models only),
+* ``place``: the site's place.
 
 Hooks instead of copied model code keep us independent of ``transformers`` versions.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 from torch import nn
+
+from . import context
 
 Plan = Callable[["SlotIO"], torch.Tensor]
 
@@ -86,55 +92,129 @@ class Site:
 class SlotIO:
     """What an adapter sees at a site (see module docstring)."""
 
-    x: torch.Tensor
-    y: torch.Tensor
+    x: Optional[torch.Tensor]
+    y: Optional[torch.Tensor]
     residual: Optional[torch.Tensor] = None
     layer_norm: Optional[nn.Module] = None
+    place: str = "post"
+
+    @property
+    def passthrough(self) -> torch.Tensor:
+        """The value the site carries on unchanged when no adapter acts on it."""
+        return self.x if self.place == "pre" else self.y
 
     def rows(self, index: torch.Tensor) -> "SlotIO":
         """The same view restricted to some examples of the batch (per-example routing)."""
         pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
         return replace(self, x=pick(self.x), y=pick(self.y), residual=pick(self.residual))
 
-    def with_y(self, y: torch.Tensor) -> "SlotIO":
-        return replace(self, y=y)
+    def with_value(self, value: torch.Tensor) -> "SlotIO":
+        """The view after an adapter rewrote the site's value (the next one in a ``Stack``)."""
+        return replace(self, x=value) if self.place == "pre" else replace(self, y=value)
+
+
+def _first_input(args: tuple, kwargs: dict) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """The host's input: its first positional argument, else its first tensor keyword argument."""
+    if args:
+        return args[0], None
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            return value, key
+    return None, None
 
 
 class Slot:
-    """Runtime at one site: hooks installed only while a plan is active."""
+    """Runtime at one site: hooks installed only while a plan is active.
+
+    Two plans, both compiled when the setup changes: ``plan`` for the active setup and ``routed``
+    for per-example routing (``routing.routed_plan``); the hooks pick one per call from the
+    forward context (``context.py``). Nothing per call is stored on the slot except, per thread,
+    the residual captured between the pre-hook and the host's hook, so concurrent calls from
+    several threads do not meet.
+
+    Hooks are installed while the active setup has a plan here or while a routed call is under
+    way (``arm_routing``, counted by the handle), so with no active setup and no routed call the
+    model runs with no hook at all.
+    """
 
     def __init__(self, site: Site):
         self.site = site
         self.plan: Optional[Plan] = None
+        self.routed: Optional[Plan] = None
+        self._routing_armed = False
         self._handles: list = []
-        self._residual: Optional[torch.Tensor] = None
+        self._local = threading.local()
 
-    def set_plan(self, plan: Optional[Plan]) -> None:
-        """Install (or, with ``None``, remove) the hooks that run ``plan``."""
-        self.plan = plan
-        if plan is None:
+    def __getstate__(self) -> dict:  # copy.deepcopy / pickle of a model: the thread-local stays behind
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def set_plans(self, plan: Optional[Plan], routed: Optional[Plan] = None) -> None:
+        """Set the plans and install or remove the hooks accordingly."""
+        self.plan, self.routed = plan, routed
+        self._sync_hooks()
+
+    def arm_routing(self, armed: bool) -> None:
+        """Keep the hooks installed for routed calls (``True``) or only for the active plan."""
+        self._routing_armed = armed
+        self._sync_hooks()
+
+    def _sync_hooks(self) -> None:
+        wanted = self.plan is not None or (self._routing_armed and self.routed is not None)
+        if not wanted:
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
-            self._residual = None
             return
         if self._handles:
-            return  # hooks already there; they read self.plan at call time
-        if self.site.residual_from is not None:
-            module, _ = self.site.residual_from
+            return  # hooks already there; they read the plans at call time
+        site = self.site
+        if site.residual_from is not None:
+            module, _ = site.residual_from
             self._handles.append(module.register_forward_pre_hook(self._capture, with_kwargs=True))
+        if site.place == "pre":
+            self._handles.append(site.host.register_forward_pre_hook(self._run_pre, with_kwargs=True))
+            return
         # Weight-level adapters (LoRA, IA3) belong to the host's own computation, so they run
         # before sub-layer adapters that share the host (Llama's o_proj is both).
-        prepend = self.site.place == "weight"
-        self._handles.append(self.site.host.register_forward_hook(self._run, with_kwargs=True, prepend=prepend))
+        prepend = site.place == "weight"
+        self._handles.append(site.host.register_forward_hook(self._run, with_kwargs=True, prepend=prepend))
+
+    def _current_plan(self) -> Optional[Plan]:
+        ctx = context.current()
+        return self.routed if ctx is not None and ctx.routing is not None else self.plan
 
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._residual = self.site.residual_from[1].pick(args, kwargs)
+        self._local.residual = self.site.residual_from[1].pick(args, kwargs)
+
+    def _take_residual(self) -> Optional[torch.Tensor]:
+        residual = getattr(self._local, "residual", None)
+        self._local.residual = None
+        return residual
 
     def _run(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        residual = self._take_residual()
+        plan = self._current_plan()
+        if plan is None:
+            return None
         y = output[0] if isinstance(output, tuple) else output
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        io = SlotIO(x=x, y=y, residual=self._residual, layer_norm=self.site.layer_norm)
-        self._residual = None
-        new_y = self.plan(io)
+        x, _ = _first_input(args, kwargs)
+        io = SlotIO(x=x, y=y, residual=residual, layer_norm=self.site.layer_norm, place=self.site.place)
+        new_y = plan(io)
         return (new_y, *output[1:]) if isinstance(output, tuple) else new_y
+
+    def _run_pre(self, module: nn.Module, args: tuple, kwargs: dict):
+        residual = self._take_residual()
+        plan = self._current_plan()
+        if plan is None:
+            return None
+        x, key = _first_input(args, kwargs)
+        if x is None:
+            return None
+        new_x = plan(SlotIO(x=x, y=None, residual=residual, layer_norm=self.site.layer_norm, place="pre"))
+        if key is None:
+            return (new_x, *args[1:]), kwargs
+        return args, {**kwargs, key: new_x}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Hashable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from torch import nn
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
 from ..slots import Site, SlotIO
+from .base import AdapterModule, default_read, gather, small_normal_
 from .fused import Folded, add_linear, fold_layer_norm, linear_of_layer_norm
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -98,8 +99,8 @@ class BottleneckConfig(AdapterConfig):
                 "original_ln_after=False is not supported: adapterkit keeps the model's own residual add and "
                 "layer norm (it hooks modules instead of copying model code). Use original_ln_after=True."
             )
-        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.stochastic_depth < 1.0:
-            raise AdapterError("dropout and stochastic_depth must be in [0, 1).")
+        if not 0.0 <= self.dropout < 1.0:
+            raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}.")
         if self.target_modules is None and not (self.mh_adapter or self.output_adapter):
             raise AdapterError("Set mh_adapter=True and/or output_adapter=True (or target_modules=...).")
 
@@ -109,8 +110,13 @@ class BottleneckConfig(AdapterConfig):
         places = (["attn_out"] if self.mh_adapter else []) + (["ffn_out"] if self.output_adapter else [])
         return layout.sublayer_sites(places, self.layers, self.leave_out)
 
+    def default_place(self) -> str:
+        return "parallel" if self.is_parallel else "post"
+
     def build(self, site: Site) -> nn.Module:
-        reads = site.in_features if self.is_parallel and site.residual_from is None else site.out_features
+        if site.place == "pre":  # rewrites the host's input
+            return Bottleneck(self, site.in_features, site.in_features)
+        reads = site.in_features if site.place == "parallel" and site.residual_from is None else site.out_features
         return Bottleneck(self, reads, site.out_features)
 
     def bottleneck_width(self, width: int) -> int:
@@ -119,8 +125,8 @@ class BottleneckConfig(AdapterConfig):
         return max(1, int(width // self.reduction_factor))
 
 
-class Bottleneck(nn.Module):
-    """``up(act(down(norm(h)))) * scaling``, placed around the host per the config."""
+class Bottleneck(AdapterModule):
+    """``up(act(down(norm(h)))) * scaling``: a delta, read where the config says (see ``read``)."""
 
     def __init__(self, config: BottleneckConfig, in_features: int, out_features: int):
         super().__init__()
@@ -141,7 +147,7 @@ class Bottleneck(nn.Module):
         # x * 1.0 == x bit for bit: decided once here, so the forward skips that pass
         self._scaled = not (isinstance(self.scaling, float) and self.scaling == 1.0)
         # Pfeiffer's shape: the down-projection reads the model's layer norm of (y + residual)
-        # and the up-projection adds to y; see ``_inference_with_folded_norm``
+        # and the up-projection adds to y; see ``fused_site``
         self._reads_model_norm = (not config.is_parallel and config.original_ln_before
                                   and config.residual_before_ln is True and config.norm_position is None
                                   and isinstance(self.scaling, float))
@@ -162,43 +168,66 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.bias)
 
+    def init_nonzero(self) -> None:
+        small_normal_(self.up.weight)
+
+    def read(self, io: SlotIO) -> tuple[torch.Tensor, torch.Tensor]:
+        """At a ``post`` place, AdapterHub's ``pre_forward``: with ``original_ln_before`` the adapter
+        reads the model's layer norm of ``y + residual``; ``residual_before_ln`` picks what the
+        delta is added to. Other places read as ``default_read``."""
+        if io.place != "post":
+            return default_read(io)
+        cfg = self.config
+        h = base = io.y
+        if cfg.original_ln_before and io.residual is not None:
+            h = h + io.residual
+            if cfg.residual_before_ln == "post_add":
+                base = h
+            if io.layer_norm is not None:
+                h = io.layer_norm(h)
+        if cfg.residual_before_ln is False:
+            base = h
+        return h, base
+
     def hidden(self, h: torch.Tensor) -> torch.Tensor:
         """The bottleneck activations ``act(down(norm(h)))``: (B, T, d_in) -> (B, T, m)."""
         if self.norm_before is not None:
             h = self.norm_before(h)
         return self.act(self.down(h))
 
-    def delta(self, h: torch.Tensor) -> torch.Tensor:
-        """The adapter's own output (before any residual): (B, T, d_in) -> (B, T, d_out)."""
+    def forward(self, h: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """The adapter's own output, (B, T, d_in) -> (B, T, d_out). With a ``"post"`` norm and
+        ``adapter_residual_before_ln`` the norm reads ``delta + base``, so the contribution is
+        ``norm(delta + base) - base``."""
         out = self.up(self.hidden(h))
         if self._scaled:
             out = out * self.scaling
-        p = self.config.stochastic_depth
-        if p > 0.0 and self.training:
-            keep = out.new_empty((out.shape[0],) + (1,) * (out.dim() - 1)).bernoulli_(1 - p)
-            out = out * keep / (1 - p)
-        return self.dropout(out)
+        out = self.dropout(out)
+        if self.norm_after is None:
+            return out
+        if self.config.adapter_residual_before_ln and not self.config.is_parallel:
+            return self.norm_after(out + base) - base
+        return self.norm_after(out)
 
     @property
     def _output_noise(self) -> bool:
-        """Dropout or stochastic depth acts on the adapter's own output (training with either set)."""
-        return self.training and (self.config.dropout > 0.0 or self.config.stochastic_depth > 0.0)
+        """Dropout acts on the adapter's own output (training with dropout set)."""
+        return self.training and self.config.dropout > 0.0
 
-    def add_delta(self, residual: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """``residual + delta(h)``. Unless dropout or stochastic depth is at work (training with
-        either set) or the scaling is a parameter, the up-projection accumulates straight into
-        the residual (``fused.add_linear``): one pass over the output instead of three."""
-        if self._output_noise or not isinstance(self.scaling, float):
-            return residual + self.delta(h)
-        return add_linear(residual, self.hidden(h), self.up.weight, self.up.bias, self.scaling)
+    def add_to(self, base: torch.Tensor, h: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
+        """``base + scale * delta`` with the up-projection accumulated straight into the base
+        (``fused.add_linear``): one pass over the output instead of three."""
+        if self._output_noise or self.norm_after is not None or not isinstance(self.scaling, float):
+            return None
+        return add_linear(base, self.hidden(h), self.up.weight, self.up.bias, self.scaling * scale)
 
-    def _inference_with_folded_norm(self, io: SlotIO) -> Optional[torch.Tensor]:
+    def fused_site(self, io: SlotIO, scale: float) -> Optional[torch.Tensor]:
         """The Pfeiffer shape at inference, ``y + up(act(down(norm(y + residual))))``, without
         writing ``norm(y + residual)`` (``fused.linear_of_layer_norm``) and with the output written
         over ``y + residual``, which nothing else reads. ``None`` where it does not apply."""
         norm = io.layer_norm
         # CPU only: the precision check reads a flag back from the device, a sync on a GPU
-        if (torch.is_grad_enabled() or not self._reads_model_norm or io.residual is None
+        if (torch.is_grad_enabled() or not self._reads_model_norm or io.place != "post" or io.residual is None
                 or io.y.device.type != "cpu" or type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1
                 or io.y.dtype not in (torch.float32, torch.float64) or io.y.dtype != self.down.weight.dtype
                 or self._output_noise):
@@ -207,7 +236,7 @@ class Bottleneck(nn.Module):
         a = linear_of_layer_norm(s.view(-1, s.shape[-1]), norm.eps, self._fold(norm))
         if a is None:
             return None
-        return add_linear(io.y, self.act(a), self.up.weight, self.up.bias, self.scaling, out=s)
+        return add_linear(io.y, self.act(a), self.up.weight, self.up.bias, self.scaling * scale, out=s)
 
     def _fold(self, norm: nn.LayerNorm) -> Folded:
         """``fold_layer_norm`` of the down-projection, kept until a tensor it reads changes: new
@@ -220,30 +249,27 @@ class Bottleneck(nn.Module):
             self._folded = (tensors, state, fold_layer_norm(norm, self.down.weight, self.down.bias))
         return self._folded[2]
 
-    def forward(self, io: SlotIO) -> torch.Tensor:
+    # -- batched per-example routing -----------------------------------------------------------
+    def stack_key(self) -> Optional[Hashable]:
+        if self.norm_before is not None or self.norm_after is not None or not isinstance(self.scaling, float) \
+                or self._output_noise:
+            return None
         cfg = self.config
-        fast = self._inference_with_folded_norm(io)
-        if fast is not None:
-            return fast
-        if cfg.is_parallel:
-            source = io.residual if io.residual is not None else io.x
-            if self.norm_after is not None:
-                return io.y + self.norm_after(self.delta(source))
-            return self.add_delta(io.y, source)
-        h, residual = io.y, io.y
-        if cfg.original_ln_before and io.residual is not None:
-            h = h + io.residual
-            if cfg.residual_before_ln == "post_add":
-                residual = h
-            if io.layer_norm is not None:
-                h = io.layer_norm(h)
-        if cfg.residual_before_ln is False:
-            residual = h
-        if self.norm_after is None:  # the residual goes in before or after a norm that is not there
-            return self.add_delta(residual, h)
-        if cfg.adapter_residual_before_ln:
-            return self.norm_after(self.delta(h) + residual)
-        return self.norm_after(self.delta(h)) + residual
+        return (self.down.in_features, self.down.out_features, self.up.out_features, cfg.non_linearity.lower(),
+                cfg.is_parallel, cfg.original_ln_before, cfg.residual_before_ln)
+
+    @classmethod
+    def run_stacked(cls, units: Sequence["Bottleneck"], which: torch.Tensor, io: SlotIO) -> torch.Tensor:
+        """Every routed example through its own adapter with one batched matmul per projection."""
+        h, base = units[0].read(io)
+        n = base.shape[0]
+        h3, base3 = h.reshape(n, -1, h.shape[-1]), base.reshape(n, -1, base.shape[-1])  # (B, T, d)
+        down_w = gather([u.down.weight for u in units], which)  # (B, m, d_in)
+        down_b = gather([u.down.bias for u in units], which)  # (B, m)
+        up_w = gather([u.up.weight * u.scaling if u._scaled else u.up.weight for u in units], which)  # (B, d_out, m)
+        up_b = gather([u.up.bias * u.scaling if u._scaled else u.up.bias for u in units], which)  # (B, d_out)
+        z = units[0].act(torch.baddbmm(down_b.unsqueeze(1), h3, down_w.transpose(1, 2)))  # (B, T, m)
+        return torch.baddbmm(base3 + up_b.unsqueeze(1), z, up_w.transpose(1, 2)).view(base.shape)
 
 
 PFEIFFER = BottleneckConfig()

@@ -1,20 +1,24 @@
-"""(IA)^3: learned vectors that rescale the outputs of chosen Linear layers.
+"""(IA)^3: learned vectors that rescale the outputs (or inputs) of chosen Linear layers.
 
 Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
 Learning", sec. 3.3: ``y * l`` on keys, values and the FFN's intermediate activations, with
-``l`` initialised to ones (identity). Mergeable: scaling the weight's output rows (and bias).
+``l`` initialised to ones (identity). The module's contribution is the factor ``l``; the
+``multiply`` strategy applies it. At the ``weight`` place it scales the Linear's output, at the
+``pre`` place its input (PEFT's ``feedforward_modules``). Mergeable: scaling the weight's output
+rows and the bias, or its input columns.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Hashable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..config import AdapterConfig, register_method, register_preset
 from ..slots import Site, SlotIO
+from .base import AdapterModule, gather, small_normal_
 
 
 @register_method("ia3")
@@ -23,6 +27,8 @@ class IA3Config(AdapterConfig):
     """(IA)^3 on Linear layers; ``roles=None`` = keys, values and the FFN input projection."""
 
     supports_merge = True
+    places = ("weight", "pre")
+    default_strategy = "multiply"
 
     roles: Optional[tuple[str, ...]] = None
 
@@ -30,22 +36,48 @@ class IA3Config(AdapterConfig):
         return layout.weight_sites(self, "ia3_default")
 
     def build(self, site: Site) -> nn.Module:
-        return IA3(site.out_features, transposed=type(site.host).__name__ == "Conv1D")
+        scales_input = site.place == "pre"  # PEFT's feedforward_modules: the Linear's input
+        width = site.in_features if scales_input else site.out_features
+        return IA3(width, transposed=type(site.host).__name__ == "Conv1D", scales_input=scales_input)
 
 
-class IA3(nn.Module):
-    def __init__(self, out_features: int, transposed: bool = False):
+class IA3(AdapterModule):
+    """A learned vector ``l``: its contribution is the factor ``l`` (ones at init)."""
+
+    output = "factor"
+
+    def __init__(self, features: int, transposed: bool = False, scales_input: bool = False):
         super().__init__()
-        self.transposed = transposed
-        self.ia3_l = nn.Parameter(torch.ones(out_features))
+        self.transposed = transposed  # host stores its weight as (in, out), like transformers' Conv1D
+        self.scales_input = scales_input
+        self.ia3_l = nn.Parameter(torch.ones(features))
+
+    def init_nonzero(self) -> None:
+        small_normal_(self.ia3_l)
+        with torch.no_grad():
+            self.ia3_l.add_(1.0)
 
     def merged(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        """Output scaling rescales the weight's output rows and the bias; input scaling its
+        input columns only."""
         scale = self.ia3_l.to(weight.dtype)
-        weight = weight * (scale[None, :] if self.transposed else scale[:, None])
-        return weight, (bias * scale if bias is not None else None)
+        scales_rows = self.transposed == self.scales_input  # a (out, in) weight's rows are outputs
+        weight = weight * (scale[:, None] if scales_rows else scale[None, :])
+        if self.scales_input or bias is None:
+            return weight, bias
+        return weight, bias * scale
 
-    def forward(self, io: SlotIO) -> torch.Tensor:
-        return io.y * self.ia3_l
+    def forward(self, h: Optional[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+        return self.ia3_l
+
+    def stack_key(self) -> Optional[Hashable]:
+        return (self.ia3_l.shape[0],)
+
+    @classmethod
+    def run_stacked(cls, units: Sequence["IA3"], which: torch.Tensor, io: SlotIO) -> torch.Tensor:
+        _, base = units[0].read(io)
+        scale = gather([u.ia3_l for u in units], which)  # (B, out)
+        return base * scale.view(scale.shape[0], *([1] * (base.dim() - 2)), scale.shape[1])
 
 
 register_preset("ia3", IA3Config())

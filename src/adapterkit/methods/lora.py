@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Hashable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch import nn
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
 from ..slots import Site, SlotIO
+from .base import AdapterModule, gather, small_normal_
 from .fused import add_linear
 
 
@@ -41,6 +42,7 @@ class LoRAConfig(AdapterConfig):
     """
 
     supports_merge = True
+    places = ("weight",)
 
     r: int = 8
     alpha: float = 8.0
@@ -69,8 +71,9 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
-class LoRA(nn.Module):
-    """``lora_A`` (r, in) and ``lora_B`` (out, r), the names PEFT and AdapterHub use."""
+class LoRA(AdapterModule):
+    """``lora_A`` (r, in) and ``lora_B`` (out, r), the names PEFT and AdapterHub use. Reads the
+    host's input; its contribution is the delta ``scaling * B(A(dropout(x)))``."""
 
     def __init__(self, config: LoRAConfig, in_features: int, out_features: int, transposed: bool = False):
         super().__init__()
@@ -81,6 +84,9 @@ class LoRA(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
+    def init_nonzero(self) -> None:
+        small_normal_(self.lora_B)
+
     def delta_weight(self) -> torch.Tensor:
         """The update in the host's weight layout."""
         delta = (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
@@ -89,10 +95,31 @@ class LoRA(nn.Module):
     def merged(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         return weight + self.delta_weight().to(weight.dtype), bias
 
-    def forward(self, io: SlotIO) -> torch.Tensor:
-        y = io.y
-        xa = F.linear(self.dropout(io.x), self.lora_A)  # (B, T, in) -> (B, T, r)
-        return add_linear(y, xa, self.lora_B, scale=self.scaling)  # (B, T, out)
+    def forward(self, h: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        xa = F.linear(self.dropout(h), self.lora_A)  # (B, T, in) -> (B, T, r)
+        return F.linear(xa, self.lora_B) * self.scaling  # (B, T, out)
+
+    def add_to(self, base: torch.Tensor, h: torch.Tensor, scale: float) -> torch.Tensor:
+        xa = F.linear(self.dropout(h), self.lora_A)  # (B, T, in) -> (B, T, r)
+        return add_linear(base, xa, self.lora_B, scale=self.scaling * scale)  # (B, T, out)
+
+    # -- batched per-example routing -----------------------------------------------------------
+    def stack_key(self) -> Optional[Hashable]:
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            return None
+        return (self.lora_A.shape[1], self.lora_B.shape[0])
+
+    @classmethod
+    def run_stacked(cls, units: Sequence["LoRA"], which: torch.Tensor, io: SlotIO) -> torch.Tensor:
+        """Each routed example through its own LoRA in two batched matmuls (BGMV); ranks are
+        padded with zeros to the largest, which adds exact zeros."""
+        h, base = units[0].read(io)
+        n = base.shape[0]
+        r = max(u.lora_A.shape[0] for u in units)
+        a = gather([F.pad(u.lora_A, (0, 0, 0, r - u.lora_A.shape[0])) for u in units], which)  # (B, r, in)
+        b = gather([F.pad(u.lora_B * u.scaling, (0, r - u.lora_B.shape[1])) for u in units], which)  # (B, out, r)
+        xa = torch.bmm(h.reshape(n, -1, h.shape[-1]), a.transpose(1, 2))  # (B, T, r)
+        return torch.baddbmm(base.reshape(n, -1, base.shape[-1]), xa, b.transpose(1, 2)).view(base.shape)
 
 
 register_preset("lora", LoRAConfig())

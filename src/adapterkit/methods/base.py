@@ -1,0 +1,100 @@
+"""The contract every method's module follows: compute a contribution, never combine it.
+
+An adapter at one site is an ``AdapterModule``. It
+
+* ``read(io)``: picks what it reads and what its contribution is combined with, ``(h, base)``,
+  from what its place offers (``slots.SlotIO``). The place decides the default: ``post`` reads the
+  host's output and is combined with it, ``pre`` reads and rewrites the host's input,
+  ``parallel`` and ``weight`` read the host's (or sub-layer's) input and are combined with the
+  host's output. A method may refine this (a Pfeiffer adapter reads the model's layer norm of
+  ``y + residual``);
+* ``forward(h, base)``: computes its contribution, a **delta** (zero leaves the base unchanged:
+  bottleneck, LoRA) or a **factor** (one leaves it unchanged: IA3), as ``output`` declares;
+* optionally offers fused shortcuts the residual-add strategy takes when nothing needs the
+  contribution on its own: ``add_to(base, h, scale)`` (``base + scale * delta`` in fewer passes)
+  and ``fused_site(io, scale)`` (the whole site, e.g. with the model's layer norm folded in).
+
+How the contribution meets the base is the job of the module's ``strategy`` (``strategies.py``),
+which the core attaches when it builds the module (``AdapterConfig.build_unit``); the module never
+calls it itself. A slot calls ``unit.run(io)``.
+
+Per-example routing can run several adapters of one class at one site in one batched operation:
+a module class that can do that implements ``stack_key()`` (equal keys = stackable together) and
+the class method ``run_stacked(units, which, io)`` (``routing.py``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Hashable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..slots import SlotIO
+    from ..strategies import Strategy
+
+
+def default_read(io: "SlotIO") -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """``(h, base)`` for a place: what an adapter reads there and what it is combined with."""
+    if io.place == "pre":
+        return io.x, io.x
+    if io.place == "post":
+        return io.y, io.y
+    # parallel / weight: the sub-layer's input where the layout names one, else the host's input
+    return (io.residual if io.residual is not None and io.place == "parallel" else io.x), io.y
+
+
+class AdapterModule(nn.Module):
+    """Base class of every method's per-site module (see the module docstring)."""
+
+    #: what ``forward`` returns: ``"delta"`` (0 = unchanged) or ``"factor"`` (1 = unchanged)
+    output: ClassVar[str] = "delta"
+    strategy: "Strategy"
+
+    def read(self, io: "SlotIO") -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        return default_read(io)
+
+    def forward(self, h: Optional[torch.Tensor], base: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def add_to(self, base: torch.Tensor, h: Optional[torch.Tensor], scale: float) -> Optional[torch.Tensor]:
+        """``base + scale * forward(h, base)`` in fewer passes, or ``None`` (no shortcut)."""
+        return None
+
+    def fused_site(self, io: "SlotIO", scale: float) -> Optional[torch.Tensor]:
+        """The whole site's ``base + scale * delta`` at inference in fewer passes, or ``None``."""
+        return None
+
+    def init_nonzero(self) -> None:
+        """Re-initialise the part that makes a fresh contribution zero (a delta) or one (a
+        factor) with small random values: a learned gate initialised at zero then makes the
+        adapter the identity and gradients reach both gate and adapter."""
+        raise AdapterError(f"{type(self).__name__} cannot be used with a gate strategy; use 'add' or 'scaled_add'.")
+
+    def run(self, io: "SlotIO") -> torch.Tensor:
+        """The new value at the site: this adapter combined by its strategy."""
+        return self.strategy(self, io)
+
+    # -- batched per-example routing (optional) --------------------------------------------------
+    def stack_key(self) -> Optional[Hashable]:
+        """Modules with equal keys can run as one batched operation (``run_stacked``)."""
+        return None
+
+    @classmethod
+    def run_stacked(cls, units: Sequence["AdapterModule"], which: torch.Tensor, io: "SlotIO") -> torch.Tensor:
+        """Each example ``i`` through ``units[which[i]]`` (``which[i] == len(units)``: no adapter)."""
+        raise NotImplementedError  # pragma: no cover
+
+
+def gather(tensors: Sequence[torch.Tensor], which: torch.Tensor) -> torch.Tensor:
+    """``stack(tensors)[which]``: each routed example's copy of a per-adapter tensor."""
+    return torch.stack(list(tensors)).index_select(0, which)
+
+
+@torch.no_grad()
+def small_normal_(tensor: torch.Tensor, std: float = 0.02) -> None:
+    """The non-zero init ``init_nonzero`` uses (BERT's std)."""
+    nn.init.normal_(tensor, std=std)

@@ -1,0 +1,171 @@
+"""Strategies: how an adapter's contribution meets what it is combined with (NeMo's
+``adapter_strategy``), with NeMo's regularisers available to every method.
+
+A strategy receives the adapter module and what its site offers, and returns the new value:
+
+==============  ===========================================  ================================
+name            result                                       identity at init
+==============  ===========================================  ================================
+``add``         ``base + delta``                             the method's own (delta 0)
+``scaled_add``  ``base + scale * delta``                     the method's own
+``gate``        ``base + g * delta``, ``g`` a learned scalar  ``g = 0`` (the module is
+``channel_gate`` the same with one ``g`` per channel            initialised non-zero instead)
+``multiply``    ``base * factor``                            the method's own (factor 1)
+==============  ===========================================  ================================
+
+A module's contribution is a *delta* or a *factor* (``AdapterModule.output``); each strategy
+turns it into the form it needs (a factor ``f`` is the delta ``base * (f - 1)``, a delta ``d``
+the factor ``1 + d``), so every strategy works with every method.
+
+``stochastic_depth`` (training only) keeps each example's change ``out - base`` with
+probability ``1 - p`` and rescales kept ones by ``1 / (1 - p)``, per example (NeMo's
+``ResidualAddAdapterStrategy`` draws one mask for the whole batch). ``l2_lambda`` adds
+``l2_lambda * mean over examples of sum((out - base)^2)`` (NeMo's formula) to the forward
+context's auxiliary losses while training an adapter with trainable parameters.
+
+With neither at work, ``add`` and ``scaled_add`` take the module's fused shortcuts
+(``methods/fused.py``): the up-projection accumulates into the base in one GEMM, and at inference
+a Pfeiffer-shaped adapter folds the model's layer norm into its down-projection.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from . import context
+from .errors import AdapterError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .methods.base import AdapterModule
+    from .slots import SlotIO
+
+
+def as_delta(base: torch.Tensor, c: torch.Tensor, output: str) -> torch.Tensor:
+    return c if output == "delta" else base * (c - 1)
+
+
+def as_factor(c: torch.Tensor, output: str) -> torch.Tensor:
+    return c if output == "factor" else 1 + c
+
+
+class Strategy(nn.Module):
+    """Base class: regularisers and the shared control flow; subclasses say how to combine."""
+
+    #: a fresh adapter is the identity through the strategy itself (a zero gate)
+    makes_identity: ClassVar[bool] = False
+
+    def __init__(self, stochastic_depth: float = 0.0, l2_lambda: float = 0.0):
+        super().__init__()
+        self.stochastic_depth = float(stochastic_depth)
+        self.l2_lambda = float(l2_lambda)
+
+    # -- what subclasses define ------------------------------------------------------------------
+    def fusion_scale(self) -> Optional[float]:
+        """The factor of a plain add, for the modules' fused shortcuts; ``None``: no shortcut."""
+        return None
+
+    def delta(self, base: torch.Tensor, c: torch.Tensor, output: str) -> torch.Tensor:
+        """The change ``out - base`` this strategy makes of contribution ``c``."""
+        raise NotImplementedError  # pragma: no cover
+
+    def combine(self, base: torch.Tensor, c: torch.Tensor, output: str) -> torch.Tensor:
+        return base + self.delta(base, c, output)
+
+    # -- shared ----------------------------------------------------------------------------------
+    def _regularising(self) -> bool:
+        return self.training and (self.stochastic_depth > 0.0 or (self.l2_lambda > 0.0 and torch.is_grad_enabled()))
+
+    def forward(self, unit: "AdapterModule", io: "SlotIO") -> torch.Tensor:
+        if not self._regularising():
+            scale = self.fusion_scale()
+            if scale is not None:
+                out = unit.fused_site(io, scale)
+                if out is not None:
+                    return out
+            h, base = unit.read(io)
+            if scale is not None:
+                out = unit.add_to(base, h, scale)
+                if out is not None:
+                    return out
+            return self.combine(base, unit(h, base), unit.output)
+        h, base = unit.read(io)
+        change = self.delta(base, unit(h, base), unit.output)
+        p = self.stochastic_depth
+        if p > 0.0:
+            keep = change.new_empty((change.shape[0],) + (1,) * (change.dim() - 1)).bernoulli_(1.0 - p)
+            change = change * keep.div_(1.0 - p)
+        if self.l2_lambda > 0.0 and torch.is_grad_enabled() and any(q.requires_grad for q in unit.parameters()):
+            context.add_aux_loss(self.l2_lambda * change.square().reshape(change.shape[0], -1).sum(-1).mean())
+        return base + change
+
+    def extra_repr(self) -> str:
+        return f"stochastic_depth={self.stochastic_depth}, l2_lambda={self.l2_lambda}"
+
+
+class Add(Strategy):
+    """``base + delta``: NeMo's residual add."""
+
+    def fusion_scale(self) -> Optional[float]:
+        return 1.0
+
+    def delta(self, base, c, output):
+        return as_delta(base, c, output)
+
+
+class ScaledAdd(Strategy):
+    """``base + scale * delta`` with a fixed ``scale``."""
+
+    def __init__(self, scale: float, **regularisers: float):
+        super().__init__(**regularisers)
+        self.scale = float(scale)
+
+    def fusion_scale(self) -> Optional[float]:
+        return self.scale
+
+    def delta(self, base, c, output):
+        return as_delta(base, c, output) * self.scale
+
+
+class Gate(Strategy):
+    """``base + gate * delta``; the gate (a scalar, or one value per channel) starts at zero."""
+
+    makes_identity = True
+
+    def __init__(self, width: int, **regularisers: float):
+        super().__init__(**regularisers)
+        self.gate = nn.Parameter(torch.zeros(width))
+
+    def delta(self, base, c, output):
+        return as_delta(base, c, output) * self.gate
+
+
+class Multiply(Strategy):
+    """``base * factor``: IA3's rescaling."""
+
+    def delta(self, base, c, output):
+        return base * (as_factor(c, output) - 1)
+
+    def combine(self, base, c, output):
+        return base * as_factor(c, output)
+
+
+STRATEGIES = ("add", "scaled_add", "gate", "channel_gate", "multiply")
+
+
+def make_strategy(name: str, width: int, *, scale: float = 1.0, stochastic_depth: float = 0.0,
+                  l2_lambda: float = 0.0) -> Strategy:
+    """The strategy called ``name`` for a site whose combined value has ``width`` channels."""
+    regularisers = {"stochastic_depth": stochastic_depth, "l2_lambda": l2_lambda}
+    makers = {
+        "add": lambda: Add(**regularisers),
+        "scaled_add": lambda: ScaledAdd(scale, **regularisers),
+        "gate": lambda: Gate(1, **regularisers),
+        "channel_gate": lambda: Gate(width, **regularisers),
+        "multiply": lambda: Multiply(**regularisers),
+    }
+    if name not in makers:
+        raise AdapterError(f"Unknown strategy '{name}'; choose one of: {', '.join(STRATEGIES)}.")
+    return makers[name]()
