@@ -60,6 +60,10 @@ PRESET_TITLES = {"pfeiffer": "Pfeiffer", "houlsby": "Houlsby", "parallel": "Para
 # The issue's targets: training vs the floor, inference vs the bare model.
 TRAIN_TARGETS = {"pfeiffer": 1.03, "houlsby": 1.03, "lora": 1.05}
 INFER_TARGETS = {"pfeiffer": 1.02, "houlsby": 1.02, "lora": 1.03, "lora-merged": 1.005}
+# Per-example routing (issue 9): 8 adapters over the 32 rows in random order, against the same
+# batch through one adapter.
+ROUTED_ADAPTERS = 8
+ROUTING_TARGET = 1.03
 
 
 # -- one configuration ----------------------------------------------------------------------------
@@ -73,11 +77,14 @@ class Case:
     library: str  # "torch", "adapterkit", "adapters", "peft"
     preset: Optional[str] = None
     target: Optional[float] = None
+    yard: Optional[str] = None  # another row to be judged against (default: floor / bare model)
 
     @property
     def yardstick(self) -> Optional[str]:
         if self.key in ("floor", "bare"):
             return None
+        if self.yard is not None:
+            return self.yard
         return "floor" if self.mode == "train" else "bare"
 
 
@@ -111,6 +118,9 @@ def all_cases() -> list[Case]:
         title = "LoRA q/v merged" if preset == "lora-merged" else PRESET_TITLES[preset]
         cases.append(Case(f"ak-{preset}-infer", f"adapterkit {title}", "infer", "adapterkit", preset,
                           INFER_TARGETS.get(preset)))
+    for preset in ("lora", "pfeiffer"):
+        cases.append(Case(f"ak-{preset}-routed-infer", f"adapterkit {PRESET_TITLES[preset]}, {ROUTED_ADAPTERS} adapters "
+                          "routed per example", "infer", "adapterkit", preset, ROUTING_TARGET, yard=f"ak-{preset}-infer"))
     if adapterhub is not None:
         for preset in ("pfeiffer", "houlsby", "parallel", "lora"):
             cases.append(Case(f"ah-{preset}-train", f"AdapterHub {PRESET_TITLES[preset]}", "train", "adapters", preset))
@@ -119,6 +129,8 @@ def all_cases() -> list[Case]:
     if peft is not None:
         cases.append(Case("peft-lora-train", "PEFT LoRA q/v", "train", "peft", "lora"))
         cases.append(Case("peft-lora-infer", "PEFT LoRA q/v", "infer", "peft", "lora"))
+        cases.append(Case("peft-lora-routed-infer", f"PEFT LoRA q/v, {ROUTED_ADAPTERS} adapters routed per example",
+                          "infer", "peft", "lora", yard="peft-lora-infer"))
     return cases
 
 
@@ -165,6 +177,13 @@ def _infer_step(model: torch.nn.Module, batch: dict) -> Callable[[], None]:
     return step
 
 
+def routed_names(rows: int) -> list[str]:
+    """``ROUTED_ADAPTERS`` adapter names spread over ``rows`` examples in a fixed random order."""
+    names = [f"a{i % ROUTED_ADAPTERS}" for i in range(rows)]
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(1)).tolist()
+    return [names[i] for i in order]
+
+
 def _finish(case: Case, model: torch.nn.Module, batch: dict, base_params: int, save=None) -> Built:
     if case.mode == "train":
         model.train()
@@ -189,6 +208,20 @@ def build(case: Case, batch: dict) -> Built:
         base.requires_grad_(False)
         base.embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
         return _finish(case, base, batch, n_base)
+
+    if case.library == "adapterkit" and case.key.endswith("-routed-infer"):
+        model = AdapterModel(base)
+        for i in range(ROUTED_ADAPTERS):
+            model.add_adapter(f"a{i}", case.preset)
+        built = _finish(case, model, {**batch, "adapter_names": routed_names(batch["input_ids"].shape[0])}, n_base)
+        return built
+
+    if case.library == "peft" and case.key.endswith("-routed-infer"):
+        cfg = peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"])
+        model = peft.get_peft_model(base, cfg, adapter_name="a0")
+        for i in range(1, ROUTED_ADAPTERS):
+            model.add_adapter(f"a{i}", cfg)
+        return _finish(case, model, {**batch, "adapter_names": routed_names(batch["input_ids"].shape[0])}, n_base)
 
     if case.library == "adapterkit":
         model = AdapterModel(base)
@@ -319,7 +352,9 @@ def run(args) -> list[dict]:
     cases = all_cases()
     if args.only:
         keep = re.compile(args.only)
-        cases = [c for c in cases if c.key in ("bare", "bare-copy", "floor") or keep.search(c.key)]
+        wanted = {c.key for c in cases if c.key in ("bare", "bare-copy", "floor") or keep.search(c.key)}
+        wanted |= {c.yard for c in cases if c.key in wanted and c.yard}
+        cases = [c for c in cases if c.key in wanted]
     print(f"# {len(cases)} configurations, batch {args.batch} x {args.seq_len}, {args.repeats} quiet samples each "
           f"(at most {args.max_rounds} rounds); {environment()}", file=sys.stderr)
 
@@ -425,6 +460,27 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+LOAD_JOB = """
+import torch, transformers
+from adapterkit.packaged import resolve_model
+torch.set_num_threads(1)
+folder, _ = resolve_model("minilm")
+model = transformers.AutoModel.from_pretrained(folder, local_files_only=True).train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+ids = torch.randint(1000, model.config.vocab_size, (16, 128))
+while True:
+    model(input_ids=ids)[0].pow(2).mean().backward()
+    opt.step(); opt.zero_grad()
+"""
+
+
+def start_load():
+    """Another training job on the machine, as a separate process (killed when the bench ends)."""
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-c", LOAD_JOB], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32)
@@ -444,6 +500,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: batch 4 x 32 tokens, 3 rounds")
     p.add_argument("--only", metavar="REGEX", help="only configurations whose key matches (plus bare and floor)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--load", action="store_true",
+                   help="run another training job (MiniLM forward + backward, 1 thread) beside the bench for the "
+                   "whole run, and count every sample: the 'under load' measurement")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.seq_len, args.repeats = 4, 32, 3
@@ -456,10 +515,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     cores = os.cpu_count() or 1
     args.quiet_limit = args.quiet + max(0, cores - torch.get_num_threads()) / cores
     started = datetime.datetime.now().astimezone()
-    rows = run(args)
+    load = start_load() if args.load else None
+    if load is not None:
+        args.quiet_limit = 1.0
+    try:
+        rows = run(args)
+    finally:
+        if load is not None:
+            load.kill()
+            load.wait()
     env = environment()
-    print(f"all-MiniLM-L6-v2, batch {args.batch} x {args.seq_len} tokens; medians of the quiet samples "
-          f"(others <= {args.quiet_limit:.0%} of the cores); {started:%Y-%m-%d %H:%M %Z}; " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    what = ("under load (another training job running), medians of all samples" if args.load
+            else f"medians of the quiet samples (others <= {args.quiet_limit:.0%} of the cores)")
+    print(f"all-MiniLM-L6-v2, batch {args.batch} x {args.seq_len} tokens; {what}; {started:%Y-%m-%d %H:%M %Z}; " + ", ".join(f"{k} {v}" for k, v in env.items()))
     print()
     print(markdown(rows))
     failed = [r["name"] for r in rows if r["pass"] is False or r["memory_pass"] is False]

@@ -7,8 +7,8 @@
 * **stacked** (what GPU servers do: Punica's BGMV, S-LoRA): when every adapter at the slot is of
   one module class with equal ``stack_key()`` (same shapes and options), each example's weights
   are gathered into stacked tensors and the slot runs one batched matmul per projection
-  (``AdapterModule.run_stacked``); strategies other than a plain, unregularised ``add`` and
-  modules whose dropout is at work take the loop instead;
+  (``AdapterModule.run_stacked``); other strategies than the plain one the class stacks
+  (``add``, IA3's ``multiply``), regularisers and dropout at work send the slot to the loop;
 * **grouped**: otherwise each adapter runs on its rows (``index_select``) and the results are
   written back (``index_copy``).
 
@@ -26,7 +26,9 @@ import torch
 
 from . import context
 from .errors import AdapterError
-from .strategies import Add
+from .strategies import Add, Multiply
+
+_PLAIN = {"add": Add, "multiply": Multiply}
 
 if TYPE_CHECKING:  # pragma: no cover
     from .methods.base import AdapterModule
@@ -40,7 +42,7 @@ class Routing:
         self.names = list(names)
         self.device = device
         self._groups: dict[int, list[tuple[str, torch.Tensor]]] = {}
-        self._which: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        self._which: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, Optional[torch.Tensor], tuple[int, ...]]] = {}
 
     def _expanded(self, batch: int) -> list[Optional[str]]:
         n = len(self.names)
@@ -64,26 +66,33 @@ class Routing:
             self._groups[batch] = [(n, torch.tensor(r, device=self.device)) for n, r in rows.items()]
         return self._groups[batch]
 
-    def which(self, batch: int, names: tuple[str, ...]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """For a slot holding adapters ``names``: each routed row's position in ``names``, and
-        the rows that have one (``None`` when every row has one)."""
+    def which(self, batch: int, names: tuple[str, ...]) -> tuple[torch.Tensor, Optional[torch.Tensor], tuple[int, ...]]:
+        """For a slot holding adapters ``names``: the positions in ``names`` of the adapters this
+        batch uses (``used``), each routed row's index into ``used`` (``which``), and the rows
+        that have an adapter here (``kept``; ``None`` when every row has one)."""
         key = (batch, names)
         if key not in self._which:
             position = {n: i for i, n in enumerate(names)}
             picks = [position.get(n) if n is not None else None for n in self._expanded(batch)]
             rows = [i for i, p in enumerate(picks) if p is not None]
-            which = torch.tensor([picks[i] for i in rows], device=self.device, dtype=torch.long)
+            used = tuple(sorted({picks[i] for i in rows}))
+            compact = {p: j for j, p in enumerate(used)}
+            which = torch.tensor([compact[picks[i]] for i in rows], device=self.device, dtype=torch.long)
             kept = None if len(rows) == batch else torch.tensor(rows, device=self.device, dtype=torch.long)
-            self._which[key] = (which, kept)
+            self._which[key] = (which, kept, used)
         return self._which[key]
 
 
 def _stackable(units: Sequence["AdapterModule"]) -> bool:
+    """Every unit of one class, with equal stack keys, combined by the plain strategy the class
+    stacks (``AdapterModule.stacked_strategy``) with no regulariser at work."""
     if len(units) < 2:
         return False
     first = units[0]
-    key = first.stack_key()
-    return key is not None and all(type(u) is type(first) and u.stack_key() == key for u in units)
+    key, strategy = first.stack_key(), _PLAIN.get(first.stacked_strategy)
+    return key is not None and all(
+        type(u) is type(first) and u.stack_key() == key and type(u.strategy) is strategy
+        and not u.strategy._regularising() for u in units)
 
 
 def routed_plan(units: Mapping[str, "AdapterModule"]):
@@ -99,13 +108,18 @@ def routed_plan(units: Mapping[str, "AdapterModule"]):
         passthrough = io.passthrough
         batch = passthrough.shape[0]
         # checked per call: stack keys and regularisers depend on train / eval mode
-        if _stackable(modules) and all(type(u.strategy) is Add and not u.strategy._regularising() for u in modules):
-            which, kept = routing.which(batch, names)
-            if which.numel() == 0:
+        if _stackable(modules):
+            which, kept, used = routing.which(batch, names)
+            if not used:
                 return passthrough
+            units_used = [modules[i] for i in used]  # only they take part (and get gradients)
+            if len(units_used) == 1:  # one adapter for every routed row: its own (fused) path
+                if kept is None:
+                    return units_used[0].run(io)
+                return passthrough.index_copy(0, kept, units_used[0].run(io.rows(kept)))
             if kept is None:
-                return type(modules[0]).run_stacked(modules, which, io)
-            out = type(modules[0]).run_stacked(modules, which, io.rows(kept))
+                return type(modules[0]).run_stacked(units_used, which, io)
+            out = type(modules[0]).run_stacked(units_used, which, io.rows(kept))
             return passthrough.index_copy(0, kept, out)
         out = passthrough
         for name, index in routing.groups(batch):

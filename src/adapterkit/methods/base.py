@@ -52,6 +52,8 @@ class AdapterModule(nn.Module):
 
     #: what ``forward`` returns: ``"delta"`` (0 = unchanged) or ``"factor"`` (1 = unchanged)
     output: ClassVar[str] = "delta"
+    #: the strategy ``run_stacked`` applies (routing stacks a slot only when every unit has it)
+    stacked_strategy: ClassVar[str] = "add"
     strategy: "Strategy"
 
     def read(self, io: "SlotIO") -> tuple[Optional[torch.Tensor], torch.Tensor]:

@@ -31,7 +31,7 @@ from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
 from ..slots import Site, SlotIO
 from .base import AdapterModule, default_read, gather, small_normal_
-from .fused import Folded, add_linear, fold_layer_norm, linear_of_layer_norm
+from .fused import Folded, add_linear, fold_layer_norm, layer_norm_stats, linear_of_layer_norm
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 INITS = ("mam_adapter", "bert", "houlsby")
@@ -225,18 +225,23 @@ class Bottleneck(AdapterModule):
         """The Pfeiffer shape at inference, ``y + up(act(down(norm(y + residual))))``, without
         writing ``norm(y + residual)`` (``fused.linear_of_layer_norm``) and with the output written
         over ``y + residual``, which nothing else reads. ``None`` where it does not apply."""
-        norm = io.layer_norm
-        # CPU only: the precision check reads a flag back from the device, a sync on a GPU
-        if (torch.is_grad_enabled() or not self._reads_model_norm or io.place != "post" or io.residual is None
-                or io.y.device.type != "cpu" or type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1
-                or io.y.dtype not in (torch.float32, torch.float64) or io.y.dtype != self.down.weight.dtype
-                or self._output_noise):
+        if not self._can_fold(io):
             return None
+        norm = io.layer_norm
         s = (io.y + io.residual).contiguous()
         a = linear_of_layer_norm(s.view(-1, s.shape[-1]), norm.eps, self._fold(norm))
         if a is None:
             return None
         return add_linear(io.y, self.act(a), self.up.weight, self.up.bias, self.scaling * scale, out=s)
+
+    def _can_fold(self, io: SlotIO) -> bool:
+        """Whether ``fused_site`` may fold the model's layer norm here (before its precision check)."""
+        norm = io.layer_norm
+        # CPU only: the precision check reads a flag back from the device, a sync on a GPU
+        return not (torch.is_grad_enabled() or not self._reads_model_norm or io.place != "post" or io.residual is None
+                    or io.y.device.type != "cpu" or type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1
+                    or io.y.dtype not in (torch.float32, torch.float64) or io.y.dtype != self.down.weight.dtype
+                    or self._output_noise)
 
     def _fold(self, norm: nn.LayerNorm) -> Folded:
         """``fold_layer_norm`` of the down-projection, kept until a tensor it reads changes: new
@@ -258,18 +263,46 @@ class Bottleneck(AdapterModule):
         return (self.down.in_features, self.down.out_features, self.up.out_features, cfg.non_linearity.lower(),
                 cfg.is_parallel, cfg.original_ln_before, cfg.residual_before_ln)
 
+    def _up_with_bias(self) -> torch.Tensor:
+        """``[W * scaling | b * scaling]``, (d_out, m + 1): the up-projection with its bias as
+        one more column, so that a batched matmul adds the bias too."""
+        w, b = self.up.weight, self.up.bias.unsqueeze(1)
+        if self._scaled:
+            w, b = w * self.scaling, b * self.scaling
+        return torch.cat([w, b], 1)
+
     @classmethod
     def run_stacked(cls, units: Sequence["Bottleneck"], which: torch.Tensor, io: SlotIO) -> torch.Tensor:
-        """Every routed example through its own adapter with one batched matmul per projection."""
-        h, base = units[0].read(io)
-        n = base.shape[0]
+        """Every routed example through its own adapter, one batched matmul per projection. At
+        inference the Pfeiffer shape folds the model's layer norm as ``fused_site`` does, with each
+        adapter's fold gathered per example, and writes its output over ``y + residual``."""
+        first = units[0]
+        n = io.passthrough.shape[0]
+        up = gather([u._up_with_bias() for u in units], which)  # (B, d_out, m + 1)
+        if first._can_fold(io):
+            s = (io.y + io.residual).contiguous()
+            stats = layer_norm_stats(s, io.layer_norm.eps)
+            if stats is not None:
+                mean, rstd = stats  # (B, T, 1) each
+                folds = [u._fold(io.layer_norm) for u in units]
+                wg_t = gather([f[0] for f in folds], which)  # (B, d_in, m)
+                wg_sum = gather([f[1] for f in folds], which).unsqueeze(1)  # (B, 1, m)
+                shift = gather([f[2] for f in folds], which).unsqueeze(1)  # (B, 1, m)
+                s3 = s.view(n, -1, s.shape[-1])
+                z = torch.bmm(s3, wg_t).sub_(mean.view(n, -1, 1) * wg_sum).mul_(rstd.view(n, -1, 1)).add_(shift)
+                y3 = io.y.reshape(n, -1, io.y.shape[-1])
+                return torch.baddbmm(y3, _with_ones(first.act(z)), up.transpose(1, 2), out=s3).view(io.y.shape)
+        h, base = first.read(io)
         h3, base3 = h.reshape(n, -1, h.shape[-1]), base.reshape(n, -1, base.shape[-1])  # (B, T, d)
         down_w = gather([u.down.weight for u in units], which)  # (B, m, d_in)
-        down_b = gather([u.down.bias for u in units], which)  # (B, m)
-        up_w = gather([u.up.weight * u.scaling if u._scaled else u.up.weight for u in units], which)  # (B, d_out, m)
-        up_b = gather([u.up.bias * u.scaling if u._scaled else u.up.bias for u in units], which)  # (B, d_out)
-        z = units[0].act(torch.baddbmm(down_b.unsqueeze(1), h3, down_w.transpose(1, 2)))  # (B, T, m)
-        return torch.baddbmm(base3 + up_b.unsqueeze(1), z, up_w.transpose(1, 2)).view(base.shape)
+        down_b = gather([u.down.bias for u in units], which).unsqueeze(1)  # (B, 1, m)
+        z = first.act(torch.baddbmm(down_b, h3, down_w.transpose(1, 2)))  # (B, T, m)
+        return torch.baddbmm(base3, _with_ones(z), up.transpose(1, 2)).view(base.shape)
+
+
+def _with_ones(z: torch.Tensor) -> torch.Tensor:
+    """``z`` with a column of ones appended: (..., m) -> (..., m + 1)."""
+    return torch.cat([z, z.new_ones(z.shape[:-1] + (1,))], -1)
 
 
 PFEIFFER = BottleneckConfig()

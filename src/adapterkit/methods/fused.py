@@ -100,9 +100,9 @@ def fold_layer_norm(norm: nn.LayerNorm, weight: torch.Tensor, bias: Optional[tor
     return wg.t().contiguous(), wg.sum(1), shift
 
 
-def linear_of_layer_norm(s: torch.Tensor, eps: float, folded: Folded) -> Optional[torch.Tensor]:
-    """``F.linear(norm(s), W, b)`` for a 2-D ``s`` (rows normalised over the last dimension) with
-    ``folded = fold_layer_norm(norm, W, b)``, without writing ``norm(s)``. Inference only.
+def layer_norm_stats(s: torch.Tensor, eps: float) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Each row's ``(mean, 1 / sqrt(var + eps))`` over the last dimension of ``s``, ``(..., 1)``
+    each, without writing the normalised rows; ``None`` where any row's mean dwarfs its spread.
 
     The variance comes as ``E[s^2] - mean^2`` (two reads of ``s``, no write), which loses
     precision when a row's mean dwarfs its spread; for a row with ``mean^2 > 100 var`` this
@@ -114,6 +114,17 @@ def linear_of_layer_norm(s: torch.Tensor, eps: float, folded: Folded) -> Optiona
     var = torch.linalg.vector_norm(s, dim=-1, keepdim=True).square_().div_(d).sub_(mean.square()).clamp_min_(0.0)
     if bool((mean.square() > 100.0 * var).any()):
         return None
+    return mean, var.add_(eps).rsqrt_()
+
+
+def linear_of_layer_norm(s: torch.Tensor, eps: float, folded: Folded) -> Optional[torch.Tensor]:
+    """``F.linear(norm(s), W, b)`` for a 2-D ``s`` (rows normalised over the last dimension) with
+    ``folded = fold_layer_norm(norm, W, b)``, without writing ``norm(s)``. Inference only;
+    ``None`` where ``layer_norm_stats`` gives up on precision."""
+    stats = layer_norm_stats(s, eps)
+    if stats is None:
+        return None
+    mean, rstd = stats
     wg_t, wg_sum, shift = folded
     out = torch.mm(s, wg_t).sub_(mean * wg_sum)
-    return torch.addcmul(shift, out, var.add_(eps).rsqrt_())
+    return torch.addcmul(shift, out, rstd)

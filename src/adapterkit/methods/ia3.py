@@ -45,6 +45,7 @@ class IA3(AdapterModule):
     """A learned vector ``l``: its contribution is the factor ``l`` (ones at init)."""
 
     output = "factor"
+    stacked_strategy = "multiply"
 
     def __init__(self, features: int, transposed: bool = False, scales_input: bool = False):
         super().__init__()
