@@ -107,6 +107,7 @@ class AdapterModel(nn.Module):
     def _build(self, config: AdapterConfig) -> tuple[list[Site], nn.ModuleDict]:
         """Sites and fresh modules for ``config``; nothing is attached to the model yet."""
         sites = config.sites(self.layout)
+        self.layout.check_hosts_run(sites)  # a host the forward never calls would leave the adapter inert
         modules = nn.ModuleDict()
         for site in sites:
             if site.key in modules:

@@ -60,6 +60,8 @@ class Site:
             product: LoRA, IA3). ``"attention"`` and ``"input"`` are reserved for prefix and
             prompt tuning.
         stack: the named stack (``"encoder"`` / ``"decoder"``) the site belongs to, if any.
+        input_from: module and argument holding the sub-layer's input (what a ``pre`` /
+            ``parallel`` adapter at a sub-layer site reads), where the layout knows it.
     """
 
     place_id: str
@@ -71,6 +73,7 @@ class Site:
     layer_norm: Optional[nn.Module] = None
     place: str = "post"
     stack: Optional[str] = None
+    input_from: Optional[tuple[nn.Module, ArgRef]] = None
 
     @property
     def key(self) -> str:

@@ -8,7 +8,7 @@ Learning", sec. 3.3: ``y * l`` on keys, values and the FFN's intermediate activa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -20,14 +20,17 @@ from ..slots import Site, SlotIO
 @register_method("ia3")
 @dataclass(frozen=True)
 class IA3Config(AdapterConfig):
-    """(IA)^3 on Linear layers; ``roles=None`` = keys, values and the FFN input projection."""
+    """(IA)^3 on Linear layers; ``roles=None`` = ``default_roles``: keys and values (of self- and
+    cross-attention) and the FFN input projection, as Liu et al. 2022 sec. 3.3."""
 
     supports_merge = True
+    #: roles used when ``roles`` is None; a role a stack lacks is skipped there
+    default_roles: ClassVar[tuple[str, ...]] = ("k", "v", "ffn_in", "cross_k", "cross_v")
 
     roles: Optional[tuple[str, ...]] = None
 
     def sites(self, layout) -> list[Site]:
-        return layout.weight_sites(self, "ia3_default")
+        return layout.weight_sites(self)
 
     def build(self, site: Site) -> nn.Module:
         return IA3(site.out_features, transposed=type(site.host).__name__ == "Conv1D")
