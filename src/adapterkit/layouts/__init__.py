@@ -108,7 +108,7 @@ class Layout:
         self.config = getattr(model, "config", None)
         self.model_type: Optional[str] = getattr(self.config, "model_type", None)
         self.hidden_size: Optional[int] = getattr(self.config, "hidden_size", None)
-        self._probe = HostProbe(model)
+        self.probe = HostProbe(model)
 
     @classmethod
     def of(cls, model: nn.Module) -> "Layout":
@@ -408,7 +408,7 @@ class Layout:
         directly, as WavLM's attention hands ``q_proj.weight`` to ``F.multi_head_attention_forward``):
         an adapter there would train nothing and change nothing. One probe forward per layout;
         skipped where the model cannot be probed (see ``probe.HostProbe``)."""
-        self._probe.check(sites, self._relative)
+        self.probe.check(sites)
 
 
 def _module_widths(module: nn.Module, name: str) -> tuple[int, int]:
