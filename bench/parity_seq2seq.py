@@ -16,7 +16,6 @@ the same module paths as adapterkit's layout-relative place ids. Exits non-zero 
 
 from __future__ import annotations
 
-import copy
 import re
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import adapters as ah  # noqa: E402
 from adapters.methods.bottleneck import BottleneckLayer  # noqa: E402
 from adapters.methods.lora import LoRALayer  # noqa: E402
-from parity_adapterhub import TOLERANCE, _bottleneck_key, randomise  # noqa: E402  (also quiets the loggers)
+from parity_adapterhub import TOLERANCE, bottleneck_tensors, lora_tensors, paired_models  # noqa: E402
 
 from adapterkit import AdapterModel  # noqa: E402
 
@@ -67,18 +66,11 @@ def ah_to_ak(ah_model: nn.Module, ak_model: AdapterModel, name: str = "a") -> di
     for mname, module in ah_model.named_modules():
         if isinstance(module, BottleneckLayer) and name in module.adapters:
             stack, layer = re.match(r"(encoder|decoder)\.(?:block|layers)\.(\d+)\.", mname).groups()
-            prefix = f"adapters.{name}.{stack}-layers-{layer}-{PLACES[module.location_key]}."
-            adapter = module.adapters[name]
-            for key, value in adapter.state_dict().items():
-                out[prefix + _bottleneck_key(key, adapter)] = value
+            place = f"{stack}-layers-{layer}-{PLACES[module.location_key]}"
+            out.update(bottleneck_tensors(f"adapters.{name}.{place}.", module.adapters[name]))
         elif isinstance(module, LoRALayer) and name in module.loras:
-            prefix = f"adapters.{name}.{ak_model.layout._relative(mname).replace('.', '-')}."
-            lora = module.loras[name]
-            if type(lora).__name__ == "IA3":
-                out[prefix + "ia3_l"] = lora.lora_B.detach().reshape(-1)
-            else:
-                out[prefix + "lora_A"] = lora.lora_A.detach()
-                out[prefix + "lora_B"] = lora.lora_B.detach()
+            place = ak_model.layout.place_id_for(mname).replace(".", "-")
+            out.update(lora_tensors(f"adapters.{name}.{place}.", module.loras[name]))
     return out
 
 
@@ -89,25 +81,12 @@ def compare(kind: str, label: str, ah_config, preset: str, options: dict) -> dic
     ids = torch.randint(5, 100, (3, 10), generator=gen)
     mask = torch.ones_like(ids)
     mask[0, -3:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.randint(5, 100, (3, 6), generator=gen)}
+    decoder_ids = torch.randint(5, 100, (3, 6), generator=gen)
+    batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_ids}
     with torch.no_grad():
         reference = base(**batch).last_hidden_state
 
-    ah_model = copy.deepcopy(base)
-    ah.init(ah_model)
-    ah_model.add_adapter("a", config=ah_config())
-    ah_model.set_active_adapters("a")
-    randomise(ah_model)
-    ah_model.eval()
-
-    ak_model = AdapterModel(copy.deepcopy(base))
-    ak_model.add_adapter("a", preset, set_active=True, **options)
-    mapped, mine = ah_to_ak(ah_model, ak_model), ak_model.state_dict()
-    missing, extra = sorted(set(mine) - set(mapped)), sorted(set(mapped) - set(mine))
-    if missing or extra:
-        raise AssertionError(f"{kind}/{label}: key mapping incomplete: missing {missing[:4]}, extra {extra[:4]}")
-    ak_model.load_state_dict({k: v.reshape(mine[k].shape) for k, v in mapped.items()})
-    ak_model.eval()
+    ah_model, ak_model, mapped = paired_models(base, ah_config(), preset, options, ah_to_ak, f"{kind}/{label}")
     with torch.no_grad():
         theirs, ours = ah_model(**batch), ak_model(**batch)
     encoder = (theirs.encoder_last_hidden_state - ours.encoder_last_hidden_state)[mask.bool()].abs().max().item()

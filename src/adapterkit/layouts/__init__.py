@@ -364,7 +364,7 @@ class Layout:
                 elif (layers is not None and layer not in layers) or layer in leave_out:
                     continue
             module = self.model.get_submodule(name)
-            place_id = self._relative(name)
+            place_id = self.place_id_for(name)
             stack_name = stack.name if stack is not None else None
             if place == "weight":
                 sites.append(self._linear_site(place_id, module, layer, stack_name))
@@ -391,7 +391,7 @@ class Layout:
         owner = next((s for s in self.stacks.values() if not s.root or name.startswith(s.root + ".")), None)
         return owner, layer, False
 
-    def _relative(self, name: str) -> str:
+    def place_id_for(self, name: str) -> str:
         """Layout-relative place id (``layers.3.attention.self.query``,
         ``decoder.layers.0.fc1``, ``encoder.layernorm_embedding``) so that checkpoints fit a
         model whether or not it has a task head around the backbone."""
