@@ -141,22 +141,25 @@ def ah_to_ak(ah_model: nn.Module, ak_model: AdapterModel, name: str = "a") -> di
     for mname, module in ah_model.named_modules():
         if isinstance(module, BottleneckLayer) and name in module.adapters:
             place = {"mh_adapter": "attn_out", "output_adapter": "ffn_out"}[module.location_key]
-            prefix = f"adapters.{name}.layers-{module.layer_idx}-{place}."
-            adapter = module.adapters[name]
-            for key, value in adapter.state_dict().items():
-                out[prefix + _bottleneck_key(key, adapter)] = value
+            out.update(bottleneck_tensors(f"adapters.{name}.layers-{module.layer_idx}-{place}.", module.adapters[name]))
         elif isinstance(module, LoRALayer) and name in module.loras:
             if not mname.startswith(blocks + "."):
                 raise KeyError(f"AdapterHub LoRA layer {mname!r} is outside the blocks ({blocks!r})")
             place = "layers." + mname[len(blocks) + 1:]
-            prefix = f"adapters.{name}.{place.replace('.', '-')}."
-            lora = module.loras[name]
-            if type(lora).__name__ == "IA3":
-                out[prefix + "ia3_l"] = lora.lora_B.detach().reshape(-1)
-            else:
-                out[prefix + "lora_A"] = lora.lora_A.detach()
-                out[prefix + "lora_B"] = lora.lora_B.detach()
+            out.update(lora_tensors(f"adapters.{name}.{place.replace('.', '-')}.", module.loras[name]))
     return out
+
+
+def bottleneck_tensors(prefix: str, adapter: nn.Module) -> dict[str, torch.Tensor]:
+    """An AdapterHub bottleneck's parameters under adapterkit keys starting with ``prefix``."""
+    return {prefix + _bottleneck_key(key, adapter): value for key, value in adapter.state_dict().items()}
+
+
+def lora_tensors(prefix: str, lora: nn.Module) -> dict[str, torch.Tensor]:
+    """An AdapterHub LoRA's (or IA3's) parameters under adapterkit keys starting with ``prefix``."""
+    if type(lora).__name__ == "IA3":
+        return {prefix + "ia3_l": lora.lora_B.detach().reshape(-1)}
+    return {prefix + "lora_A": lora.lora_A.detach(), prefix + "lora_B": lora.lora_B.detach()}
 
 
 def _bottleneck_key(key: str, adapter: nn.Module) -> str:
@@ -190,13 +193,11 @@ def randomise(ah_model: nn.Module, name: str = "a", seed: int = 0) -> None:
 
 
 # -- one comparison -------------------------------------------------------------------------------------
-def compare(kind: str, label: str, ah_config, preset: str, options: dict) -> dict:
-    base = tiny(kind)
-    base.eval()
-    batch = batch_for(kind, base)
-    with torch.no_grad():
-        reference = base(**batch)[0]
-
+def paired_models(base: nn.Module, ah_config, preset: str, options: dict,
+                  to_ak: Callable[[nn.Module, AdapterModel], dict], where: str):
+    """Copies of ``base`` with adapter ``"a"`` in AdapterHub (weights randomised) and in adapterkit
+    (AdapterHub's weights mapped by ``to_ak``, every key required), both active and in eval mode;
+    also returns the mapped tensors."""
     ah_model = copy.deepcopy(base)
     ah.init(ah_model)
     ah_model.add_adapter("a", config=ah_config)
@@ -205,16 +206,23 @@ def compare(kind: str, label: str, ah_config, preset: str, options: dict) -> dic
     ah_model.eval()
 
     ak_model = AdapterModel(copy.deepcopy(base))
-    ak_model.add_adapter("a", preset, **options)
-    ak_model.set_active_adapters("a")
-    mapped = ah_to_ak(ah_model, ak_model)
-    mine = ak_model.state_dict()
+    ak_model.add_adapter("a", preset, set_active=True, **options)
+    mapped, mine = to_ak(ah_model, ak_model), ak_model.state_dict()
     missing, extra = sorted(set(mine) - set(mapped)), sorted(set(mapped) - set(mine))
     if missing or extra:
-        raise AssertionError(f"{kind}/{label}: key mapping incomplete: missing {missing[:4]}, extra {extra[:4]}")
+        raise AssertionError(f"{where}: key mapping incomplete: missing {missing[:4]}, extra {extra[:4]}")
     ak_model.load_state_dict({k: v.reshape(mine[k].shape) for k, v in mapped.items()})
-    ak_model.eval()
+    return ah_model, ak_model.eval(), mapped
 
+
+def compare(kind: str, label: str, ah_config, preset: str, options: dict) -> dict:
+    base = tiny(kind)
+    base.eval()
+    batch = batch_for(kind, base)
+    with torch.no_grad():
+        reference = base(**batch)[0]
+
+    ah_model, ak_model, mapped = paired_models(base, ah_config, preset, options, ah_to_ak, f"{kind}/{label}")
     with torch.no_grad():
         out_ah = ah_model(**batch)[0]
         out_ak = ak_model(**batch)[0]

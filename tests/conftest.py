@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import SST2_DIR, make_batch
+from helpers import ARCHS, SST2_DIR, make_batch
 
 # The models are tiny and the machine is shared: one intra-op thread avoids oversubscription
 # stalls (two threads spin-waiting on a busy core cost more than they gain at this size).
@@ -19,8 +19,12 @@ def _seed():
 
 
 @pytest.fixture
-def batch():
-    return make_batch()
+def batch(request):
+    """The shared batch, with decoder inputs when the test's ``case`` / ``arch`` / ``arch_name``
+    parameter is an encoder-decoder."""
+    params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
+    arch = params.get("arch") or getattr(params.get("case"), "arch", None) or ARCHS.get(params.get("arch_name"))
+    return make_batch(arch=arch)
 
 
 @pytest.fixture(scope="session")

@@ -25,22 +25,37 @@ SST2_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 # AdapterHub tests/test_methods: hidden 32, 4 layers, 4 heads, intermediate 37.
 D, N_LAYERS, N_HEADS, FFN, VOCAB = 32, 4, 4, 37, 100
 KV = D // N_HEADS * 2  # decoders below use 2 key/value heads (grouped-query attention)
+T5_KV = 6  # T5's d_kv: its attention width (heads x d_kv = 24) differs from d_model
 
 
 @dataclass(frozen=True)
 class Arch:
-    """A tiny ``from_config`` model and the shapes of its projections, by layout role."""
+    """A tiny ``from_config`` model and the shapes of its projections, by stack and layout role."""
 
     name: str
     auto: Any  # AutoModel or AutoModelForCausalLM
     config: Callable[[], T.PretrainedConfig]
-    roles: dict[str, tuple[int, int]]  # role -> (in, out) of that projection
-    lora_default: tuple[str, ...]
+    stacks: dict[str, dict[str, tuple[int, int]]]  # stack -> role -> (in, out) of that projection
+    lora_default: tuple[str, ...]  # the roles a default LoRA takes where a stack has them
     ia3_default: tuple[str, ...]
+
+    @property
+    def roles(self) -> dict[str, tuple[int, int]]:
+        """Every role of every stack."""
+        return {r: shape for roles in self.stacks.values() for r, shape in roles.items()}
 
     @property
     def causal_lm(self) -> bool:
         return self.auto is T.AutoModelForCausalLM
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return len(self.stacks) > 1
+
+    def places(self, stack: str) -> list[str]:
+        """Sub-layer places of a block of ``stack``: cross-attention where it has cross roles."""
+        cross = ["cross_attn_out"] if "cross_q" in self.stacks[stack] else []
+        return ["attn_out", *cross, "ffn_out"]
 
 
 _ENCODER = dict(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
@@ -49,27 +64,51 @@ _DECODER = dict(_ENCODER, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
 _ENC_ROLES = {"q": (D, D), "k": (D, D), "v": (D, D), "attn_proj": (D, D), "ffn_in": (D, FFN), "ffn_proj": (FFN, D)}
 _DEC_ROLES = {"q": (D, D), "k": (D, KV), "v": (D, KV), "attn_proj": (D, D), "ffn_gate": (D, FFN),
               "ffn_in": (D, FFN), "ffn_proj": (FFN, D)}
+_LORA, _IA3 = ("q", "v"), ("k", "v", "ffn_in")
+_SEQ2SEQ_LORA, _SEQ2SEQ_IA3 = _LORA + ("cross_q", "cross_v"), _IA3 + ("cross_k", "cross_v")
+
+
+def _seq2seq_roles(attn: tuple[int, int], ffn: dict[str, tuple[int, int]]) -> dict[str, dict[str, tuple[int, int]]]:
+    """Encoder and decoder roles of an encoder-decoder: q / k / v (D -> attention width), the
+    attention output (width -> D), the same again for cross-attention, and the FFN."""
+    self_attn = {"q": attn, "k": attn, "v": attn, "attn_proj": attn[::-1]}
+    cross = {"cross_q": attn, "cross_k": attn, "cross_v": attn, "cross_proj": attn[::-1]}
+    return {"encoder": {**self_attn, **ffn}, "decoder": {**self_attn, **cross, **ffn}}
+
+
+_T5 = dict(vocab_size=VOCAB, d_model=D, d_kv=T5_KV, d_ff=FFN, num_layers=N_LAYERS, num_heads=N_HEADS,
+           decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+_BART = dict(vocab_size=VOCAB, d_model=D, encoder_layers=N_LAYERS, decoder_layers=N_LAYERS,
+             encoder_attention_heads=N_HEADS, decoder_attention_heads=N_HEADS, encoder_ffn_dim=FFN,
+             decoder_ffn_dim=FFN, max_position_embeddings=64)
+_FFN = {"ffn_in": (D, FFN), "ffn_proj": (FFN, D)}
 
 ARCHS: dict[str, Arch] = {a.name: a for a in [
-    Arch("bert", T.AutoModel, lambda: T.BertConfig(**_ENCODER), _ENC_ROLES, ("q", "v"), ("k", "v", "ffn_in")),
-    Arch("roberta", T.AutoModel, lambda: T.RobertaConfig(**_ENCODER, pad_token_id=1), _ENC_ROLES, ("q", "v"),
-         ("k", "v", "ffn_in")),
-    Arch("xlm-roberta", T.AutoModel, lambda: T.XLMRobertaConfig(**_ENCODER, pad_token_id=1), _ENC_ROLES,
-         ("q", "v"), ("k", "v", "ffn_in")),
+    Arch("bert", T.AutoModel, lambda: T.BertConfig(**_ENCODER), {"encoder": _ENC_ROLES}, _LORA, _IA3),
+    Arch("roberta", T.AutoModel, lambda: T.RobertaConfig(**_ENCODER, pad_token_id=1), {"encoder": _ENC_ROLES},
+         _LORA, _IA3),
+    Arch("xlm-roberta", T.AutoModel, lambda: T.XLMRobertaConfig(**_ENCODER, pad_token_id=1),
+         {"encoder": _ENC_ROLES}, _LORA, _IA3),
     Arch("distilbert", T.AutoModel,
          lambda: T.DistilBertConfig(vocab_size=VOCAB, dim=D, n_layers=N_LAYERS, n_heads=N_HEADS, hidden_dim=FFN),
-         _ENC_ROLES, ("q", "v"), ("k", "v", "ffn_in")),
+         {"encoder": _ENC_ROLES}, _LORA, _IA3),
     Arch("gpt2", T.AutoModelForCausalLM,
          lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=N_LAYERS, n_head=N_HEADS, n_inner=FFN,
                               n_positions=64, bos_token_id=1, eos_token_id=2),
-         {"qkv": (D, 3 * D), "attn_proj": (D, D), "ffn_in": (D, FFN), "ffn_proj": (FFN, D)}, ("qkv",),
-         ("qkv", "ffn_in")),
-    Arch("llama", T.AutoModelForCausalLM, lambda: T.LlamaConfig(**_DECODER), _DEC_ROLES, ("q", "v"),
-         ("k", "v", "ffn_in")),
-    Arch("mistral", T.AutoModelForCausalLM, lambda: T.MistralConfig(**_DECODER), _DEC_ROLES, ("q", "v"),
-         ("k", "v", "ffn_in")),
-    Arch("qwen2", T.AutoModelForCausalLM, lambda: T.Qwen2Config(**_DECODER), _DEC_ROLES, ("q", "v"),
-         ("k", "v", "ffn_in")),
+         {"decoder": {"qkv": (D, 3 * D), "attn_proj": (D, D), "ffn_in": (D, FFN), "ffn_proj": (FFN, D)}},
+         ("qkv",), ("qkv", "ffn_in")),
+    Arch("llama", T.AutoModelForCausalLM, lambda: T.LlamaConfig(**_DECODER), {"decoder": _DEC_ROLES}, _LORA, _IA3),
+    Arch("mistral", T.AutoModelForCausalLM, lambda: T.MistralConfig(**_DECODER), {"decoder": _DEC_ROLES},
+         _LORA, _IA3),
+    Arch("qwen2", T.AutoModelForCausalLM, lambda: T.Qwen2Config(**_DECODER), {"decoder": _DEC_ROLES}, _LORA, _IA3),
+    Arch("t5", T.AutoModel, lambda: T.T5Config(**_T5), _seq2seq_roles((D, N_HEADS * T5_KV), _FFN),
+         _SEQ2SEQ_LORA, _SEQ2SEQ_IA3),
+    Arch("t5-v1_1", T.AutoModel, lambda: T.T5Config(**_T5, feed_forward_proj="gated-gelu"),
+         _seq2seq_roles((D, N_HEADS * T5_KV), {"ffn_gate": (D, FFN), **_FFN}), _SEQ2SEQ_LORA, _SEQ2SEQ_IA3),
+    Arch("bart", T.AutoModel, lambda: T.BartConfig(**_BART), _seq2seq_roles((D, D), _FFN), _SEQ2SEQ_LORA,
+         _SEQ2SEQ_IA3),
+    Arch("mbart", T.AutoModel, lambda: T.MBartConfig(**_BART), _seq2seq_roles((D, D), _FFN), _SEQ2SEQ_LORA,
+         _SEQ2SEQ_IA3),
 ]}
 
 #: method id -> (preset, options). Small ranks so that LoRA fits every projection.
@@ -95,6 +134,14 @@ EXTRA_METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "lora-all-roles": ("lora", {"r": 2, "alpha": 4.0, "roles": "ALL"}, True),
     "lora-layers": ("lora", {"r": 3, "alpha": 3.0, "layers": [1, 2]}, True),
     "ia3-all-roles": ("ia3", {"roles": "ALL"}, True),
+}
+
+#: Configurations of encoder-decoders only: one stack, and the cross-attention place.
+SEQ2SEQ_METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "pfeiffer-decoder-stack": ("pfeiffer", {"stacks": ["decoder"]}, True),
+    "houlsby-cross": ("houlsby", {"cross_adapter": True}, True),
+    "lora-encoder-stack-layers": ("lora", {"r": 2, "alpha": 4.0, "stacks": ["encoder"], "layers": [0, 3]}, True),
+    "ia3-decoder-cross-roles": ("ia3", {"roles": ["cross_k", "cross_v"], "stacks": "decoder"}, True),
 }
 
 
@@ -128,8 +175,10 @@ class Case:
 
 
 def _extra_cases() -> list[Case]:
-    archs = ["bert", "distilbert", "gpt2", "llama"]  # one per layout family
-    return [Case(ARCHS[a], m, *EXTRA_METHODS[m]) for a in archs for m in EXTRA_METHODS]
+    archs = ["bert", "distilbert", "gpt2", "llama", "t5", "bart"]  # one per layout family
+    seq2seq = ["t5", "bart"]
+    return ([Case(ARCHS[a], m, *EXTRA_METHODS[m]) for a in archs for m in EXTRA_METHODS]
+            + [Case(ARCHS[a], m, *SEQ2SEQ_METHODS[m]) for a in seq2seq for m in SEQ2SEQ_METHODS])
 
 
 CASES: list[Case] = [Case(arch, m, *METHODS[m]) for arch in ARCHS.values() for m in METHODS] + _extra_cases()
@@ -139,28 +188,32 @@ MERGEABLE = [c for c in CASES if c.mergeable]
 
 # -- expected sizes, from the formulas ------------------------------------------------------------
 def _layers_used(cfg) -> int:
+    """Layers per stack (every stack of these models has ``N_LAYERS``)."""
     if cfg.layers is not None:
         return len(set(cfg.layers) - set(cfg.leave_out))
     return N_LAYERS - len(set(cfg.leave_out))
 
 
 def expected_adapter_params(case: Case) -> int:
-    """Trainable parameters of the adapter, from each method's formula."""
+    """Trainable parameters of the adapter, from each method's formula, summed over the stacks
+    it is placed in (a role or place a stack lacks is skipped there)."""
     cfg = case.config
     layers = _layers_used(cfg)
+    stacks = cfg.stacks or tuple(case.arch.stacks)
     if cfg.method == "bottleneck":
         # per site: down d*m + m, up m*d + d, plus an optional LayerNorm (2d) and scaling (1 or d)
         m = cfg.bottleneck_dim if cfg.bottleneck_dim is not None else int(D // cfg.reduction_factor)
         per_site = D * m + m + m * D + D
         per_site += 2 * D if cfg.norm_position else 0
         per_site += {"learned": 1, "channel": D}.get(cfg.scaling, 0) if isinstance(cfg.scaling, str) else 0
-        return per_site * (int(cfg.mh_adapter) + int(cfg.output_adapter)) * layers
-    if cfg.method == "lora":
-        roles = cfg.roles or case.arch.lora_default
-        return layers * sum(cfg.r * (case.arch.roles[r][0] + case.arch.roles[r][1]) for r in roles)
-    if cfg.method == "ia3":
-        roles = cfg.roles or case.arch.ia3_default
-        return layers * sum(case.arch.roles[r][1] for r in roles)
+        chosen = {"attn_out": cfg.mh_adapter, "cross_attn_out": cfg.cross_adapter, "ffn_out": cfg.output_adapter}
+        sites = sum(chosen[p] for s in stacks for p in case.arch.places(s))
+        return per_site * sites * layers
+    if cfg.method in ("lora", "ia3"):
+        roles = cfg.roles or (case.arch.lora_default if cfg.method == "lora" else case.arch.ia3_default)
+        shapes = [case.arch.stacks[s][r] for s in stacks for r in roles if r in case.arch.stacks[s]]
+        per_layer = sum(cfg.r * (i + o) for i, o in shapes) if cfg.method == "lora" else sum(o for _, o in shapes)
+        return layers * per_layer
     raise AssertionError(f"no parameter formula for method {cfg.method}: add one to tests/helpers.py")
 
 
@@ -186,15 +239,21 @@ def make_model(case: Case, *, head: bool = False, seed: int = 0, name: str = "a"
     return model.eval()
 
 
-def make_batch(batch_size: int = 4, seq_len: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Token ids (avoiding special ids 0-2) with right padding on two rows."""
+def make_batch(batch_size: int = 4, seq_len: int = 7, seed: int = 1,
+               arch: Optional[Arch] = None) -> dict[str, torch.Tensor]:
+    """Token ids (avoiding special ids 0-2) with right padding on two rows. Encoder-decoders
+    also get the same ids and mask as the decoder's (so heads pool a (B, T, d) output with the
+    batch's mask)."""
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, VOCAB, (batch_size, seq_len), generator=g)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, seq_len - 2:] = 0
     if batch_size > 2:
         attention_mask[2, seq_len - 3:] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if arch is not None and arch.encoder_decoder:
+        batch.update(decoder_input_ids=input_ids.clone(), decoder_attention_mask=attention_mask.clone())
+    return batch
 
 
 def output_of(out: Any) -> torch.Tensor:

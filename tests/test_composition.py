@@ -46,7 +46,7 @@ def test_per_example_routing_equals_each_example_alone(case, batch):
     routed = run(model, batch, adapter_names=names)
     assert model.active_adapters == Stack("b") and hook_counts(model) == hooks, "routing is for one call only"
     for i, name in enumerate(names):
-        assert (routed[i : i + 1] - alone(model, name, batch, slice(i, i + 1))).abs().max() <= 1e-6
+        assert (routed[i : i + 1] - alone(model, name, batch, slice(i, i + 1))).abs().max() <= 1e-5  # float32 rounding: batched vs one-row matmuls
 
 
 @preset

@@ -26,7 +26,6 @@ base checkpoint), so ``transformers.Trainer`` checkpoints of an ``AdapterModel``
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import re
 import threading
@@ -118,6 +117,12 @@ class AdapterModel(nn.Module):
         return getattr(self.model, "config", None)
 
     @property
+    def adapter_module_names(self) -> list[str]:
+        """The named stacks adapters can be scoped to with ``"stack:name"`` (NeMo's
+        ``adapter_module_names``): ``["encoder", "decoder"]`` on T5 / BART, one name otherwise."""
+        return list(self.layout.stack_names)
+
+    @property
     def main_input_name(self) -> str:
         return getattr(self.model, "main_input_name", "input_ids")
 
@@ -142,7 +147,8 @@ class AdapterModel(nn.Module):
 
     def _build(self, name: str, config: AdapterConfig) -> AdapterRecord:
         """The record of a fresh adapter for ``config``; nothing is attached to the model yet."""
-        sites = [dataclasses.replace(site, place=config.place_for(site)) for site in config.sites(self.layout)]
+        sites = [site.at(config.place_for(site)) for site in config.sites(self.layout)]
+        self.layout.check_hosts_run(sites)  # a host the forward never calls would leave the adapter inert
         modules = nn.ModuleDict()
         for site in sites:
             if site.key in modules:
@@ -186,6 +192,11 @@ class AdapterModel(nn.Module):
         On any error the model is left exactly as it was."""
         if isinstance(name, str) and ":" in name:
             stack, name = name.split(":", 1)
+            if stack not in self.adapter_module_names:
+                raise AdapterError(
+                    f"'{stack}:{name}': this model has no stack '{stack}'; its stacks: "
+                    f"{', '.join(self.adapter_module_names)}. Use 'stack:name' with one of them, or a plain name."
+                )
             options = {**options, "stacks": (stack,)}
         self._check_name(name)
         if name in self.adapters and not overwrite:

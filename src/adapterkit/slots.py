@@ -66,6 +66,8 @@ class Site:
             product: LoRA, IA3). ``"attention"`` and ``"input"`` are reserved for prefix and
             prompt tuning.
         stack: the named stack (``"encoder"`` / ``"decoder"``) the site belongs to, if any.
+        input_from: module and argument holding the sub-layer's input (what a ``pre`` /
+            ``parallel`` adapter at a sub-layer site reads), where the layout knows it.
     """
 
     place_id: str
@@ -77,6 +79,14 @@ class Site:
     layer_norm: Optional[nn.Module] = None
     place: str = "post"
     stack: Optional[str] = None
+    input_from: Optional[tuple[nn.Module, ArgRef]] = None
+
+    def at(self, place: str) -> "Site":
+        """This site as an adapter at ``place`` meets it. A ``pre`` adapter at a sub-layer site
+        rewrites the sub-layer's input, so its host becomes the module that reads that input."""
+        if place == "pre" and self.input_from is not None:
+            return replace(self, place=place, host=self.input_from[0], residual_from=None, layer_norm=None)
+        return replace(self, place=place)
 
     @property
     def key(self) -> str:

@@ -1,29 +1,39 @@
 """Resolve where adapters can go in a given model: a ``Layout``.
 
-``Layout.of(model)`` finds the architecture entry for ``model.config.model_type`` (see
-``architectures.py``) and the list of transformer blocks, once. Methods then ask it for sites:
+``Layout.of(model)`` finds the architecture entry for the model's config (see
+``architectures.py``) and each named stack of transformer blocks, once. Methods then ask it for
+sites, optionally restricted to some stacks (``stacks=("decoder",)``; ``layers=`` and
+``leave_out=`` count within each stack):
 
-* ``sublayer_sites(["ffn_out"], layers)``: residual sub-layer outputs (bottleneck adapters),
-* ``linear_sites(["q", "v"], layers)``: projection weights by role (LoRA, IA3); the role
+* ``sublayer_sites(["ffn_out"], ...)``: residual sub-layer outputs (bottleneck adapters),
+* ``linear_sites(["q", "v"], ...)``: projection weights by role (LoRA, IA3); the role
   ``"all-linear"`` stands for every projection the architecture map names,
-* ``generic_sites(patterns, layers)``: any module by name, for any ``nn.Module``.
+* ``weight_sites(config)``: a weight-level method's sites (its ``target_modules``, its
+  ``roles``, else the method's ``default_roles`` through the architecture's aliases),
+* ``generic_sites(patterns, ...)``: any module by name, for any ``nn.Module``.
 
-A pattern that matches nothing raises an error listing the candidate module names.
+Place ids are relative to the layout so that checkpoints fit the model with or without a task
+head: ``layers.3.ffn_out`` in single-stack models, ``decoder.layers.3.cross_attn_out`` where the
+architecture has several stacks. ``check_hosts_run(sites)`` refuses hosts that the model's
+forward never calls (``probe.py``). A pattern, role, place or stack that matches nothing raises
+an error listing what there is.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 from torch import nn
 
 from ..errors import AdapterError
 from ..slots import Site
-from .architectures import ARCHITECTURES, ArchSpec, SubLayerSpec, is_decoder_config, spec_for
+from .architectures import ARCHITECTURES, ArchSpec, StackSpec, SubLayerSpec, is_decoder_config, spec_for
+from .probe import HostProbe
 
-__all__ = ["Layout", "ArchSpec", "SubLayerSpec", "ARCHITECTURES", "linear_features", "is_decoder_config"]
+__all__ = ["Layout", "StackLayout", "ArchSpec", "StackSpec", "SubLayerSpec", "ARCHITECTURES", "linear_features",
+           "is_decoder_config", "spec_for"]
 
 
 ALL_LINEAR = "all-linear"
@@ -43,131 +53,276 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
 
 
+def _find(model: nn.Module, suffix: str, kind: type = nn.Module) -> tuple[str, Optional[nn.Module]]:
+    """The first module of type ``kind`` whose name is ``suffix`` or ends with ``"." + suffix``."""
+    for name, module in model.named_modules():
+        if isinstance(module, kind) and (name == suffix or name.endswith("." + suffix)):
+            return name, module
+    return "", None
+
+
 @dataclass
-class Layout:
-    """Where things are in one concrete model (resolved once, when the handle is made)."""
+class StackLayout:
+    """One named stack of blocks in a concrete model.
 
-    model: nn.Module
-    spec: Optional[ArchSpec]
+    Args:
+        name: ``"encoder"`` or ``"decoder"``.
+        spec: the stack's entry in the architecture map.
+        blocks: its transformer blocks, in order.
+        path: module path of the ``nn.ModuleList`` holding them (``"model.decoder.layers"``).
+        prefix: what place ids of its blocks start with (``"layers"``, ``"decoder.layers"``).
+        root: module path of the stack as a whole (``"model.decoder"``; ``""`` = the whole model).
+        num_attention_heads: this stack's attention heads (BART's decoder may differ).
+    """
+
+    name: str
+    spec: StackSpec
     blocks: list[nn.Module]
-    blocks_path: str
-    model_type: Optional[str]
-    hidden_size: Optional[int]
-
-    @classmethod
-    def of(cls, model: nn.Module) -> "Layout":
-        config = getattr(model, "config", None)
-        model_type = getattr(config, "model_type", None)
-        hidden = getattr(config, "hidden_size", None)
-        spec = spec_for(model_type)
-        blocks: list[nn.Module] = []
-        blocks_path = ""
-        if spec is not None:
-            for name, module in model.named_modules():
-                if isinstance(module, nn.ModuleList) and (name == spec.layers or name.endswith("." + spec.layers)):
-                    blocks, blocks_path = list(module), name
-                    break
-            if not blocks:
-                spec = None  # unknown variant of a known family: generic path only
-        return cls(model, spec, blocks, blocks_path, model_type, hidden)
-
-    # -- helpers -------------------------------------------------------------------------------
-    @property
-    def is_decoder(self) -> bool:
-        """A decoder-only (causal LM) model; see ``is_decoder_config``."""
-        return is_decoder_config(getattr(self.model, "config", None))
+    path: str
+    prefix: str
+    root: str
+    num_attention_heads: Optional[int]
 
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
 
-    def _layer_indices(self, layers: Optional[Sequence[int]], leave_out: Iterable[int] = ()) -> list[int]:
-        n = self.num_layers
-        chosen = list(range(n)) if layers is None else list(layers)
-        for option, values in (("layers", chosen), ("leave_out", list(leave_out))):
-            bad = [i for i in values if not -n <= i < n]
-            if bad:
-                raise AdapterError(f"{option}={bad} is out of range: this model has {n} layers (0 to {n - 1}).")
-        skip = {i % n for i in leave_out}
-        return [i % n for i in chosen if i % n not in skip]
+    @property
+    def places(self) -> list[str]:
+        """The sub-layer places of its blocks (``attn_out``, ``cross_attn_out``, ``ffn_out``)."""
+        return list(self.spec.sublayers)
 
-    def _need_spec(self, what: str) -> ArchSpec:
-        if self.spec is None:
-            raise AdapterError(
-                f"No built-in layout for model type '{self.model_type}', so '{what}' cannot be placed "
-                "automatically. Pass target_modules=... (a regex or a list of module-name suffixes) "
-                "to place the adapter by name."
-            )
-        return self.spec
+    @property
+    def roles(self) -> list[str]:
+        """The linear roles of its blocks."""
+        return list(self.spec.linears)
+
+
+class Layout:
+    """Where things are in one concrete model (resolved once, when the handle is made)."""
+
+    def __init__(self, model: nn.Module, spec: Optional[ArchSpec], stacks: dict[str, StackLayout]):
+        self.model = model
+        self.spec = spec
+        self.stacks = stacks
+        self.config = getattr(model, "config", None)
+        self.model_type: Optional[str] = getattr(self.config, "model_type", None)
+        self.hidden_size: Optional[int] = getattr(self.config, "hidden_size", None)
+        self.probe = HostProbe(model)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "Layout":
+        config = getattr(model, "config", None)
+        spec = spec_for(config) if config is not None else None
+        stacks: dict[str, StackLayout] = {}
+        if spec is not None:
+            for name, stack_spec in spec.stacks.items():
+                path, blocks = _find(model, stack_spec.layers, nn.ModuleList)
+                if blocks is None:
+                    continue  # e.g. T5EncoderModel: the encoder stack only
+                prefix = f"{name}.layers" if spec.named_stacks else "layers"
+                root = path.rpartition(".")[0] if spec.named_stacks else ""
+                heads = getattr(config, stack_spec.heads_attr or "num_attention_heads", None)
+                stacks[name] = StackLayout(name, stack_spec, list(blocks), path, prefix, root, heads)
+            if not stacks:
+                spec = None  # unknown variant of a known family: generic path only
+        return cls(model, spec, stacks)
+
+    # -- what the model is ---------------------------------------------------------------------
+    @property
+    def stack_names(self) -> list[str]:
+        """The named stacks found, in forward order (``["encoder", "decoder"]`` for T5 / BART)."""
+        return list(self.stacks)
+
+    @property
+    def is_decoder(self) -> bool:
+        """A decoder-only (causal LM) model; see ``is_decoder_config``."""
+        return is_decoder_config(self.config)
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(getattr(self.config, "is_encoder_decoder", False))
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """Every transformer block, stack after stack."""
+        return [block for stack in self.stacks.values() for block in stack.blocks]
+
+    @property
+    def blocks_path(self) -> str:
+        """Module path of the blocks of a single-stack model (``"encoder.layer"``); ``""`` without
+        a layout. Models with several stacks have one per stack: ``stacks[name].path``."""
+        if len(self.stacks) > 1:
+            raise AdapterError(f"This {self.model_type} model has the stacks {self.stack_names}; "
+                               "use layout.stacks[name].path for the blocks of one of them.")
+        return next((s.path for s in self.stacks.values()), "")
+
+    @property
+    def num_layers(self) -> int:
+        """Blocks in all stacks together."""
+        return len(self.blocks)
+
+    @property
+    def num_attention_heads(self) -> Optional[int]:
+        return getattr(self.config, "num_attention_heads", None)
+
+    @property
+    def num_key_value_heads(self) -> Optional[int]:
+        """Key / value heads: fewer than the attention heads with grouped-query attention."""
+        return getattr(self.config, "num_key_value_heads", None) or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> Optional[int]:
+        explicit = getattr(self.config, "head_dim", None) or getattr(self.config, "d_kv", None)  # d_kv: T5
+        if explicit:
+            return explicit
+        heads = self.num_attention_heads
+        return self.hidden_size // heads if self.hidden_size and heads else None
+
+    @property
+    def embeddings(self) -> Optional[nn.Module]:
+        """The input token embeddings (``None`` when the model has no known ones)."""
+        if self.spec is not None:
+            module = _find(self.model, self.spec.embeddings, nn.Embedding)[1]
+            if module is not None:
+                return module
+        getter = getattr(self.model, "get_input_embeddings", None)
+        try:
+            return getter() if getter is not None else None
+        except NotImplementedError:
+            return None
 
     def fingerprint(self) -> dict:
         """What a checkpoint records about the base model, to check it on load."""
-        return {"model_type": self.model_type, "hidden_size": self.hidden_size, "num_layers": self.num_layers}
+        return {"model_type": self.model_type, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                "stacks": {name: stack.num_layers for name, stack in self.stacks.items()}}
+
+    # -- choosing stacks and layers -----------------------------------------------------------
+    def select_stacks(self, names: Optional[Sequence[str]], what: str = "adapters") -> list[StackLayout]:
+        """The stacks called ``names`` (``None`` = all), for placing ``what``."""
+        if self.spec is None:
+            if names is not None:
+                raise AdapterError(
+                    f"stacks={tuple(names)} needs a model with named stacks, but model type '{self.model_type}' has "
+                    "no built-in layout. Drop stacks= and choose modules with target_modules=... instead."
+                )
+            raise AdapterError(
+                f"No built-in layout for model type '{self.model_type}', so {what} cannot be placed "
+                "automatically. Pass target_modules=... (a regex or a list of module-name suffixes) "
+                "to place the adapter by name."
+            )
+        if names is None:
+            return list(self.stacks.values())
+        unknown = [n for n in names if n not in self.stacks]
+        if unknown:
+            raise AdapterError(
+                f"This {self.model_type} model has no stack {unknown}; its stacks are {self.stack_names}. "
+                f"Use one of them (stacks=('{self.stack_names[0]}',), or the prefix '{self.stack_names[0]}:' "
+                "in the adapter name), or leave stacks unset for all."
+            )
+        return [self.stacks[n] for n in self.stack_names if n in names]
+
+    def layer_indices(self, stack: StackLayout, layers: Optional[Sequence[int]] = None,
+                      leave_out: Iterable[int] = ()) -> list[int]:
+        """Indices of the blocks of ``stack`` chosen by ``layers`` minus ``leave_out``."""
+        n = stack.num_layers
+        chosen = list(range(n)) if layers is None else list(layers)
+        where = f"the {stack.name} stack of this model has" if len(self.stacks) > 1 else "this model has"
+        for option, values in (("layers", chosen), ("leave_out", list(leave_out))):
+            bad = [i for i in values if not -n <= i < n]
+            if bad:
+                raise AdapterError(f"{option}={bad} is out of range: {where} {n} layers (0 to {n - 1}).")
+        skip = {i % n for i in leave_out}
+        return [i % n for i in chosen if i % n not in skip]
 
     # -- sites ---------------------------------------------------------------------------------
-    def sublayer_sites(
-        self, places: Sequence[str], layers: Optional[Sequence[int]] = None, leave_out: Iterable[int] = ()
-    ) -> list[Site]:
-        spec = self._need_spec("sub-layer adapters")
-        for place in places:
-            if place not in spec.sublayers:
-                raise AdapterError(f"Unknown place '{place}'. Choose from: {', '.join(spec.sublayers)}.")
+    def sublayer_sites(self, places: Sequence[str], layers: Optional[Sequence[int]] = None,
+                       leave_out: Iterable[int] = (), stacks: Optional[Sequence[str]] = None) -> list[Site]:
+        """``post`` sites at the outputs of residual sub-layers, in every chosen stack that has them."""
+        chosen = self.select_stacks(stacks, "sub-layer adapters")
+        missing = [p for p in places if not any(p in s.spec.sublayers for s in chosen)]
+        if missing:
+            have = list(dict.fromkeys(p for s in chosen for p in s.places))
+            hint = (" Cross-attention exists in the decoder of encoder-decoder models (T5, BART)."
+                    if "cross_attn_out" in missing else "")
+            raise AdapterError(f"This {self.model_type} model has no place {missing} in the stack(s) "
+                               f"{[s.name for s in chosen]}. Places: {', '.join(have)}.{hint}")
         sites = []
-        for i in self._layer_indices(layers, leave_out):
-            block = self.blocks[i]
-            for place in places:
-                sub: SubLayerSpec = spec.sublayers[place]
-                width = self.hidden_size
-                sites.append(
-                    Site(
-                        place_id=f"layers.{i}.{place}",
+        for stack in chosen:
+            for i in self.layer_indices(stack, layers, leave_out):
+                block = stack.blocks[i]
+                for place in places:
+                    sub = stack.spec.sublayers.get(place)
+                    if sub is None:
+                        continue  # e.g. cross_attn_out in the encoder
+                    sites.append(Site(
+                        place_id=f"{stack.prefix}.{i}.{place}",
                         host=_get(block, sub.output),
-                        in_features=width,
-                        out_features=width,
+                        in_features=self.hidden_size,
+                        out_features=self.hidden_size,
                         layer=i,
                         residual_from=(_get(block, sub.residual), sub.residual_arg),
                         layer_norm=_get(block, sub.layer_norm) if sub.layer_norm else None,
                         place="post",
-                    )
-                )
+                        stack=stack.name,
+                        input_from=(_get(block, sub.input), sub.input_arg),
+                    ))
         return sites
 
-    def linear_sites(
-        self, roles: Sequence[str], layers: Optional[Sequence[int]] = None, leave_out: Iterable[int] = ()
-    ) -> list[Site]:
-        spec = self._need_spec("linear-layer adapters")
-        if ALL_LINEAR in roles:  # PEFT's name for every projection of the blocks
-            roles = list(dict.fromkeys([r for r in roles if r != ALL_LINEAR] + list(spec.linears)))
-        unknown = [r for r in roles if r not in spec.linears]
-        if unknown:
+    def linear_sites(self, roles: Sequence[str], layers: Optional[Sequence[int]] = None,
+                     leave_out: Iterable[int] = (), stacks: Optional[Sequence[str]] = None, *,
+                     defaults: bool = False) -> list[Site]:
+        """``weight`` sites at the projections with these roles, in every chosen stack that has
+        them. An explicit role no chosen stack has is an error; ``defaults=True`` (a method's
+        default roles) resolves roles through the architecture's aliases and skips the rest."""
+        chosen = self.select_stacks(stacks, "linear-layer adapters")
+        per_stack = {s.name: self._roles_in(s, roles, defaults) for s in chosen}
+        found = {r for rs in per_stack.values() for r in rs}
+        wanted = [r for r in roles if r != ALL_LINEAR]
+        unknown = [r for r in wanted if self._alias(r, defaults) not in found]
+        if (unknown and not defaults) or not found:
+            have = list(dict.fromkeys(r for s in chosen for r in s.roles))
+            aliases = "".join(f" '{a}' is part of '{r}' here." for a, r in self.spec.aliases.items() if a in unknown)
             raise AdapterError(
-                f"This {self.model_type} layout has no linear role {unknown}. Roles: {', '.join(spec.linears)} "
-                f"('{ALL_LINEAR}' = all of them); or pass target_modules=... to choose modules by name."
+                f"This {self.model_type} layout has no linear role {unknown or wanted} in the stack(s) "
+                f"{[s.name for s in chosen]}. Roles: {', '.join(have)} ('{ALL_LINEAR}' = all of them).{aliases} "
+                "Or pass target_modules=... to choose modules by name."
             )
-        paths = list(dict.fromkeys(spec.linears[role] for role in roles))  # two roles may name one module
         sites = []
-        for i in self._layer_indices(layers, leave_out):
-            for path in paths:
-                sites.append(self._linear_site(f"layers.{i}.{path}", _get(self.blocks[i], path), i))
+        for stack in chosen:
+            paths = list(dict.fromkeys(stack.spec.linears[r] for r in per_stack[stack.name]))  # roles may share one
+            for i in self.layer_indices(stack, layers, leave_out):
+                for path in paths:
+                    sites.append(self._linear_site(f"{stack.prefix}.{i}.{path}", _get(stack.blocks[i], path), i,
+                                                   stack.name))
         return sites
 
-    def weight_sites(self, config, default_roles: str) -> list[Site]:
-        """Sites of a weight-level method (LoRA, IA3): ``config.target_modules`` by name, else
-        ``config.roles``, else the architecture's default roles (the ``ArchSpec`` field named
-        ``default_roles``, e.g. ``"lora_default"``)."""
-        if config.target_modules is not None:
-            return self.generic_sites(config.target_modules, config.layers, config.leave_out, place="weight")
-        roles = config.roles or getattr(self._need_spec(config.method), default_roles)
-        return self.linear_sites(roles, config.layers, config.leave_out)
+    def _alias(self, role: str, defaults: bool) -> str:
+        return self.spec.aliases.get(role, role) if defaults else role
 
-    def _linear_site(self, place_id: str, module: nn.Module, layer: Optional[int]) -> Site:
+    def _roles_in(self, stack: StackLayout, roles: Sequence[str], defaults: bool) -> list[str]:
+        """``roles`` as this stack has them (``"all-linear"`` expanded, aliases for defaults)."""
+        expanded = [r for role in roles for r in (stack.roles if role == ALL_LINEAR else [self._alias(role, defaults)])]
+        return [r for r in dict.fromkeys(expanded) if r in stack.spec.linears]
+
+    def weight_sites(self, config: Any) -> list[Site]:
+        """Sites of a weight-level method (LoRA, IA3): ``config.target_modules`` by name, else
+        ``config.roles``, else the method's ``default_roles`` (a class attribute of its config)."""
+        if config.target_modules is not None:
+            return self.generic_sites(config.target_modules, config.layers, config.leave_out, "weight", config.stacks)
+        if getattr(config, "roles", None):
+            return self.linear_sites(config.roles, config.layers, config.leave_out, config.stacks)
+        defaults = getattr(type(config), "default_roles", ())
+        return self.linear_sites(defaults, config.layers, config.leave_out, config.stacks, defaults=True)
+
+    def _linear_site(self, place_id: str, module: nn.Module, layer: Optional[int], stack: Optional[str]) -> Site:
         feats = linear_features(module)
         if feats is None:
             raise AdapterError(
                 f"Module '{place_id}' is a {type(module).__name__}, not a Linear layer; "
                 "this method needs nn.Linear (or transformers' Conv1D) targets."
             )
-        return Site(place_id, module, feats[0], feats[1], layer=layer, place="weight")
+        return Site(place_id, module, feats[0], feats[1], layer=layer, place="weight", stack=stack)
 
     def generic_sites(
         self,
@@ -175,6 +330,7 @@ class Layout:
         layers: Optional[Sequence[int]] = None,
         leave_out: Iterable[int] = (),
         place: str = "weight",
+        stacks: Optional[Sequence[str]] = None,
     ) -> list[Site]:
         """Sites for modules chosen by name: a regex (full match) or a list of name suffixes."""
         names = [name for name, _ in self.model.named_modules() if name]
@@ -189,47 +345,70 @@ class Layout:
                 f"target_modules={patterns!r} matches no module. Candidates (Linear layers): "
                 f"{', '.join(shown[:40])}{' ...' if len(shown) > 40 else ''}."
             )
-        wanted = None
-        if layers is not None or leave_out:
-            wanted = set(self._layer_indices(layers, leave_out)) if self.blocks else None
+        selected = None if stacks is None else {s.name for s in self.select_stacks(stacks)}
+        by_layer = layers is not None or bool(leave_out)
+        wanted: dict[str, set[int]] = {}
         sites = []
         for name in matched:
-            module = self.model.get_submodule(name)
-            layer = self._layer_of(name)
-            if layers is not None or leave_out:
+            stack, layer, in_blocks = self._position(name)
+            if selected is not None and (stack is None or stack.name not in selected):
+                continue
+            if by_layer:
                 if layer is None:
                     continue
-                if wanted is not None and layer not in wanted:
+                if in_blocks:
+                    if stack.name not in wanted:
+                        wanted[stack.name] = set(self.layer_indices(stack, layers, leave_out))
+                    if layer not in wanted[stack.name]:
+                        continue
+                elif (layers is not None and layer not in layers) or layer in leave_out:
                     continue
-                if wanted is None and ((layers is not None and layer not in layers) or layer in leave_out):
-                    continue
-            place_id = self._relative(name)
+            module = self.model.get_submodule(name)
+            place_id = self.place_id_for(name)
+            stack_name = stack.name if stack is not None else None
             if place == "weight":
-                sites.append(self._linear_site(place_id, module, layer))
+                sites.append(self._linear_site(place_id, module, layer, stack_name))
             else:
                 in_f, out_f = _module_widths(module, name)
-                sites.append(Site(place_id, module, in_f, out_f, layer=layer, place=place))
+                sites.append(Site(place_id, module, in_f, out_f, layer=layer, place=place, stack=stack_name))
         if not sites:
-            found = sorted({i for i in map(self._layer_of, matched) if i is not None})
+            found = sorted({i for i in (self._position(n)[1] for n in matched) if i is not None})
+            where = f" in the stack(s) {sorted(selected)}" if selected is not None else ""
             raise AdapterError(
                 f"target_modules={patterns!r} matched {matched[:10]}, but none in layers={layers} "
-                f"(leave_out={tuple(leave_out)}); the matched modules are in layers {found}."
+                f"(leave_out={tuple(leave_out)}){where}; the matched modules are in layers {found}."
             )
         return sites
 
-    def _layer_of(self, name: str) -> Optional[int]:
-        if self.blocks_path and name.startswith(self.blocks_path + "."):
-            return int(name[len(self.blocks_path) + 1 :].split(".")[0])
+    def _position(self, name: str) -> tuple[Optional[StackLayout], Optional[int], bool]:
+        """The stack a module belongs to, its layer index, and whether it lies inside a block."""
+        for stack in self.stacks.values():
+            if name.startswith(stack.path + "."):
+                return stack, int(name[len(stack.path) + 1:].split(".")[0]), True
         # the first numeric name component: "encoder.3.fc", or "3.fc" in an nn.Sequential of blocks
         m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
-        return int(m.group(1)) if m else None
+        layer = int(m.group(1)) if m else None
+        owner = next((s for s in self.stacks.values() if not s.root or name.startswith(s.root + ".")), None)
+        return owner, layer, False
 
-    def _relative(self, name: str) -> str:
-        """Layout-relative place id (``layers.3.attention.self.query``) so that checkpoints
-        fit a model whether or not it has a task head around the backbone."""
-        if self.blocks_path and name.startswith(self.blocks_path + "."):
-            return "layers." + name[len(self.blocks_path) + 1 :]
+    def place_id_for(self, name: str) -> str:
+        """Layout-relative place id (``layers.3.attention.self.query``,
+        ``decoder.layers.0.fc1``, ``encoder.layernorm_embedding``) so that checkpoints fit a
+        model whether or not it has a task head around the backbone."""
+        for stack in self.stacks.values():
+            if name.startswith(stack.path + "."):
+                return f"{stack.prefix}.{name[len(stack.path) + 1:]}"
+            if stack.root and name.startswith(stack.root + "."):
+                return f"{stack.name}.{name[len(stack.root) + 1:]}"
         return name
+
+    # -- hosts that never run ------------------------------------------------------------------
+    def check_hosts_run(self, sites: Sequence[Site]) -> None:
+        """Refuse sites whose host module the model's forward never calls (its weight is read
+        directly, as WavLM's attention hands ``q_proj.weight`` to ``F.multi_head_attention_forward``):
+        an adapter there would train nothing and change nothing. One probe forward per layout;
+        skipped where the model cannot be probed (see ``probe.HostProbe``)."""
+        self.probe.check(sites)
 
 
 def _module_widths(module: nn.Module, name: str) -> tuple[int, int]:
@@ -246,3 +425,4 @@ def _module_widths(module: nn.Module, name: str) -> tuple[int, int]:
         f"Cannot tell the width of module '{name}' ({type(module).__name__}): target a Linear layer or a "
         "block that contains Linear layers."
     )
+

@@ -1,134 +1,272 @@
-"""Per-architecture maps: where the layers, sub-layer outputs and projections live.
+"""Per-architecture maps: where the stacks, layers, sub-layer outputs and projections live.
 
-One declarative entry per family, with paths relative to one transformer block, in the style of
-AdapterHub's ``AdapterModelInterface``. No model code is copied: adapters attach to these modules
-with hooks (``adapterkit.slots``), so the same table works for ``transformers`` 4.57 and 5.x.
+One declarative entry per family, in the style of AdapterHub's ``AdapterModelInterface``, with
+paths relative to one transformer block. No model code is copied: adapters attach to these
+modules with hooks (``adapterkit.slots``), so the same table works for ``transformers`` 4.57 and
+5.x. An architecture has one or more named *stacks* of blocks: ``"encoder"`` and ``"decoder"`` for
+encoder-decoders (T5, BART), one stack named after what the model is for the others (BERT:
+``"encoder"``, GPT-2 / Llama: ``"decoder"``). Where ``model_type`` is not enough to tell variants
+apart, an entry carries a predicate on the config (T5 v1.1's gated feed-forward).
 
-Sub-layer places (read by bottleneck adapters):
+Sub-layer places (read by bottleneck adapters), each with the module whose output is the
+sub-layer's output before the residual add, the module whose forward receives the residual
+stream, the layer norm after the add (post-LN models) and the module whose first argument is the
+sub-layer's input (what a ``pre`` / ``parallel`` adapter reads; for pre-LN models the normalised
+stream, as the sub-layer itself reads it):
 
-* ``attn_out``: output of the attention block before the residual add,
-* ``ffn_out``: output of the feed-forward block before the residual add.
+* ``attn_out``: self-attention, ``cross_attn_out``: cross-attention (decoder stacks of
+  encoder-decoders), ``ffn_out``: feed-forward.
 
 Linear roles (read by LoRA / IA3): ``q``, ``k``, ``v`` (``qkv`` when fused), ``attn_proj``,
-``ffn_in`` (and ``ffn_gate``), ``ffn_proj``.
+``cross_q``, ``cross_k``, ``cross_v``, ``cross_proj``, ``ffn_in`` (and ``ffn_gate`` on gated
+feed-forwards: ``ffn_gate`` is the branch that goes through the activation, ``ffn_in`` the one
+multiplied by it), ``ffn_proj``. Which roles a method uses by default is the method's business
+(``LoRAConfig.default_roles``); an entry may declare *aliases* through which those defaults
+resolve where the architecture fuses projections (GPT-2: ``q`` / ``k`` / ``v`` -> ``qkv``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
 
 from ..slots import ArgRef
+
+PLACES = ("attn_out", "cross_attn_out", "ffn_out")
+ROLES = ("q", "k", "v", "qkv", "attn_proj", "cross_q", "cross_k", "cross_v", "cross_proj",
+         "ffn_in", "ffn_gate", "ffn_proj")
+
+_HIDDEN = ArgRef(0, "hidden_states")
 
 
 @dataclass(frozen=True)
 class SubLayerSpec:
-    """A residual sub-layer inside a block.
+    """A residual sub-layer inside a block (paths relative to the block; ``""`` = the block).
 
     Args:
         output: module whose output is the sub-layer's output before the residual add.
-        residual: module whose forward receives the residual stream ("" = the block itself).
+        residual: module whose forward receives the residual stream.
         residual_arg: which argument of that forward holds it.
         layer_norm: the layer norm applied after the residual add (post-LN models), else None.
+        input: module whose ``input_arg`` is the sub-layer's input (for ``pre`` / ``parallel``).
+        input_arg: which argument of ``input``'s forward holds it.
     """
 
     output: str
     residual: str
     residual_arg: ArgRef
-    layer_norm: str | None = None
+    layer_norm: Optional[str] = None
+    input: str = ""
+    input_arg: ArgRef = _HIDDEN
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """One stack of identical blocks.
+
+    Args:
+        layers: path of the ``nn.ModuleList`` of blocks, matched as a suffix of module names
+            (so ``BertModel`` and ``BertForSequenceClassification`` both fit).
+        sublayers: place -> sub-layer (``attn_out``, ``cross_attn_out``, ``ffn_out``).
+        linears: role -> path of the projection.
+        heads_attr: the config attribute holding this stack's number of attention heads, when
+            it is not ``num_attention_heads`` (BART's ``decoder_attention_heads``).
+    """
+
+    layers: str
+    sublayers: Mapping[str, SubLayerSpec]
+    linears: Mapping[str, str]
+    heads_attr: Optional[str] = None
+
+
+def _always(config: Any) -> bool:
+    return True
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where things are in one architecture family (paths relative to a block)."""
+    """Where things are in one architecture family.
 
+    Args:
+        name: a short name for messages and docs.
+        model_types: the ``config.model_type`` values this entry serves.
+        stacks: stack name -> stack, in forward order.
+        embeddings: path of the input token embeddings (matched as a suffix).
+        aliases: role -> the role that stands for it here, used when a method's *default* roles
+            are resolved (GPT-2's fused ``qkv`` stands for ``q``, ``k`` and ``v``).
+        when: predicate on the config, for variants ``model_type`` cannot tell apart.
+        post_ln: the layer norm follows the residual add (BERT, BART).
+        decoder: a decoder-only (causal LM) family.
+    """
+
+    name: str
     model_types: tuple[str, ...]
-    layers: str
-    sublayers: dict[str, SubLayerSpec]
-    linears: dict[str, str]
+    stacks: Mapping[str, StackSpec]
     embeddings: str
-    lora_default: tuple[str, ...] = ("q", "v")
-    ia3_default: tuple[str, ...] = ("k", "v", "ffn_in")
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    when: Callable[[Any], bool] = _always
     post_ln: bool = False
     decoder: bool = False
 
+    @property
+    def named_stacks(self) -> bool:
+        """Place ids carry the stack name (``encoder.layers.3.ffn_out``) when there are several;
+        single-stack families keep ``layers.3.ffn_out`` so that existing checkpoints load."""
+        return len(self.stacks) > 1
 
-_HIDDEN = ArgRef(0, "hidden_states")
+
+def _sub(output: str, residual: str, residual_arg: ArgRef, layer_norm: Optional[str], input: str,
+         input_arg: ArgRef = _HIDDEN) -> SubLayerSpec:
+    return SubLayerSpec(output, residual, residual_arg, layer_norm, input, input_arg)
+
+
+def _attention_roles(prefix: str, q: str, k: str, v: str, o: str, role_prefix: str = "") -> dict[str, str]:
+    """Roles of one attention block: ``q``, ``k``, ``v``, ``attn_proj`` (or ``cross_q`` ... ``cross_proj``)."""
+    names = (role_prefix + "q", role_prefix + "k", role_prefix + "v", "cross_proj" if role_prefix else "attn_proj")
+    return {name: f"{prefix}.{path}" for name, path in zip(names, (q, k, v, o))}
+
 
 BERT_LIKE = ArchSpec(
+    name="bert",
     model_types=("bert", "roberta", "xlm-roberta", "camembert", "electra"),
-    layers="encoder.layer",
-    sublayers={
-        "attn_out": SubLayerSpec(
-            "attention.output.dropout", "attention.output", ArgRef(1, "input_tensor"), "attention.output.LayerNorm"
-        ),
-        "ffn_out": SubLayerSpec("output.dropout", "output", ArgRef(1, "input_tensor"), "output.LayerNorm"),
-    },
-    linears={
-        "q": "attention.self.query",
-        "k": "attention.self.key",
-        "v": "attention.self.value",
-        "attn_proj": "attention.output.dense",
-        "ffn_in": "intermediate.dense",
-        "ffn_proj": "output.dense",
-    },
+    stacks={"encoder": StackSpec(
+        layers="encoder.layer",
+        sublayers={
+            "attn_out": _sub("attention.output.dropout", "attention.output", ArgRef(1, "input_tensor"),
+                             "attention.output.LayerNorm", "attention"),
+            "ffn_out": _sub("output.dropout", "output", ArgRef(1, "input_tensor"), "output.LayerNorm", "intermediate"),
+        },
+        linears={
+            **_attention_roles("attention", "self.query", "self.key", "self.value", "output.dense"),
+            "ffn_in": "intermediate.dense",
+            "ffn_proj": "output.dense",
+        },
+    )},
     embeddings="embeddings.word_embeddings",
     post_ln=True,
 )
 
 DISTILBERT = ArchSpec(
+    name="distilbert",
     model_types=("distilbert",),
-    layers="transformer.layer",
-    sublayers={
-        "attn_out": SubLayerSpec("attention.out_lin", "", _HIDDEN, "sa_layer_norm"),
-        "ffn_out": SubLayerSpec("ffn", "ffn", ArgRef(0, "input"), "output_layer_norm"),
-    },
-    linears={
-        "q": "attention.q_lin",
-        "k": "attention.k_lin",
-        "v": "attention.v_lin",
-        "attn_proj": "attention.out_lin",
-        "ffn_in": "ffn.lin1",
-        "ffn_proj": "ffn.lin2",
-    },
+    stacks={"encoder": StackSpec(
+        layers="transformer.layer",
+        sublayers={
+            "attn_out": _sub("attention.out_lin", "", _HIDDEN, "sa_layer_norm", "attention"),
+            "ffn_out": _sub("ffn", "ffn", ArgRef(0, "input"), "output_layer_norm", "ffn", ArgRef(0, "input")),
+        },
+        linears={
+            **_attention_roles("attention", "q_lin", "k_lin", "v_lin", "out_lin"),
+            "ffn_in": "ffn.lin1",
+            "ffn_proj": "ffn.lin2",
+        },
+    )},
     embeddings="embeddings.word_embeddings",
     post_ln=True,
 )
 
 GPT2 = ArchSpec(
+    name="gpt2",
     model_types=("gpt2",),
-    layers="h",
-    sublayers={
-        "attn_out": SubLayerSpec("attn", "ln_1", _HIDDEN),
-        "ffn_out": SubLayerSpec("mlp", "ln_2", _HIDDEN),
-    },
-    linears={"qkv": "attn.c_attn", "attn_proj": "attn.c_proj", "ffn_in": "mlp.c_fc", "ffn_proj": "mlp.c_proj"},
+    stacks={"decoder": StackSpec(
+        layers="h",
+        sublayers={
+            "attn_out": _sub("attn", "ln_1", _HIDDEN, None, "attn"),
+            "ffn_out": _sub("mlp", "ln_2", _HIDDEN, None, "mlp"),
+        },
+        linears={"qkv": "attn.c_attn", "attn_proj": "attn.c_proj", "ffn_in": "mlp.c_fc", "ffn_proj": "mlp.c_proj"},
+    )},
     embeddings="wte",
-    lora_default=("qkv",),
-    ia3_default=("qkv", "ffn_in"),
+    aliases={"q": "qkv", "k": "qkv", "v": "qkv"},
     decoder=True,
 )
 
 LLAMA_LIKE = ArchSpec(
+    name="llama",
     model_types=("llama", "mistral", "qwen2", "qwen3"),
-    layers="layers",
-    sublayers={
-        "attn_out": SubLayerSpec("self_attn.o_proj", "input_layernorm", _HIDDEN),
-        "ffn_out": SubLayerSpec("mlp", "post_attention_layernorm", _HIDDEN),
-    },
-    linears={
-        "q": "self_attn.q_proj",
-        "k": "self_attn.k_proj",
-        "v": "self_attn.v_proj",
-        "attn_proj": "self_attn.o_proj",
-        "ffn_gate": "mlp.gate_proj",
-        "ffn_in": "mlp.up_proj",
-        "ffn_proj": "mlp.down_proj",
-    },
+    stacks={"decoder": StackSpec(
+        layers="layers",
+        sublayers={
+            "attn_out": _sub("self_attn.o_proj", "input_layernorm", _HIDDEN, None, "self_attn"),
+            "ffn_out": _sub("mlp", "post_attention_layernorm", _HIDDEN, None, "mlp"),
+        },
+        linears={
+            **_attention_roles("self_attn", "q_proj", "k_proj", "v_proj", "o_proj"),
+            "ffn_gate": "mlp.gate_proj",
+            "ffn_in": "mlp.up_proj",
+            "ffn_proj": "mlp.down_proj",
+        },
+    )},
     embeddings="embed_tokens",
     decoder=True,
 )
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (BERT_LIKE, DISTILBERT, GPT2, LLAMA_LIKE)
+
+def _t5_stack(layers: str, cross: bool, gated: bool) -> StackSpec:
+    """T5 blocks hold a ``layer`` list: self-attention, [cross-attention,] feed-forward. Each is
+    pre-LN, ``h + dropout(f(layer_norm(h)))``: the sub-layer's own ``dropout`` module is the host
+    (used nowhere else), the sub-layer module's first argument the residual stream."""
+    ffn = "layer.2" if cross else "layer.1"
+    sublayers = {"attn_out": _sub("layer.0.dropout", "layer.0", _HIDDEN, None, "layer.0.SelfAttention")}
+    linears = _attention_roles("layer.0.SelfAttention", "q", "k", "v", "o")
+    if cross:
+        sublayers["cross_attn_out"] = _sub("layer.1.dropout", "layer.1", _HIDDEN, None, "layer.1.EncDecAttention")
+        linears.update(_attention_roles("layer.1.EncDecAttention", "q", "k", "v", "o", role_prefix="cross_"))
+    sublayers["ffn_out"] = _sub(f"{ffn}.dropout", ffn, _HIDDEN, None, f"{ffn}.DenseReluDense")
+    dense = f"{ffn}.DenseReluDense"
+    ffn_roles = {"ffn_gate": f"{dense}.wi_0", "ffn_in": f"{dense}.wi_1"} if gated else {"ffn_in": f"{dense}.wi"}
+    linears.update({**ffn_roles, "ffn_proj": f"{dense}.wo"})
+    return StackSpec(layers=layers, sublayers=sublayers, linears=linears)
+
+
+def _t5(gated: bool) -> ArchSpec:
+    return ArchSpec(
+        name="t5-gated" if gated else "t5",
+        model_types=("t5", "mt5"),
+        stacks={"encoder": _t5_stack("encoder.block", cross=False, gated=gated),
+                "decoder": _t5_stack("decoder.block", cross=True, gated=gated)},
+        embeddings="shared",
+        when=lambda config: bool(getattr(config, "is_gated_act", False)) == gated,
+    )
+
+
+T5 = _t5(gated=False)
+T5_GATED = _t5(gated=True)  # T5 v1.1, mT5: wi_0 (through the activation) * wi_1
+
+
+def _bart_stack(layers: str, cross: bool, pre_ln: bool, heads_attr: str) -> StackSpec:
+    """BART layers (and mBART's, which normalise before each sub-layer instead of after it)."""
+    def sub(host: str, norm: str, residual: str, input: str) -> SubLayerSpec:
+        if pre_ln:  # residual = input of the layer norm that opens the sub-layer
+            return _sub(host, norm, _HIDDEN, None, input)
+        return _sub(host, residual, ArgRef(0, "hidden_states"), norm, input)
+
+    sublayers = {"attn_out": sub("self_attn", "self_attn_layer_norm", "self_attn", "self_attn")}
+    linears = _attention_roles("self_attn", "q_proj", "k_proj", "v_proj", "out_proj")
+    if cross:
+        sublayers["cross_attn_out"] = sub("encoder_attn", "encoder_attn_layer_norm", "encoder_attn", "encoder_attn")
+        linears.update(_attention_roles("encoder_attn", "q_proj", "k_proj", "v_proj", "out_proj", role_prefix="cross_"))
+    sublayers["ffn_out"] = sub("fc2", "final_layer_norm", "fc1", "fc1")
+    linears.update({"ffn_in": "fc1", "ffn_proj": "fc2"})
+    return StackSpec(layers=layers, sublayers=sublayers, linears=linears, heads_attr=heads_attr)
+
+
+def _bart(name: str, model_types: tuple[str, ...], pre_ln: bool) -> ArchSpec:
+    return ArchSpec(
+        name=name,
+        model_types=model_types,
+        stacks={"encoder": _bart_stack("encoder.layers", False, pre_ln, "encoder_attention_heads"),
+                "decoder": _bart_stack("decoder.layers", True, pre_ln, "decoder_attention_heads")},
+        embeddings="shared",
+        post_ln=not pre_ln,
+    )
+
+
+# BART: x = LN(x + dropout(f(x))) with functional dropout, so the host is the attention / fc2 itself
+BART = _bart("bart", ("bart",), pre_ln=False)
+MBART = _bart("mbart", ("mbart",), pre_ln=True)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (BERT_LIKE, DISTILBERT, GPT2, LLAMA_LIKE, T5, T5_GATED, BART, MBART)
 
 
 def is_decoder_config(config) -> bool:
@@ -137,12 +275,14 @@ def is_decoder_config(config) -> bool:
     token by it). Encoder-decoder models (T5, BART) are not decoders in this sense."""
     if config is None or getattr(config, "is_encoder_decoder", False):
         return False
-    spec = spec_for(getattr(config, "model_type", None))
+    spec = spec_for(config)
     return bool(getattr(config, "is_decoder", False) or (spec is not None and spec.decoder))
 
 
-def spec_for(model_type: str | None) -> ArchSpec | None:
-    for spec in ARCHITECTURES:
-        if model_type in spec.model_types:
-            return spec
-    return None
+def spec_for(config_or_type: Any) -> Optional[ArchSpec]:
+    """The entry for a ``transformers`` config (its ``model_type`` and the entries' predicates),
+    or for a bare ``model_type`` string (the first entry of that type)."""
+    if config_or_type is None or isinstance(config_or_type, str):
+        return next((s for s in ARCHITECTURES if config_or_type in s.model_types), None)
+    model_type = getattr(config_or_type, "model_type", None)
+    return next((s for s in ARCHITECTURES if model_type in s.model_types and s.when(config_or_type)), None)

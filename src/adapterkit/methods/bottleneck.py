@@ -45,6 +45,8 @@ class BottleneckConfig(AdapterConfig):
     Args:
         mh_adapter: place after the attention output (``attn_out``).
         output_adapter: place after the feed-forward output (``ffn_out``).
+        cross_adapter: place after the cross-attention output (``cross_attn_out``, in the
+            decoder of encoder-decoder models), as AdapterHub's ``BnConfig.cross_adapter``.
         reduction_factor: bottleneck width = hidden size // reduction_factor.
         bottleneck_dim: bottleneck width, overriding ``reduction_factor``.
         non_linearity: relu, gelu, swish (= silu) or tanh.
@@ -64,6 +66,7 @@ class BottleneckConfig(AdapterConfig):
 
     mh_adapter: bool = False
     output_adapter: bool = True
+    cross_adapter: bool = False
     reduction_factor: float = 16
     bottleneck_dim: Optional[int] = None
     non_linearity: str = "relu"
@@ -101,14 +104,14 @@ class BottleneckConfig(AdapterConfig):
             )
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}.")
-        if self.target_modules is None and not (self.mh_adapter or self.output_adapter):
-            raise AdapterError("Set mh_adapter=True and/or output_adapter=True (or target_modules=...).")
+        if self.target_modules is None and not (self.mh_adapter or self.output_adapter or self.cross_adapter):
+            raise AdapterError("Set mh_adapter=True, output_adapter=True and/or cross_adapter=True (or target_modules=...).")
 
     def sites(self, layout) -> list[Site]:
         if self.target_modules is not None:
-            return layout.generic_sites(self.target_modules, self.layers, self.leave_out, place="post")
-        places = (["attn_out"] if self.mh_adapter else []) + (["ffn_out"] if self.output_adapter else [])
-        return layout.sublayer_sites(places, self.layers, self.leave_out)
+            return layout.generic_sites(self.target_modules, self.layers, self.leave_out, "post", self.stacks)
+        chosen = {"attn_out": self.mh_adapter, "cross_attn_out": self.cross_adapter, "ffn_out": self.output_adapter}
+        return layout.sublayer_sites([p for p, on in chosen.items() if on], self.layers, self.leave_out, self.stacks)
 
     def default_place(self) -> str:
         return "parallel" if self.is_parallel else "post"

@@ -11,7 +11,7 @@ rows and the bias, or its input columns.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, Optional, Sequence
+from typing import ClassVar, Hashable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,16 +24,19 @@ from .base import AdapterModule, gather, small_normal_
 @register_method("ia3")
 @dataclass(frozen=True)
 class IA3Config(AdapterConfig):
-    """(IA)^3 on Linear layers; ``roles=None`` = keys, values and the FFN input projection."""
+    """(IA)^3 on Linear layers; ``roles=None`` = ``default_roles``: keys and values (of self- and
+    cross-attention) and the FFN input projection, as Liu et al. 2022 sec. 3.3."""
 
     supports_merge = True
     places = ("weight", "pre")
     default_strategy = "multiply"
+    #: roles used when ``roles`` is None; a role a stack lacks is skipped there
+    default_roles: ClassVar[tuple[str, ...]] = ("k", "v", "ffn_in", "cross_k", "cross_v")
 
     roles: Optional[tuple[str, ...]] = None
 
     def sites(self, layout) -> list[Site]:
-        return layout.weight_sites(self, "ia3_default")
+        return layout.weight_sites(self)
 
     def build(self, site: Site) -> nn.Module:
         scales_input = site.place == "pre"  # PEFT's feedforward_modules: the Linear's input

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Hashable, Optional, Sequence
+from typing import ClassVar, Hashable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +35,17 @@ class LoRAConfig(AdapterConfig):
         alpha: scaling numerator; the update is multiplied by ``alpha / r``.
         dropout: dropout on the LoRA branch's input.
         roles: layout roles to adapt (``"q"``, ``"k"``, ``"v"``, ``"attn_proj"``, ``"ffn_in"``,
-            ...), or ``"all-linear"`` for every projection of the blocks; ``None`` = the
-            architecture's default (query and value; GPT-2's fused ``qkv``). On SST-2 with MiniLM,
+            ...), or ``"all-linear"`` for every projection of the blocks; ``None`` =
+            ``default_roles``: query and value, in self- and cross-attention (PEFT's T5 default
+            ``["q", "v"]`` hits both); GPT-2's fused ``qkv`` stands for them. On SST-2 with MiniLM,
             ``"all-linear"`` came within 0.9 points of full fine-tuning where query and value
             stayed 2.2 points short (``docs/training.md``).
     """
 
     supports_merge = True
     places = ("weight",)
+    #: roles used when ``roles`` is None; a role a stack lacks is skipped there
+    default_roles: ClassVar[tuple[str, ...]] = ("q", "v", "cross_q", "cross_v")
 
     r: int = 8
     alpha: float = 8.0
@@ -56,7 +59,7 @@ class LoRAConfig(AdapterConfig):
             raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}.")
 
     def sites(self, layout) -> list[Site]:
-        return layout.weight_sites(self, "lora_default")
+        return layout.weight_sites(self)
 
     def build(self, site: Site) -> nn.Module:
         if self.r > min(site.in_features, site.out_features):
