@@ -1,0 +1,111 @@
+"""Module paths of a foreign checkpoint <-> adapterkit place ids, and placements as config options.
+
+A foreign library names an adapted module by its path in the model it wrapped:
+``bert.encoder.layer.0.attention.self.query`` (a task model), ``encoder.layer.0...`` (the bare
+backbone), ``transformer.h.0.attn.c_attn``, ``model.layers.0.self_attn.q_proj``. adapterkit's
+place ids are layout-relative (``layers.0.attention.self.query``, see ``Layout._relative``), so
+the block list's path (``ArchSpec.layers``) found anywhere in a foreign path fixes the place,
+whatever prefix the foreign model had.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+from ..errors import CheckpointError
+from ..layouts import Layout, linear_features
+
+
+def place_of(layout: Layout, path: str, where: str) -> str:
+    """The place id of the module at foreign ``path``; ``where`` names the file and key for errors."""
+    if layout.spec is not None:
+        m = re.search(rf"(?:^|\.){re.escape(layout.spec.layers)}\.(\d+)\.(.+)$", path)
+        if m:
+            i, rest = int(m.group(1)), m.group(2)
+            if i >= layout.num_layers:
+                raise CheckpointError(f"{where}: layer {i} does not exist; this {layout.model_type} model has "
+                                      f"{layout.num_layers} layers. Load it into the base model it was trained on.")
+            return f"layers.{i}.{rest}"
+    names = dict(layout.model.named_modules())
+    parts = path.split(".")
+    for start in range(len(parts)):  # with or without the foreign model's prefix
+        candidate = ".".join(parts[start:])
+        if candidate in names:
+            return layout._relative(candidate)
+    raise CheckpointError(f"{where}: module '{path}' does not exist in this {layout.model_type} model; the adapter "
+                          "was made for another architecture. Load it into the base model it was trained on.")
+
+
+def module_at(layout: Layout, place_id: str, where: str):
+    """The module at an adapterkit place id (``layers.<i>.<path>`` or a module name)."""
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", place_id)
+    try:
+        if m and layout.blocks:
+            return layout.blocks[int(m.group(1))].get_submodule(m.group(2))
+        return layout.model.get_submodule(place_id)
+    except AttributeError:
+        raise CheckpointError(f"{where}: '{place_id}' does not exist in this {layout.model_type} model; the adapter "
+                              "was made for another architecture. Load it into the base model it was trained on.") from None
+
+
+def backbone_prefix(layout: Layout) -> str:
+    """``transformers``' ``base_model_prefix`` (``bert``, ``transformer``, ``model``), or ""."""
+    return getattr(layout.model, "base_model_prefix", "") or ""
+
+
+def peer_path(layout: Layout, place_id: str, with_prefix: bool) -> str:
+    """The module path a foreign library uses for ``place_id``: relative to the bare backbone,
+    or (``with_prefix``) to a task / LM model around it (``bert.``, ``transformer.``, ``model.``)."""
+    prefix = backbone_prefix(layout)
+    model = layout.model
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", place_id)
+    if m and layout.blocks_path:
+        path = f"{layout.blocks_path}.{m.group(1)}.{m.group(2)}"
+    else:
+        path = place_id
+    wrapped = bool(prefix) and hasattr(model, prefix) and getattr(model, prefix) is not model
+    if wrapped and path.startswith(prefix + "."):
+        path = path[len(prefix) + 1:]  # now relative to the bare backbone
+    return f"{prefix}.{path}" if with_prefix and prefix else path
+
+
+def _split(place_ids: list[str]) -> Optional[tuple[list[int], list[str]]]:
+    """``(layers, in-block paths)`` when every id is ``layers.<i>.<path>``."""
+    pairs = [re.fullmatch(r"layers\.(\d+)\.(.+)", p) for p in place_ids]
+    if not all(pairs):
+        return None
+    layers = sorted({int(m.group(1)) for m in pairs})
+    rests = list(dict.fromkeys(m.group(2) for m in pairs))
+    return layers, rests
+
+
+def placement(layout: Layout, place_ids: list[str], where: str) -> dict[str, Any]:
+    """Config options (``roles`` or ``target_modules``, and ``layers``) that select exactly
+    ``place_ids`` in this layout; a ``CheckpointError`` when no such options exist."""
+    split = _split(place_ids)
+    if split is None or layout.spec is None:  # the generic path: the modules by their full names
+        names = [n for n, mod in layout.model.named_modules() if layout._relative(n) in set(place_ids)]
+        return {"target_modules": "|".join(re.escape(n) for n in names)}
+    layers, rests = split
+    if len(place_ids) != len(layers) * len(rests):
+        raise CheckpointError(f"{where}: the adapted modules differ from layer to layer ({place_ids[:6]} ...); "
+                              "adapterkit places one set of modules in every chosen layer.")
+    options: dict[str, Any] = {"layers": None if layers == list(range(layout.num_layers)) else layers}
+    roles = {path: role for role, path in layout.spec.linears.items()}
+    if all(r in roles for r in rests):
+        options["roles"] = [roles[r] for r in rests]
+    else:
+        alts = "|".join(re.escape(r) for r in rests)
+        options["target_modules"] = rf"(?:.*\.)?{re.escape(layout.spec.layers)}\.\d+\.(?:{alts})"
+    return options
+
+
+def place_regex(place_ids: list[str]) -> str:
+    """A regex matching exactly these place ids (full match)."""
+    return "|".join(re.escape(p) for p in place_ids)
+
+
+def is_conv1d(module) -> bool:
+    feats = linear_features(module)
+    return bool(feats and feats[2])
