@@ -28,7 +28,7 @@ from ..methods.lora import LoRAConfig, pattern_value
 from . import heads as H
 from .files import read_json, read_weights, write_folder
 from .meta import by_place, checkpoint, head_tensors, refuse_options
-from .places import is_conv1d, module_at, peer_path, place_of, placement, place_regex
+from .places import is_conv1d, module_at, peer_path, per_site, place_of, placement, place_regex
 
 CONFIG = "adapter_config.json"
 WEIGHTS, PICKLED = "adapter_model.safetensors", "adapter_model.bin"
@@ -141,15 +141,12 @@ def _read_lora(cfg: dict, tensors: dict, model, weights_file: Path):
         r = params["lora_A"].shape[0]
         _check_shape(params["lora_A"], (r, feats[0]), f"{PREFIX}{paths[place]}.lora_A.weight", weights_file)
         _check_shape(params["lora_B"], (feats[1], r), f"{PREFIX}{paths[place]}.lora_B.weight", weights_file)
-        if r != r0:
-            ranks[re.escape(place)] = r
-        alpha = float(pattern_value(cfg.get("alpha_pattern"), paths[place], alpha0))
-        if alpha != alpha0:
-            alphas[re.escape(place)] = alpha
+        ranks[place] = r
+        alphas[place] = float(pattern_value(cfg.get("alpha_pattern"), paths[place], alpha0))
     try:
         config = LoRAConfig(r=r0, alpha=alpha0, dropout=float(cfg.get("lora_dropout") or 0.0),
-                            use_rslora=bool(cfg.get("use_rslora")), rank_pattern=ranks or None,
-                            alpha_pattern=alphas or None,
+                            use_rslora=bool(cfg.get("use_rslora")), rank_pattern=per_site(ranks, r0, list(sites)),
+                            alpha_pattern=per_site(alphas, alpha0, list(sites)),
                             **placement(model.layout, list(sites), f"'{weights_file}'"))
     except AdapterError as err:
         raise CheckpointError(f"'{weights_file.parent / CONFIG}': {err}") from None
@@ -168,7 +165,7 @@ def _read_ia3(cfg: dict, tensors: dict, model, weights_file: Path):
             inputs.append(place)
         sites[place] = {"ia3_l": value.reshape(-1)}
     options = placement(model.layout, list(sites), f"'{weights_file}'")
-    return IA3Config(input_modules=place_regex(inputs) if inputs else None, **options), sites
+    return IA3Config(input_modules=place_regex(inputs, list(sites)) if inputs else None, **options), sites
 
 
 def _read_head(cfg: dict, tensors: dict, model, weights_file: Path):

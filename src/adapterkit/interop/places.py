@@ -101,9 +101,26 @@ def placement(layout: Layout, place_ids: list[str], where: str) -> dict[str, Any
     return options
 
 
-def place_regex(place_ids: list[str]) -> str:
-    """A regex matching exactly these place ids (full match)."""
-    return "|".join(re.escape(p) for p in place_ids)
+def place_regex(chosen: list[str], among: list[str]) -> str:
+    """A regex that fully matches the place ids ``chosen`` and no other of ``among``: by in-block
+    path (``layers.<any index>.<path>``) where that is exact, else id by id."""
+    split = _split(chosen)
+    if split is not None:
+        pattern = r"layers\.\d+\.(?:" + "|".join(re.escape(r) for r in split[1]) + ")"
+        if [p for p in among if re.fullmatch(pattern, p)] == [p for p in among if p in set(chosen)]:
+            return pattern
+    return "|".join(re.escape(p) for p in chosen)
+
+
+def per_site(values: dict[str, Any], default: Any, among: list[str]) -> Optional[dict[str, Any]]:
+    """A PEFT-style ``{pattern: value}`` (``rank_pattern`` / ``alpha_pattern``) giving each place
+    of ``among`` its value in ``values`` (``default`` where missing); ``None`` if all are default."""
+    groups: dict[Any, list[str]] = {}
+    for place in among:
+        value = values.get(place, default)
+        if value != default:
+            groups.setdefault(value, []).append(place)
+    return {place_regex(places, among): value for value, places in groups.items()} or None
 
 
 def is_conv1d(module) -> bool:
