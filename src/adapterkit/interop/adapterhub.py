@@ -58,6 +58,10 @@ LORA_LOCATIONS = {
     id(GPT2): {"ffn_in": "intermediate", "ffn_proj": "output"},
     id(LLAMA_LIKE): {"q": "q", "k": "k", "v": "v", "ffn_proj": "intermediate", "ffn_in": "output"},
 }
+#: AdapterHub's model class with flexible heads, named in head_config.json so it loads the head
+FLEX_CLASSES = {"bert": "BertAdapterModel", "roberta": "RobertaAdapterModel", "xlm-roberta": "XLMRobertaAdapterModel",
+                "distilbert": "DistilBertAdapterModel", "gpt2": "GPT2AdapterModel", "llama": "LlamaAdapterModel",
+                "mistral": "MistralAdapterModel"}
 ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "swish": "swish", "silu": "silu", "tanh": "tanh"}
 #: BnConfig options read here; those that must be off; the rest only matter with phm_layer
 BN_READ = {"mh_adapter", "output_adapter", "reduction_factor", "non_linearity", "original_ln_before",
@@ -261,7 +265,9 @@ def write(directory: "str | Path", meta: dict[str, Any], tensors: dict[str, torc
                            f"models, not {layout.model_type}; nothing was written.")
     name = meta["name"]
     ah_config, out = WRITERS[config.method](config, by_place(meta, tensors), name, layout)
-    model_class = f"{type(layout.model).__name__}"
+    model_class = type(layout.model).__name__
+    if meta.get("head"):
+        model_class = FLEX_CLASSES.get(layout.model_type, model_class)
     info = {"hidden_size": layout.hidden_size, "model_type": layout.model_type, "model_class": model_class,
             "model_name": getattr(getattr(layout.model, "config", None), "_name_or_path", "") or "", "name": name,
             "version": VERSION}
@@ -314,7 +320,7 @@ def _write_bottleneck(config: BottleneckConfig, sites: dict, name: str, layout):
             module, _, leaf = param.rpartition(".")
             for ah_name in names[module or param]:
                 out[f"{prefix}.{ah_name}.{leaf}" if module else f"{prefix}.{ah_name}"] = value
-    ah = {"architecture": "bottleneck", "mh_adapter": config.mh_adapter, "output_adapter": config.output_adapter,
+    ah = {"mh_adapter": config.mh_adapter, "output_adapter": config.output_adapter,
           "reduction_factor": rf, "non_linearity": config.non_linearity, "original_ln_before": config.original_ln_before,
           "original_ln_after": config.original_ln_after, "residual_before_ln": config.residual_before_ln,
           "adapter_residual_before_ln": config.adapter_residual_before_ln, "ln_before": config.norm_position == "pre",
