@@ -83,16 +83,24 @@ def read(folder: Path, model, *, allow_pickle: bool = False) -> tuple[dict[str, 
         if data.get(key) != mine:
             raise CheckpointError(f"'{config_file}': {key} is {data.get(key)!r} but this model's is {mine!r}; load the "
                                   "adapter into the base model it was trained on.")
-    ah = data["config"]
-    kind = _kind(ah, config_file)
-    _check_options(ah, READ_OPTIONS[kind], OFF_OPTIONS[kind], config_file)
     tensors, weights_file = read_weights(folder, WEIGHTS, PICKLED, allow_pickle=allow_pickle)
     name = str(data.get("name") or "adapter")
-    config, sites = READERS[kind](ah, tensors, name, model, weights_file)
+    config, sites = from_adapterhub(data["config"], tensors, name, model, weights_file)
     head, head_state = _read_head(folder, model, allow_pickle)
     fingerprint = {"model_type": data["model_type"], "hidden_size": data["hidden_size"]}
     return checkpoint(model, re.sub(r"[^A-Za-z0-9_\-]", "_", name), config, sites, head, head_state,
                       f"'{weights_file}'", fingerprint)
+
+
+def from_adapterhub(ah: Any, tensors: dict[str, torch.Tensor], name: str, model, weights_file: Path
+                    ) -> tuple[AdapterConfig, dict[str, dict[str, torch.Tensor]]]:
+    """AdapterHub adapter ``name``'s config (``ah``, the ``config`` object AdapterHub saves) and
+    tensors (its state-dict entries, any prefix) as an adapterkit config and ``{place id: {param:
+    tensor}}`` for ``model``. ``weights_file`` (the weights' file, next to ``adapter_config.json``)
+    names the source in errors."""
+    kind = _kind(ah, weights_file.parent / CONFIG)
+    _check_options(ah, READ_OPTIONS[kind], OFF_OPTIONS[kind], weights_file.parent / CONFIG)
+    return READERS[kind](ah, tensors, name, model, weights_file)
 
 
 def _kind(ah: Any, config_file: Path) -> str:
