@@ -42,6 +42,7 @@ from .places import module_at, peer_path, place_of, placement
 
 CONFIG, WEIGHTS, PICKLED = "adapter_config.json", "adapter.safetensors", "pytorch_adapter.bin"
 HEAD_CONFIG, HEAD_WEIGHTS, HEAD_PICKLED = "head_config.json", "model_head.safetensors", "pytorch_model_head.bin"
+FILES = frozenset({CONFIG, WEIGHTS, PICKLED, HEAD_CONFIG, HEAD_WEIGHTS, HEAD_PICKLED})
 VERSION = "adapters.1.3.0"
 
 #: where AdapterHub keeps the bottleneck layers of one block, per architecture family
@@ -284,7 +285,7 @@ def write(directory: "str | Path", meta: dict[str, Any], tensors: dict[str, torc
     if meta.get("head"):
         json_files[HEAD_CONFIG], tensor_files[HEAD_WEIGHTS] = _write_head(meta["head"], head_tensors(tensors), name,
                                                                          info, layout)
-    return write_folder(directory, json_files, tensor_files)
+    return write_folder(directory, json_files, tensor_files, FILES)
 
 
 def _layers_and_paths(sites: dict, layout) -> tuple[list[int], dict[str, list[str]]]:

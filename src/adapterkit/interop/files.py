@@ -20,12 +20,6 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
 
-#: every file name an adapter folder of any supported format may hold (a save may replace them)
-ADAPTER_FILES = {
-    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md",  # adapterkit, PEFT
-    "adapter.safetensors", "pytorch_adapter.bin", "head_config.json", "model_head.safetensors",  # AdapterHub
-    "pytorch_model_head.bin",
-}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -76,16 +70,18 @@ def read_weights(folder: Path, safe_name: str, pickle_name: str, *, allow_pickle
     return None, None
 
 
-def write_folder(directory: "str | Path", json_files: dict[str, dict], tensor_files: dict[str, dict]) -> Path:
+def write_folder(directory: "str | Path", json_files: dict[str, dict], tensor_files: dict[str, dict],
+                 replaceable: "set[str] | frozenset[str]") -> Path:
     """Atomically write ``{name: object}`` as JSON and ``{name: tensors}`` as safetensors into
-    ``directory``, which must be new, empty or hold adapter files only."""
+    ``directory``, which must be new, empty or hold only ``replaceable`` files (an adapter of
+    the same format, which the save replaces)."""
     from ..train.checkpoint import write_dir_atomic
 
     target = Path(directory)
     if target.exists():
         if not target.is_dir():
             raise CheckpointError(f"'{target}' is a file, not a folder; save the adapter to a folder path.")
-        others = sorted(p.name for p in target.iterdir() if p.name not in ADAPTER_FILES)
+        others = sorted(p.name for p in target.iterdir() if p.name not in replaceable)
         if others:
             raise CheckpointError(
                 f"'{target}' holds other files ({', '.join(others[:5])}) that saving the adapter there would "

@@ -33,6 +33,7 @@ from .places import is_conv1d, module_at, peer_path, per_site, place_of, placeme
 CONFIG = "adapter_config.json"
 WEIGHTS, PICKLED = "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
+FILES = frozenset({CONFIG, WEIGHTS, PICKLED, "README.md"})  # what a PEFT save_pretrained leaves
 #: config keys read here, and keys that only describe how PEFT built or initialised the adapter
 READ = {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern",
         "target_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out", "modules_to_save",
@@ -219,7 +220,7 @@ def write(directory: "str | Path", meta: dict[str, Any], tensors: dict[str, torc
         "modules_to_save": list(head_spec.modules_to_save) if head_spec else None,
         "base_model_name_or_path": getattr(getattr(layout.model, "config", None), "_name_or_path", None) or None,
     })
-    return write_folder(directory, {CONFIG: peft_cfg}, {WEIGHTS: out})
+    return write_folder(directory, {CONFIG: peft_cfg}, {WEIGHTS: out}, FILES)
 
 
 def _write_lora(config: LoRAConfig, sites, paths, hosts):
