@@ -132,7 +132,7 @@ def ah_to_ak(ah_model: nn.Module, ak_model: AdapterModel, name: str = "a") -> di
     ah_config = ah_model.adapters_config.get(name).to_dict()
     marks = (f".adapters.{name}.", f".loras.{name}.")
     state = {k: v.detach() for k, v in ah_model.state_dict().items() if any(m in k for m in marks)}
-    _, sites = from_adapterhub(ah_config, state, name, ak_model, Path("<AdapterHub model>") / "adapter.safetensors")
+    _, sites, _ = from_adapterhub(ah_config, state, name, ak_model, Path("<AdapterHub model>") / "adapter.safetensors")
     return {f"adapters.{name}.{place.replace('.', '-')}.{param}": value
             for place, params in sites.items() for param, value in params.items()}
 

@@ -86,19 +86,19 @@ def read(folder: Path, model, *, allow_pickle: bool = False) -> tuple[dict[str, 
                                   "adapter into the base model it was trained on.")
     tensors, weights_file = read_weights(folder, WEIGHTS, PICKLED, allow_pickle=allow_pickle)
     name = str(data.get("name") or "adapter")
-    config, sites = from_adapterhub(data["config"], tensors, name, model, weights_file)
+    config, sites, origins = from_adapterhub(data["config"], tensors, name, model, weights_file)
     head, head_state = _read_head(folder, model, allow_pickle)
     fingerprint = {"model_type": data["model_type"], "hidden_size": data["hidden_size"]}
     return checkpoint(model, re.sub(r"[^A-Za-z0-9_\-]", "_", name), config, sites, head, head_state,
-                      f"'{weights_file}'", fingerprint)
+                      f"'{weights_file}'", fingerprint, origins)
 
 
 def from_adapterhub(ah: Any, tensors: dict[str, torch.Tensor], name: str, model, weights_file: Path
-                    ) -> tuple[AdapterConfig, dict[str, dict[str, torch.Tensor]]]:
+                    ) -> tuple[AdapterConfig, dict[str, dict[str, torch.Tensor]], dict[str, str]]:
     """AdapterHub adapter ``name``'s config (``ah``, the ``config`` object AdapterHub saves) and
-    tensors (its state-dict entries, any prefix) as an adapterkit config and ``{place id: {param:
-    tensor}}`` for ``model``. ``weights_file`` (the weights' file, next to ``adapter_config.json``)
-    names the source in errors."""
+    tensors (its state-dict entries, any prefix) as an adapterkit config, ``{place id: {param:
+    tensor}}`` for ``model``, and each place's AdapterHub module path (for errors).
+    ``weights_file`` (the weights' file, next to ``adapter_config.json``) names the source."""
     kind = _kind(ah, weights_file.parent / CONFIG)
     _check_options(ah, READ_OPTIONS[kind], OFF_OPTIONS[kind], weights_file.parent / CONFIG)
     return READERS[kind](ah, tensors, name, model, weights_file)
@@ -159,6 +159,7 @@ def _read_bottleneck(ah: dict, tensors: dict, name: str, model, weights_file: Pa
     where_is = {v: k for k, v in BOTTLENECK_LOCATIONS[id(layout.spec)].items()}
     ln_before, ln_after = bool(ah.get("ln_before")), bool(ah.get("ln_after"))
     sites: dict[str, dict[str, torch.Tensor]] = {}
+    origins: dict[str, str] = {}
     for key, path, param, value in _keys(tensors, rf"(.+)\.adapters\.{re.escape(name)}\.(.+)", weights_file):
         place = place_of(layout, path, f"'{weights_file}', key '{key}'")
         layer, location = place.split(".", 2)[1], place.split(".", 2)[2]
@@ -166,6 +167,7 @@ def _read_bottleneck(ah: dict, tensors: dict, name: str, model, weights_file: Pa
         if location not in where_is or mine is None:
             raise CheckpointError(f"'{weights_file}': key '{key}' is not a bottleneck parameter adapterkit knows.")
         sites.setdefault(f"layers.{layer}.{where_is[location]}", {})[mine] = value
+        origins[f"layers.{layer}.{where_is[location]}"] = f"{path}.adapters.{name}"
     rf = ah.get("reduction_factor", 16)
     if isinstance(rf, dict):
         values = {rf.get(str(i), rf.get("default")) for i in range(layout.num_layers)}
@@ -188,12 +190,13 @@ def _read_bottleneck(ah: dict, tensors: dict, name: str, model, weights_file: Pa
         stochastic_depth=float(ah.get("stochastic_depth") or 0.0),
         init_weights=ah.get("init_weights") if ah.get("init_weights") in INITS else "mam_adapter",
     )
-    return _config(BottleneckConfig, options, weights_file), sites
+    return _config(BottleneckConfig, options, weights_file), sites, origins
 
 
 def _read_weight_method(ah: dict, tensors: dict, name: str, model, weights_file: Path, ia3: bool):
     layout = model.layout
     sites: dict[str, dict[str, torch.Tensor]] = {}
+    origins: dict[str, str] = {}
     for key, path, param, value in _keys(tensors, rf"(.+)\.loras\.{re.escape(name)}\.(lora_A|lora_B)", weights_file):
         place = place_of(layout, path, f"'{weights_file}', key '{key}'")
         module_at(layout, place, f"'{weights_file}', key '{key}'")
@@ -203,15 +206,16 @@ def _read_weight_method(ah: dict, tensors: dict, name: str, model, weights_file:
             value = value.reshape(-1) * float(ah.get("alpha", 1))
             param = "ia3_l"
         sites.setdefault(place, {})[param] = value
+        origins[place] = f"{path}.loras.{name}"
     options = placement(layout, list(sites), f"'{weights_file}'")
     if ia3:
-        return _config(IA3Config, options, weights_file), sites
+        return _config(IA3Config, options, weights_file), sites, origins
     for place, params in sites.items():
         if set(params) != {"lora_A", "lora_B"}:
             raise CheckpointError(f"'{weights_file}': the LoRA of '{place}' has {sorted(params)} but needs lora_A and "
                                   "lora_B; the file is incomplete.")
     options.update(r=int(ah.get("r", 8)), alpha=float(ah.get("alpha", 8)), dropout=float(ah.get("dropout") or 0.0))
-    return _config(LoRAConfig, options, weights_file), sites
+    return _config(LoRAConfig, options, weights_file), sites, origins
 
 
 def _config(cls: type[AdapterConfig], options: dict, weights_file: Path) -> AdapterConfig:
@@ -248,6 +252,11 @@ def _read_head(folder: Path, model, allow_pickle: bool):
     if sorted(found) != list(range(layers)):
         raise CheckpointError(f"'{weights_file}': head '{name}' needs {layers} linear layers but has weights for "
                               f"{sorted(found)}; the file is incomplete.")
+    for j, layer in found.items():
+        for param in ("weight", "bias") if cfg.get("bias", True) else ("weight",):
+            if param not in layer:
+                raise CheckpointError(f"'{weights_file}': 'heads.{name}.{H.linear_index(j)}.{param}' is missing; the "
+                                      "file is incomplete.")
     stack = [found[j] for j in range(layers)]
     if cfg.get("use_pooler"):  # the base model's pooler (dense + tanh) comes first
         stack.insert(0, H.base_module_weights(layout, "pooler.dense", f"'{head_file}'"))

@@ -19,18 +19,34 @@ from ..heads import HeadConfig
 
 def checkpoint(model, name: str, config: AdapterConfig, by_place: dict[str, dict[str, torch.Tensor]],
                head: Optional[HeadConfig], head_tensors: dict[str, torch.Tensor], where: str,
-               base_model: Optional[dict] = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+               base_model: Optional[dict] = None, origins: Optional[dict[str, str]] = None
+               ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(meta, tensors)`` for an adapter with ``config`` whose weights are ``{place id: {param:
-    tensor}}``; the places the config resolves to in ``model`` must be exactly those."""
+    tensor}}``; the places the config resolves to in ``model`` must be exactly those, each with
+    exactly the weights (names and shapes) its module has. ``origins`` names each place as the
+    source file does, for errors."""
     try:
         sites = config.sites(model.layout)
     except AdapterError as err:
         raise CheckpointError(f"{where}: {err}") from None
     places = [s.place_id for s in sites]
     if set(places) != set(by_place):
-        missing, extra = sorted(set(places) - set(by_place)), sorted(set(by_place) - set(places))
+        missing = [(origins or {}).get(p, p) for p in sorted(set(places) - set(by_place))]
+        extra = [(origins or {}).get(p, p) for p in sorted(set(by_place) - set(places))]
         raise CheckpointError(f"{where}: the config selects modules {missing[:4]} that have no weights, or weights "
                               f"{extra[:4]} sit on modules the config does not select; the folder was edited.")
+    for site in sites:  # the weights each module needs, named as the source file names them
+        expected = {k: tuple(v.shape) for k, v in config.build(site).state_dict().items()}
+        given = by_place[site.place_id]
+        missing = sorted(set(expected) - set(given))
+        wrong = sorted(k for k in set(expected) & set(given) if tuple(given[k].shape) != expected[k])
+        if missing or wrong:
+            what = origins.get(site.place_id, site.place_id) if origins else site.place_id
+            detail = f"lacks {missing}" if missing else (
+                f"has {wrong[0]} of shape {tuple(given[wrong[0]].shape)} where this model needs {expected[wrong[0]]} "
+                "(another hidden size?)")
+            raise CheckpointError(f"{where}: the adapter at '{what}' {detail}; the file is incomplete or the adapter "
+                                  "was made for another base model.")
     tensors = {f"adapter.{s.key}.{param}": value for s in sites for param, value in by_place[s.place_id].items()}
     tensors.update({f"head.{k}": v for k, v in head_tensors.items()})
     meta = {"name": name, "config": config.to_dict(), "places": places, "base_model": base_model or {},
@@ -60,4 +76,4 @@ def refuse_options(config: AdapterConfig, handled: set[str], target: str) -> Non
            if f.name not in handled and getattr(config, f.name) != f.default]
     if odd:
         raise AdapterError(f"{target} has no counterpart for the {config.method} option(s) {', '.join(odd)}; "
-                           f"nothing was written. Save with format='adapterkit' to keep them.")
+                           "nothing was written. Keep the adapter in adapterkit's format to keep them.")

@@ -95,18 +95,24 @@ def read(folder: Path, model, *, allow_pickle: bool = False) -> tuple[dict[str, 
                               "which adapterkit adapters do not hold; only bias='none' can be loaded.")
     tensors, weights_file = read_weights(folder, WEIGHTS, PICKLED, allow_pickle=allow_pickle)
     adapter_keys, head_keys = {}, {}
+    saved = cfg.get("modules_to_save") or []
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
             raise CheckpointError(f"'{weights_file}': key '{key}' does not start with '{PREFIX}'; not a PEFT adapter.")
-        m = METHODS[peft_type].key.fullmatch(key[len(PREFIX):])
-        (adapter_keys if m else head_keys)[key] = value
+        path = key[len(PREFIX):]
+        if METHODS[peft_type].key.fullmatch(path):
+            adapter_keys[key] = value
+        elif any(f".{m}." in f".{path}" for m in saved):
+            head_keys[key] = value
+        else:
+            raise CheckpointError(f"'{weights_file}': unexpected key '{key}': neither {peft_type} weights nor a module "
+                                  f"in modules_to_save {saved}; the file was edited or is not this adapter's.")
     if not adapter_keys:
         raise CheckpointError(f"'{weights_file}': no {peft_type} weights in it; the file is incomplete.")
     head, head_state = _read_head(cfg, head_keys, model, weights_file)
-    config, weights = METHODS[peft_type].read(cfg, adapter_keys, model, weights_file)
+    config, weights, origins = METHODS[peft_type].read(cfg, adapter_keys, model, weights_file)
     name = re.sub(r"[^A-Za-z0-9_\-]", "_", folder.resolve().name) or "adapter"
-    where = f"'{weights_file}'"
-    return checkpoint(model, name, config, weights, head, head_state, where)
+    return checkpoint(model, name, config, weights, head, head_state, f"'{weights_file}'", origins=origins)
 
 
 def _site(model, key: str, weights_file: Path) -> tuple[str, Optional[tuple[int, int, bool]]]:
@@ -151,13 +157,14 @@ def _read_lora(cfg: dict, tensors: dict, model, weights_file: Path):
                             **placement(model.layout, list(sites), f"'{weights_file}'"))
     except AdapterError as err:
         raise CheckpointError(f"'{weights_file.parent / CONFIG}': {err}") from None
-    return config, sites
+    return config, sites, {p: PREFIX + path for p, path in paths.items()}
 
 
 def _read_ia3(cfg: dict, tensors: dict, model, weights_file: Path):
-    sites, inputs = {}, []
+    sites, inputs, origins = {}, [], {}
     for key, value in tensors.items():
         place, feats = _site(model, key, weights_file)
+        origins[place] = key
         if feats is None:
             raise CheckpointError(f"'{weights_file}': '{key}' is not on a Linear layer in this model.")
         scales_input = tuple(value.shape) == (1, feats[0]) and tuple(value.shape) != (feats[1], 1)
@@ -166,7 +173,8 @@ def _read_ia3(cfg: dict, tensors: dict, model, weights_file: Path):
             inputs.append(place)
         sites[place] = {"ia3_l": value.reshape(-1)}
     options = placement(model.layout, list(sites), f"'{weights_file}'")
-    return IA3Config(input_modules=place_regex(inputs, list(sites)) if inputs else None, **options), sites
+    config = IA3Config(input_modules=place_regex(inputs, list(sites)) if inputs else None, **options)
+    return config, sites, origins
 
 
 def _read_head(cfg: dict, tensors: dict, model, weights_file: Path):
