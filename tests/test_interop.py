@@ -192,6 +192,25 @@ def test_bad_foreign_adapter_is_refused_and_the_model_is_unchanged(case, tmp_pat
     assert_unchanged(model, before)
 
 
+def test_adapterhub_lora_on_gpt2_fused_attention_is_refused(tmp_path):
+    """AdapterHub adapts slices of GPT-2's c_attn; adapterkit's whole-module LoRA cannot express that."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "ah"
+    folder.mkdir()
+    config = {"architecture": "lora", "composition_mode": "scale", "r": 1, "alpha": 1, "selfattn_lora": True,
+              "attn_matrices": ["k", "v"], "intermediate_lora": False, "output_lora": False}
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"config": config, "model_type": "gpt2", "hidden_size": 32, "name": "a", "version": "adapters.1.3.0"}))
+    save_file({f"transformer.h.{i}.attn.c_attn.loras.a.lora_B": torch.ones(64, 1) for i in (0, 1)},
+              str(folder / "adapter.safetensors"))
+    model = AdapterModel(load_base({"base": "gpt2", "causal_lm": True}))
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match=r"adapter.safetensors.*transformer.h.0.attn.c_attn.*slices"):
+        model.load_adapter(folder)
+    assert_unchanged(model, before)
+
+
 def test_pickle_that_runs_code_is_refused_even_with_allow_pickle(tmp_path):
     folder = copy_fixture("ah_bert_seqbn_lnbefore_pooler_bin", tmp_path)
 

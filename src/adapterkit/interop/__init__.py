@@ -15,7 +15,6 @@ before anything is written.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +22,7 @@ import torch
 
 from ..errors import AdapterError, CheckpointError
 from . import adapterhub, peft
+from .files import read_json
 
 CONFIG_NAME = "adapter_config.json"
 FORMATS = ("adapterkit", "peft", "adapterhub")
@@ -38,15 +38,9 @@ def detect_format(directory: "str | Path") -> str:
     config_file = Path(directory) / CONFIG_NAME
     if not Path(directory).is_dir():
         raise CheckpointError(f"No adapter checkpoint at '{directory}': the folder does not exist. Check the path.")
-    if not config_file.is_file():
-        raise CheckpointError(f"'{config_file}' is missing: an adapter folder (adapterkit, PEFT or AdapterHub) holds "
-                              f"{CONFIG_NAME}.")
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"'{config_file}' is not valid JSON ({err}); the file is corrupt.") from None
+    data = read_json(config_file)
     for name, keys in _SIGNATURES:
-        if isinstance(data, dict) and all(k in data for k in keys):
+        if all(k in data for k in keys):
             return name
     raise CheckpointError(f"'{config_file}' is neither an adapterkit adapter ('places'), a PEFT adapter ('peft_type') "
                           "nor an AdapterHub adapter ('config', 'model_type', 'hidden_size').")

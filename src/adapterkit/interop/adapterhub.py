@@ -63,6 +63,8 @@ LORA_LOCATIONS = {
 FLEX_CLASSES = {"bert": "BertAdapterModel", "roberta": "RobertaAdapterModel", "xlm-roberta": "XLMRobertaAdapterModel",
                 "distilbert": "DistilBertAdapterModel", "gpt2": "GPT2AdapterModel", "llama": "LlamaAdapterModel",
                 "mistral": "MistralAdapterModel"}
+#: fused projections AdapterHub adapts in slices (``LoRAMergedLinear``): no adapterkit counterpart
+SLICED = {id(GPT2): "attn.c_attn"}
 ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "swish": "swish", "silu": "silu", "tanh": "tanh"}
 #: BnConfig options read here; those that must be off; the rest only matter with phm_layer
 BN_READ = {"mh_adapter", "output_adapter", "reduction_factor", "non_linearity", "original_ln_before",
@@ -200,6 +202,10 @@ def _read_weight_method(ah: dict, tensors: dict, name: str, model, weights_file:
     for key, path, param, value in _keys(tensors, rf"(.+)\.loras\.{re.escape(name)}\.(lora_A|lora_B)", weights_file):
         place = place_of(layout, path, f"'{weights_file}', key '{key}'")
         module_at(layout, place, f"'{weights_file}', key '{key}'")
+        if layout.spec is not None and place.endswith("." + SLICED.get(id(layout.spec), "-")):
+            raise CheckpointError(f"'{weights_file}': key '{key}': AdapterHub adapts slices of {layout.model_type}'s "
+                                  "fused projection (LoRAMergedLinear), which adapterkit's LoRA / IA3 (on the whole "
+                                  "module) cannot express; adapters on it are not supported.")
         if ia3:
             if param != "lora_B":
                 raise CheckpointError(f"'{weights_file}': unexpected key '{key}': AdapterHub IA3 holds lora_B only.")
@@ -330,10 +336,9 @@ def _write_bottleneck(config: BottleneckConfig, sites: dict, name: str, layout):
     names = {"norm_before": ["adapter_norm_before", "adapter_down.0"], "down": [f"adapter_down.{shift}"],
              "up": ["adapter_up"], "norm_after": ["adapter_norm_after"], "scaling": ["scaling"]}
     out = {}
-    blocks = peer_path(layout, "layers.0.x", with_prefix=False).rsplit(".0.x", 1)[0]
     for place, params in sites.items():
         _, layer, where = place.split(".", 2)
-        prefix = f"{blocks}.{layer}.{locations[where]}.adapters.{name}"
+        prefix = f"{peer_path(layout, f'layers.{layer}.{locations[where]}', with_prefix=False)}.adapters.{name}"
         for param, value in params.items():
             module, _, leaf = param.rpartition(".")
             for ah_name in names[module or param]:
