@@ -183,6 +183,18 @@ def run(peer: str, arch: str, label: str, method: str, options: dict, with_head:
     return {"diff": diff, "moved": moved, "pass": diff <= TOLERANCE and moved > 1e-3}
 
 
+def run_reported(peer: str, arch: str, label: str, *args: Any) -> dict:
+    """``run``, with its table row printed; an exception is a failed row (the table shows every case)."""
+    try:
+        r = run(peer, arch, label, *args)
+        shown = f"{r['diff']:.1e} | {r['moved']:.2e} | {'pass' if r['pass'] else '**FAIL**'}"
+    except Exception as err:
+        r = {"diff": float("nan"), "pass": False}
+        shown = f"**error** {type(err).__name__}: {str(err)[:160]} | — | **FAIL**"
+    print(f"| {peer} | {arch} | {label} | {shown} |")
+    return r
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny models only (no MiniLM)")
@@ -193,19 +205,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("| peer | model | adapterkit adapter | max abs diff | adapter changes output by | pass |")
     print("|---|---|---|---|---|---|")
     failures = 0
+    summary: dict[tuple[str, str], list] = {}
     for peer, cases in (("peft", PEFT_CASES), ("adapterhub", AH_CASES)):
         for arch in archs:
             for label, method, options, with_head in cases:
-                try:
-                    r = run(peer, arch, label, method, options(arch), with_head)
-                except Exception as err:  # report and go on: the table shows every case
-                    failures += 1
-                    print(f"| {peer} | {arch} | {label} | **error** {type(err).__name__}: {str(err)[:160]} | — "
-                          "| **FAIL** |")
-                    continue
+                r = run_reported(peer, arch, label, method, options(arch), with_head)
                 failures += not r["pass"]
-                print(f"| {peer} | {arch} | {label} | {r['diff']:.1e} | {r['moved']:.2e} "
-                      f"| {'pass' if r['pass'] else '**FAIL**'} |")
+                row = summary.setdefault((peer, label), [[], 0.0, True])
+                row[0].append(arch)
+                row[1], row[2] = max(row[1], r["diff"]), row[2] and r["pass"]
     for peer, arch, method, options, why in REFUSALS:
         model = ours(arch, method, options, None)
         with tempfile.TemporaryDirectory() as tmp:
@@ -217,6 +225,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         failures += not ok
         print(f"| {peer} | {arch} | {method} {options or ''}: {why} | refused: {shown} | — "
               f"| {'pass' if ok else '**FAIL**'} |")
+    print("\nSummary (README):\n\n| exported to | adapterkit adapter | models | worst max abs diff | pass |")
+    print("|---|---|---|---|---|")
+    for (peer, label), (models, worst, ok) in summary.items():
+        print(f"| {peer} | {label} | {', '.join(models)} | {worst:.1e} | {'pass' if ok else '**FAIL**'} |")
     print(f"\n{'all passed' if not failures else f'{failures} failed'}")
     return 1 if failures else 0
 
