@@ -147,20 +147,23 @@ BAD_INPUTS = {
         model_with_an_adapter, ["adapter_model.safetensors", "bert.encoder.layer.1.attention.self.value", "lora_B"]),
     "peft extra key": ("peft_bert_lora_cls", lambda f: edit_weights(
         f / "adapter_model.safetensors",
-        lambda t: t.update({"base_model.model.bert.encoder.layer.0.attention.self.query.lora_E.weight": torch.ones(2)})),
+        lambda t: t.update({"base_model.model.bert.encoder.layer.0.attention.self.query.lora_E.weight":
+                            torch.ones(2)})),
         model_with_an_adapter, ["adapter_model.safetensors", "unexpected key", "lora_E"]),
     "adapterhub missing key": ("ah_bert_seqbn_cls", lambda f: edit_weights(
         f / "adapter.safetensors", lambda t: t.pop("bert.encoder.layer.1.output.adapters.a.adapter_up.weight")),
         model_with_an_adapter, ["adapter.safetensors", "bert.encoder.layer.1.output.adapters.a", "up.weight"]),
     "adapterhub extra key": ("ah_bert_seqbn_cls", lambda f: edit_weights(
-        f / "adapter.safetensors", lambda t: t.update({"bert.encoder.layer.0.output.adapters.a.gate.weight": torch.ones(1)})),
+        f / "adapter.safetensors",
+        lambda t: t.update({"bert.encoder.layer.0.output.adapters.a.gate.weight": torch.ones(1)})),
         model_with_an_adapter, ["adapter.safetensors", "bert.encoder.layer.0.output.adapters.a.gate.weight"]),
     "adapterhub head missing key": ("ah_bert_seqbn_cls", lambda f: edit_weights(
         f / "model_head.safetensors", lambda t: t.pop("heads.a.4.weight")),
         model_with_an_adapter, ["model_head.safetensors", "heads.a.4.weight", "missing"]),
     "unknown peft_type": ("peft_bert_lora_cls", lambda f: edit_json(f / "adapter_config.json", peft_type="LOHA"),
                           model_with_an_adapter, ["adapter_config.json", "peft_type", "LOHA"]),
-    "peft option without counterpart": ("peft_bert_lora_cls", lambda f: edit_json(f / "adapter_config.json", use_dora=True),
+    "peft option without counterpart": ("peft_bert_lora_cls",
+                                        lambda f: edit_json(f / "adapter_config.json", use_dora=True),
                                         model_with_an_adapter, ["adapter_config.json", "use_dora"]),
     "unknown adapterhub config": ("ah_bert_lora_tagging", lambda f: edit_json(
         f / "adapter_config.json", **{"config.architecture": "prefix_tuning"}),
@@ -168,7 +171,8 @@ BAD_INPUTS = {
     "adapterhub original_ln_after=False": ("ah_bert_seqbn_cls", lambda f: edit_json(
         f / "adapter_config.json", **{"config.original_ln_after": False}),
         model_with_an_adapter, ["adapter_config.json", "original_ln_after"]),
-    "adapterhub gating": ("ah_bert_seqbn_cls", lambda f: edit_json(f / "adapter_config.json", **{"config.use_gating": True}),
+    "adapterhub gating": ("ah_bert_seqbn_cls",
+                          lambda f: edit_json(f / "adapter_config.json", **{"config.use_gating": True}),
                           model_with_an_adapter, ["adapter_config.json", "use_gating"]),
     "pickled adapterhub weights": ("ah_bert_seqbn_lnbefore_pooler_bin", None, model_with_an_adapter,
                                    ["pytorch_adapter.bin", "pickled", "--allow-pickle"]),

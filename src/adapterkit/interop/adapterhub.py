@@ -27,7 +27,6 @@ from typing import Any, Optional
 
 import torch
 
-from .. import __version__
 from ..config import AdapterConfig, config_from_dict
 from ..errors import AdapterError, CheckpointError
 from ..heads import HeadConfig
@@ -185,7 +184,8 @@ def _read_bottleneck(ah: dict, tensors: dict, name: str, model, weights_file: Pa
         mh_adapter=bool(ah.get("mh_adapter")), output_adapter=bool(ah.get("output_adapter")), reduction_factor=rf,
         non_linearity=ACTIVATIONS.get(activation, activation), dropout=float(ah.get("dropout") or 0.0),
         norm_position="pre" if ln_before else ("post" if ln_after else None),
-        original_ln_before=bool(ah.get("original_ln_before")), original_ln_after=bool(ah.get("original_ln_after", True)),
+        original_ln_before=bool(ah.get("original_ln_before")),
+        original_ln_after=bool(ah.get("original_ln_after", True)),
         residual_before_ln=ah.get("residual_before_ln", True),
         adapter_residual_before_ln=bool(ah.get("adapter_residual_before_ln")), is_parallel=bool(ah.get("is_parallel")),
         scaling=ah.get("scaling", 1.0), leave_out=tuple(ah.get("leave_out") or ()),
@@ -285,8 +285,8 @@ def write(directory: "str | Path", meta: dict[str, Any], tensors: dict[str, torc
     if config.method not in WRITERS:
         raise AdapterError(f"AdapterHub has no {config.method} adapter; nothing was written.")
     if layout.spec is None or id(layout.spec) not in BOTTLENECK_LOCATIONS:
-        raise AdapterError(f"adapterkit writes AdapterHub adapters for BERT, RoBERTa, DistilBERT, GPT-2 and Llama-family "
-                           f"models, not {layout.model_type}; nothing was written.")
+        raise AdapterError(f"adapterkit writes AdapterHub adapters for BERT, RoBERTa, DistilBERT, GPT-2 and "
+                           f"Llama-family models, not {layout.model_type}; nothing was written.")
     name = meta["name"]
     ah_config, out = WRITERS[config.method](config, by_place(meta, tensors), name, layout)
     model_class = type(layout.model).__name__
@@ -344,12 +344,14 @@ def _write_bottleneck(config: BottleneckConfig, sites: dict, name: str, layout):
             for ah_name in names[module or param]:
                 out[f"{prefix}.{ah_name}.{leaf}" if module else f"{prefix}.{ah_name}"] = value
     ah = {"mh_adapter": config.mh_adapter, "output_adapter": config.output_adapter,
-          "reduction_factor": rf, "non_linearity": config.non_linearity, "original_ln_before": config.original_ln_before,
+          "reduction_factor": rf, "non_linearity": config.non_linearity,
+          "original_ln_before": config.original_ln_before,
           "original_ln_after": config.original_ln_after, "residual_before_ln": config.residual_before_ln,
           "adapter_residual_before_ln": config.adapter_residual_before_ln, "ln_before": config.norm_position == "pre",
           "ln_after": config.norm_position == "post", "init_weights": "bert" if config.init_weights == "mam_adapter"
           else config.init_weights, "is_parallel": config.is_parallel, "scaling": config.scaling,
-          "use_gating": False, "phm_layer": False, "dropout": config.dropout, "stochastic_depth": config.stochastic_depth,
+          "use_gating": False, "phm_layer": False, "dropout": config.dropout,
+          "stochastic_depth": config.stochastic_depth,
           "leave_out": _leave_out(layers, layout), "inv_adapter": None, "cross_adapter": False}
     return ah, out
 

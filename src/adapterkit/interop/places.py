@@ -45,8 +45,9 @@ def module_at(layout: Layout, place_id: str, where: str):
             return layout.blocks[int(m.group(1))].get_submodule(m.group(2))
         return layout.model.get_submodule(place_id)
     except AttributeError:
-        raise CheckpointError(f"{where}: '{place_id}' does not exist in this {layout.model_type} model; the adapter "
-                              "was made for another architecture. Load it into the base model it was trained on.") from None
+        raise CheckpointError(f"{where}: '{place_id}' does not exist in this {layout.model_type} model; the "
+                              "adapter was made for another architecture. Load it into the base model it was "
+                              "trained on.") from None
 
 
 def backbone_prefix(layout: Layout) -> str:
