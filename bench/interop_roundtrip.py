@@ -109,6 +109,8 @@ AH_CASES = [
     ("pfeiffer, pre norm, learned scaling, leave_out", "pfeiffer", lambda a: {
         "norm_position": "pre", "scaling": "learned", "leave_out": [0]}, False),
     ("lora", "lora", lambda a: {"r": 4, "alpha": 16} if a != "gpt2" else {"roles": "ffn_in,ffn_proj"}, False),
+    ("lora, rsLoRA (as alpha * sqrt(r))", "lora", lambda a: {"r": 4, "alpha": 3, "use_rslora": True,
+                                                            **({"roles": "ffn_in"} if a == "gpt2" else {})}, False),
     ("ia3", "ia3", lambda a: {} if a != "gpt2" else {"roles": "ffn_in"}, False),
     ("pfeiffer + head", "pfeiffer", lambda a: {}, True),
     ("lora + head", "lora", lambda a: {} if a != "gpt2" else {"roles": "ffn_in"}, True),

@@ -21,6 +21,7 @@ is adapted in slices there (``LoRAMergedLinear``), which adapterkit's whole-modu
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -357,7 +358,8 @@ def _write_bottleneck(config: BottleneckConfig, sites: dict, name: str, layout):
 
 
 def _write_weight_method(config, sites: dict, name: str, layout, ia3: bool):
-    handled = {"roles", "target_modules", "layers", "leave_out"} | (set() if ia3 else {"r", "alpha", "dropout"})
+    handled = {"roles", "target_modules", "layers", "leave_out"} | (set() if ia3 else {"r", "alpha", "dropout",
+                                                                                         "use_rslora"})
     refuse_options(config, handled, "AdapterHub")
     layers, by_rest = _layers_and_paths(sites, layout)
     roles = {path: role for role, path in layout.spec.linears.items()}
@@ -382,7 +384,9 @@ def _write_weight_method(config, sites: dict, name: str, layout, ia3: bool):
     if ia3:
         ah.update(r=1, alpha=1, dropout=0.0, composition_mode="scale", init_weights="ia3")
     else:
-        ah.update(r=config.r, alpha=config.alpha, dropout=config.dropout, composition_mode="add", init_weights="lora")
+        # AdapterHub scales by alpha / r; rsLoRA's alpha / sqrt(r) is the same with alpha * sqrt(r)
+        alpha = config.alpha * math.sqrt(config.r) if config.use_rslora else config.alpha
+        ah.update(r=config.r, alpha=alpha, dropout=config.dropout, composition_mode="add", init_weights="lora")
     return ah, out
 
 

@@ -131,8 +131,9 @@ def _check_shape(value: torch.Tensor, shape: tuple[int, ...], key: str, weights_
 def _read_lora(cfg: dict, tensors: dict, model, weights_file: Path):
     sites: dict[str, dict[str, torch.Tensor]] = {}
     paths: dict[str, str] = {}
+    features: dict[str, Optional[tuple[int, int, bool]]] = {}
     for key, value in tensors.items():
-        place, feats = _site(model, key, weights_file)
+        place, features[place] = _site(model, key, weights_file)
         paths[place] = key[len(PREFIX):].rsplit(".", 2)[0]
         param = "lora_A" if ".lora_A." in key else "lora_B"
         sites.setdefault(place, {})[param] = value
@@ -142,7 +143,7 @@ def _read_lora(cfg: dict, tensors: dict, model, weights_file: Path):
         if set(params) != {"lora_A", "lora_B"}:
             raise CheckpointError(f"'{weights_file}': '{PREFIX}{paths[place]}' has {sorted(params)} but LoRA needs "
                                   "both lora_A and lora_B; the file is incomplete.")
-        feats = linear_features(module_at(model.layout, place, str(weights_file)))
+        feats = features[place]
         if feats is None:
             raise CheckpointError(f"'{weights_file}': '{PREFIX}{paths[place]}' is not a Linear layer in this model.")
         r = params["lora_A"].shape[0]
@@ -269,7 +270,7 @@ def _write_head(head: Optional[dict], tensors: dict[str, torch.Tensor], layout):
     prefix = getattr(layout.model, "base_model_prefix", "")
     for spec in HEADS:
         if (layout.model_type in spec.model_types and cfg.type in spec.head_types and cfg.layers == len(spec.modules)
-                and (spec.pooling == pooling or cfg.type == "tagging") and not cfg.multilabel):
+                and (spec.pooling == pooling or cfg.type == "tagging")):
             break
     else:
         raise AdapterError(f"PEFT has no {layout.model_type} task head like this one ({cfg.type}, layers={cfg.layers}, "
