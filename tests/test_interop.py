@@ -160,6 +160,10 @@ BAD_INPUTS = {
     "adapterhub head missing key": ("ah_bert_seqbn_cls", lambda f: edit_weights(
         f / "model_head.safetensors", lambda t: t.pop("heads.a.4.weight")),
         model_with_an_adapter, ["model_head.safetensors", "heads.a.4.weight", "missing"]),
+    "peft weights file missing": ("peft_bert_lora_cls", lambda f: (f / "adapter_model.safetensors").unlink(),
+                                  model_with_an_adapter, ["adapter_model.safetensors", "is missing"]),
+    "adapterhub head weights missing": ("ah_bert_seqbn_cls", lambda f: (f / "model_head.safetensors").unlink(),
+                                        model_with_an_adapter, ["model_head.safetensors", "is missing"]),
     "unknown peft_type": ("peft_bert_lora_cls", lambda f: edit_json(f / "adapter_config.json", peft_type="LOHA"),
                           model_with_an_adapter, ["adapter_config.json", "peft_type", "LOHA"]),
     "peft option without counterpart": ("peft_bert_lora_cls",
@@ -340,3 +344,19 @@ def test_cli_convert_round_trip_and_refusals(tmp_path, capsys):
     assert "PEFT has no bottleneck adapter" in capsys.readouterr().err and not (tmp_path / "y").exists()
     assert main(["convert", str(tmp_path / "x"), str(tmp_path / "x"), "--to", "adapterhub", "--model", base]) == 2
     assert "source folder" in capsys.readouterr().err
+
+
+def test_format_detection_by_the_config_file(tmp_path):
+    from adapterkit.interop import detect_format
+
+    assert detect_format(FIXTURES / "peft_bert_lora_cls" / "adapter") == "peft"
+    assert detect_format(FIXTURES / "ah_bert_seqbn_cls" / "adapter") == "adapterhub"
+    model = model_with_an_adapter()
+    model.save_adapter(tmp_path / "ak", "mine")
+    assert detect_format(tmp_path / "ak") == "adapterkit"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "adapter_config.json").write_text('{"hello": 1}')
+    with pytest.raises(CheckpointError, match="neither an adapterkit adapter.*nor an AdapterHub adapter"):
+        detect_format(tmp_path / "other")
+    with pytest.raises(CheckpointError, match="not an adapterkit adapter config"):  # load_adapter's own message
+        model.load_adapter(tmp_path / "other")
