@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import re
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -32,10 +32,9 @@ import transformers
 from torch import nn
 
 import adapters as ah
-from adapters.methods.bottleneck import BottleneckLayer
-from adapters.methods.lora import LoRALayer
 
 from adapterkit import AdapterModel
+from adapterkit.interop.adapterhub import from_adapterhub
 from adapterkit.packaged import resolve_model
 
 transformers.logging.set_verbosity_error()
@@ -127,27 +126,15 @@ OVERRIDES = {("llama", "ia3"): {"roles": ["k", "v", "ffn_proj"]}}
 
 # -- the key mapping ------------------------------------------------------------------------------------
 def ah_to_ak(ah_model: nn.Module, ak_model: AdapterModel, name: str = "a") -> dict[str, torch.Tensor]:
-    """AdapterHub's parameters of adapter ``name`` under adapterkit ``state_dict`` keys.
-
-    AdapterHub keeps a bottleneck in a ``BottleneckLayer`` per place (``location_key``
-    ``mh_adapter`` = our ``attn_out``, ``output_adapter`` = ``ffn_out``) as ``adapter_down``
-    (``[LayerNorm,] Linear, activation``), ``adapter_up``, ``adapter_norm_after``, ``scaling``;
-    LoRA / IA3 in a ``LoRALayer`` that replaces the Linear at the same module path (our place
-    ``layers.<i>.<path in the block>``) as ``lora_A`` (r, in), ``lora_B`` (out, r); IA3 as
-    ``lora_B`` of shape (out, 1) = our ``ia3_l``.
-    """
-    blocks = ak_model.layout.blocks_path
-    out: dict[str, torch.Tensor] = {}
-    for mname, module in ah_model.named_modules():
-        if isinstance(module, BottleneckLayer) and name in module.adapters:
-            place = {"mh_adapter": "attn_out", "output_adapter": "ffn_out"}[module.location_key]
-            out.update(bottleneck_tensors(f"adapters.{name}.layers-{module.layer_idx}-{place}.", module.adapters[name]))
-        elif isinstance(module, LoRALayer) and name in module.loras:
-            if not mname.startswith(blocks + "."):
-                raise KeyError(f"AdapterHub LoRA layer {mname!r} is outside the blocks ({blocks!r})")
-            place = "layers." + mname[len(blocks) + 1:]
-            out.update(lora_tensors(f"adapters.{name}.{place.replace('.', '-')}.", module.loras[name]))
-    return out
+    """AdapterHub's parameters of adapter ``name`` under adapterkit ``state_dict`` keys, by the
+    library's own AdapterHub reader (``adapterkit.interop.adapterhub.from_adapterhub``, the one
+    that loads AdapterHub checkpoints)."""
+    ah_config = ah_model.adapters_config.get(name).to_dict()
+    marks = (f".adapters.{name}.", f".loras.{name}.")
+    state = {k: v.detach() for k, v in ah_model.state_dict().items() if any(m in k for m in marks)}
+    _, sites, _ = from_adapterhub(ah_config, state, name, ak_model, Path("<AdapterHub model>") / "adapter.safetensors")
+    return {f"adapters.{name}.{place.replace('.', '-')}.{param}": value
+            for place, params in sites.items() for param, value in params.items()}
 
 
 def bottleneck_tensors(prefix: str, adapter: nn.Module) -> dict[str, torch.Tensor]:

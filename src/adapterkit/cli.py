@@ -176,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_model(p)
     p.add_argument("--out", required=True, help="folder for the merged model (must be new or empty)")
     p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("convert", help="convert an adapter between the adapterkit, PEFT and AdapterHub formats")
+    p.add_argument("src", help="adapter folder (adapterkit, PEFT or AdapterHub; recognised by its files)")
+    p.add_argument("dst", help="folder to write (new, empty, or an adapter of the target format)")
+    p.add_argument("--to", required=True, choices=["adapterkit", "peft", "adapterhub"], help="target format")
+    p.add_argument("--model", help="base model folder or alias (default: the one recorded beside SRC)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pickled *.bin weights (torch.load with weights_only=True); refused otherwise")
     return parser
 
 
@@ -436,7 +444,15 @@ def _fail(command: str, message: str) -> None:
     print(f"adapterkit {command}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "inspect": cmd_inspect, "merge": cmd_merge}
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .interop.convert import convert
+
+    print(convert(args.src, args.dst, args.to, model=args.model, allow_pickle=args.allow_pickle))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "inspect": cmd_inspect, "merge": cmd_merge,
+            "convert": cmd_convert}
 
 
 def _quiet_libraries() -> None:

@@ -144,6 +144,10 @@ class AdapterConfig:
         combined by its own strategy, with nothing random or learned around it."""
         return self.supports_merge and self.strategy in (None, self.default_strategy)
 
+    def placed_sites(self, layout: "Layout") -> list["Site"]:
+        """``sites(layout)``, each as this adapter meets it (``Site.at(place_for(site))``)."""
+        return [site.at(self.place_for(site)) for site in self.sites(layout)]
+
     def place_for(self, site: "Site") -> str:
         """The place of the module at ``site`` (one place for all sites unless a method says otherwise)."""
         return self.resolved_place

@@ -43,6 +43,7 @@ from .composition import Block, as_setup, compile_plan
 from .config import AdapterConfig, config_from_dict, resolve_config
 from .errors import AdapterError, CheckpointError
 from .heads import Head, HeadConfig
+from .interop import foreign_format, read_foreign, write_foreign
 from .io import read_checkpoint, write_checkpoint
 from .layouts import Layout
 from .merging import Merges
@@ -147,7 +148,7 @@ class AdapterModel(nn.Module):
 
     def _build(self, name: str, config: AdapterConfig) -> AdapterRecord:
         """The record of a fresh adapter for ``config``; nothing is attached to the model yet."""
-        sites = [site.at(config.place_for(site)) for site in config.sites(self.layout)]
+        sites = config.placed_sites(self.layout)
         self.layout.check_hosts_run(sites)  # a host the forward never calls would leave the adapter inert
         modules = nn.ModuleDict()
         for site in sites:
@@ -547,8 +548,10 @@ class AdapterModel(nn.Module):
         return "\n".join(lines)
 
     # -- saving and loading ----------------------------------------------------------------------
-    def save_adapter(self, directory: "str | os.PathLike", name: str, *, with_head: bool = True) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically)."""
+    def save_adapter(self, directory: "str | os.PathLike", name: str, *, with_head: bool = True,
+                     format: str = "adapterkit") -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically); ``format="peft"``
+        or ``"adapterhub"`` writes that library's folder instead (``adapterkit.interop``)."""
         self._require([name])
         record = self._records[name]
         sites = record.sites
@@ -564,6 +567,9 @@ class AdapterModel(nn.Module):
         tensors = {f"adapter.{k}": v for k, v in self.adapters[name].state_dict().items()}
         if head is not None:
             tensors.update({f"head.{k}": v for k, v in head.state_dict().items()})
+        if format != "adapterkit":
+            write_foreign(directory, format, meta, tensors, self)
+            return
         write_checkpoint(directory, meta, tensors)
 
     def save_all_adapters(self, directory: "str | os.PathLike", *, with_head: bool = True) -> None:
@@ -573,11 +579,17 @@ class AdapterModel(nn.Module):
 
     def load_adapter(
         self, directory: "str | os.PathLike", *, load_as: Optional[str] = None, set_active: bool = False,
-        with_head: bool = True,
+        with_head: bool = True, allow_pickle: bool = False,
     ) -> str:
-        """Load an adapter (and its head) saved by ``save_adapter``; returns its name. Checks that
-        the checkpoint fits this base model; on any error the model is left as it was."""
-        meta, tensors = read_checkpoint(directory)
+        """Load an adapter (and its head) saved by ``save_adapter``, or by PEFT or AdapterHub
+        (recognised by their files); returns its name. Checks that the checkpoint fits this base
+        model; on any error the model is left as it was. ``allow_pickle=True`` reads a foreign
+        folder's pickled ``*.bin`` weights (``torch.load(weights_only=True)``); they are refused
+        otherwise."""
+        if foreign_format(directory):
+            meta, tensors = read_foreign(directory, self, allow_pickle=allow_pickle)
+        else:
+            meta, tensors = read_checkpoint(directory)
         name = load_as or meta.get("name")
         self._check_name(name)
         if name in self.adapters:

@@ -2,14 +2,17 @@
 
 Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
 Learning", sec. 3.3: ``y * l`` on keys, values and the FFN's intermediate activations, with
-``l`` initialised to ones (identity). The module's contribution is the factor ``l``; the
-``multiply`` strategy applies it. At the ``weight`` place it scales the Linear's output, at the
-``pre`` place its input (PEFT's ``feedforward_modules``). Mergeable: scaling the weight's output
-rows and the bias, or its input columns.
+``l`` initialised to ones (identity). The paper's FFN scaling sits after the activation, i.e. on
+the *input* of the FFN's second projection: ``input_modules`` selects sites whose input is scaled
+(PEFT's ``feedforward_modules``), which take the ``pre`` place; the others take the ``weight``
+place and have their output scaled. The module's contribution is the factor ``l``; the
+``multiply`` strategy applies it. Mergeable: scaling the weight's output rows and the bias, or
+its input columns.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar, Hashable, Optional, Sequence
 
@@ -24,8 +27,14 @@ from .base import AdapterModule, gather, small_normal_
 @register_method("ia3")
 @dataclass(frozen=True)
 class IA3Config(AdapterConfig):
-    """(IA)^3 on Linear layers; ``roles=None`` = ``default_roles``: keys and values (of self- and
-    cross-attention) and the FFN input projection, as Liu et al. 2022 sec. 3.3."""
+    """(IA)^3 on Linear layers.
+
+    Args:
+        roles: layout roles to scale; ``None`` = keys, values and the FFN input projection.
+        input_modules: sites whose *input* is scaled (PEFT's ``feedforward_modules``): a regex
+            matched against the whole place id, or a list of place-id suffixes
+            (``["output.dense"]``); the other sites have their output scaled.
+    """
 
     supports_merge = True
     places = ("weight", "pre")
@@ -34,14 +43,29 @@ class IA3Config(AdapterConfig):
     default_roles: ClassVar[tuple[str, ...]] = ("k", "v", "ffn_in", "cross_k", "cross_v")
 
     roles: Optional[tuple[str, ...]] = None
+    input_modules: str | tuple[str, ...] | None = None
 
     def sites(self, layout) -> list[Site]:
         return layout.weight_sites(self)
 
+    def scales_input(self, place_id: str) -> bool:
+        """Whether the site ``place_id`` has its input (not its output) scaled."""
+        chosen = self.input_modules
+        if chosen is None:
+            return False
+        if isinstance(chosen, str):
+            return re.fullmatch(chosen, place_id) is not None
+        return any(place_id == s or place_id.endswith("." + s) for s in chosen)
+
     def build(self, site: Site) -> nn.Module:
-        scales_input = site.place == "pre"  # PEFT's feedforward_modules: the Linear's input
+        scales_input = site.place == "pre"  # input_modules (PEFT's feedforward_modules)
         width = site.in_features if scales_input else site.out_features
         return IA3(width, transposed=type(site.host).__name__ == "Conv1D", scales_input=scales_input)
+
+    def place_for(self, site: Site) -> str:
+        if self.place is not None:
+            return self.place
+        return "pre" if self.scales_input(site.place_id) else "weight"
 
 
 class IA3(AdapterModule):

@@ -1,0 +1,417 @@
+"""AdapterHub ``adapters`` checkpoints: ``adapter_config.json`` (``config``, ``model_type``,
+``hidden_size``, ``name``) + ``adapter.safetensors`` (or, by opt-in, ``pytorch_adapter.bin``),
+and a head in ``head_config.json`` + ``model_head.safetensors`` / ``pytorch_model_head.bin``.
+
+Tensor names are module paths in AdapterHub's model, with or without the base-model prefix
+(``bert.``, ``roberta.``, ``transformer.``, ``model.``):
+
+* bottleneck (SeqBn / Pfeiffer, DoubleSeqBn / Houlsby, ParBn): ``<layer>.<location>.adapters.
+  <name>.adapter_down.0.weight`` ... where the location is the attention output
+  (``attention.output`` / ``attention_adapters``: our ``attn_out``) or the FFN output
+  (``output`` / ``output_adapters``: ``ffn_out``); ``adapter_down`` is ``[LayerNorm,] Linear``,
+  then ``adapter_up``, ``adapter_norm_after``, ``scaling``;
+* LoRA / IA3 (``architecture: lora``, ``composition_mode`` ``add`` / ``scale``):
+  ``<module path>.loras.<name>.lora_A`` (r, in) / ``lora_B`` (out, r); IA3 keeps its vector in
+  ``lora_B`` (out, 1), scaled by ``alpha``.
+
+Which Linear layers AdapterHub's LoRA options adapt differs by architecture (``LORA_LOCATIONS``,
+from its model mixins: on Llama ``intermediate`` is ``mlp.down_proj``). GPT-2's fused ``c_attn``
+is adapted in slices there (``LoRAMergedLinear``), which adapterkit's whole-module LoRA is not.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..config import AdapterConfig, config_from_dict
+from ..errors import AdapterError, CheckpointError
+from ..heads import HeadConfig
+from ..layouts.architectures import BERT_LIKE, DISTILBERT, GPT2, LLAMA_LIKE
+from ..methods.bottleneck import INITS, BottleneckConfig
+from ..methods.ia3 import IA3Config
+from ..methods.lora import LoRAConfig
+from . import heads as H
+from .files import read_json, read_weights, write_folder
+from .meta import by_place, checkpoint, head_tensors, refuse_options
+from .places import module_at, peer_path, place_of, placement, single_stack
+
+CONFIG, WEIGHTS, PICKLED = "adapter_config.json", "adapter.safetensors", "pytorch_adapter.bin"
+HEAD_CONFIG, HEAD_WEIGHTS, HEAD_PICKLED = "head_config.json", "model_head.safetensors", "pytorch_model_head.bin"
+FILES = frozenset({CONFIG, WEIGHTS, PICKLED, HEAD_CONFIG, HEAD_WEIGHTS, HEAD_PICKLED})
+VERSION = "adapters.1.3.0"
+
+#: where AdapterHub keeps the bottleneck layers of one block, per architecture family
+BOTTLENECK_LOCATIONS = {
+    id(BERT_LIKE): {"attn_out": "attention.output", "ffn_out": "output"},
+    id(DISTILBERT): {"attn_out": "attention_adapters", "ffn_out": "output_adapters"},
+    id(GPT2): {"attn_out": "attention_adapters", "ffn_out": "output_adapters"},
+    id(LLAMA_LIKE): {"attn_out": "attention_adapters", "ffn_out": "output_adapters"},
+}
+#: layout role -> AdapterHub LoRA option (``attn_matrices`` entry, or ``intermediate`` / ``output``)
+LORA_LOCATIONS = {
+    id(BERT_LIKE): {"q": "q", "k": "k", "v": "v", "ffn_in": "intermediate", "ffn_proj": "output"},
+    id(DISTILBERT): {"q": "q", "k": "k", "v": "v", "ffn_in": "intermediate", "ffn_proj": "output"},
+    id(GPT2): {"ffn_in": "intermediate", "ffn_proj": "output"},
+    id(LLAMA_LIKE): {"q": "q", "k": "k", "v": "v", "ffn_proj": "intermediate", "ffn_in": "output"},
+}
+#: AdapterHub's model class with flexible heads, named in head_config.json so it loads the head
+FLEX_CLASSES = {"bert": "BertAdapterModel", "roberta": "RobertaAdapterModel", "xlm-roberta": "XLMRobertaAdapterModel",
+                "distilbert": "DistilBertAdapterModel", "gpt2": "GPT2AdapterModel", "llama": "LlamaAdapterModel",
+                "mistral": "MistralAdapterModel"}
+#: fused projections AdapterHub adapts in slices (``LoRAMergedLinear``): no adapterkit counterpart
+SLICED = {id(GPT2): "attn.c_attn"}
+ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "swish": "swish", "silu": "silu", "tanh": "tanh"}
+#: BnConfig options read here; those that must be off; the rest only matter with phm_layer
+BN_READ = {"mh_adapter", "output_adapter", "reduction_factor", "non_linearity", "original_ln_before",
+           "original_ln_after", "residual_before_ln", "adapter_residual_before_ln", "ln_before", "ln_after",
+           "init_weights", "is_parallel", "scaling", "dropout", "leave_out", "stochastic_depth", "architecture"}
+BN_OFF = {"use_gating": False, "phm_layer": False, "inv_adapter": None, "cross_adapter": False}
+LORA_READ = {"r", "alpha", "dropout", "attn_matrices", "selfattn_lora", "intermediate_lora", "output_lora",
+             "leave_out", "composition_mode", "init_weights", "init_weights_seed", "architecture", "dtype"}
+LORA_OFF = {"use_gating": False, "use_dora": False, "vera_d": None, "vera_b": None}
+
+
+# -- reading -------------------------------------------------------------------------------------------
+def read(folder: Path, model, *, allow_pickle: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An AdapterHub folder as adapterkit's in-memory checkpoint, for ``model`` (an ``AdapterModel``)."""
+    config_file = folder / CONFIG
+    data = read_json(config_file)
+    layout = model.layout
+    for key, mine in (("model_type", layout.model_type), ("hidden_size", layout.hidden_size)):
+        if data.get(key) != mine:
+            raise CheckpointError(f"'{config_file}': {key} is {data.get(key)!r} but this model's is {mine!r}; load the "
+                                  "adapter into the base model it was trained on.")
+    tensors, weights_file = read_weights(folder, WEIGHTS, PICKLED, allow_pickle=allow_pickle)
+    name = str(data.get("name") or "adapter")
+    config, sites, origins = from_adapterhub(data["config"], tensors, name, model, weights_file)
+    head, head_state = _read_head(folder, model, allow_pickle)
+    fingerprint = {"model_type": data["model_type"], "hidden_size": data["hidden_size"]}
+    return checkpoint(model, re.sub(r"[^A-Za-z0-9_\-]", "_", name), config, sites, head, head_state,
+                      f"'{weights_file}'", fingerprint, origins)
+
+
+def from_adapterhub(ah: Any, tensors: dict[str, torch.Tensor], name: str, model, weights_file: Path
+                    ) -> tuple[AdapterConfig, dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """AdapterHub adapter ``name``'s config (``ah``, the ``config`` object AdapterHub saves) and
+    tensors (its state-dict entries, any prefix) as an adapterkit config, ``{place id: {param:
+    tensor}}`` for ``model``, and each place's AdapterHub module path (for errors).
+    ``weights_file`` (the weights' file, next to ``adapter_config.json``) names the source."""
+    kind = _kind(ah, weights_file.parent / CONFIG)
+    _check_options(ah, READ_OPTIONS[kind], OFF_OPTIONS[kind], weights_file.parent / CONFIG)
+    return READERS[kind](ah, tensors, name, model, weights_file)
+
+
+def _kind(ah: Any, config_file: Path) -> str:
+    if not isinstance(ah, dict):
+        raise CheckpointError(f"'{config_file}': 'config' must be an object (AdapterHub saves the full config).")
+    arch = ah.get("architecture") or "bottleneck"
+    if arch == "lora":
+        arch = "ia3" if ah.get("composition_mode") == "scale" else "lora"
+    if arch not in READERS:
+        raise CheckpointError(f"'{config_file}': config architecture {arch!r} is not supported; adapterkit reads "
+                              "AdapterHub bottleneck (SeqBn, DoubleSeqBn, ParBn), LoRA and IA3 adapters.")
+    return arch
+
+
+def _check_options(ah: dict, read: set, off: dict, config_file: Path) -> None:
+    for key, value in off.items():
+        if ah.get(key, value) not in (value, None, False):
+            raise CheckpointError(f"'{config_file}': config option '{key}' = {ah[key]!r} has no adapterkit "
+                                  "counterpart; only adapters without it can be loaded.")
+    for key in ah:
+        if key not in read and key not in off and not key.startswith(("phm", "shared_", "factorized_", "learn_phm",
+                                                                      "hypercomplex", "init_weights_seed",
+                                                                      "inv_adapter_reduction")):
+            raise CheckpointError(f"'{config_file}': unknown config option '{key}'; this AdapterHub version's "
+                                  "adapters are not supported.")
+
+
+def _keys(tensors: dict, pattern: str, weights_file: Path) -> list[tuple[str, str, str, torch.Tensor]]:
+    """``(key, module path, parameter, tensor)`` for every key; any other key is an error."""
+    out = []
+    for key, value in tensors.items():
+        m = re.fullmatch(pattern, key)
+        if not m:
+            raise CheckpointError(f"'{weights_file}': unexpected key '{key}' for this adapter; the file was edited or "
+                                  "belongs to another adapter.")
+        out.append((key, m.group(1), m.group(2), value))
+    return out
+
+
+def _bottleneck_param(param: str, ln_before: bool) -> Optional[str]:
+    m = re.fullmatch(r"adapter_down\.(\d)\.(weight|bias)", param)
+    if m:
+        return f"{'norm_before' if ln_before and m.group(1) == '0' else 'down'}.{m.group(2)}"
+    m = re.fullmatch(r"(adapter_up|adapter_norm_before|adapter_norm_after)\.(weight|bias)", param)
+    if m:
+        return f"{m.group(1)[len('adapter_'):]}.{m.group(2)}"
+    return "scaling" if param == "scaling" else None
+
+
+def _read_bottleneck(ah: dict, tensors: dict, name: str, model, weights_file: Path):
+    layout = model.layout
+    if layout.spec is None or id(layout.spec) not in BOTTLENECK_LOCATIONS:
+        raise CheckpointError(f"'{weights_file}': adapterkit places AdapterHub bottleneck adapters on BERT, RoBERTa, "
+                              f"DistilBERT, GPT-2 and Llama-family models, not on {layout.model_type}.")
+    where_is = {v: k for k, v in BOTTLENECK_LOCATIONS[id(layout.spec)].items()}
+    ln_before, ln_after = bool(ah.get("ln_before")), bool(ah.get("ln_after"))
+    sites: dict[str, dict[str, torch.Tensor]] = {}
+    origins: dict[str, str] = {}
+    for key, path, param, value in _keys(tensors, rf"(.+)\.adapters\.{re.escape(name)}\.(.+)", weights_file):
+        place = place_of(layout, path, f"'{weights_file}', key '{key}'")
+        layer, location = place.split(".", 2)[1], place.split(".", 2)[2]
+        mine = _bottleneck_param(param, ln_before)
+        if location not in where_is or mine is None:
+            raise CheckpointError(f"'{weights_file}': key '{key}' is not a bottleneck parameter adapterkit knows.")
+        sites.setdefault(f"layers.{layer}.{where_is[location]}", {})[mine] = value
+        origins[f"layers.{layer}.{where_is[location]}"] = f"{path}.adapters.{name}"
+    rf = ah.get("reduction_factor", 16)
+    if isinstance(rf, dict):
+        values = {rf.get(str(i), rf.get("default")) for i in range(layout.num_layers)}
+        if len(values) != 1:
+            raise CheckpointError(f"'{weights_file.parent / CONFIG}': reduction_factor {rf} differs between layers; "
+                                  "adapterkit uses one bottleneck width per adapter.")
+        rf = values.pop()
+    if ln_before and ln_after:
+        raise CheckpointError(f"'{weights_file.parent / CONFIG}': ln_before and ln_after are both set; adapterkit's "
+                              "bottleneck has one extra layer norm (norm_position 'pre' or 'post').")
+    activation = str(ah.get("non_linearity", "relu")).lower()
+    options = dict(
+        mh_adapter=bool(ah.get("mh_adapter")), output_adapter=bool(ah.get("output_adapter")), reduction_factor=rf,
+        non_linearity=ACTIVATIONS.get(activation, activation), dropout=float(ah.get("dropout") or 0.0),
+        norm_position="pre" if ln_before else ("post" if ln_after else None),
+        original_ln_before=bool(ah.get("original_ln_before")),
+        original_ln_after=bool(ah.get("original_ln_after", True)),
+        residual_before_ln=ah.get("residual_before_ln", True),
+        adapter_residual_before_ln=bool(ah.get("adapter_residual_before_ln")), is_parallel=bool(ah.get("is_parallel")),
+        scaling=ah.get("scaling", 1.0), leave_out=tuple(ah.get("leave_out") or ()),
+        stochastic_depth=float(ah.get("stochastic_depth") or 0.0),
+        init_weights=ah.get("init_weights") if ah.get("init_weights") in INITS else "mam_adapter",
+    )
+    return _config(BottleneckConfig, options, weights_file), sites, origins
+
+
+def _read_weight_method(ah: dict, tensors: dict, name: str, model, weights_file: Path, ia3: bool):
+    layout = model.layout
+    sites: dict[str, dict[str, torch.Tensor]] = {}
+    origins: dict[str, str] = {}
+    for key, path, param, value in _keys(tensors, rf"(.+)\.loras\.{re.escape(name)}\.(lora_A|lora_B)", weights_file):
+        place = place_of(layout, path, f"'{weights_file}', key '{key}'")
+        module_at(layout, place, f"'{weights_file}', key '{key}'")
+        if layout.spec is not None and place.endswith("." + SLICED.get(id(layout.spec), "-")):
+            raise CheckpointError(f"'{weights_file}': key '{key}': AdapterHub adapts slices of {layout.model_type}'s "
+                                  "fused projection (LoRAMergedLinear), which adapterkit's LoRA / IA3 (on the whole "
+                                  "module) cannot express; adapters on it are not supported.")
+        if ia3:
+            if param != "lora_B":
+                raise CheckpointError(f"'{weights_file}': unexpected key '{key}': AdapterHub IA3 holds lora_B only.")
+            value = value.reshape(-1) * float(ah.get("alpha", 1))
+            param = "ia3_l"
+        sites.setdefault(place, {})[param] = value
+        origins[place] = f"{path}.loras.{name}"
+    options = placement(layout, list(sites), f"'{weights_file}'")
+    if ia3:
+        return _config(IA3Config, options, weights_file), sites, origins
+    for place, params in sites.items():
+        if set(params) != {"lora_A", "lora_B"}:
+            raise CheckpointError(f"'{weights_file}': the LoRA of '{place}' has {sorted(params)} but needs lora_A and "
+                                  "lora_B; the file is incomplete.")
+    options.update(r=int(ah.get("r", 8)), alpha=float(ah.get("alpha", 8)), dropout=float(ah.get("dropout") or 0.0))
+    return _config(LoRAConfig, options, weights_file), sites, origins
+
+
+def _config(cls: type[AdapterConfig], options: dict, weights_file: Path) -> AdapterConfig:
+    try:
+        return cls(**options)
+    except AdapterError as err:
+        raise CheckpointError(f"'{weights_file.parent / CONFIG}': {err}") from None
+
+
+def _read_head(folder: Path, model, allow_pickle: bool):
+    if not (folder / HEAD_CONFIG).is_file():
+        return None, {}
+    head_file = folder / HEAD_CONFIG
+    data = read_json(head_file)
+    cfg = data.get("config") or {}
+    layout = model.layout
+    tensors, weights_file = read_weights(folder, HEAD_WEIGHTS, HEAD_PICKLED, allow_pickle=allow_pickle)
+    head_type = cfg.get("head_type")
+    types = {"classification": "classification", "multilabel_classification": "classification", "tagging": "tagging"}
+    if head_type not in types:
+        raise CheckpointError(f"'{head_file}': head_type {head_type!r} has no adapterkit counterpart (classification, "
+                              "multilabel_classification, tagging).")
+    layers = int(cfg.get("layers", 1))
+    if layers > 1 and cfg.get("activation_function", "tanh") != "tanh":
+        raise CheckpointError(f"'{head_file}': activation_function {cfg['activation_function']!r}; adapterkit heads "
+                              "use tanh between layers.")
+    name = str(data.get("name"))
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        m = re.fullmatch(rf"heads\.{re.escape(name)}\.(\d+)\.(weight|bias)", key)
+        if not m or (int(m.group(1)) - 1) % 3:
+            raise CheckpointError(f"'{weights_file}': unexpected key '{key}' for head '{name}'.")
+        found.setdefault((int(m.group(1)) - 1) // 3, {})[m.group(2)] = value
+    if sorted(found) != list(range(layers)):
+        raise CheckpointError(f"'{weights_file}': head '{name}' needs {layers} linear layers but has weights for "
+                              f"{sorted(found)}; the file is incomplete.")
+    for j, layer in found.items():
+        for param in ("weight", "bias") if cfg.get("bias", True) else ("weight",):
+            if param not in layer:
+                raise CheckpointError(f"'{weights_file}': 'heads.{name}.{H.linear_index(j)}.{param}' is missing; the "
+                                      "file is incomplete.")
+    stack = [found[j] for j in range(layers)]
+    if cfg.get("use_pooler"):  # the base model's pooler (dense + tanh) comes first
+        stack.insert(0, H.base_module_weights(layout, "pooler.dense", f"'{head_file}'"))
+    num_labels = int(cfg.get("num_labels", stack[-1]["weight"].shape[0]))
+    mine = types[head_type]
+    if mine == "classification" and num_labels == 1:
+        mine = "regression"
+    pooling = "auto" if mine == "tagging" else ("last" if layout.is_decoder else "cls")
+    id2label = {int(v): str(k) for k, v in (cfg.get("label2id") or {}).items()}
+    head = HeadConfig(mine, num_labels, layers=len(stack), pooling=pooling,
+                      multilabel=head_type == "multilabel_classification", id2label=id2label)
+    return head, H.head_layers(stack)
+
+
+# -- writing -------------------------------------------------------------------------------------------
+def write(directory: "str | Path", meta: dict[str, Any], tensors: dict[str, torch.Tensor], model) -> Path:
+    """Write adapterkit's in-memory checkpoint as an AdapterHub folder (``model.load_adapter(folder)``)."""
+    config = config_from_dict(meta["config"])
+    layout = model.layout
+    if config.method not in WRITERS:
+        raise AdapterError(f"AdapterHub has no {config.method} adapter; nothing was written.")
+    if layout.spec is None or id(layout.spec) not in BOTTLENECK_LOCATIONS:
+        raise AdapterError(f"adapterkit writes AdapterHub adapters for BERT, RoBERTa, DistilBERT, GPT-2 and "
+                           f"Llama-family models, not {layout.model_type}; nothing was written.")
+    name = meta["name"]
+    ah_config, out = WRITERS[config.method](config, by_place(meta, tensors), name, layout)
+    model_class = type(layout.model).__name__
+    if meta.get("head"):
+        model_class = FLEX_CLASSES.get(layout.model_type, model_class)
+    info = {"hidden_size": layout.hidden_size, "model_type": layout.model_type, "model_class": model_class,
+            "model_name": getattr(getattr(layout.model, "config", None), "_name_or_path", "") or "", "name": name,
+            "version": VERSION}
+    json_files = {CONFIG: {**info, "config": ah_config}}
+    tensor_files = {WEIGHTS: out}
+    if meta.get("head"):
+        json_files[HEAD_CONFIG], tensor_files[HEAD_WEIGHTS] = _write_head(meta["head"], head_tensors(tensors), name,
+                                                                         info, layout)
+    return write_folder(directory, json_files, tensor_files, FILES)
+
+
+def _layers_and_paths(sites: dict, layout) -> tuple[list[int], dict[str, list[str]]]:
+    by_rest: dict[str, list[int]] = {}
+    for place in sites:
+        _, layer, rest = place.split(".", 2)
+        by_rest.setdefault(rest, []).append(int(layer))
+    layer_sets = {tuple(sorted(v)) for v in by_rest.values()}
+    if len(layer_sets) != 1:
+        raise AdapterError("AdapterHub places one set of modules in every chosen layer; this adapter's modules differ "
+                           "between layers. Nothing was written.")
+    return list(layer_sets.pop()), by_rest
+
+
+def _leave_out(layers: list[int], layout) -> list[int]:
+    return [i for i in range(layout.num_layers) if i not in layers]
+
+
+def _write_bottleneck(config: BottleneckConfig, sites: dict, name: str, layout):
+    refuse_options(config, {"mh_adapter", "output_adapter", "reduction_factor", "bottleneck_dim", "non_linearity",
+                            "dropout", "norm_position", "original_ln_before", "original_ln_after", "residual_before_ln",
+                            "adapter_residual_before_ln", "is_parallel", "scaling", "init_weights", "layers",
+                            "leave_out", "stochastic_depth"}, "AdapterHub")
+    layers, by_rest = _layers_and_paths(sites, layout)
+    locations = BOTTLENECK_LOCATIONS[id(layout.spec)]
+    rf = config.reduction_factor
+    if config.bottleneck_dim is not None:
+        rf = layout.hidden_size / config.bottleneck_dim
+        if int(layout.hidden_size // rf) != config.bottleneck_dim:
+            raise AdapterError(f"AdapterHub sets the bottleneck width as hidden_size // reduction_factor, which cannot "
+                               f"give bottleneck_dim={config.bottleneck_dim}; nothing was written.")
+    shift = 1 if config.norm_position == "pre" else 0
+    names = {"norm_before": ["adapter_norm_before", "adapter_down.0"], "down": [f"adapter_down.{shift}"],
+             "up": ["adapter_up"], "norm_after": ["adapter_norm_after"], "scaling": ["scaling"]}
+    out = {}
+    for place, params in sites.items():
+        _, layer, where = place.split(".", 2)
+        prefix = f"{peer_path(layout, f'layers.{layer}.{locations[where]}', with_prefix=False)}.adapters.{name}"
+        for param, value in params.items():
+            module, _, leaf = param.rpartition(".")
+            for ah_name in names[module or param]:
+                out[f"{prefix}.{ah_name}.{leaf}" if module else f"{prefix}.{ah_name}"] = value
+    ah = {"mh_adapter": config.mh_adapter, "output_adapter": config.output_adapter,
+          "reduction_factor": rf, "non_linearity": config.non_linearity,
+          "original_ln_before": config.original_ln_before,
+          "original_ln_after": config.original_ln_after, "residual_before_ln": config.residual_before_ln,
+          "adapter_residual_before_ln": config.adapter_residual_before_ln, "ln_before": config.norm_position == "pre",
+          "ln_after": config.norm_position == "post", "init_weights": "bert" if config.init_weights == "mam_adapter"
+          else config.init_weights, "is_parallel": config.is_parallel, "scaling": config.scaling,
+          "use_gating": False, "phm_layer": False, "dropout": config.dropout,
+          "stochastic_depth": config.stochastic_depth,
+          "leave_out": _leave_out(layers, layout), "inv_adapter": None, "cross_adapter": False}
+    return ah, out
+
+
+def _write_weight_method(config, sites: dict, name: str, layout, ia3: bool):
+    handled = {"roles", "target_modules", "layers", "leave_out"} | (set() if ia3 else {"r", "alpha", "dropout",
+                                                                                         "use_rslora"})
+    refuse_options(config, handled, "AdapterHub")
+    layers, by_rest = _layers_and_paths(sites, layout)
+    linears = single_stack(layout).spec.linears
+    roles = {path: role for role, path in linears.items()}
+    table = LORA_LOCATIONS[id(layout.spec)]
+    chosen = []
+    for rest in by_rest:
+        if roles.get(rest) not in table:
+            raise AdapterError(f"AdapterHub's {'IA3' if ia3 else 'LoRA'} cannot adapt '{rest}' of {layout.model_type} "
+                               f"(it adapts {', '.join(linears[r] for r in table)}); nothing was written.")
+        chosen.append(table[roles[rest]])
+    out = {}
+    for place, params in sites.items():
+        prefix = f"{peer_path(layout, place, with_prefix=False)}.loras.{name}"
+        if ia3:
+            out[f"{prefix}.lora_B"] = params["ia3_l"].reshape(-1, 1)
+        else:
+            out[f"{prefix}.lora_A"], out[f"{prefix}.lora_B"] = params["lora_A"], params["lora_B"]
+    attn = sorted(c for c in chosen if c in ("q", "k", "v"))
+    ah = {"architecture": "lora", "selfattn_lora": bool(attn), "attn_matrices": attn,
+          "intermediate_lora": "intermediate" in chosen, "output_lora": "output" in chosen,
+          "leave_out": _leave_out(layers, layout), "use_gating": False, "use_dora": False, "dtype": None}
+    if ia3:
+        ah.update(r=1, alpha=1, dropout=0.0, composition_mode="scale", init_weights="ia3")
+    else:
+        # AdapterHub scales by alpha / r; rsLoRA's alpha / sqrt(r) is the same with alpha * sqrt(r)
+        alpha = config.alpha * math.sqrt(config.r) if config.use_rslora else config.alpha
+        ah.update(r=config.r, alpha=alpha, dropout=config.dropout, composition_mode="add", init_weights="lora")
+    return ah, out
+
+
+def _write_head(head: dict, tensors: dict, name: str, info: dict, layout):
+    cfg = HeadConfig.from_dict(head)
+    pooling = H.resolved_pooling(cfg.pooling, layout)
+    wanted = "last" if layout.is_decoder else "cls"
+    if cfg.type != "tagging" and pooling != wanted:
+        raise AdapterError(f"AdapterHub's heads on {layout.model_type} read the {wanted} token; this head pools with "
+                           f"'{pooling}'. Nothing was written: save with with_head=False, or with format='adapterkit'.")
+    head_type = {"classification": "multilabel_classification" if cfg.multilabel else "classification",
+                 "regression": "classification", "tagging": "tagging"}[cfg.type]
+    ah = {"head_type": head_type, "num_labels": cfg.num_labels, "layers": cfg.layers, "activation_function": "tanh",
+          "label2id": {label: i for i, label in cfg.id2label.items()} or
+                      {f"LABEL_{i}": i for i in range(cfg.num_labels)},
+          "use_pooler": False, "bias": True, "dropout_prob": None}
+    return {**info, "config": ah}, {f"heads.{name}.{k[len('mlp.'):]}": v for k, v in tensors.items()}
+
+
+READERS = {"bottleneck": _read_bottleneck,
+           "lora": lambda *a: _read_weight_method(*a, ia3=False),
+           "ia3": lambda *a: _read_weight_method(*a, ia3=True)}
+READ_OPTIONS = {"bottleneck": BN_READ, "lora": LORA_READ, "ia3": LORA_READ}
+OFF_OPTIONS = {"bottleneck": BN_OFF, "lora": LORA_OFF, "ia3": LORA_OFF}
+WRITERS = {"bottleneck": _write_bottleneck,
+           "lora": lambda *a: _write_weight_method(*a, ia3=False),
+           "ia3": lambda *a: _write_weight_method(*a, ia3=True)}
