@@ -108,15 +108,15 @@ class Loaded:
 def load_trained(adapter: "str | Path", model: Optional[str] = None) -> Loaded:
     """Load the base model with the trained adapter (or the full model) and its head, ready to run."""
     from .train.checkpoint import load_head
-    from .train.loop import _load_tokenizer, load_model, model_is_decoder
+    from .loader import load_model, load_tokenizer, model_is_decoder
 
     artifact = locate(adapter)
     base = base_model_of(artifact, model)
     decoder = model_is_decoder(base)
-    tokenizer = _load_tokenizer(base)
+    tokenizer = load_tokenizer(base)
     net = load_model(base)
     if artifact.kind == "model":
-        head = load_head(artifact.path, net.layout.hidden_size, is_decoder=bool(net.layout.spec and net.layout.spec.decoder))
+        head = load_head(artifact.path, net.layout, next(iter(net.model.parameters()), None))
         name = None
         if head is not None:
             name = "head"

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
-from ..heads import Head, HeadConfig
+from ..heads import Head, HeadConfig, build_head
 from .optim import load_optimizer_state, optimizer_state
 
 RUN_FILE = "run.json"
@@ -195,7 +195,8 @@ def save_head(directory: "str | Path", head: Head) -> None:
     (directory / HEAD_CONFIG).write_text(json.dumps(head.config.to_dict(), indent=2, sort_keys=True), encoding="utf-8")
 
 
-def load_head(directory: "str | Path", hidden_size: int, is_decoder: bool) -> Optional[Head]:
+def load_head(directory: "str | Path", layout: Any, like: Optional[torch.Tensor] = None) -> Optional[Head]:
+    """The head saved beside a full model (``save_head``), built for ``layout`` (``heads.build_head``)."""
     directory = Path(directory)
     if not (directory / HEAD_CONFIG).is_file():
         return None
@@ -203,6 +204,6 @@ def load_head(directory: "str | Path", hidden_size: int, is_decoder: bool) -> Op
         config = HeadConfig.from_dict(json.loads((directory / HEAD_CONFIG).read_text(encoding="utf-8")))
     except (json.JSONDecodeError, TypeError) as err:
         raise CheckpointError(f"{directory / HEAD_CONFIG}: corrupt head config ({err}).") from None
-    head = Head(config, hidden_size, is_decoder=is_decoder)
+    head = build_head(config, layout, like)
     head.load_state_dict(_load(directory / HEAD_WEIGHTS))
     return head

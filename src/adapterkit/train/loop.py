@@ -43,8 +43,9 @@ from ..data import (
     read_table,
 )
 from ..errors import AdapterError, CheckpointError
-from ..heads import Head, HeadConfig
+from ..heads import HeadConfig, build_head
 from ..io import adapter_size_bytes
+from ..loader import load_model, load_tokenizer, model_is_decoder
 from ..model import AdapterModel
 from . import checkpoint as ckpt
 from . import distributed as D
@@ -82,24 +83,6 @@ class Prepared:
 
 
 # -- preparing ---------------------------------------------------------------------------------------
-def model_is_decoder(name_or_path: str) -> bool:
-    """Whether the model is a decoder, from its config only (fast; checks the path is a model)."""
-    import transformers
-
-    from ..layouts import spec_for
-    from ..packaged import resolve_model
-
-    folder, gguf = resolve_model(name_or_path)
-    if gguf:
-        return True
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise AdapterError(f"'{name_or_path}' is not a usable model: {folder / 'config.json'} cannot be read ({err}).") from None
-    arch = spec_for(config.model_type)
-    return bool(getattr(config, "is_decoder", False) or (arch is not None and arch.decoder))
-
-
 def _subset(table: Table, n: Optional[int], seed: int) -> Table:
     """``n`` rows picked by a permutation with a fixed seed (the same rows whatever ``--seed``)."""
     if n is None or n >= len(table):
@@ -151,7 +134,7 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
         train_table, eval_table = _split(train_table, config.val_fraction)
     if eval_table is not None:
         eval_table = _subset(eval_table, config.max_eval_rows, 0)
-    tokenizer = _load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model)
     train_enc = encode(spec, train_table, tokenizer)
     eval_enc = encode(spec, eval_table, tokenizer) if eval_table is not None else None
     test_enc = encode(spec, test_table, tokenizer) if test_table is not None else None
@@ -171,28 +154,6 @@ def _fingerprint(table: Optional[Table]) -> Optional[dict[str, Any]]:
     return {"path": str(Path(table.path).resolve()), "sha256": ckpt.file_sha256(table.path), "rows": len(table)}
 
 
-def _load_tokenizer(name: str) -> Any:
-    from ..packaged import load_tokenizer
-
-    try:
-        return load_tokenizer(name)
-    except AdapterError:
-        raise
-    except Exception as err:  # transformers raises OSError, ValueError, TypeError, ... for bad folders
-        raise AdapterError(f"'{name}': cannot load its tokenizer ({type(err).__name__}: {err}); the model folder "
-                           "needs tokenizer files (tokenizer.json or vocab files) beside config.json.") from None
-
-
-def load_model(name: str, **kwargs: Any) -> AdapterModel:
-    try:
-        return AdapterModel.from_pretrained(name, **kwargs)
-    except AdapterError:
-        raise
-    except Exception as err:
-        raise AdapterError(f"'{name}': cannot load the model ({type(err).__name__}: {err}); pass a transformers "
-                           "model folder (config.json + weights) or an alias (minilm, smollm2).") from None
-
-
 def add_head(model: AdapterModel, name: str, spec: TaskSpec, *, pooling: str = "auto", layers: int = 2,
              dropout: float = 0.1) -> None:
     """The task's head, named like the adapter (built from a ``HeadConfig`` to set its dropout)."""
@@ -206,12 +167,8 @@ def add_head(model: AdapterModel, name: str, spec: TaskSpec, *, pooling: str = "
     else:
         cfg = HeadConfig("classification", len(spec.labels), layers, pooling, spec.task == "multilabel",
                          dropout=dropout, id2label=id2label)
-    is_decoder = bool(model.layout.spec and model.layout.spec.decoder)
-    head = Head(cfg, model.layout.hidden_size, is_decoder=is_decoder)
     ref = next((p for p in model.model.parameters() if p.is_floating_point()), None)
-    if ref is not None:
-        head.to(device=ref.device, dtype=ref.dtype)
-    model.heads[name] = head
+    model.heads[name] = build_head(cfg, model.layout, ref)
     model.active_head = name
 
 
@@ -590,5 +547,5 @@ def train(config: TrainConfig, out: "str | Path", *, overwrite: bool = False, ec
     return fit(prep, out, overwrite=overwrite, echo=echo)
 
 
-__all__ = ["Prepared", "prepare", "fit", "train", "setup_model", "add_head", "load_model", "check_out_dir",
+__all__ = ["Prepared", "prepare", "fit", "train", "setup_model", "add_head", "check_out_dir",
            "read_run", "check_same_data", "start_run", "parameter_counts", "LOWER_IS_BETTER"]
