@@ -179,8 +179,8 @@ def test_existing_run_folder_is_not_overwritten(trained, ws, capsys):
 
 def test_overwrite_replaces_a_run(ws, tmp_path, capsys):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    assert main(train_args(ws, out, **{"--epochs": "1"})) == 0
+    (out / "stale.txt").write_text("old")  # a file inside a run folder goes with the run
     assert main(train_args(ws, out, **{"--epochs": "1"}) + ["--overwrite"]) == 0
     assert not (out / "stale.txt").exists() and (out / "adapter").is_dir()
 

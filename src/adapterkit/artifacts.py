@@ -64,9 +64,9 @@ def base_model_of(artifact: Artifact, model: Optional[str]) -> str:
         return str(artifact.path)
     if model:
         return model
-    ref = artifact.path / BASE_FILE
-    if ref.is_file():
-        return json.loads(ref.read_text(encoding="utf-8"))["model"]
+    recorded = _recorded_base(artifact).get("model")
+    if recorded:
+        return str(recorded)
     raise AdapterError(f"{artifact.path}: does not record its base model; pass --model PATH_OR_ALIAS.")
 
 
@@ -105,9 +105,14 @@ class Loaded:
     base: str
 
 
-def load_trained(adapter: "str | Path", model: Optional[str] = None) -> Loaded:
-    """Load the base model with the trained adapter (or the full model) and its head, ready to run."""
+def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_other_base: bool = False) -> Loaded:
+    """Load the base model with the trained adapter (or the full model) and its head, ready to run.
+
+    An adapter is refused on a base other than the one it was trained on (content fingerprint,
+    ``fingerprint.py``): ``--model`` is compared with the base recorded in ``adapterkit_base.json``
+    and in the adapter's config; ``allow_other_base=True`` (``--allow-other-base``) skips that."""
     from .train.checkpoint import load_head
+    from .fingerprint import base_fingerprint
     from .loader import load_model, load_tokenizer, model_is_decoder
 
     artifact = locate(adapter)
@@ -124,8 +129,36 @@ def load_trained(adapter: "str | Path", model: Optional[str] = None) -> Loaded:
             net.active_head = name
         spec = task_of(artifact, head.config.to_dict() if head is not None else None, decoder)
     else:
+        recorded = _recorded_base(artifact)
+        if model and recorded.get("fingerprint") and not allow_other_base:
+            mine = base_fingerprint(net.model, net.layout)
+            if mine != recorded["fingerprint"]:
+                raise AdapterError(
+                    f"--model {model} is not the base {artifact.path} was trained on ({recorded.get('model')}, "
+                    f"fingerprint {recorded['fingerprint']}; this one has {mine}): its scores would be wrong. Drop "
+                    "--model to use the recorded base, or pass --allow-other-base to use this one anyway.")
         meta = _read_meta(artifact.path)
-        name = net.load_adapter(artifact.path, set_active=True)
+        name = net.load_adapter(artifact.path, set_active=True, strict_base=not allow_other_base)
         spec = task_of(artifact, meta.get("head"), decoder)
     net.eval()
     return Loaded(net, tokenizer, spec, name, artifact, base)
+
+
+def _recorded_base(artifact: Artifact) -> dict[str, Any]:
+    ref = artifact.path / BASE_FILE
+    if not ref.is_file():
+        return {}
+    try:
+        data = json.loads(ref.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{ref}: cannot be read ({err}); pass --model PATH_OR_ALIAS and delete the file.") from None
+    return data if isinstance(data, dict) else {}
+
+
+def write_base_ref(directory: Path, model: str, identity: dict[str, Any]) -> None:
+    """Record the base beside an adapter (``adapterkit_base.json``: path or alias, fingerprint,
+    name), so ``eval`` / ``predict`` need no ``--model`` and can check one that is given."""
+    from .packaged import ALIASES
+
+    ref = model if model.lower() in ALIASES else str(Path(model).resolve())
+    (directory / BASE_FILE).write_text(json.dumps({"model": ref, **identity}), encoding="utf-8")

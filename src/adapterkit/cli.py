@@ -138,6 +138,8 @@ def _add_common_model(p: argparse.ArgumentParser, adapter_required: bool = True)
     p.add_argument("--model", help="base model folder or alias (default: the one the adapter was trained on)")
     p.add_argument("--adapter", required=adapter_required,
                    help="a run folder, an adapter folder, or a full model folder (--full-finetune, merge)")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="use the adapter with a --model other than the base it was trained on (refused by default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,10 +212,12 @@ def _config_from_args(args: argparse.Namespace, base: Optional[dict[str, Any]] =
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import distributed as D
     from .train import loop
+    from .train.runlock import RunLock
 
     env = D.init_from_env()
     out = Path(args.resume or args.out or "")
     prep = None
+    lock = RunLock(out)
     error: Optional[str] = None
     try:
         if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
@@ -225,12 +229,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         loop.check_out_dir(out, resume=bool(args.resume), overwrite=args.overwrite)
         if not config.train:
             raise AdapterError("--train FILE is required: a .tsv, .csv or .jsonl file with a text and a label column.")
+        if env.is_main:  # one run per folder: a second one stops here, before loading anything
+            lock.acquire()
+            loop.check_out_dir(out, resume=bool(args.resume), overwrite=args.overwrite)
+            if args.resume:
+                loop.read_run(out)  # it may have finished while this process waited to start
         prep = loop.prepare(config, env, echo=_note if env.is_main else None)
         if run:
             loop.check_same_data(run, prep, out)
     except AdapterError as err:
         error = str(err)
+        lock.release(discard=True)
     if not D.all_ok(env, error is None):
+        lock.release(discard=True)
         if error and env.is_main or (error and not env.enabled):
             _fail("train", error)
         D.shutdown(env)
@@ -245,7 +256,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"trainable parameters: {counts['trainable']:,} of {counts['total']:,} "
               f"({100 * counts['trainable'] / counts['total']:.2f} %), head {counts['head']:,}", flush=True)
     try:
-        results = loop.fit(prep, out, resume=bool(args.resume), overwrite=args.overwrite, echo=_note)
+        results = loop.fit(prep, out, resume=bool(args.resume), overwrite=args.overwrite, echo=_note,
+                           lock=lock if env.is_main else None)
     except KeyboardInterrupt:
         if env.is_main:
             print(f"\nadapterkit train: interrupted; continue with: adapterkit train --resume {out}", file=sys.stderr)
@@ -255,6 +267,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             _fail("train", str(err))
         return EXIT_BAD_INPUT
     finally:
+        lock.release()
         D.shutdown(env)
     if env.is_main:
         _print_results(results, out, time.perf_counter() - started)
@@ -308,7 +321,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     table = read_table(args.data, args.format)  # before loading the model: fail fast
     from .artifacts import load_trained
 
-    loaded = load_trained(args.adapter, args.model)
+    loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
     spec = loaded.spec
     if spec.task != "causal-lm":
         flags = {"text": args.text_column, "text_pair": args.text_pair_column, "label": args.label_column}
@@ -357,7 +370,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .artifacts import load_trained
     from .inference import predict_texts
 
-    loaded = load_trained(args.adapter, args.model)
+    loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
     results = predict_texts(loaded.model, loaded.tokenizer, loaded.spec, lines, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens)
     for r in results:
@@ -401,7 +414,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if not config_from_dict(config).supports_merge:
         raise AdapterError(f"--adapter {args.adapter}: a {config['method']} adapter adds modules and cannot be folded "
                            "into the weights; only lora and ia3 adapters can be merged.")
-    loaded = load_trained(args.adapter, args.model)
+    loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
     loaded.model.merge_adapter(loaded.name)
     head = loaded.model.heads[loaded.name] if loaded.name in loaded.model.heads else None
     spec = loaded.spec
@@ -492,6 +505,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. adapterkit predict ... | head
         return 0
+    except OSError as err:  # a read-only or full disk, a file that vanished: one line, not a traceback
+        if err.filename is None:
+            raise
+        _fail(args.command, f"{err.filename}: {err.strerror or err}; check that the path exists and that you may "
+                            "read and write there (and that the disk has room).")
+        return EXIT_BAD_INPUT
 
 
 def console_main() -> None:

@@ -36,6 +36,7 @@ from . import __version__
 from .composition import Block, Stack, as_setup, compile_plan, routing_plan
 from .config import AdapterConfig, config_from_dict, resolve_config
 from .errors import AdapterError, CheckpointError
+from .fingerprint import base_identity, check_same_base
 from .heads import Head, HeadConfig
 from .io import read_checkpoint, write_checkpoint
 from .layouts import Layout
@@ -115,6 +116,7 @@ class AdapterModel(nn.Module):
         ref = self._ref_param()
         if ref is not None:
             modules.to(device=ref.device, dtype=ref.dtype)
+        modules.train(self.training)  # new modules follow the handle's mode (no dropout after .eval())
         return sites, modules
 
     def _attach(self, name: str, config: AdapterConfig, sites: list[Site], modules: nn.ModuleDict) -> None:
@@ -186,6 +188,7 @@ class AdapterModel(nn.Module):
         ref = self._ref_param()
         if ref is not None:
             head.to(device=ref.device, dtype=ref.dtype)
+        head.train(self.training)
         self.heads[name] = head
         if set_active:
             self._active_head = name
@@ -506,7 +509,8 @@ class AdapterModel(nn.Module):
             "adapterkit_version": __version__,
             "config": self._configs[name].to_dict(),
             "places": [s.place_id for s in sites],
-            "base_model": {**self.layout.fingerprint(), "host_shapes": {s.place_id: s.weight_shape() for s in sites}},
+            "base_model": {**self.layout.fingerprint(), **base_identity(self),
+                           "host_shapes": {s.place_id: s.weight_shape() for s in sites}},
             "head": head.config.to_dict() if head is not None else None,
         }
         tensors = {f"adapter.{k}": v for k, v in self.adapters[name].state_dict().items()}
@@ -521,10 +525,11 @@ class AdapterModel(nn.Module):
 
     def load_adapter(
         self, directory: "str | os.PathLike", *, load_as: Optional[str] = None, set_active: bool = False,
-        with_head: bool = True,
+        with_head: bool = True, strict_base: bool = True,
     ) -> str:
         """Load an adapter (and its head) saved by ``save_adapter``; returns its name. Checks that
-        the checkpoint fits this base model; on any error the model is left as it was."""
+        the checkpoint fits this base model, and (``strict_base``) that it was trained on this very
+        base (``fingerprint.py``); on any error the model is left as it was."""
         meta, tensors = read_checkpoint(directory)
         name = load_as or meta.get("name")
         self._check_name(name)
@@ -548,6 +553,7 @@ class AdapterModel(nn.Module):
                     f"{directory}: '{site.place_id}' had weight shape {saved_shapes[site.place_id]} in the base the "
                     f"adapter was saved from, but {site.weight_shape()} here; load it into the base it was trained on."
                 )
+        check_same_base(meta.get("base_model", {}), self, directory, strict=strict_base)
         head = None
         if with_head and meta.get("head"):
             if name in self.heads:
@@ -557,6 +563,7 @@ class AdapterModel(nn.Module):
             ref = self._ref_param()
             if ref is not None:
                 head.to(device=ref.device, dtype=ref.dtype)
+            head.train(self.training)
         _load_exact(modules, tensors, "adapter.", directory)
         if head is not None:
             _load_exact(head, tensors, "head.", directory)

@@ -116,7 +116,10 @@ class BottleneckConfig(AdapterConfig):
     def bottleneck_width(self, width: int) -> int:
         if self.bottleneck_dim is not None:
             return self.bottleneck_dim
-        return max(1, int(width // self.reduction_factor))
+        if width // self.reduction_factor < 1:  # was clamped to 1 silently
+            raise AdapterError(f"reduction_factor={self.reduction_factor:g} is larger than the hidden size {width}: "
+                               f"the bottleneck would be empty; use reduction_factor <= {width} or set bottleneck_dim.")
+        return int(width // self.reduction_factor)
 
 
 class Bottleneck(nn.Module):

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..heads import Head, HeadConfig, build_head
+from ..io import check_tensors
 from .optim import load_optimizer_state, optimizer_state
 
 RUN_FILE = "run.json"
@@ -148,11 +149,15 @@ def save_state(
     return write_dir_atomic(directory, fill)
 
 
-def _load(path: Path) -> dict[str, torch.Tensor]:
+def _load(path: Path, *, weights: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of one file; ``weights=True`` also refuses non-float or non-finite ones (``io.check_tensors``)."""
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot be read ({err}); the checkpoint is corrupt. Start the run again.") from None
+    if weights:
+        check_tensors(tensors, path)
+    return tensors
 
 
 def load_state(
@@ -168,7 +173,7 @@ def load_state(
         raise CheckpointError(f"{found / STATE_FILE}: cannot be read ({err}); the checkpoint is corrupt.") from None
     params = dict(model.named_parameters())
     names = [n for n, p in params.items() if p.requires_grad]
-    weights = _load(found / "trainable.safetensors")
+    weights = _load(found / "trainable.safetensors", weights=True)
     if sorted(weights) != sorted(names):
         raise CheckpointError(
             f"{found}: the checkpoint holds other trainable parameters than this run has; "
@@ -184,7 +189,7 @@ def load_state(
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
         if cuda:
             torch.cuda.set_rng_state_all(cuda)
-    best = _load(found / "best.safetensors") if (found / "best.safetensors").exists() else None
+    best = _load(found / "best.safetensors", weights=True) if (found / "best.safetensors").exists() else None
     return state, best
 
 
@@ -205,5 +210,5 @@ def load_head(directory: "str | Path", layout: Any, like: Optional[torch.Tensor]
     except (json.JSONDecodeError, TypeError) as err:
         raise CheckpointError(f"{directory / HEAD_CONFIG}: corrupt head config ({err}).") from None
     head = build_head(config, layout, like)
-    head.load_state_dict(_load(directory / HEAD_WEIGHTS))
+    head.load_state_dict(_load(directory / HEAD_WEIGHTS, weights=True))
     return head

@@ -42,7 +42,9 @@ from ..data import (
     encode,
     read_table,
 )
+from ..artifacts import write_base_ref
 from ..errors import AdapterError, CheckpointError
+from ..fingerprint import base_identity
 from ..heads import HeadConfig, build_head
 from ..io import adapter_size_bytes
 from ..loader import load_model, load_tokenizer, model_is_decoder
@@ -56,6 +58,7 @@ from .metrics import LOWER_IS_BETTER, MetricsLog, better, metric_names, primary_
 from .optim import loraplus, lr_at, make_optimizer, set_lr, trainable, warmup_steps
 from .plots import plot_training
 from .progress import Progress
+from .runlock import LOCK_NAME, RunLock
 
 Echo = Callable[[str], None]
 
@@ -197,15 +200,26 @@ def parameter_counts(model: AdapterModel) -> dict[str, int]:
 
 
 # -- the run folder ----------------------------------------------------------------------------------
+def _entries(out: Path) -> list[Path]:
+    """What a folder holds, apart from the run lock."""
+    return [p for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
+
+
 def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """``--out`` must be new or empty, unless resuming or ``--overwrite`` (checked before writing)."""
+    """``--out`` must be new or empty; ``--overwrite`` replaces only a run folder (one with
+    ``run.json``), never a folder of other files (checked before anything is written)."""
     if out.exists() and not out.is_dir():
         raise AdapterError(f"--out {out} is a file; pass a folder path.")
-    if resume:
+    if resume or not _entries(out):
         return
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        hint = " (it holds a run: continue it with --resume)" if (out / ckpt.RUN_FILE).exists() else ""
-        raise AdapterError(f"--out {out} is not empty{hint}; choose a new folder or pass --overwrite to replace it.")
+    if (out / ckpt.RUN_FILE).is_file():
+        if not overwrite:
+            raise AdapterError(f"--out {out} is not empty: it holds a run (continue it with --resume {out}); choose a "
+                               "new folder or pass --overwrite to replace the run.")
+        return
+    shown = ", ".join(sorted(p.name for p in _entries(out))[:4])
+    raise AdapterError(f"--out {out} is not empty and is not a run folder (it holds {shown}, no {ckpt.RUN_FILE}); "
+                       "choose a new or empty folder. --overwrite replaces only an earlier run, never other files.")
 
 
 def read_run(out: Path) -> dict[str, Any]:
@@ -371,7 +385,7 @@ class _Runner:
         def fill_adapter(tmp: Path) -> None:
             prep.model.save_adapter(tmp / "a", prep.name)
             meta_spec.save(tmp / "a")
-            _write_model_ref(tmp / "a", self.cfg.model)
+            write_base_ref(tmp / "a", self.cfg.model, base_identity(prep.model))
         staging = Path(tempfile.mkdtemp(prefix=".adapter.staging-", dir=self.out))
         try:
             fill_adapter(staging)
@@ -497,28 +511,19 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _write_model_ref(directory: Path, model: str) -> None:
-    """Remember which base the adapter was trained on, so ``eval`` / ``predict`` need no ``--model``."""
-    import json
-
-    from ..packaged import ALIASES
-
-    ref = model if model.lower() in ALIASES else str(Path(model).resolve())
-    (directory / "adapterkit_base.json").write_text(json.dumps({"model": ref}), encoding="utf-8")
-
-
 def _move_contents(src: Path, dst: Path) -> None:
     for item in src.iterdir():
         shutil.move(str(item), dst / item.name)
 
 
 def start_run(prep: Prepared, out: Path, *, overwrite: bool = False) -> None:
-    """Create the run folder and ``run.json`` (rank 0), replacing an old run with ``overwrite``."""
+    """Create the run folder and ``run.json`` (rank 0), replacing an earlier run with ``overwrite``
+    (only a folder that ``check_out_dir`` accepts: a run folder or an empty one)."""
     if not prep.env.is_main:
         return
-    if overwrite and out.is_dir():
-        for item in out.iterdir():
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    check_out_dir(out, resume=False, overwrite=overwrite)
+    for item in _entries(out):
+        shutil.rmtree(item) if item.is_dir() else item.unlink()
     out.mkdir(parents=True, exist_ok=True)
     ckpt.write_json_atomic(out / ckpt.RUN_FILE, {
         "adapterkit_version": __version__, "status": "running", "name": prep.name,
@@ -528,23 +533,47 @@ def start_run(prep: Prepared, out: Path, *, overwrite: bool = False) -> None:
 
 
 def fit(prep: Prepared, out: "str | Path", *, resume: bool = False, overwrite: bool = False,
-        echo: Optional[Echo] = None) -> dict[str, Any]:
-    """Train ``prep`` into the run folder ``out`` (see module docstring); returns the results."""
+        echo: Optional[Echo] = None, lock: Optional[RunLock] = None) -> dict[str, Any]:
+    """Train ``prep`` into the run folder ``out`` (see module docstring); returns the results.
+
+    Rank 0 holds ``out``'s run lock for the whole run (``lock`` if the caller took it already):
+    a second run into the same folder stops with an ``AdapterError`` naming this process."""
     out = Path(out)
     echo = echo or print
-    if not resume:
-        start_run(prep, out, overwrite=overwrite)
-    D.barrier(prep.env)
-    progress = Progress(prep.config.progress, enabled=prep.env.is_main)
-    return _Runner(prep, out, echo, progress).run(resume)
+    own = lock is None and prep.env.is_main
+    if own:
+        lock = RunLock(out).acquire()
+    try:
+        if prep.env.is_main:
+            _check_writable(out)
+            if not resume:
+                start_run(prep, out, overwrite=overwrite)
+        D.barrier(prep.env)
+        progress = Progress(prep.config.progress, enabled=prep.env.is_main)
+        results = _Runner(prep, out, echo, progress).run(resume)
+    except BaseException:
+        if own:
+            lock.release(discard=True)
+        raise
+    if own:
+        lock.release()
+    return results
+
+
+def _check_writable(out: Path) -> None:
+    """``--out`` on a read-only folder: one line now, not a PermissionError at the first save."""
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise AdapterError(f"--out {out}: cannot write there (permission denied); choose a folder you can write to.")
 
 
 def train(config: TrainConfig, out: "str | Path", *, overwrite: bool = False, echo: Optional[Echo] = None) -> dict[str, Any]:
     """Python API: validate, train, and return the results (``AdapterError`` on bad input)."""
     out = Path(out)
     check_out_dir(out, resume=False, overwrite=overwrite)
-    prep = prepare(config, echo=echo)
-    return fit(prep, out, overwrite=overwrite, echo=echo)
+    with RunLock(out) as lock:
+        check_out_dir(out, resume=False, overwrite=overwrite)
+        prep = prepare(config, echo=echo)
+        return fit(prep, out, overwrite=overwrite, echo=echo, lock=lock)
 
 
 __all__ = ["Prepared", "prepare", "fit", "train", "setup_model", "add_head", "check_out_dir",
