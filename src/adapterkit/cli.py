@@ -164,8 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict labels (or generate text) for text lines")
     _add_common_model(p)
-    p.add_argument("texts", nargs="*", help="texts to predict (default: lines of --input, else stdin)")
-    p.add_argument("--input", help="file with one text per line (a tab separates a text pair)")
+    p.add_argument("texts", nargs="*", help="texts to predict (default: --input, else stdin: one text per line, or "
+                   "JSON lines such as {\"text\": ...} for texts with line breaks)")
+    p.add_argument("--input", help="a .tsv/.csv/.jsonl/.json file read like --eval (the adapter's text column), or "
+                                   "a text file: one text per line (a tab separates a pair), or JSON lines")
+    p.add_argument("--text-column", help="column of --input that holds the text (default: the adapter's)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64, help="causal LM: tokens to generate")
     p.add_argument("--json", action="store_true", help="JSON lines with every probability")
@@ -333,6 +336,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if spec.columns.label is None:
             raise AdapterError(f"{table.path}: no label column to score against; pass --label-column NAME.")
     if args.max_length:
+        from .loader import check_max_length
+
+        check_max_length(loaded.base, args.max_length, loaded.model.config)
         spec.max_length = args.max_length
     check_eval_labels(spec, table)
     enc = encode(spec, table, loaded.tokenizer)
@@ -348,30 +354,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from .data import read_lines
+def _predict_source(args: argparse.Namespace) -> "list[str] | Any":
+    """Texts from the arguments, ``--input`` (a table in the train / eval formats, else one text
+    per line or JSON lines) or stdin (one text per line, or JSON lines); read before the model loads."""
+    from .data import SUFFIXES, read_prediction_input, read_table
 
     if args.texts:
-        lines = list(args.texts)
-    elif args.input:
+        return list(args.texts)
+    if args.input:
         path = Path(args.input)
         if not path.is_file():
             raise AdapterError(f"--input {path}: no such file.")
-        try:
-            lines = read_lines(path.read_text(encoding="utf-8-sig").splitlines())
-        except UnicodeDecodeError as err:
-            raise AdapterError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start}); re-save it as UTF-8.") from None
-    else:
-        if sys.stdin.isatty():
-            print("reading texts from stdin, one per line (Ctrl-D to finish)", file=sys.stderr)
-        lines = read_lines(sys.stdin)
-    if not lines:
+        if path.suffix.lower() in SUFFIXES:
+            return read_table(path)
+        return read_prediction_input(path.read_bytes(), str(path))
+    if sys.stdin.isatty():
+        print("reading texts from stdin, one per line or JSON lines (Ctrl-D to finish)", file=sys.stderr)
+    return read_prediction_input(sys.stdin.buffer.read())
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .data import Table, prediction_inputs
+
+    source = _predict_source(args)
+    if not (source.rows if isinstance(source, Table) else source):
         raise AdapterError("No text to predict: pass texts as arguments, --input FILE, or lines on stdin.")
     from .artifacts import load_trained
     from .inference import predict_texts
 
     loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
-    results = predict_texts(loaded.model, loaded.tokenizer, loaded.spec, lines, batch_size=args.batch_size,
+    texts = prediction_inputs(loaded.spec, source, args.text_column) if isinstance(source, Table) else source
+    results = predict_texts(loaded.model, loaded.tokenizer, loaded.spec, texts, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens)
     for r in results:
         if args.json:
@@ -397,14 +410,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_merge_out(out: Path, overwrite: bool) -> None:
+    """``merge --out``: new or empty; ``--overwrite`` replaces only a model folder (``config.json``)."""
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"--out {out} is a file; pass a folder path.")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / "config.json").is_file():
+        raise AdapterError(f"--out {out} is not empty and holds no model (no config.json); choose a new or empty "
+                           "folder. --overwrite replaces only an earlier merged model, never other files.")
+    if not overwrite:
+        raise AdapterError(f"--out {out} holds a model already; choose a new folder or pass --overwrite to replace it.")
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .artifacts import load_trained, locate
     from .data import TaskSpec
     from .train.checkpoint import save_head, write_dir_atomic
-    from .train.loop import check_out_dir
 
     out = Path(args.out)
-    check_out_dir(out, resume=False, overwrite=args.overwrite)
+    _check_merge_out(out, args.overwrite)
     artifact = locate(args.adapter)
     if artifact.kind != "adapter":
         raise AdapterError(f"--adapter {args.adapter}: is a full model already (nothing to merge); use it as --model.")
@@ -426,11 +451,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             save_head(tmp, head)
         TaskSpec.save(spec, tmp)
 
-    if args.overwrite and out.is_dir():
-        import shutil
-
-        shutil.rmtree(out)
-    write_dir_atomic(out, fill)
+    write_dir_atomic(out, fill)  # swaps the new folder in: a failed merge leaves the old one whole
     cls = type(loaded.model.model).__name__
     print(f"merged adapter '{loaded.name}' into {loaded.base}; saved a plain transformers model ({cls}) to {out}")
     print(f"load it without adapterkit: transformers.AutoModel{'ForCausalLM' if 'CausalLM' in cls else ''}"

@@ -45,12 +45,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it, so put it straight back
+    os.umask(mask)
+    return mask
+
+
+def temp_dir(prefix: str, parent: "str | os.PathLike") -> Path:
+    """A fresh folder to fill and rename into place, with the permissions ``mkdir`` would give
+    (``tempfile.mkdtemp`` makes it 0700, which others on a shared machine could not read)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def write_checkpoint(directory: "str | os.PathLike", meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Atomically write ``meta`` (JSON) and ``tensors`` (safetensors) into ``directory``."""
     target = Path(directory)
     _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temp_dir(f".{target.name}.tmp-", target.parent)
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "adapterkit"})

@@ -11,7 +11,7 @@ Three small modules, one job each:
 """
 
 from .encoding import Encoded, encode, target
-from .files import FORMATS, DataError, Table, default_name, detect_format, read_lines, read_table
+from .files import FORMATS, SUFFIXES, DataError, Table, default_name, detect_format, read_lines, read_prediction_input, read_table
 from .task import (
     LABEL_NAMES,
     PAIRS,
@@ -23,13 +23,15 @@ from .task import (
     TaskSpec,
     build_task,
     check_eval_labels,
+    check_same_columns,
     detect_columns,
     detect_task,
+    prediction_inputs,
     row_labels,
 )
 
 __all__ = [
-    "FORMATS", "TASKS", "TASK_FILE", "TEXT_NAMES", "PAIRS", "LABEL_NAMES", "PROMPT_PAIRS", "DataError", "Table",
-    "Columns", "TaskSpec", "Encoded", "read_table", "detect_format", "read_lines", "default_name", "detect_columns",
-    "detect_task", "build_task", "row_labels", "check_eval_labels", "encode", "target",
+    "FORMATS", "SUFFIXES", "TASKS", "TASK_FILE", "TEXT_NAMES", "PAIRS", "LABEL_NAMES", "PROMPT_PAIRS", "DataError", "Table",
+    "Columns", "TaskSpec", "Encoded", "read_table", "detect_format", "read_lines", "read_prediction_input", "default_name", "detect_columns",
+    "detect_task", "build_task", "row_labels", "check_eval_labels", "check_same_columns", "prediction_inputs", "encode", "target",
 ]

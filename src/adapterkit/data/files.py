@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +55,8 @@ class Table:
 
 def detect_format(path: Path, head: str) -> str:
     suffix = path.suffix.lower()
-    by_suffix = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
-    if suffix in by_suffix:
-        return by_suffix[suffix]
+    if suffix in SUFFIXES:
+        return SUFFIXES[suffix]
     first = head.lstrip()[:1]
     if first == "{":
         return "jsonl"
@@ -79,9 +79,10 @@ def _decode(path: Path, raw: bytes) -> str:
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        fix = (f"re-save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 '{path}' > fixed{path.suffix}"
+               if path.name != "<stdin>" else "convert the input to UTF-8 first, e.g. with iconv -f latin1 -t utf-8")
         raise DataError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); re-save the file "
-            f"as UTF-8, e.g. iconv -f latin1 -t utf-8 '{path}' > fixed{path.suffix}"
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); {fix}"
         ) from None
 
 
@@ -143,7 +144,39 @@ def _read_delimited(path: Path, text: str, fmt: str) -> Table:
     except csv.Error as err:
         raise DataError(f"{path}:{reader.line_num}: malformed {fmt.upper()} ({err}); fix the quoting of that row.") from None
     assert header is not None
+    _check_header_is_not_data(path, fmt, header, rows)
     return Table(path, fmt, header, rows, lines)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite number, or text that reads as one (booleans are not numbers)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return math.isfinite(value)
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_header_is_not_data(path: Path, fmt: str, header: list[str], rows: list[dict[str, Any]]) -> None:
+    """A file without a header would lose its first row and name its columns after it (a label
+    column called "1"): refuse a first line with a number in it, or with a value that also occurs
+    in the same column below."""
+    sample = rows[:1000]
+    for i, name in enumerate(header):
+        why = ""
+        if _is_number(name):
+            why = f"'{name}' is a number"
+        elif any(row.get(name) == name for row in sample):
+            why = f"'{name}' also occurs as a value in that column"
+        if why:
+            sep = "<TAB>" if fmt == "tsv" else ","
+            raise DataError(
+                f"{path}:1: the first line looks like data, not a header ({why}, column {i + 1}); add a header line "
+                f"naming the columns, e.g. 'sentence{sep}label', so the first row is read as an example."
+            )
 
 
 def _check_header(path: Path, line: int, header: list[str]) -> None:
@@ -187,6 +220,23 @@ def _read_json(path: Path, text: str) -> Table:
 def read_lines(stream: Iterable[str]) -> list[str]:
     """Non-blank input lines for ``predict`` (a tab separates a text pair)."""
     return [line.rstrip("\r\n") for line in stream if line.strip()]
+
+
+def read_prediction_input(raw: bytes, source: str = "<stdin>") -> "Table | list[str]":
+    """What ``predict`` reads from stdin or a file without a table suffix: JSON lines (a ``Table``)
+    when the first non-blank line is a JSON object, so that texts may hold line breaks
+    (``{"text": "Review: ...\\nSentiment:"}``); else one text per non-blank line."""
+    path = Path(source)
+    text = _decode(path, raw)
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if first.lstrip().startswith("{"):
+        try:
+            is_object = isinstance(json.loads(first), dict)
+        except json.JSONDecodeError:
+            is_object = False
+        if is_object:
+            return _read_jsonl(path, text)
+    return read_lines(text.splitlines())
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_\-]+")

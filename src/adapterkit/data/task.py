@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .files import DataError, Table, _where
+from .files import DataError, Table, _is_number, _where
 
 TASKS = ("classification", "multilabel", "regression", "tagging", "causal-lm")
 TASK_FILE = "adapterkit_task.json"
@@ -115,17 +115,6 @@ def detect_columns(
         if len(rest) == 1:
             label = rest[0]
     return Columns(text=text, text_pair=text_pair, label=label)
-
-
-def _is_number(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, (int, float)):
-        return math.isfinite(value)
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 def _is_integer(value: Any) -> bool:
@@ -308,6 +297,17 @@ def _inputs(spec: TaskSpec, row: dict[str, Any], path: Path, line: int) -> tuple
     return text, pair
 
 
+def check_same_columns(spec: TaskSpec, table: Table, train: Table) -> None:
+    """An evaluation file must have the columns the task was read from in the training file."""
+    missing = [c for c in spec.columns.used() if c not in table.columns]
+    if missing:
+        raise DataError(
+            f"{table.path}: no column(s) {', '.join(repr(c) for c in missing)}, which the task was read from in the "
+            f"training file {train.path} (columns there: {', '.join(train.columns)}; here: {', '.join(table.columns)}); "
+            "give both files the same header."
+        )
+
+
 def check_eval_labels(spec: TaskSpec, table: Table) -> None:
     """Every label in an evaluation file must be one the model was trained on."""
     if spec.task in ("causal-lm", "regression"):
@@ -324,3 +324,30 @@ def check_eval_labels(spec: TaskSpec, table: Table) -> None:
                     f"{where}: label '{label}' never occurs in the training data (labels: {shown}); fix the label "
                     "or add examples of it to the training file."
                 )
+
+
+def prediction_inputs(spec: TaskSpec, table: Table, text_column: Optional[str] = None) -> list[Any]:
+    """The inputs of every row of a file to predict on, read from the columns the task was trained
+    on: a text, a ``(text, pair)`` tuple for pair tasks, a token list for tagging, a prompt for
+    causal LMs. ``text_column`` overrides the column; a file with one column needs none."""
+    cols = spec.columns
+    wanted = text_column or cols.prompt or cols.text
+    candidates = [wanted] if wanted else []
+    if not text_column:
+        candidates += [n for n in TEXT_NAMES if n in table.columns]
+    column = next((c for c in candidates if c in table.columns), None)
+    if column is None and len(table.columns) == 1 and not text_column:
+        column = table.columns[0]
+    if column is None:
+        flag = f"no column '{wanted}' (the adapter's text column)" if wanted else "cannot tell which column holds the text"
+        raise DataError(f"{table.path}: {flag}; its columns are {', '.join(table.columns)}. Pass --text-column NAME.")
+    pair = cols.text_pair if cols.text_pair and not cols.prompt else None
+    if pair and pair not in table.columns:
+        raise DataError(f"{table.path}: no column '{pair}', the second text of this pair task; its columns are "
+                        f"{', '.join(table.columns)}.")
+    out: list[Any] = []
+    for row, line in zip(table.rows, table.lines):
+        text = _text(row.get(column), column, table.path, line, words=spec.task == "tagging")
+        out.append((text, _text(row.get(pair), pair, table.path, line)) if pair else text)
+    return out
+

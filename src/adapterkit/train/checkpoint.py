@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -36,7 +35,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..heads import Head, HeadConfig, build_head
-from ..io import check_tensors
+from ..io import check_tensors, temp_dir
 from .optim import load_optimizer_state, optimizer_state
 
 RUN_FILE = "run.json"
@@ -50,7 +49,7 @@ def write_dir_atomic(target: "str | Path", fill: Callable[[Path], None]) -> Path
     """Call ``fill(tmp)`` on a fresh folder beside ``target``, then swap it in."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temp_dir(f".{target.name}.tmp-", target.parent)
     try:
         fill(tmp)
         for f in tmp.rglob("*"):
@@ -85,21 +84,25 @@ def existing_dir(target: "str | Path") -> Optional[Path]:
 
 
 def clean_leftovers(target: "str | Path") -> None:
-    """Remove what interrupted writes of ``target`` left behind (temporary and trash folders)."""
+    """Remove what interrupted writes of ``target`` left behind (temporary and trash folders or files)."""
     target = Path(target)
     for pattern in (f".{target.name}.tmp-*", f".{target.name}.trash-*"):
         for path in target.parent.glob(pattern):
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: "str | Path", data: Any) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def file_sha256(path: "str | Path") -> str:

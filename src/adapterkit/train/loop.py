@@ -20,7 +20,6 @@ import contextlib
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..artifacts import write_base_ref
 from ..config import AdapterConfig, resolve_config
 from ..data import (
     Encoded,
@@ -37,17 +37,17 @@ from ..data import (
     Table,
     build_task,
     check_eval_labels,
+    check_same_columns,
     default_name,
     detect_columns,
     encode,
     read_table,
 )
-from ..artifacts import write_base_ref
 from ..errors import AdapterError, CheckpointError
 from ..fingerprint import base_identity
 from ..heads import HeadConfig, build_head
-from ..io import adapter_size_bytes
-from ..loader import load_model, load_tokenizer, model_is_decoder
+from ..io import adapter_size_bytes, temp_dir
+from ..loader import check_max_length, load_model, load_tokenizer, model_is_decoder
 from ..model import AdapterModel
 from . import checkpoint as ckpt
 from . import distributed as D
@@ -122,7 +122,9 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
                       max_length=config.max_length)
     for table in (eval_table, test_table):
         if table is not None:
+            check_same_columns(spec, table, train_table)
             check_eval_labels(spec, table)
+    check_max_length(config.model, config.max_length)
     adapter_config = None if config.full_finetune else resolve_config(config.method, **config.options)
     if config.loraplus_lr_ratio is not None and getattr(adapter_config, "method", None) != "lora":
         raise AdapterError(f"--loraplus-lr-ratio applies to LoRA's B matrices, and this run trains "
@@ -273,7 +275,10 @@ class _Runner:
         self.total_steps = min(total, self.cfg.max_steps) if self.cfg.max_steps else total
         self.warmup = warmup_steps(self.cfg.warmup, self.total_steps)
         self.log = MetricsLog(out / "metrics.jsonl", enabled=self.env.is_main)
+        # window_loss / window_n: the training losses since the last metrics.jsonl record, kept in the
+        # checkpoint so that a run resumed between two records writes the same records
         self.state: dict[str, Any] = {"step": 0, "epoch": 1, "batch": 0, "best": None, "best_step": None,
+                                      "window_loss": 0.0, "window_n": 0,
                                       "bad_evals": 0, "stopped_early": False, "elapsed": 0.0, "last_eval_step": None}
         self.best: Optional[dict[str, torch.Tensor]] = None
         self.eval_batch = self.cfg.eval_batch_size or max(64, 2 * self.cfg.batch_size)
@@ -287,8 +292,9 @@ class _Runner:
 
     def restore(self) -> bool:
         if self.env.is_main:
-            for name in ("checkpoint", "adapter", "model"):
+            for name in ("checkpoint", "adapter", "model", ckpt.RUN_FILE, "results.json", "training.png"):
                 ckpt.clean_leftovers(self.out / name)
+            for name in ("checkpoint", "adapter", "model"):
                 found = ckpt.existing_dir(self.out / name)
                 if found is not None and found != self.out / name:  # died between the two renames
                     os.replace(found, self.out / name)
@@ -386,7 +392,7 @@ class _Runner:
             prep.model.save_adapter(tmp / "a", prep.name)
             meta_spec.save(tmp / "a")
             write_base_ref(tmp / "a", self.cfg.model, base_identity(prep.model))
-        staging = Path(tempfile.mkdtemp(prefix=".adapter.staging-", dir=self.out))
+        staging = temp_dir(".adapter.staging-", self.out)
         try:
             fill_adapter(staging)
             ckpt.write_dir_atomic(self.out / "adapter", lambda tmp: _move_contents(staging / "a", tmp))
@@ -412,7 +418,7 @@ class _Runner:
             self.log.truncate(0, 0)
         ddp = D.wrap(self.model, env)
         stop = self.state["stopped_early"] or self.state["step"] >= self.total_steps
-        window_loss, window_n, window_t, window_ex = 0.0, 0, time.perf_counter(), 0
+        window_t, window_ex = time.perf_counter(), 0  # examples per second, since the last record
         while not stop and self.state["epoch"] <= cfg.epochs:
             epoch = self.state["epoch"]
             batches = epoch_batches(self.lengths, cfg.batch_size, cfg.seed, epoch, group_by_length=cfg.group_by_length)
@@ -430,18 +436,20 @@ class _Runner:
                 self.state["step"] += 1
                 self.state["batch"] += 1
                 step = self.state["step"]
-                window_loss += loss
-                window_n += 1
+                self.state["window_loss"] += loss
+                self.state["window_n"] += 1
                 window_ex += len(batch)
+                window_loss = self.state["window_loss"] / self.state["window_n"]
                 now = time.perf_counter()
                 speed = window_ex / max(now - window_t, 1e-9)
                 log_now = step % cfg.log_every == 0
-                self.progress.update(step, window_loss / window_n, lr, speed, log_now)
+                self.progress.update(step, window_loss, lr, speed, log_now)
                 if log_now:
                     self.log.write({"type": "train", "step": step, "epoch": round(step / self.steps_per_epoch, 4),
-                                    "loss": window_loss / window_n, "lr": lr, "examples_per_s": round(speed, 1),
+                                    "loss": window_loss, "lr": lr, "examples_per_s": round(speed, 1),
                                     "elapsed_s": round(self.elapsed(), 2)})
-                    window_loss, window_n, window_t, window_ex = 0.0, 0, now, 0
+                    self.state.update(window_loss=0.0, window_n=0)
+                    window_t, window_ex = now, 0
                 end_of_epoch = self.state["batch"] == len(batches)
                 if cfg.eval_every and step % cfg.eval_every == 0 and not end_of_epoch and step < self.total_steps:
                     stop = self.eval_and_keep(step / self.steps_per_epoch)
