@@ -37,12 +37,13 @@ class Artifact:
     run: Optional[Path] = None
 
 
-def locate(path: "str | Path") -> Artifact:
+def locate(path: "str | Path", what: str = "--adapter") -> Artifact:
+    """Find the adapter or model in ``path``; errors name the argument as ``what`` (e.g. ``--adapter``)."""
     path = Path(path)
     if not path.exists():
-        raise AdapterError(f"--adapter {path}: no such folder; pass a run folder (--out of adapterkit train) or an adapter folder.")
+        raise AdapterError(f"{what} {path}: no such folder; pass a run folder (--out of adapterkit train) or an adapter folder.")
     if not path.is_dir():
-        raise AdapterError(f"--adapter {path}: is a file; pass the folder that holds {CONFIG_NAME}, or a run folder.")
+        raise AdapterError(f"{what} {path}: is a file; pass the folder that holds {CONFIG_NAME}, or a run folder.")
     if (path / CONFIG_NAME).is_file():
         return Artifact("adapter", path)
     if (path / "config.json").is_file():
@@ -52,9 +53,9 @@ def locate(path: "str | Path") -> Artifact:
             return Artifact("adapter", path / "adapter", run=path)
         if (path / "model" / "config.json").is_file():
             return Artifact("model", path / "model", run=path)
-        raise AdapterError(f"--adapter {path}: the run has not saved an adapter yet (no adapter/ folder); wait for the "
+        raise AdapterError(f"{what} {path}: the run has not saved an adapter yet (no adapter/ folder); wait for the "
                            f"first evaluation or resume it with adapterkit train --resume {path}.")
-    raise AdapterError(f"--adapter {path}: not an adapter ({CONFIG_NAME} missing), a run folder (run.json) or a model "
+    raise AdapterError(f"{what} {path}: not an adapter ({CONFIG_NAME} missing), a run folder (run.json) or a model "
                        "folder (config.json).")
 
 

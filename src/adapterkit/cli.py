@@ -333,8 +333,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             cols = detect_columns(table, text=args.text_column or (cols.text if cols.text in table.columns else None),
                                   text_pair=args.text_pair_column, label=args.label_column, task=spec.task)
         spec.columns = cols
-        if spec.columns.label is None:
-            raise AdapterError(f"{table.path}: no label column to score against; pass --label-column NAME.")
+        if spec.columns.label is None or spec.columns.label not in table.columns:
+            raise AdapterError(f"{table.path}: no label column to score against (columns: {', '.join(table.columns)}); "
+                               "pass --label-column NAME.")
     if args.max_length:
         from .loader import check_max_length
 

@@ -216,8 +216,10 @@ def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         return
     if (out / ckpt.RUN_FILE).is_file():
         if not overwrite:
-            raise AdapterError(f"--out {out} is not empty: it holds a run (continue it with --resume {out}); choose a "
-                               "new folder or pass --overwrite to replace the run.")
+            finished = '"status": "finished"' in (out / ckpt.RUN_FILE).read_text(encoding="utf-8", errors="replace")
+            what = "a finished run" if finished else f"a run (continue it with --resume {out})"
+            raise AdapterError(f"--out {out} is not empty: it holds {what}; choose a new folder or pass --overwrite to "
+                               "replace the run.")
         return
     shown = ", ".join(sorted(p.name for p in _entries(out))[:4])
     raise AdapterError(f"--out {out} is not empty and is not a run folder (it holds {shown}, no {ckpt.RUN_FILE}); "
