@@ -172,7 +172,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(ws, tmp_path, capsys):
 
 def test_existing_run_folder_is_not_overwritten(trained, ws, capsys):
     before = (trained / "adapter" / "adapter_model.safetensors").read_bytes()
-    bad(capsys, train_args(ws, trained), "is not empty", "--resume", "--overwrite")
+    bad(capsys, train_args(ws, trained), "is not empty", "a finished run", "--overwrite")
     bad(capsys, ["train", "--resume", str(trained)], "has finished already")
     assert (trained / "adapter" / "adapter_model.safetensors").read_bytes() == before
 

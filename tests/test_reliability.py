@@ -354,6 +354,10 @@ def test_wrong_typed_fields_from_the_api_are_adapter_errors(ws):
     with pytest.raises(AdapterError, match="should be"):
         model.add_adapter("l", "lora", r=2.5)
     assert len(model.adapters) == 0 and len(model.heads) == 0
+    from adapterkit.train import TrainConfig
+
+    with pytest.raises(AdapterError, match="epochs='3' should be an integer"):
+        TrainConfig(train=str(ws / "train.tsv"), epochs="3").validate()
 
 
 def test_failed_merge_keeps_the_previous_output(ws, tmp_path, monkeypatch):
