@@ -116,10 +116,7 @@ class BottleneckConfig(AdapterConfig):
     def bottleneck_width(self, width: int) -> int:
         if self.bottleneck_dim is not None:
             return self.bottleneck_dim
-        if width // self.reduction_factor < 1:  # was clamped to 1 silently
-            raise AdapterError(f"reduction_factor={self.reduction_factor:g} is larger than the hidden size {width}: "
-                               f"the bottleneck would be empty; use reduction_factor <= {width} or set bottleneck_dim.")
-        return int(width // self.reduction_factor)
+        return max(1, int(width // self.reduction_factor))
 
 
 class Bottleneck(nn.Module):

@@ -147,10 +147,22 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
         echo(f"note: {train_enc.dropped} training rows have no target token within --max-length {config.max_length}; skipped.")
     torch.manual_seed(config.seed)
     model = load_model(config.model)
+    _check_bottleneck_width(adapter_config, model.layout.hidden_size)
     setup_model(model, spec, name, config, adapter_config)
     torch.manual_seed(config.seed + 1000 * env.rank)  # dropout differs per process, as with a larger batch
     data["rows"] = {"train": len(train_enc), "eval": len(eval_enc) if eval_enc else 0, "test": len(test_enc) if test_enc else 0}
     return Prepared(config, spec, name, model, tokenizer, train_enc, eval_enc, test_enc, env, adapter_config, data)
+
+
+def _check_bottleneck_width(adapter_config: Optional[AdapterConfig], hidden: Optional[int]) -> None:
+    """``--reduction-factor`` above the hidden size would leave a bottleneck of width 0, which the
+    method clamps to 1 (so that presets work on toy models): a user who asked for it is told."""
+    factor = getattr(adapter_config, "reduction_factor", None)
+    if factor is None or getattr(adapter_config, "bottleneck_dim", None) is not None or not hidden:
+        return
+    if hidden // factor < 1:
+        raise AdapterError(f"--reduction-factor {factor:g} is larger than the hidden size {hidden}: the bottleneck "
+                           f"would be empty; use --reduction-factor {hidden} or less, or --bottleneck-dim.")
 
 
 def _fingerprint(table: Optional[Table]) -> Optional[dict[str, Any]]:
