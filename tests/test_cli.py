@@ -172,15 +172,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(ws, tmp_path, capsys):
 
 def test_existing_run_folder_is_not_overwritten(trained, ws, capsys):
     before = (trained / "adapter" / "adapter_model.safetensors").read_bytes()
-    bad(capsys, train_args(ws, trained), "is not empty", "--resume", "--overwrite")
+    bad(capsys, train_args(ws, trained), "is not empty", "a finished run", "--overwrite")
     bad(capsys, ["train", "--resume", str(trained)], "has finished already")
     assert (trained / "adapter" / "adapter_model.safetensors").read_bytes() == before
 
 
 def test_overwrite_replaces_a_run(ws, tmp_path, capsys):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    assert main(train_args(ws, out, **{"--epochs": "1"})) == 0
+    (out / "stale.txt").write_text("old")  # a file inside a run folder goes with the run
     assert main(train_args(ws, out, **{"--epochs": "1"}) + ["--overwrite"]) == 0
     assert not (out / "stale.txt").exists() and (out / "adapter").is_dir()
 

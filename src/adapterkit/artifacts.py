@@ -37,12 +37,13 @@ class Artifact:
     run: Optional[Path] = None
 
 
-def locate(path: "str | Path") -> Artifact:
+def locate(path: "str | Path", what: str = "--adapter") -> Artifact:
+    """Find the adapter or model in ``path``; errors name the argument as ``what`` (e.g. ``--adapter``)."""
     path = Path(path)
     if not path.exists():
-        raise AdapterError(f"--adapter {path}: no such folder; pass a run folder (--out of adapterkit train) or an adapter folder.")
+        raise AdapterError(f"{what} {path}: no such folder; pass a run folder (--out of adapterkit train) or an adapter folder.")
     if not path.is_dir():
-        raise AdapterError(f"--adapter {path}: is a file; pass the folder that holds {CONFIG_NAME}, or a run folder.")
+        raise AdapterError(f"{what} {path}: is a file; pass the folder that holds {CONFIG_NAME}, or a run folder.")
     if (path / CONFIG_NAME).is_file():
         return Artifact("adapter", path)
     if (path / "config.json").is_file():
@@ -52,9 +53,9 @@ def locate(path: "str | Path") -> Artifact:
             return Artifact("adapter", path / "adapter", run=path)
         if (path / "model" / "config.json").is_file():
             return Artifact("model", path / "model", run=path)
-        raise AdapterError(f"--adapter {path}: the run has not saved an adapter yet (no adapter/ folder); wait for the "
+        raise AdapterError(f"{what} {path}: the run has not saved an adapter yet (no adapter/ folder); wait for the "
                            f"first evaluation or resume it with adapterkit train --resume {path}.")
-    raise AdapterError(f"--adapter {path}: not an adapter ({CONFIG_NAME} missing), a run folder (run.json) or a model "
+    raise AdapterError(f"{what} {path}: not an adapter ({CONFIG_NAME} missing), a run folder (run.json) or a model "
                        "folder (config.json).")
 
 
@@ -64,9 +65,9 @@ def base_model_of(artifact: Artifact, model: Optional[str]) -> str:
         return str(artifact.path)
     if model:
         return model
-    ref = artifact.path / BASE_FILE
-    if ref.is_file():
-        return json.loads(ref.read_text(encoding="utf-8"))["model"]
+    recorded = _recorded_base(artifact).get("model")
+    if recorded:
+        return str(recorded)
     raise AdapterError(f"{artifact.path}: does not record its base model; pass --model PATH_OR_ALIAS.")
 
 
@@ -105,18 +106,23 @@ class Loaded:
     base: str
 
 
-def load_trained(adapter: "str | Path", model: Optional[str] = None) -> Loaded:
-    """Load the base model with the trained adapter (or the full model) and its head, ready to run."""
+def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_other_base: bool = False) -> Loaded:
+    """Load the base model with the trained adapter (or the full model) and its head, ready to run.
+
+    An adapter is refused on a base other than the one it was trained on (content fingerprint,
+    ``fingerprint.py``): ``--model`` is compared with the base recorded in ``adapterkit_base.json``
+    and in the adapter's config; ``allow_other_base=True`` (``--allow-other-base``) skips that."""
     from .train.checkpoint import load_head
-    from .train.loop import _load_tokenizer, load_model, model_is_decoder
+    from .fingerprint import base_fingerprint
+    from .loader import load_model, load_tokenizer, model_is_decoder
 
     artifact = locate(adapter)
     base = base_model_of(artifact, model)
     decoder = model_is_decoder(base)
-    tokenizer = _load_tokenizer(base)
+    tokenizer = load_tokenizer(base)
     net = load_model(base)
     if artifact.kind == "model":
-        head = load_head(artifact.path, net.layout.hidden_size, is_decoder=bool(net.layout.spec and net.layout.spec.decoder))
+        head = load_head(artifact.path, net.layout, next(iter(net.model.parameters()), None))
         name = None
         if head is not None:
             name = "head"
@@ -124,8 +130,36 @@ def load_trained(adapter: "str | Path", model: Optional[str] = None) -> Loaded:
             net.active_head = name
         spec = task_of(artifact, head.config.to_dict() if head is not None else None, decoder)
     else:
+        recorded = _recorded_base(artifact)
+        if model and recorded.get("fingerprint") and not allow_other_base:
+            mine = base_fingerprint(net.model, net.layout)
+            if mine != recorded["fingerprint"]:
+                raise AdapterError(
+                    f"--model {model} is not the base {artifact.path} was trained on ({recorded.get('model')}, "
+                    f"fingerprint {recorded['fingerprint']}; this one has {mine}): its scores would be wrong. Drop "
+                    "--model to use the recorded base, or pass --allow-other-base to use this one anyway.")
         meta = _read_meta(artifact.path)
-        name = net.load_adapter(artifact.path, set_active=True)
+        name = net.load_adapter(artifact.path, set_active=True, strict_base=not allow_other_base)
         spec = task_of(artifact, meta.get("head"), decoder)
     net.eval()
     return Loaded(net, tokenizer, spec, name, artifact, base)
+
+
+def _recorded_base(artifact: Artifact) -> dict[str, Any]:
+    ref = artifact.path / BASE_FILE
+    if not ref.is_file():
+        return {}
+    try:
+        data = json.loads(ref.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{ref}: cannot be read ({err}); pass --model PATH_OR_ALIAS and delete the file.") from None
+    return data if isinstance(data, dict) else {}
+
+
+def write_base_ref(directory: Path, model: str, identity: dict[str, Any]) -> None:
+    """Record the base beside an adapter (``adapterkit_base.json``: path or alias, fingerprint,
+    name), so ``eval`` / ``predict`` need no ``--model`` and can check one that is given."""
+    from .packaged import ALIASES
+
+    ref = model if model.lower() in ALIASES else str(Path(model).resolve())
+    (directory / BASE_FILE).write_text(json.dumps({"model": ref, **identity}), encoding="utf-8")

@@ -138,6 +138,8 @@ def _add_common_model(p: argparse.ArgumentParser, adapter_required: bool = True)
     p.add_argument("--model", help="base model folder or alias (default: the one the adapter was trained on)")
     p.add_argument("--adapter", required=adapter_required,
                    help="a run folder, an adapter folder, or a full model folder (--full-finetune, merge)")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="use the adapter with a --model other than the base it was trained on (refused by default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,8 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict labels (or generate text) for text lines")
     _add_common_model(p)
-    p.add_argument("texts", nargs="*", help="texts to predict (default: lines of --input, else stdin)")
-    p.add_argument("--input", help="file with one text per line (a tab separates a text pair)")
+    p.add_argument("texts", nargs="*", help="texts to predict (default: --input, else stdin: one text per line, or "
+                   "JSON lines such as {\"text\": ...} for texts with line breaks)")
+    p.add_argument("--input", help="a .tsv/.csv/.jsonl/.json file read like --eval (the adapter's text column), or "
+                                   "a text file: one text per line (a tab separates a pair), or JSON lines")
+    p.add_argument("--text-column", help="column of --input that holds the text (default: the adapter's)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64, help="causal LM: tokens to generate")
     p.add_argument("--json", action="store_true", help="JSON lines with every probability")
@@ -218,10 +223,12 @@ def _config_from_args(args: argparse.Namespace, base: Optional[dict[str, Any]] =
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import distributed as D
     from .train import loop
+    from .train.runlock import RunLock
 
     env = D.init_from_env()
     out = Path(args.resume or args.out or "")
     prep = None
+    lock = RunLock(out)
     error: Optional[str] = None
     try:
         if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
@@ -233,12 +240,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         loop.check_out_dir(out, resume=bool(args.resume), overwrite=args.overwrite)
         if not config.train:
             raise AdapterError("--train FILE is required: a .tsv, .csv or .jsonl file with a text and a label column.")
+        if env.is_main:  # one run per folder: a second one stops here, before loading anything
+            lock.acquire()
+            loop.check_out_dir(out, resume=bool(args.resume), overwrite=args.overwrite)
+            if args.resume:
+                loop.read_run(out)  # it may have finished while this process waited to start
         prep = loop.prepare(config, env, echo=_note if env.is_main else None)
         if run:
             loop.check_same_data(run, prep, out)
     except AdapterError as err:
         error = str(err)
+        lock.release(discard=True)
     if not D.all_ok(env, error is None):
+        lock.release(discard=True)
         if error and env.is_main or (error and not env.enabled):
             _fail("train", error)
         D.shutdown(env)
@@ -253,7 +267,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"trainable parameters: {counts['trainable']:,} of {counts['total']:,} "
               f"({100 * counts['trainable'] / counts['total']:.2f} %), head {counts['head']:,}", flush=True)
     try:
-        results = loop.fit(prep, out, resume=bool(args.resume), overwrite=args.overwrite, echo=_note)
+        results = loop.fit(prep, out, resume=bool(args.resume), overwrite=args.overwrite, echo=_note,
+                           lock=lock if env.is_main else None)
     except KeyboardInterrupt:
         if env.is_main:
             print(f"\nadapterkit train: interrupted; continue with: adapterkit train --resume {out}", file=sys.stderr)
@@ -263,6 +278,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             _fail("train", str(err))
         return EXIT_BAD_INPUT
     finally:
+        lock.release()
         D.shutdown(env)
     if env.is_main:
         _print_results(results, out, time.perf_counter() - started)
@@ -316,7 +332,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     table = read_table(args.data, args.format)  # before loading the model: fail fast
     from .artifacts import load_trained
 
-    loaded = load_trained(args.adapter, args.model)
+    loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
     spec = loaded.spec
     if spec.task != "causal-lm":
         flags = {"text": args.text_column, "text_pair": args.text_pair_column, "label": args.label_column}
@@ -325,9 +341,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             cols = detect_columns(table, text=args.text_column or (cols.text if cols.text in table.columns else None),
                                   text_pair=args.text_pair_column, label=args.label_column, task=spec.task)
         spec.columns = cols
-        if spec.columns.label is None:
-            raise AdapterError(f"{table.path}: no label column to score against; pass --label-column NAME.")
+        if spec.columns.label is None or spec.columns.label not in table.columns:
+            raise AdapterError(f"{table.path}: no label column to score against (columns: {', '.join(table.columns)}); "
+                               "pass --label-column NAME.")
     if args.max_length:
+        from .loader import check_max_length
+
+        check_max_length(loaded.base, args.max_length, loaded.model.config)
         spec.max_length = args.max_length
     check_eval_labels(spec, table)
     enc = encode(spec, table, loaded.tokenizer)
@@ -343,30 +363,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from .data import read_lines
+def _predict_source(args: argparse.Namespace) -> "list[str] | Any":
+    """Texts from the arguments, ``--input`` (a table in the train / eval formats, else one text
+    per line or JSON lines) or stdin (one text per line, or JSON lines); read before the model loads."""
+    from .data import SUFFIXES, read_prediction_input, read_table
 
     if args.texts:
-        lines = list(args.texts)
-    elif args.input:
+        return list(args.texts)
+    if args.input:
         path = Path(args.input)
         if not path.is_file():
             raise AdapterError(f"--input {path}: no such file.")
-        try:
-            lines = read_lines(path.read_text(encoding="utf-8-sig").splitlines())
-        except UnicodeDecodeError as err:
-            raise AdapterError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start}); re-save it as UTF-8.") from None
-    else:
-        if sys.stdin.isatty():
-            print("reading texts from stdin, one per line (Ctrl-D to finish)", file=sys.stderr)
-        lines = read_lines(sys.stdin)
-    if not lines:
+        if path.suffix.lower() in SUFFIXES:
+            return read_table(path)
+        return read_prediction_input(path.read_bytes(), str(path))
+    if sys.stdin.isatty():
+        print("reading texts from stdin, one per line or JSON lines (Ctrl-D to finish)", file=sys.stderr)
+    return read_prediction_input(sys.stdin.buffer.read())
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .data import Table, prediction_inputs
+
+    source = _predict_source(args)
+    if not (source.rows if isinstance(source, Table) else source):
         raise AdapterError("No text to predict: pass texts as arguments, --input FILE, or lines on stdin.")
     from .artifacts import load_trained
     from .inference import predict_texts
 
-    loaded = load_trained(args.adapter, args.model)
-    results = predict_texts(loaded.model, loaded.tokenizer, loaded.spec, lines, batch_size=args.batch_size,
+    loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
+    texts = prediction_inputs(loaded.spec, source, args.text_column) if isinstance(source, Table) else source
+    results = predict_texts(loaded.model, loaded.tokenizer, loaded.spec, texts, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens)
     for r in results:
         if args.json:
@@ -392,14 +419,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_merge_out(out: Path, overwrite: bool) -> None:
+    """``merge --out``: new or empty; ``--overwrite`` replaces only a model folder (``config.json``)."""
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"--out {out} is a file; pass a folder path.")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / "config.json").is_file():
+        raise AdapterError(f"--out {out} is not empty and holds no model (no config.json); choose a new or empty "
+                           "folder. --overwrite replaces only an earlier merged model, never other files.")
+    if not overwrite:
+        raise AdapterError(f"--out {out} holds a model already; choose a new folder or pass --overwrite to replace it.")
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .artifacts import load_trained, locate
     from .data import TaskSpec
     from .train.checkpoint import save_head, write_dir_atomic
-    from .train.loop import check_out_dir
 
     out = Path(args.out)
-    check_out_dir(out, resume=False, overwrite=args.overwrite)
+    _check_merge_out(out, args.overwrite)
     artifact = locate(args.adapter)
     if artifact.kind != "adapter":
         raise AdapterError(f"--adapter {args.adapter}: is a full model already (nothing to merge); use it as --model.")
@@ -409,7 +448,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if not config_from_dict(config).supports_merge:
         raise AdapterError(f"--adapter {args.adapter}: a {config['method']} adapter adds modules and cannot be folded "
                            "into the weights; only lora and ia3 adapters can be merged.")
-    loaded = load_trained(args.adapter, args.model)
+    loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
     loaded.model.merge_adapter(loaded.name)
     head = loaded.model.heads[loaded.name] if loaded.name in loaded.model.heads else None
     spec = loaded.spec
@@ -421,11 +460,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             save_head(tmp, head)
         TaskSpec.save(spec, tmp)
 
-    if args.overwrite and out.is_dir():
-        import shutil
-
-        shutil.rmtree(out)
-    write_dir_atomic(out, fill)
+    write_dir_atomic(out, fill)  # swaps the new folder in: a failed merge leaves the old one whole
     cls = type(loaded.model.model).__name__
     print(f"merged adapter '{loaded.name}' into {loaded.base}; saved a plain transformers model ({cls}) to {out}")
     print(f"load it without adapterkit: transformers.AutoModel{'ForCausalLM' if 'CausalLM' in cls else ''}"
@@ -508,6 +543,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. adapterkit predict ... | head
         return 0
+    except OSError as err:  # a read-only or full disk, a file that vanished: one line, not a traceback
+        if err.filename is None:
+            raise
+        _fail(args.command, f"{err.filename}: {err.strerror or err}; check that the path exists and that you may "
+                            "read and write there (and that the disk has room).")
+        return EXIT_BAD_INPUT
 
 
 def console_main() -> None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 from torch import nn
 
 from .errors import AdapterError
+from .typecheck import check_field_types
 
 if TYPE_CHECKING:  # pragma: no cover
     from .layouts import Layout
@@ -86,6 +87,7 @@ class AdapterConfig:
             elif f.name in ("roles", "stacks") and isinstance(value, str):  # "q,v" or "all-linear"
                 object.__setattr__(self, f.name, tuple(r.strip() for r in value.split(",") if r.strip()))
         try:
+            check_field_types(self)  # e.g. layers="all", non_linearity=3: refused here, by name
             self._validate_shared()
             self.validate()
         except TypeError as err:  # a value of the wrong type, e.g. reduction_factor="16"

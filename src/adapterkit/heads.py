@@ -10,19 +10,27 @@ are described by a ``HeadConfig`` (JSON round-trip) so that a checkpoint can reb
 Pooling: ``"cls"`` (first token), ``"mean"`` (mean over the attention mask) or ``"last"`` (last
 non-padding token, for decoder models). ``"auto"`` picks ``mean`` for encoders and ``last`` for
 decoders: all-MiniLM-L6-v2 and most sentence encoders are trained with mean pooling.
+
+``build_head(config, layout, like)`` is the one way to make a head for a model: it reads the
+hidden size and decoder-ness from the model's ``Layout`` and puts the head on ``like``'s device
+and dtype.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterError
+from .typecheck import check_field_types
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .layouts import Layout
 
 HEAD_TYPES = ("classification", "regression", "tagging")
 POOLINGS = ("auto", "cls", "mean", "last")
@@ -41,6 +49,15 @@ class HeadConfig:
     id2label: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        try:  # JSON object keys are strings: {"0": "negative"}
+            object.__setattr__(self, "id2label", {int(k): str(v) for k, v in dict(self.id2label).items()})
+        except (TypeError, ValueError):
+            raise AdapterError(f"id2label={self.id2label!r} must map label numbers to names, e.g. "
+                               "{0: 'negative', 1: 'positive'}.") from None
+        try:
+            check_field_types(self)
+        except TypeError as err:
+            raise AdapterError(f"Invalid head option: {err}.") from None
         if self.type not in HEAD_TYPES:
             raise AdapterError(f"Unknown head type '{self.type}'; use one of {', '.join(HEAD_TYPES)}.")
         if self.num_labels < 1:
@@ -49,7 +66,6 @@ class HeadConfig:
             raise AdapterError(f"A head needs layers >= 1, got {self.layers}.")
         if self.pooling not in POOLINGS:
             raise AdapterError(f"pooling must be one of {', '.join(POOLINGS)}, got '{self.pooling}'.")
-        object.__setattr__(self, "id2label", {int(k): str(v) for k, v in self.id2label.items()})
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -107,3 +123,14 @@ class Head(nn.Module):
         else:
             loss = F.cross_entropy(logits.reshape(-1, cfg.num_labels), labels.reshape(-1), ignore_index=-100)
         return loss, logits
+
+
+def build_head(config: HeadConfig, layout: "Layout", like: Optional[torch.Tensor] = None) -> Head:
+    """A fresh head for a model with this ``layout``: ``"auto"`` pooling from ``layout.is_decoder``,
+    the width from ``layout.hidden_size``, on the device and dtype of ``like`` (a model parameter)."""
+    if layout.hidden_size is None:
+        raise AdapterError("Cannot tell the model's hidden size (no config.hidden_size); heads need it.")
+    head = Head(config, layout.hidden_size, is_decoder=layout.is_decoder)
+    if like is not None:
+        head.to(device=like.device, dtype=like.dtype)
+    return head

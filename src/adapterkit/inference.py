@@ -1,7 +1,8 @@
 """Predictions for raw text lines, as ``adapterkit predict`` prints them.
 
-One input line is one example; a tab separates the two texts of a pair task, and tagging splits
-the line on whitespace into tokens. Results are dicts (printed as TSV or JSON lines):
+One input is one example: a text (for a pair task a tab separates the two texts, or pass a
+``(text, pair)`` tuple), for tagging a token list or a text split on whitespace, for a causal LM
+a prompt. Results are dicts (printed as TSV or JSON lines):
 
 * classification: ``label``, ``probability`` and every label's probability;
 * multilabel: the ``labels`` whose sigmoid is >= the threshold (0.5) and every probability;
@@ -12,15 +13,34 @@ the line on whitespace into tokens. Results are dicts (printed as TSV or JSON li
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from .data import TaskSpec
 
 
+Input = Union[str, tuple[str, str], list[str]]
+
+
+def _pair(item: Input, paired: bool) -> tuple[str, Optional[str]]:
+    if isinstance(item, tuple):
+        return item[0], item[1]
+    if paired:
+        first, _, second = str(item).partition("\t")
+        return first, second
+    return str(item), None
+
+
+def _shown(item: Input) -> str:
+    """How an input is printed beside its prediction."""
+    if isinstance(item, tuple):
+        return "\t".join(item)
+    return " ".join(item) if isinstance(item, list) else item
+
+
 @torch.inference_mode()
-def predict_texts(model: Any, tokenizer: Any, spec: TaskSpec, lines: Sequence[str], *, batch_size: int = 32,
+def predict_texts(model: Any, tokenizer: Any, spec: TaskSpec, lines: Sequence[Input], *, batch_size: int = 32,
                   max_new_tokens: int = 64) -> list[dict[str, Any]]:
     model.eval()
     if spec.task == "causal-lm":
@@ -31,15 +51,15 @@ def predict_texts(model: Any, tokenizer: Any, spec: TaskSpec, lines: Sequence[st
         if spec.task == "tagging":
             out += _tag(model, tokenizer, spec, chunk)
             continue
-        pairs = [line.split("\t", 1) if spec.columns.text_pair else [line] for line in chunk]
-        firsts = [p[0] for p in pairs]
-        seconds = [p[1] if len(p) > 1 else "" for p in pairs] if spec.columns.text_pair else None
+        pairs = [_pair(item, bool(spec.columns.text_pair)) for item in chunk]
+        firsts = [a for a, _ in pairs]
+        seconds = [b or "" for _, b in pairs] if spec.columns.text_pair else None
         batch = tokenizer(firsts, seconds, truncation=True, max_length=spec.max_length, padding=True, return_tensors="pt")
         if not spec.columns.text_pair:
             batch.pop("token_type_ids", None)
         logits = model(**batch).logits.float()
-        for line, row in zip(chunk, logits):
-            out.append({"text": line, **_read(spec, row)})
+        for item, row in zip(chunk, logits):
+            out.append({"text": _shown(item), **_read(spec, row)})
     return out
 
 
@@ -56,8 +76,8 @@ def _read(spec: TaskSpec, row: torch.Tensor) -> dict[str, Any]:
             "probabilities": {l: round(p, 6) for l, p in zip(spec.labels, probs.tolist())}}
 
 
-def _tag(model: Any, tokenizer: Any, spec: TaskSpec, chunk: list[str]) -> list[dict[str, Any]]:
-    words = [line.split() for line in chunk]
+def _tag(model: Any, tokenizer: Any, spec: TaskSpec, chunk: list[Input]) -> list[dict[str, Any]]:
+    words = [list(item) if isinstance(item, list) else str(item).split() for item in chunk]
     batch = tokenizer(words, is_split_into_words=True, truncation=True, max_length=spec.max_length,
                       padding=True, return_tensors="pt")
     word_ids = [batch.word_ids(i) for i in range(len(words))]
@@ -70,18 +90,18 @@ def _tag(model: Any, tokenizer: Any, spec: TaskSpec, chunk: list[str]) -> list[d
             if w is not None and w not in seen:
                 seen.add(w)
                 tags[w] = spec.labels[int(logits[i, t].argmax())]
-        out.append({"text": chunk[i], "tokens": ws, "tags": tags})
+        out.append({"text": _shown(chunk[i]), "tokens": ws, "tags": tags})
     return out
 
 
-def _generate(model: Any, tokenizer: Any, spec: TaskSpec, lines: Sequence[str], batch_size: int,
+def _generate(model: Any, tokenizer: Any, spec: TaskSpec, lines: Sequence[Input], batch_size: int,
               max_new_tokens: int) -> list[dict[str, Any]]:
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the last real token
     try:
         out = []
         for start in range(0, len(lines), batch_size):
-            chunk = list(lines[start : start + batch_size])
+            chunk = [_shown(item) for item in lines[start : start + batch_size]]
             prompts = [spec.prompt_template.format(prompt=p) for p in chunk] if spec.columns.prompt else chunk
             batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
             ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

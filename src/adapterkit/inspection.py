@@ -43,7 +43,7 @@ def _place_of(key: str) -> str:
 
 
 def describe(path: "str | Path") -> tuple[dict[str, Any], str]:
-    artifact = locate(path)
+    artifact = locate(path, "inspect")
     info: dict[str, Any] = {"path": str(artifact.path), "kind": artifact.kind}
     lines = [f"{artifact.path}  ({'adapter' if artifact.kind == 'adapter' else 'full model'})"]
     if artifact.run is not None:

@@ -6,6 +6,12 @@ rename fails, the previous folder is renamed back). Because the whole folder is 
 refuses a target folder that holds anything but a checkpoint, rather than deleting it. Reads check
 that both files exist, that the JSON parses and that the tensors load (safetensors only: nothing
 is ever unpickled), and raise ``CheckpointError`` naming the file and the fix.
+
+Every tensor read (``check_tensors``) must be floating point and finite: an integer tensor or a
+NaN / infinity among adapter or head weights is refused with the file and the key. Floating
+tensors of another precision than the model's (float64, float16, bfloat16) are accepted and cast
+to the model's dtype when they are copied into its parameters (``load_state_dict``), as
+``transformers`` does for base weights.
 """
 
 from __future__ import annotations
@@ -39,12 +45,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it, so put it straight back
+    os.umask(mask)
+    return mask
+
+
+def temp_dir(prefix: str, parent: "str | os.PathLike") -> Path:
+    """A fresh folder to fill and rename into place, with the permissions ``mkdir`` would give
+    (``tempfile.mkdtemp`` makes it 0700, which others on a shared machine could not read)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def write_checkpoint(directory: "str | os.PathLike", meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Atomically write ``meta`` (JSON) and ``tensors`` (safetensors) into ``directory``."""
     target = Path(directory)
     _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temp_dir(f".{target.name}.tmp-", target.parent)
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "adapterkit"})
@@ -118,7 +138,23 @@ def read_checkpoint(directory: "str | os.PathLike") -> tuple[dict[str, Any], dic
         raise CheckpointError(
             f"'{weights_file}' cannot be read ({err}); it is truncated or corrupt: save the adapter again."
         ) from None
+    check_tensors(tensors, weights_file)
     return meta, tensors
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], source: "str | os.PathLike") -> None:
+    """Refuse weights that are not floating point or not finite, naming ``source`` and the key."""
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            raise CheckpointError(
+                f"'{source}': tensor '{key}' has dtype {str(value.dtype).replace('torch.', '')}, but weights must be "
+                "floating point; the file was edited or made by another tool: save the adapter again."
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointError(
+                f"'{source}': tensor '{key}' holds NaN or infinite values; the weights are broken (a diverged "
+                "training run?): train again with a lower learning rate, or use an earlier checkpoint."
+            )
 
 
 def adapter_size_bytes(directory: "str | os.PathLike") -> int:

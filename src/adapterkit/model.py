@@ -42,7 +42,8 @@ from . import __version__, context
 from .composition import Block, as_setup, compile_plan
 from .config import AdapterConfig, config_from_dict, resolve_config
 from .errors import AdapterError, CheckpointError
-from .heads import Head, HeadConfig
+from .fingerprint import base_identity, check_same_base
+from .heads import Head, HeadConfig, build_head
 from .interop import foreign_format, read_foreign, write_foreign
 from .io import read_checkpoint, write_checkpoint
 from .layouts import Layout
@@ -239,19 +240,13 @@ class AdapterModel(nn.Module):
         self._check_name(name, "head")
         if name in self.heads and not overwrite:
             raise AdapterError(f"A head named '{name}' already exists; pass overwrite=True or delete_head('{name}').")
-        hidden = self.layout.hidden_size
-        if hidden is None:
-            raise AdapterError("Cannot tell the model's hidden size (no config.hidden_size); heads need it.")
         self.heads[name] = self._make_head(config)
         if set_active:
             self._active_head = name
 
     def _make_head(self, config: HeadConfig) -> Head:
-        head = Head(config, self.layout.hidden_size, is_decoder=self.layout.is_decoder)
-        ref = self._ref_param()
-        if ref is not None:
-            head.to(device=ref.device, dtype=ref.dtype)
-        return head.train(self.training)  # follows the handle's mode
+        """A fresh head for this model, following the handle's mode (``heads.build_head``)."""
+        return build_head(config, self.layout, self._ref_param()).train(self.training)
 
     def add_classification_head(
         self,
@@ -393,6 +388,11 @@ class AdapterModel(nn.Module):
             slot.set_plans(plan, None if self._disabled else routed_plan(units))
 
     # -- merging -----------------------------------------------------------------------------------
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The adapters merged into the base weights, in merge order."""
+        return list(self._merges.order)
+
     def merge_adapter(self, name: str) -> None:
         """Fold an adapter into the base weights (LoRA, IA3). From then on its contribution
         lives in the weights whether or not it is active; ``unmerge_adapter`` restores the exact
@@ -561,7 +561,8 @@ class AdapterModel(nn.Module):
             "adapterkit_version": __version__,
             "config": record.config.to_dict(),
             "places": [s.place_id for s in sites],
-            "base_model": {**self.layout.fingerprint(), "host_shapes": {s.place_id: s.weight_shape() for s in sites}},
+            "base_model": {**self.layout.fingerprint(), **base_identity(self),
+                           "host_shapes": {s.place_id: s.weight_shape() for s in sites}},
             "head": head.config.to_dict() if head is not None else None,
         }
         tensors = {f"adapter.{k}": v for k, v in self.adapters[name].state_dict().items()}
@@ -579,13 +580,13 @@ class AdapterModel(nn.Module):
 
     def load_adapter(
         self, directory: "str | os.PathLike", *, load_as: Optional[str] = None, set_active: bool = False,
-        with_head: bool = True, allow_pickle: bool = False,
+        with_head: bool = True, allow_pickle: bool = False, strict_base: bool = True,
     ) -> str:
         """Load an adapter (and its head) saved by ``save_adapter``, or by PEFT or AdapterHub
         (recognised by their files); returns its name. Checks that the checkpoint fits this base
-        model; on any error the model is left as it was. ``allow_pickle=True`` reads a foreign
-        folder's pickled ``*.bin`` weights (``torch.load(weights_only=True)``); they are refused
-        otherwise."""
+        model, and (``strict_base``) that it was trained on this very base (``fingerprint.py``);
+        on any error the model is left as it was. ``allow_pickle=True`` reads a foreign folder's
+        pickled ``*.bin`` weights (``torch.load(weights_only=True)``); they are refused otherwise."""
         if foreign_format(directory):
             meta, tensors = read_foreign(directory, self, allow_pickle=allow_pickle)
         else:
@@ -613,6 +614,7 @@ class AdapterModel(nn.Module):
                     f"{directory}: '{site.place_id}' had weight shape {saved_shapes[site.place_id]} in the base the "
                     f"adapter was saved from, but {site.weight_shape()} here; load it into the base it was trained on."
                 )
+        check_same_base(meta.get("base_model", {}), self, directory, strict=strict_base)
         head = None
         if with_head and meta.get("head"):
             if name in self.heads:

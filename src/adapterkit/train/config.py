@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..errors import AdapterError
+from ..typecheck import check_field_types
 
 ADAPTER_LR = 2e-3
 FULL_FINETUNE_LR = 1e-4
@@ -91,6 +92,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Checks that need neither files nor the model (``AdapterError`` naming the flag)."""
+        try:
+            check_field_types(self)
+        except TypeError as err:  # TrainConfig(epochs="3") from Python or an edited run.json
+            raise AdapterError(f"Invalid training setting: {err}.") from None
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}."),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}."),

@@ -20,7 +20,6 @@ import contextlib
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..artifacts import write_base_ref
 from ..config import AdapterConfig, resolve_config
 from ..data import (
     Encoded,
@@ -37,14 +37,17 @@ from ..data import (
     Table,
     build_task,
     check_eval_labels,
+    check_same_columns,
     default_name,
     detect_columns,
     encode,
     read_table,
 )
 from ..errors import AdapterError, CheckpointError
-from ..heads import Head, HeadConfig
-from ..io import adapter_size_bytes
+from ..fingerprint import base_identity
+from ..heads import HeadConfig, build_head
+from ..io import adapter_size_bytes, temp_dir
+from ..loader import check_max_length, load_model, load_tokenizer, model_is_decoder
 from ..model import AdapterModel
 from . import checkpoint as ckpt
 from . import distributed as D
@@ -55,6 +58,7 @@ from .metrics import LOWER_IS_BETTER, MetricsLog, better, metric_names, primary_
 from .optim import loraplus, lr_at, make_optimizer, set_lr, trainable, warmup_steps
 from .plots import plot_training
 from .progress import Progress
+from .runlock import LOCK_NAME, RunLock
 
 Echo = Callable[[str], None]
 
@@ -82,24 +86,6 @@ class Prepared:
 
 
 # -- preparing ---------------------------------------------------------------------------------------
-def model_is_decoder(name_or_path: str) -> bool:
-    """Whether the model is a decoder, from its config only (fast; checks the path is a model)."""
-    import transformers
-
-    from ..layouts import spec_for
-    from ..packaged import resolve_model
-
-    folder, gguf = resolve_model(name_or_path)
-    if gguf:
-        return True
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise AdapterError(f"'{name_or_path}' is not a usable model: {folder / 'config.json'} cannot be read ({err}).") from None
-    arch = spec_for(config.model_type)
-    return bool(getattr(config, "is_decoder", False) or (arch is not None and arch.decoder))
-
-
 def _subset(table: Table, n: Optional[int], seed: int) -> Table:
     """``n`` rows picked by a permutation with a fixed seed (the same rows whatever ``--seed``)."""
     if n is None or n >= len(table):
@@ -136,7 +122,9 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
                       max_length=config.max_length)
     for table in (eval_table, test_table):
         if table is not None:
+            check_same_columns(spec, table, train_table)
             check_eval_labels(spec, table)
+    check_max_length(config.model, config.max_length)
     adapter_config = None if config.full_finetune else resolve_config(config.method, **config.options)
     if config.loraplus_lr_ratio is not None and getattr(adapter_config, "method", None) != "lora":
         raise AdapterError(f"--loraplus-lr-ratio applies to LoRA's B matrices, and this run trains "
@@ -151,7 +139,7 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
         train_table, eval_table = _split(train_table, config.val_fraction)
     if eval_table is not None:
         eval_table = _subset(eval_table, config.max_eval_rows, 0)
-    tokenizer = _load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model)
     train_enc = encode(spec, train_table, tokenizer)
     eval_enc = encode(spec, eval_table, tokenizer) if eval_table is not None else None
     test_enc = encode(spec, test_table, tokenizer) if test_table is not None else None
@@ -159,38 +147,28 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
         echo(f"note: {train_enc.dropped} training rows have no target token within --max-length {config.max_length}; skipped.")
     torch.manual_seed(config.seed)
     model = load_model(config.model)
+    _check_bottleneck_width(adapter_config, model.layout.hidden_size)
     setup_model(model, spec, name, config, adapter_config)
     torch.manual_seed(config.seed + 1000 * env.rank)  # dropout differs per process, as with a larger batch
     data["rows"] = {"train": len(train_enc), "eval": len(eval_enc) if eval_enc else 0, "test": len(test_enc) if test_enc else 0}
     return Prepared(config, spec, name, model, tokenizer, train_enc, eval_enc, test_enc, env, adapter_config, data)
 
 
+def _check_bottleneck_width(adapter_config: Optional[AdapterConfig], hidden: Optional[int]) -> None:
+    """``--reduction-factor`` above the hidden size would leave a bottleneck of width 0, which the
+    method clamps to 1 (so that presets work on toy models): a user who asked for it is told."""
+    factor = getattr(adapter_config, "reduction_factor", None)
+    if factor is None or getattr(adapter_config, "bottleneck_dim", None) is not None or not hidden:
+        return
+    if hidden // factor < 1:
+        raise AdapterError(f"--reduction-factor {factor:g} is larger than the hidden size {hidden}: the bottleneck "
+                           f"would be empty; use --reduction-factor {hidden} or less, or --bottleneck-dim.")
+
+
 def _fingerprint(table: Optional[Table]) -> Optional[dict[str, Any]]:
     if table is None:
         return None
     return {"path": str(Path(table.path).resolve()), "sha256": ckpt.file_sha256(table.path), "rows": len(table)}
-
-
-def _load_tokenizer(name: str) -> Any:
-    from ..packaged import load_tokenizer
-
-    try:
-        return load_tokenizer(name)
-    except AdapterError:
-        raise
-    except Exception as err:  # transformers raises OSError, ValueError, TypeError, ... for bad folders
-        raise AdapterError(f"'{name}': cannot load its tokenizer ({type(err).__name__}: {err}); the model folder "
-                           "needs tokenizer files (tokenizer.json or vocab files) beside config.json.") from None
-
-
-def load_model(name: str, **kwargs: Any) -> AdapterModel:
-    try:
-        return AdapterModel.from_pretrained(name, **kwargs)
-    except AdapterError:
-        raise
-    except Exception as err:
-        raise AdapterError(f"'{name}': cannot load the model ({type(err).__name__}: {err}); pass a transformers "
-                           "model folder (config.json + weights) or an alias (minilm, smollm2).") from None
 
 
 def add_head(model: AdapterModel, name: str, spec: TaskSpec, *, pooling: str = "auto", layers: int = 2,
@@ -206,12 +184,8 @@ def add_head(model: AdapterModel, name: str, spec: TaskSpec, *, pooling: str = "
     else:
         cfg = HeadConfig("classification", len(spec.labels), layers, pooling, spec.task == "multilabel",
                          dropout=dropout, id2label=id2label)
-    is_decoder = bool(model.layout.spec and model.layout.spec.decoder)
-    head = Head(cfg, model.layout.hidden_size, is_decoder=is_decoder)
     ref = next((p for p in model.model.parameters() if p.is_floating_point()), None)
-    if ref is not None:
-        head.to(device=ref.device, dtype=ref.dtype)
-    model.heads[name] = head
+    model.heads[name] = build_head(cfg, model.layout, ref)
     model.active_head = name
 
 
@@ -240,15 +214,28 @@ def parameter_counts(model: AdapterModel) -> dict[str, int]:
 
 
 # -- the run folder ----------------------------------------------------------------------------------
+def _entries(out: Path) -> list[Path]:
+    """What a folder holds, apart from the run lock."""
+    return [p for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
+
+
 def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """``--out`` must be new or empty, unless resuming or ``--overwrite`` (checked before writing)."""
+    """``--out`` must be new or empty; ``--overwrite`` replaces only a run folder (one with
+    ``run.json``), never a folder of other files (checked before anything is written)."""
     if out.exists() and not out.is_dir():
         raise AdapterError(f"--out {out} is a file; pass a folder path.")
-    if resume:
+    if resume or not _entries(out):
         return
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        hint = " (it holds a run: continue it with --resume)" if (out / ckpt.RUN_FILE).exists() else ""
-        raise AdapterError(f"--out {out} is not empty{hint}; choose a new folder or pass --overwrite to replace it.")
+    if (out / ckpt.RUN_FILE).is_file():
+        if not overwrite:
+            finished = '"status": "finished"' in (out / ckpt.RUN_FILE).read_text(encoding="utf-8", errors="replace")
+            what = "a finished run" if finished else f"a run (continue it with --resume {out})"
+            raise AdapterError(f"--out {out} is not empty: it holds {what}; choose a new folder or pass --overwrite to "
+                               "replace the run.")
+        return
+    shown = ", ".join(sorted(p.name for p in _entries(out))[:4])
+    raise AdapterError(f"--out {out} is not empty and is not a run folder (it holds {shown}, no {ckpt.RUN_FILE}); "
+                       "choose a new or empty folder. --overwrite replaces only an earlier run, never other files.")
 
 
 def read_run(out: Path) -> dict[str, Any]:
@@ -302,7 +289,10 @@ class _Runner:
         self.total_steps = min(total, self.cfg.max_steps) if self.cfg.max_steps else total
         self.warmup = warmup_steps(self.cfg.warmup, self.total_steps)
         self.log = MetricsLog(out / "metrics.jsonl", enabled=self.env.is_main)
+        # window_loss / window_n: the training losses since the last metrics.jsonl record, kept in the
+        # checkpoint so that a run resumed between two records writes the same records
         self.state: dict[str, Any] = {"step": 0, "epoch": 1, "batch": 0, "best": None, "best_step": None,
+                                      "window_loss": 0.0, "window_n": 0,
                                       "bad_evals": 0, "stopped_early": False, "elapsed": 0.0, "last_eval_step": None}
         self.best: Optional[dict[str, torch.Tensor]] = None
         self.eval_batch = self.cfg.eval_batch_size or max(64, 2 * self.cfg.batch_size)
@@ -316,8 +306,9 @@ class _Runner:
 
     def restore(self) -> bool:
         if self.env.is_main:
-            for name in ("checkpoint", "adapter", "model"):
+            for name in ("checkpoint", "adapter", "model", ckpt.RUN_FILE, "results.json", "training.png"):
                 ckpt.clean_leftovers(self.out / name)
+            for name in ("checkpoint", "adapter", "model"):
                 found = ckpt.existing_dir(self.out / name)
                 if found is not None and found != self.out / name:  # died between the two renames
                     os.replace(found, self.out / name)
@@ -414,8 +405,8 @@ class _Runner:
         def fill_adapter(tmp: Path) -> None:
             prep.model.save_adapter(tmp / "a", prep.name)
             meta_spec.save(tmp / "a")
-            _write_model_ref(tmp / "a", self.cfg.model)
-        staging = Path(tempfile.mkdtemp(prefix=".adapter.staging-", dir=self.out))
+            write_base_ref(tmp / "a", self.cfg.model, base_identity(prep.model))
+        staging = temp_dir(".adapter.staging-", self.out)
         try:
             fill_adapter(staging)
             ckpt.write_dir_atomic(self.out / "adapter", lambda tmp: _move_contents(staging / "a", tmp))
@@ -441,7 +432,7 @@ class _Runner:
             self.log.truncate(0, 0)
         ddp = D.wrap(self.model, env)
         stop = self.state["stopped_early"] or self.state["step"] >= self.total_steps
-        window_loss, window_n, window_t, window_ex = 0.0, 0, time.perf_counter(), 0
+        window_t, window_ex = time.perf_counter(), 0  # examples per second, since the last record
         while not stop and self.state["epoch"] <= cfg.epochs:
             epoch = self.state["epoch"]
             batches = epoch_batches(self.lengths, cfg.batch_size, cfg.seed, epoch, group_by_length=cfg.group_by_length)
@@ -459,18 +450,20 @@ class _Runner:
                 self.state["step"] += 1
                 self.state["batch"] += 1
                 step = self.state["step"]
-                window_loss += loss
-                window_n += 1
+                self.state["window_loss"] += loss
+                self.state["window_n"] += 1
                 window_ex += len(batch)
+                window_loss = self.state["window_loss"] / self.state["window_n"]
                 now = time.perf_counter()
                 speed = window_ex / max(now - window_t, 1e-9)
                 log_now = step % cfg.log_every == 0
-                self.progress.update(step, window_loss / window_n, lr, speed, log_now)
+                self.progress.update(step, window_loss, lr, speed, log_now)
                 if log_now:
                     self.log.write({"type": "train", "step": step, "epoch": round(step / self.steps_per_epoch, 4),
-                                    "loss": window_loss / window_n, "lr": lr, "examples_per_s": round(speed, 1),
+                                    "loss": window_loss, "lr": lr, "examples_per_s": round(speed, 1),
                                     "elapsed_s": round(self.elapsed(), 2)})
-                    window_loss, window_n, window_t, window_ex = 0.0, 0, now, 0
+                    self.state.update(window_loss=0.0, window_n=0)
+                    window_t, window_ex = now, 0
                 end_of_epoch = self.state["batch"] == len(batches)
                 if cfg.eval_every and step % cfg.eval_every == 0 and not end_of_epoch and step < self.total_steps:
                     stop = self.eval_and_keep(step / self.steps_per_epoch)
@@ -540,28 +533,19 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _write_model_ref(directory: Path, model: str) -> None:
-    """Remember which base the adapter was trained on, so ``eval`` / ``predict`` need no ``--model``."""
-    import json
-
-    from ..packaged import ALIASES
-
-    ref = model if model.lower() in ALIASES else str(Path(model).resolve())
-    (directory / "adapterkit_base.json").write_text(json.dumps({"model": ref}), encoding="utf-8")
-
-
 def _move_contents(src: Path, dst: Path) -> None:
     for item in src.iterdir():
         shutil.move(str(item), dst / item.name)
 
 
 def start_run(prep: Prepared, out: Path, *, overwrite: bool = False) -> None:
-    """Create the run folder and ``run.json`` (rank 0), replacing an old run with ``overwrite``."""
+    """Create the run folder and ``run.json`` (rank 0), replacing an earlier run with ``overwrite``
+    (only a folder that ``check_out_dir`` accepts: a run folder or an empty one)."""
     if not prep.env.is_main:
         return
-    if overwrite and out.is_dir():
-        for item in out.iterdir():
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    check_out_dir(out, resume=False, overwrite=overwrite)
+    for item in _entries(out):
+        shutil.rmtree(item) if item.is_dir() else item.unlink()
     out.mkdir(parents=True, exist_ok=True)
     ckpt.write_json_atomic(out / ckpt.RUN_FILE, {
         "adapterkit_version": __version__, "status": "running", "name": prep.name,
@@ -571,24 +555,48 @@ def start_run(prep: Prepared, out: Path, *, overwrite: bool = False) -> None:
 
 
 def fit(prep: Prepared, out: "str | Path", *, resume: bool = False, overwrite: bool = False,
-        echo: Optional[Echo] = None) -> dict[str, Any]:
-    """Train ``prep`` into the run folder ``out`` (see module docstring); returns the results."""
+        echo: Optional[Echo] = None, lock: Optional[RunLock] = None) -> dict[str, Any]:
+    """Train ``prep`` into the run folder ``out`` (see module docstring); returns the results.
+
+    Rank 0 holds ``out``'s run lock for the whole run (``lock`` if the caller took it already):
+    a second run into the same folder stops with an ``AdapterError`` naming this process."""
     out = Path(out)
     echo = echo or print
-    if not resume:
-        start_run(prep, out, overwrite=overwrite)
-    D.barrier(prep.env)
-    progress = Progress(prep.config.progress, enabled=prep.env.is_main)
-    return _Runner(prep, out, echo, progress).run(resume)
+    own = lock is None and prep.env.is_main
+    if own:
+        lock = RunLock(out).acquire()
+    try:
+        if prep.env.is_main:
+            _check_writable(out)
+            if not resume:
+                start_run(prep, out, overwrite=overwrite)
+        D.barrier(prep.env)
+        progress = Progress(prep.config.progress, enabled=prep.env.is_main)
+        results = _Runner(prep, out, echo, progress).run(resume)
+    except BaseException:
+        if own:
+            lock.release(discard=True)
+        raise
+    if own:
+        lock.release()
+    return results
+
+
+def _check_writable(out: Path) -> None:
+    """``--out`` on a read-only folder: one line now, not a PermissionError at the first save."""
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise AdapterError(f"--out {out}: cannot write there (permission denied); choose a folder you can write to.")
 
 
 def train(config: TrainConfig, out: "str | Path", *, overwrite: bool = False, echo: Optional[Echo] = None) -> dict[str, Any]:
     """Python API: validate, train, and return the results (``AdapterError`` on bad input)."""
     out = Path(out)
     check_out_dir(out, resume=False, overwrite=overwrite)
-    prep = prepare(config, echo=echo)
-    return fit(prep, out, overwrite=overwrite, echo=echo)
+    with RunLock(out) as lock:
+        check_out_dir(out, resume=False, overwrite=overwrite)
+        prep = prepare(config, echo=echo)
+        return fit(prep, out, overwrite=overwrite, echo=echo, lock=lock)
 
 
-__all__ = ["Prepared", "prepare", "fit", "train", "setup_model", "add_head", "load_model", "check_out_dir",
+__all__ = ["Prepared", "prepare", "fit", "train", "setup_model", "add_head", "check_out_dir",
            "read_run", "check_same_data", "start_run", "parameter_counts", "LOWER_IS_BETTER"]

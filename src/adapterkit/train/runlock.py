@@ -1,0 +1,97 @@
+"""One run at a time per run folder: an OS file lock held for the whole run.
+
+Two ``adapterkit train`` processes writing the same ``--out`` would both report success while
+one's adapter is lost and ``metrics.jsonl`` interleaves both. The first takes an exclusive
+``fcntl.flock`` on ``DIR/.adapterkit.lock`` (writing its PID there) and holds it until it ends;
+the kernel releases it when the process dies, even by ``kill -9``, so a crashed run never leaves
+a stale lock behind. A second process finds the lock taken and stops with an ``AdapterError``
+naming the PID that holds it. Bad input found after the lock was taken leaves nothing behind:
+``release(discard=True)`` removes the lock file and the folder if this process created them.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+from typing import Optional
+
+from ..errors import AdapterError
+
+LOCK_NAME = ".adapterkit.lock"
+
+
+def _unwritable(out: Path, err: OSError) -> AdapterError:
+    return AdapterError(f"--out {out}: cannot write there ({err.strerror or err}); choose a folder you can write to.")
+
+
+class RunLock:
+    """The exclusive lock of one run folder (``acquire`` / ``release``; also a context manager)."""
+
+    def __init__(self, out: "str | Path"):
+        self.out = Path(out)
+        self.path = self.out / LOCK_NAME
+        self._fd: Optional[int] = None
+        self._created_dir = False
+        self._created_file = False
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> "RunLock":
+        """Take the lock, creating the folder if needed; ``AdapterError`` if another process has it."""
+        if self._fd is not None:
+            return self
+        if self.out.exists() and not self.out.is_dir():
+            raise AdapterError(f"--out {self.out} is a file; pass a folder path.")
+        try:
+            if not self.out.exists():
+                self.out.mkdir(parents=True)
+                self._created_dir = True
+            self._created_file = not self.path.exists()
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            self._discard()
+            raise _unwritable(self.out, err) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise _unwritable(self.out, err) from None
+            raise AdapterError(f"--out {self.out} is in use by another adapterkit train (PID {holder}); wait for it "
+                               "to finish (or stop it), or choose another --out.") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._fd = fd
+        return self
+
+    def release(self, *, discard: bool = False) -> None:
+        """Let go of the lock. ``discard=True`` (the run never started) also removes the lock file
+        and the folder when this process created them and nothing else was written there."""
+        if self._fd is None:
+            return
+        if discard:
+            self._discard()
+        else:  # a finished run: the lock file is no longer needed (a racing process re-checks the folder)
+            self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+    def _discard(self) -> None:
+        if self._created_file:
+            self.path.unlink(missing_ok=True)
+        if self._created_dir and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release(discard=exc[0] is not None)
+
+
+__all__ = ["RunLock", "LOCK_NAME"]

@@ -1,0 +1,164 @@
+"""Every bad input in the table of ``docs/bad-input.md`` gets its one-line answer, exit code 2,
+and leaves nothing behind. The cases run in this process (``adapterkit.cli.main``) from inside a
+workspace, so the messages show the relative paths a user typed; ``ADAPTERKIT_DUMP_TABLE=1``
+prints the table rows for the docs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+
+from adapterkit.cli import main
+from trainkit import sentiment_rows, tiny_bert, write_jsonl, write_tsv
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
+FAST = ["--epochs", "1", "--batch-size", "16", "--progress", "none"]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    d = tmp_path_factory.mktemp("table")
+    tiny_bert(d / "bert")
+    other = tiny_bert(d / "other")
+    torch.manual_seed(7)
+    T.BertModel(T.BertConfig.from_pretrained(other)).save_pretrained(other)
+    write_tsv(d / "train.tsv", sentiment_rows(48, seed=0))
+    write_tsv(d / "dev.tsv", sentiment_rows(16, seed=1))
+    write_tsv(d / "unseen.tsv", [("good film", 1), ("meh", 2)])
+    write_tsv(d / "renamed.tsv", sentiment_rows(4, seed=2), header=("text", "label"))
+    write_tsv(d / "nolabel.tsv", [(t,) for t, _ in sentiment_rows(4, seed=2)], header=("sentence",))
+    write_tsv(d / "one-class.tsv", [("good film", 1), ("great film", 1)])
+    (d / "empty.tsv").write_text("")
+    (d / "header-only.tsv").write_text("sentence\tlabel\n")
+    (d / "fields.tsv").write_text("sentence\tlabel\ngood film\t1\nbad\tfilm\t0\n")
+    (d / "broken.jsonl").write_text('{"text": "good", "label": 1}\n{"text": "bad", "label": 0\n')
+    (d / "latin.tsv").write_bytes("sentence\tlabel\nna\xefve film\t1\n".encode("latin-1"))
+    (d / "headless.tsv").write_text("".join(f"{t}\t{y}\n" for t, y in sentiment_rows(8, seed=3)))
+    write_jsonl(d / "ask.jsonl", [{"id": 1, "q": "good film?"}, {"id": 2, "q": "dull?"}])
+    (d / "notes").mkdir()
+    (d / "notes" / "todo.txt").write_text("mine")
+    (d / "a-file").write_text("x")
+    cwd = os.getcwd()
+    os.chdir(d)
+    try:
+        assert main(["train", "--model", "bert", "--train", "train.tsv", "--out", "run", *FAST]) == 0
+        assert main(["train", "--model", "bert", "--train", "train.tsv", "--out", "lora", "--method", "lora",
+                     "--lora-r", "2", *FAST]) == 0
+        assert main(["merge", "--adapter", "lora", "--out", "merged"]) == 0
+        assert main(["train", "--model", "bert", "--train", "train.tsv", "--out", "stopped", "--max-steps", "1",
+                     *FAST]) == 0
+        run = json.loads((d / "stopped" / "run.json").read_text())
+        run["status"] = "running"  # as if it had been stopped after its first step
+        (d / "stopped" / "run.json").write_text(json.dumps(run))
+    finally:
+        os.chdir(cwd)
+    return d
+
+
+TRAIN = ["train", "--model", "bert", "--train", "train.tsv", "--out", "new", *FAST]
+
+
+def _with(flag: str, value: str) -> list[str]:
+    args = list(TRAIN)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+# (what the user did, argv, a fragment of the answer; stdin bytes for predict)
+CASES: list[tuple[str, list[str], str]] = [
+    ("training file missing", _with("--train", "nope.tsv"), "nope.tsv: no such file"),
+    ("training file empty", _with("--train", "empty.tsv"), "the file is empty"),
+    ("a header and no rows", _with("--train", "header-only.tsv"), "has a header but no rows"),
+    ("a row with too many fields", _with("--train", "fields.tsv"), "fields.tsv:3: has 3 fields"),
+    ("a line of invalid JSON", _with("--train", "broken.jsonl"), "broken.jsonl:2: not valid JSON"),
+    ("text not in UTF-8", _with("--train", "latin.tsv"), "latin.tsv:2: not valid UTF-8"),
+    ("a TSV without a header line", _with("--train", "headless.tsv"), "the first line looks like data"),
+    ("a misspelt column flag", TRAIN + ["--label-column", "lable"], "Did you mean 'label'?"),
+    ("an eval label never seen in training", TRAIN + ["--eval", "unseen.tsv"], "label '2' never occurs"),
+    ("an eval file with other columns", TRAIN + ["--eval", "renamed.tsv"], "give both files the same header"),
+    ("one label only", _with("--train", "one-class.tsv"), "needs at least two labels"),
+    ("a model path that is not a model", _with("--model", "notes"), "is not a model"),
+    ("an unknown method", TRAIN + ["--method", "pfeifer"], "Did you mean 'pfeiffer'?"),
+    ("an unknown method option", TRAIN + ["-o", "reduction_facter=8"], "Did you mean 'reduction_factor'?"),
+    ("a method option of the wrong type", TRAIN + ["-o", "layers=all"], "layers='all' should be a list of integers"),
+    ("an option of another method", TRAIN + ["--lora-r", "8"], "Unknown option 'r' for method 'bottleneck'"),
+    ("a bottleneck narrower than 1", TRAIN + ["--reduction-factor", "64"], "larger than the hidden size 32"),
+    ("--max-length above the model's positions", TRAIN + ["--max-length", "4096"], "position embeddings hold 128"),
+    ("--epochs 0", _with("--epochs", "0"), "--epochs must be >= 1"),
+    ("--eval together with --val-fraction", TRAIN + ["--eval", "dev.tsv", "--val-fraction", "0.1"], "not both"),
+    ("LoRA+ on a bottleneck adapter", TRAIN + ["--loraplus-lr-ratio", "16"], "drop the flag or use --method lora"),
+    ("--no-base-dropout with --full-finetune", TRAIN + ["--full-finetune", "--no-base-dropout"], "for adapter training"),
+    ("--out is a file", _with("--out", "a-file"), "is a file; pass a folder path"),
+    ("--out holds other files", _with("--out", "notes"), "is not a run folder"),
+    ("--overwrite on a folder of other files", _with("--out", "notes") + ["--overwrite"], "never other files"),
+    ("--out holds a finished run", _with("--out", "run"), "holds a finished run"),
+    ("--out in use by a running train", _with("--out", "stopped") + ["--overwrite"], "in use by another adapterkit"),
+    ("--resume a folder without a run", ["train", "--resume", "notes"], "holds no run"),
+    ("--resume a finished run", ["train", "--resume", "run"], "has finished already"),
+    ("--resume with other settings", ["train", "--resume", "stopped", "--lr", "0.1"], "--lr differ"),
+    ("a flag without its value", ["train", "--model", "bert", "--train"], "expected one argument"),
+    ("eval: --adapter does not exist", ["eval", "--adapter", "nope", "--data", "dev.tsv"], "no such folder"),
+    ("eval: --adapter is not an adapter", ["eval", "--adapter", "notes", "--data", "dev.tsv"], "not an adapter"),
+    ("eval: --model is another base", ["eval", "--adapter", "run", "--model", "other", "--data", "dev.tsv"],
+     "--allow-other-base"),
+    ("eval: data without labels", ["eval", "--adapter", "run", "--data", "nolabel.tsv"], "no label column"),
+    ("eval: --max-length too long", ["eval", "--adapter", "run", "--data", "dev.tsv", "--max-length", "999"],
+     "--max-length 999"),
+    ("predict: nothing on stdin", ["predict", "--adapter", "run"], "No text to predict"),
+    ("predict: stdin not in UTF-8", ["predict", "--adapter", "run"], "<stdin>:1: not valid UTF-8"),
+    ("predict: --input missing", ["predict", "--adapter", "run", "--input", "nope.jsonl"], "no such file"),
+    ("predict: --input without the text column", ["predict", "--adapter", "run", "--input", "ask.jsonl"],
+     "no column 'sentence'"),
+    ("merge: a bottleneck adapter", ["merge", "--adapter", "run", "--out", "m"], "cannot be folded"),
+    ("merge: --out holds other files", ["merge", "--adapter", "lora", "--out", "notes", "--overwrite"],
+     "holds no model"),
+    ("merge: --out holds a model", ["merge", "--adapter", "lora", "--out", "merged"], "pass --overwrite"),
+    ("inspect: not an adapter", ["inspect", "notes"], "not an adapter"),
+]
+STDIN = {"predict: nothing on stdin": b"\n\n", "predict: stdin not in UTF-8": "na\xefve\n".encode("latin-1")}
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if ".adapterkit.lock" not in p.name)
+
+
+@pytest.mark.parametrize("what,argv,fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_table(ws, what, argv, fragment, capsys, monkeypatch):
+    from adapterkit.train.runlock import RunLock
+
+    monkeypatch.chdir(ws)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(STDIN.get(what, b"")), encoding="utf-8"))
+    before = _listing(ws)
+    lock = RunLock(ws / "stopped").acquire() if "in use" in what else None
+    try:
+        capsys.readouterr()
+        code = main(argv)
+    finally:
+        if lock is not None:
+            lock.release(discard=True)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "\n" not in err and fragment in err, err
+    assert _listing(ws) == before  # nothing written, nothing deleted
+    if os.environ.get("ADAPTERKIT_DUMP_TABLE"):
+        shown = " ".join(argv).replace(" " + " ".join(FAST), "").replace(str(ws), ".")
+        print(f"\n| {what} | `adapterkit {shown}` | {err.replace(str(ws), '.').replace('|', '/')} |", file=sys.__stdout__)
+
+
+def test_every_case_is_in_the_docs():
+    text = DOC.read_text(encoding="utf-8")
+    missing = [what for what, _, _ in CASES if f"| {what} |" not in text]
+    assert not missing, f"docs/bad-input.md lacks rows for {missing}"
+
+
+def test_workspace_left_clean(ws):
+    shutil.rmtree(ws / "new", ignore_errors=True)
+    assert not (ws / "new").exists()
