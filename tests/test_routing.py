@@ -151,3 +151,42 @@ def test_bad_adapter_names_are_refused(names, match):
     with pytest.raises(AdapterError, match=match):
         run(model, make_batch(batch_size=2), adapter_names=names)
     assert total_hooks(model) == 0
+
+
+def _vit():
+    import transformers as T
+
+    torch.manual_seed(0)
+    return T.ViTModel(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                                  image_size=16, patch_size=8, num_channels=3)).eval()
+
+
+def _wav2vec2():
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                              conv_dim=(8, 8), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=16,
+                              num_conv_pos_embedding_groups=2, vocab_size=10)
+    return T.Wav2Vec2Model(config).eval()
+
+
+@pytest.mark.parametrize("factory,key,shape", [(_vit, "pixel_values", (3, 3, 16, 16)),
+                                               (_wav2vec2, "input_values", (3, 400))])
+def test_routing_works_from_pixel_values_and_input_values(factory, key, shape):
+    """Vision and speech inputs route like token ids (modules chosen by name: no layout needed)."""
+    model = AdapterModel(factory())
+    for name in ("a", "b"):
+        # ViT names them query / value under transformers 4.57, q_proj / v_proj under 5.x
+        model.add_adapter(name, "lora", r=2, target_modules=r".*\.(q_proj|v_proj|query|value)")
+    perturb(model.adapters, scale=0.5)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(8))
+    names = ["b", None, "a"]
+    with torch.no_grad():
+        routed = model(**{key: x}, adapter_names=names)[0]
+        for i, name in enumerate(names):
+            model.set_active_adapters(name)
+            one = model(**{key: x[i : i + 1]})[0]
+            assert (routed[i : i + 1] - one).abs().max() <= 1e-5
+        model.set_active_adapters(None)
+        assert not torch.allclose(routed[0], model(**{key: x[:1]})[0][0])

@@ -157,6 +157,37 @@ def check_tensors(tensors: dict[str, torch.Tensor], source: "str | os.PathLike")
             )
 
 
+def check_base_shape(saved: dict[str, Any], mine: dict[str, Any], directory: Any) -> None:
+    """Refuse a checkpoint whose recorded base (``model_type``, ``hidden_size``, ``num_layers``)
+    differs from this model's (``Layout.fingerprint()``)."""
+    for key in ("model_type", "hidden_size", "num_layers"):
+        if saved.get(key) is not None and mine.get(key) is not None and saved[key] != mine[key]:
+            raise CheckpointError(
+                f"{directory} was saved for a base model with {key}={saved[key]!r}, but this model has "
+                f"{key}={mine[key]!r}. Load it into the base model it was trained on."
+            )
+
+
+def load_exact(module: "torch.nn.Module", tensors: dict[str, torch.Tensor], prefix: str, directory: Any) -> None:
+    """Load ``prefix*`` tensors into ``module``, requiring exactly its keys and shapes."""
+    expected = module.state_dict()
+    given = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory}: the weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "the checkpoint is corrupt or was edited. Save it again."
+        )
+    for key, value in given.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{directory}: '{prefix}{key}' has shape {tuple(value.shape)} but this model needs "
+                f"{tuple(expected[key].shape)}; the adapter was made for another base model."
+            )
+    module.load_state_dict(given, strict=True)
+
+
 def adapter_size_bytes(directory: "str | os.PathLike") -> int:
     """Size on disk of a saved adapter (both files)."""
     path = Path(directory)

@@ -45,7 +45,7 @@ from .errors import AdapterError, CheckpointError
 from .fingerprint import base_identity, check_same_base
 from .heads import Head, HeadConfig, build_head
 from .interop import foreign_format, read_foreign, write_foreign
-from .io import read_checkpoint, write_checkpoint
+from .io import check_base_shape, load_exact, read_checkpoint, write_checkpoint
 from .layouts import Layout
 from .merging import Merges
 from .routing import Routing, routed_plan
@@ -599,7 +599,7 @@ class AdapterModel(nn.Module):
             cfg = config_from_dict(meta["config"])
         except AdapterError as err:
             raise CheckpointError(f"{directory}: {err}") from None
-        self._check_fingerprint(meta.get("base_model", {}), directory)
+        check_base_shape(meta.get("base_model", {}), self.layout.fingerprint(), directory)
         record = self._build(name, cfg)
         sites, modules = record.sites, record.modules
         if [s.place_id for s in sites] != meta.get("places"):
@@ -620,9 +620,9 @@ class AdapterModel(nn.Module):
             if name in self.heads:
                 raise AdapterError(f"A head named '{name}' already exists; pass load_as='other_name' or delete it first.")
             head = self._make_head(HeadConfig.from_dict(meta["head"]))
-        _load_exact(modules, tensors, "adapter.", directory)
+        load_exact(modules, tensors, "adapter.", directory)
         if head is not None:
-            _load_exact(head, tensors, "head.", directory)
+            load_exact(head, tensors, "head.", directory)
         self._attach(record)
         if head is not None:
             self.heads[name] = head
@@ -631,35 +631,6 @@ class AdapterModel(nn.Module):
         else:
             self._refresh()
         return name
-
-    def _check_fingerprint(self, saved: dict, directory: Any) -> None:
-        mine = self.layout.fingerprint()
-        for key in ("model_type", "hidden_size", "num_layers"):
-            if saved.get(key) is not None and mine.get(key) is not None and saved[key] != mine[key]:
-                raise CheckpointError(
-                    f"{directory} was saved for a base model with {key}={saved[key]!r}, but this model has "
-                    f"{key}={mine[key]!r}. Load it into the base model it was trained on."
-                )
-
-
-def _load_exact(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, directory: Any) -> None:
-    """Load ``prefix*`` tensors into ``module``, requiring exactly its keys and shapes."""
-    expected = module.state_dict()
-    given = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{directory}: the weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-            "the checkpoint is corrupt or was edited. Save it again."
-        )
-    for key, value in given.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise CheckpointError(
-                f"{directory}: '{prefix}{key}' has shape {tuple(value.shape)} but this model needs "
-                f"{tuple(expected[key].shape)}; the adapter was made for another base model."
-            )
-    module.load_state_dict(given, strict=True)
 
 
 class _CallCounter:
