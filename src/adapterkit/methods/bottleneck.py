@@ -21,6 +21,7 @@ function with fewer passes over the activations, equal to the written-out formul
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Hashable, Optional, Sequence, Union
 
@@ -123,8 +124,13 @@ class BottleneckConfig(AdapterConfig):
         return Bottleneck(self, reads, site.out_features)
 
     def bottleneck_width(self, width: int) -> int:
+        """``width // reduction_factor``; at least 1, with a warning where the factor exceeds the
+        width (the CLI refuses that outright: ``train.loop``)."""
         if self.bottleneck_dim is not None:
             return self.bottleneck_dim
+        if width // self.reduction_factor < 1:
+            warnings.warn(f"reduction_factor={self.reduction_factor} exceeds the width {width}: the bottleneck is "
+                          "1 wide. Pass a smaller reduction_factor or bottleneck_dim=... to choose it.", stacklevel=2)
         return max(1, int(width // self.reduction_factor))
 
 
