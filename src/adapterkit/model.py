@@ -408,6 +408,47 @@ class AdapterModel(nn.Module):
         self._merges.apply(self._records, disabled=bool(self._disabled))
         self._refresh()
 
+    def average_adapter(
+        self,
+        name: str,
+        adapter_list: Sequence[str],
+        weights: Optional[Sequence[float]] = None,
+        *,
+        combine_strategy: str = "linear",
+        normalize_weights: bool = True,
+        svd_rank: Optional[int] = None,
+        density: float = 0.2,
+        overwrite: bool = False,
+        set_active: bool = False,
+    ) -> None:
+        """Add adapter ``name`` made by merging the weights of ``adapter_list`` (AdapterHub's
+        ``average_adapter``): ``combine_strategy`` ``"linear"``, ``"lora_svd"`` (rank
+        ``svd_rank``) or ``"ties"`` (keeping the top ``density`` fraction); weights default to
+        ``1 / N`` and are divided by their sum once (``normalize_weights``). Formulas:
+        ``merge_adapters.py``. On any error the model is left as it was."""
+        from .merge_adapters import combine
+
+        self._check_name(name)
+        if name in self.adapters and (not overwrite or name in adapter_list):
+            raise AdapterError(
+                f"An adapter named '{name}' already exists; choose another name"
+                + ("." if name in adapter_list else " or pass overwrite=True.")
+            )
+        if isinstance(adapter_list, str):
+            raise AdapterError("average_adapter takes a list of adapter names, e.g. ['a', 'b'].")
+        self._require(list(adapter_list))
+        config, state = combine([self._records[n] for n in adapter_list], weights, combine_strategy,
+                                normalize_weights=normalize_weights, svd_rank=svd_rank, density=density)
+        record = self._build(name, config)  # may raise: nothing changed yet
+        load_exact(record.modules, state, "", f"average_adapter('{name}')")
+        if name in self.adapters:
+            self.delete_adapter(name, delete_head=False)
+        self._attach(record)
+        if set_active:
+            self.set_active_adapters(name)
+        else:
+            self._refresh()
+
     # -- forward -------------------------------------------------------------------------------
     def forward(
         self,
