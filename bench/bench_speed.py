@@ -64,6 +64,10 @@ INFER_TARGETS = {"pfeiffer": 1.02, "houlsby": 1.02, "lora": 1.03, "lora-merged":
 # batch through one adapter.
 ROUTED_ADAPTERS = 8
 ROUTING_TARGET = 1.03
+# AdapterDrop (issue 13): adapters in the top 3 of MiniLM's 6 layers only; the blocks below run
+# without an autograd graph, so the backward pass stops at layer 3.
+TOP_LAYERS = [3, 4, 5]
+TOP3_TARGET = 0.70
 
 
 # -- one configuration ----------------------------------------------------------------------------
@@ -111,6 +115,9 @@ def all_cases() -> list[Case]:
     for preset in ("pfeiffer", "houlsby", "parallel", "lora", "ia3"):
         cases.append(Case(f"ak-{preset}-train", f"adapterkit {PRESET_TITLES[preset]}", "train", "adapterkit", preset,
                           TRAIN_TARGETS.get(preset)))
+    for preset in ("pfeiffer", "lora"):
+        cases.append(Case(f"ak-{preset}-top3-train", f"adapterkit {PRESET_TITLES[preset]}, top 3 layers only "
+                          "(AdapterDrop)", "train", "adapterkit", preset, TOP3_TARGET))
     for preset in ("pfeiffer", "houlsby", "lora"):  # train_adapter(..., base_dropout=False)
         cases.append(Case(f"ak-{preset}-train-evalbase", f"adapterkit {PRESET_TITLES[preset]}, base in eval mode",
                           "train", "adapterkit", preset))
@@ -226,7 +233,7 @@ def build(case: Case, batch: dict) -> Built:
     if case.library == "adapterkit":
         model = AdapterModel(base)
         preset = "lora" if case.preset == "lora-merged" else case.preset
-        model.add_adapter("a", preset)
+        model.add_adapter("a", preset, **({"layers": TOP_LAYERS} if "-top3-" in case.key else {}))
         if case.mode == "train":
             # base dropout on, like the floor and AdapterHub, except in the "-evalbase" rows
             # (``base_dropout=False``: the frozen base run as at inference)

@@ -39,6 +39,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from . import __version__, context
+from .adapterdrop import GradFreeBelow, block_owners, check_skip_layers
 from .composition import Block, as_setup, compile_plan
 from .config import AdapterConfig, config_from_dict, resolve_config
 from .errors import AdapterError, CheckpointError
@@ -104,6 +105,8 @@ class AdapterModel(nn.Module):
         self._disabled = 0
         self._base_frozen = False
         self._base_dropout = True
+        self._skip_layers: frozenset[int] = frozenset()  # AdapterDrop (adapterdrop.py)
+        self._grad_free = GradFreeBelow()
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -299,16 +302,31 @@ class AdapterModel(nn.Module):
         """The active setup (a ``Stack`` for a single name), or ``None``."""
         return self._setup
 
-    def set_active_adapters(self, setup: Union[None, str, Block, Sequence[Any]]) -> None:
+    def set_active_adapters(self, setup: Union[None, str, Block, Sequence[Any]], *,
+                            skip_layers: Optional[Sequence[int]] = None) -> None:
         """Activate a name, a list (stacked) or a composition block; ``None`` deactivates all.
-        The head named like the last adapter of the setup that has one becomes active."""
+        The head named like the last adapter of the setup that has one becomes active.
+        ``skip_layers`` (AdapterDrop) turns the setup's adapters off in those layers, counted
+        within each stack as ``layers=`` counts them (``adapterdrop.py``)."""
         block = as_setup(setup)
+        skip = check_skip_layers(self.layout, skip_layers)
         if block is not None:
             self._require(block.names())
             with_head = [n for n in block.names() if n in self.heads]
             if with_head:
                 self._active_head = with_head[-1]
         self._setup = block
+        self._skip_layers = skip
+        self._refresh()
+
+    @property
+    def skip_layers(self) -> list[int]:
+        """The layers whose adapters the active setup skips (AdapterDrop); settable."""
+        return sorted(self._skip_layers)
+
+    @skip_layers.setter
+    def skip_layers(self, layers: Optional[Sequence[int]]) -> None:
+        self._skip_layers = check_skip_layers(self.layout, layers)
         self._refresh()
 
     def train_adapter(self, setup: Union[str, Block, Sequence[Any]], *, train_head: bool = True,
@@ -382,10 +400,13 @@ class AdapterModel(nn.Module):
         """Recompile every slot's plans for the current setup (the one place that does): the
         active setup's plan and the per-example routing plan."""
         setup = None if self._disabled else self._setup
+        owners = block_owners(self.layout)
         for slot in self._slots.values():
             units = self._units_at(slot)
-            plan = compile_plan(setup, units) if setup is not None else None
+            skipped = owners.get(id(slot.site.host), (None, None))[1] in self._skip_layers
+            plan = compile_plan(setup, units) if setup is not None and not skipped else None
             slot.set_plans(plan, None if self._disabled else routed_plan(units))
+        self._grad_free.update(self.layout, owners, [s.site for s in self._slots.values() if s.plan is not None])
 
     # -- merging -----------------------------------------------------------------------------------
     @property
