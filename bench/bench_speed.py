@@ -41,7 +41,7 @@ from typing import Callable, Optional
 import torch
 import transformers
 
-from adapterkit import AdapterModel
+from adapterkit import AdapterModel, Parallel
 from adapterkit.packaged import resolve_model
 
 try:
@@ -68,6 +68,9 @@ ROUTING_TARGET = 1.03
 # without an autograd graph, so the backward pass stops at layer 3.
 TOP_LAYERS = [3, 4, 5]
 TOP3_TARGET = 0.70
+# Parallel (issue 13): 4 Pfeiffer adapters in the top half, one pass against four separate ones.
+PARALLEL_ADAPTERS = 4
+PARALLEL_TARGET = 0.65
 
 
 # -- one configuration ----------------------------------------------------------------------------
@@ -128,6 +131,10 @@ def all_cases() -> list[Case]:
     for preset in ("lora", "pfeiffer"):
         cases.append(Case(f"ak-{preset}-routed-infer", f"adapterkit {PRESET_TITLES[preset]}, {ROUTED_ADAPTERS} adapters "
                           "routed per example", "infer", "adapterkit", preset, ROUTING_TARGET, yard=f"ak-{preset}-infer"))
+    cases.append(Case("ak-top-4x-infer", f"adapterkit {PARALLEL_ADAPTERS} Pfeiffer adapters in the top half, "
+                      "one pass each", "infer", "adapterkit", "pfeiffer"))
+    cases.append(Case("ak-parallel4-infer", f"adapterkit Parallel of {PARALLEL_ADAPTERS} Pfeiffer adapters in the top half",
+                      "infer", "adapterkit", "pfeiffer", PARALLEL_TARGET, yard="ak-top-4x-infer"))
     if adapterhub is not None:
         for preset in ("pfeiffer", "houlsby", "parallel", "lora"):
             cases.append(Case(f"ah-{preset}-train", f"AdapterHub {PRESET_TITLES[preset]}", "train", "adapters", preset))
@@ -229,6 +236,24 @@ def build(case: Case, batch: dict) -> Built:
         for i in range(1, ROUTED_ADAPTERS):
             model.add_adapter(f"a{i}", cfg)
         return _finish(case, model, {**batch, "adapter_names": routed_names(batch["input_ids"].shape[0])}, n_base)
+
+    if case.library == "adapterkit" and case.key in ("ak-top-4x-infer", "ak-parallel4-infer"):
+        model = AdapterModel(base)
+        names = [f"p{i}" for i in range(PARALLEL_ADAPTERS)]
+        for name in names:
+            model.add_adapter(name, case.preset, layers=TOP_LAYERS)
+        if case.key == "ak-parallel4-infer":
+            model.set_active_adapters(Parallel(*names))
+            return _finish(case, model, batch, n_base)
+        built = _finish(case, model, batch, n_base)
+
+        def each() -> None:  # the same adapters, one forward pass each
+            for name in names:
+                model.set_active_adapters(name)
+                built_step()
+
+        built_step, built.step = built.step, each
+        return built
 
     if case.library == "adapterkit":
         model = AdapterModel(base)

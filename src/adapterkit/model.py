@@ -49,6 +49,7 @@ from .interop import foreign_format, read_foreign, write_foreign
 from .io import check_base_shape, load_exact, read_checkpoint, write_checkpoint
 from .layouts import Layout
 from .merging import Merges
+from .parallel import Replicator, find_parallel, first_block, run_parallel
 from .routing import Routing, routed_plan
 from .slots import Site, Slot
 
@@ -107,6 +108,7 @@ class AdapterModel(nn.Module):
         self._base_dropout = True
         self._skip_layers: frozenset[int] = frozenset()  # AdapterDrop (adapterdrop.py)
         self._grad_free = GradFreeBelow()
+        self._replicator = Replicator()  # the Parallel block's batch copies (parallel.py)
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -312,6 +314,9 @@ class AdapterModel(nn.Module):
         skip = check_skip_layers(self.layout, skip_layers)
         if block is not None:
             self._require(block.names())
+            parallel = find_parallel(block)
+            if parallel is not None:
+                first_block(parallel, self._records, self.layout, block_owners(self.layout))
             with_head = [n for n in block.names() if n in self.heads]
             if with_head:
                 self._active_head = with_head[-1]
@@ -407,6 +412,12 @@ class AdapterModel(nn.Module):
             plan = compile_plan(setup, units) if setup is not None and not skipped else None
             slot.set_plans(plan, None if self._disabled else routed_plan(units))
         self._grad_free.update(self.layout, owners, [s.site for s in self._slots.values() if s.plan is not None])
+        parallel = find_parallel(setup)
+        if parallel is None:
+            self._replicator.update([], 0)
+        else:
+            stack, low = first_block(parallel, self._records, self.layout, owners)
+            self._replicator.update(self.layout.stacks[stack].blocks[low:], len(parallel.children))
 
     # -- merging -----------------------------------------------------------------------------------
     @property
@@ -504,6 +515,11 @@ class AdapterModel(nn.Module):
                 kwargs["input_ids"] = input_ids
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
+        if self._replicator.copies:  # a Parallel setup: one output per child (parallel.py)
+            if adapter_names is not None or head is not None:
+                raise AdapterError("A Parallel setup gives each adapter its own head; drop adapter_names= / head=, "
+                                   "or activate one adapter or a Stack.")
+            return run_parallel(self, find_parallel(self._setup), args, kwargs, labels)
         routing = self._routing(adapter_names, args[0] if args else None, kwargs) if adapter_names is not None else None
         with self._routing_hooks(routing is not None), context.forward(routing) as ctx:
             if head_name is None:
@@ -536,6 +552,8 @@ class AdapterModel(nn.Module):
     def generate(self, *args: Any, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs: Any):
         """``generate`` of the wrapped model, with the active adapters, or with one adapter per
         prompt (``adapter_names``; beams and several sequences per prompt follow their prompt)."""
+        if self._replicator.copies:
+            raise AdapterError("generate() cannot run a Parallel setup; activate one adapter (or a Stack) per call.")
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
         routing = self._routing(adapter_names, args[0] if args else None, kwargs)
