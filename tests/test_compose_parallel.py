@@ -120,6 +120,19 @@ def test_training_a_parallel_setup_reaches_every_adapter_and_head():
     assert all(p.grad is None for p in model.adapters["c"].parameters())
 
 
+def test_parallel_adds_the_adapters_auxiliary_loss():
+    model = bert()
+    for name in "ab":
+        model.add_adapter(name, "pfeiffer", layers=[3], l2_lambda=0.5)
+        model.add_classification_head(name, 2)
+    perturb(model)
+    model.train_adapter(Parallel("a", "b"))
+    model.model.eval()  # no dropout: the same function as each adapter alone
+    out = model(input_ids=IDS, attention_mask=MASK, labels=torch.tensor([1, 0, 1]))
+    assert out.aux_loss is not None and out.aux_loss > 0
+    torch.testing.assert_close(out.loss, out[0].loss + out[1].loss + out.aux_loss)
+
+
 def test_the_nesting_table():
     assert Parallel in ALLOWED_NESTINGS[Stack] and Parallel not in ALLOWED_NESTINGS[Parallel]
     for outer in ALLOWED_NESTINGS:

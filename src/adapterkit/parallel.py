@@ -132,9 +132,11 @@ class Replicator:
 
 class ParallelOutput(list):
     """One output per child of the ``Parallel`` block, in order; ``loss`` is the sum of their
-    losses (``None`` when none has one), so ``output.loss.backward()`` trains every head."""
+    losses plus the adapters' auxiliary loss ``aux_loss`` (``None`` when no head has a loss), so
+    ``output.loss.backward()`` trains every adapter and head."""
 
     loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
 
 
 def head_of(child: Any, heads: Mapping[str, nn.Module]) -> Optional[str]:
@@ -152,7 +154,7 @@ def run_parallel(model: "AdapterModel", parallel: Parallel, args: tuple, kwargs:
     heads = [head_of(c, model.heads) for c in parallel.children]
     attention_mask = kwargs.get("attention_mask")
     results = ParallelOutput()
-    with context.forward(None):
+    with context.forward(None) as ctx:
         if all(h is None for h in heads):
             if labels is not None:
                 raise AdapterError("labels with a Parallel setup need a head per adapter; add them with "
@@ -173,7 +175,9 @@ def run_parallel(model: "AdapterModel", parallel: Parallel, args: tuple, kwargs:
 
             results.append(AdapterModelOutput(loss=loss, logits=logits))
     losses = [r.loss for r in results if isinstance(r, ModelOutput) and r.get("loss") is not None]
-    results.loss = sum(losses) if losses else None
+    aux = ctx.aux_loss()  # the adapters' l2_lambda penalties, over all copies at once
+    results.loss = sum(losses) + (aux if aux is not None else 0.0) if losses else None
+    results.aux_loss = aux
     return results
 
 
