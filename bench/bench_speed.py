@@ -41,7 +41,7 @@ from typing import Callable, Optional
 import torch
 import transformers
 
-from adapterkit import AdapterModel, Parallel
+from adapterkit import AdapterModel, Fuse, Parallel
 from adapterkit.packaged import resolve_model
 
 try:
@@ -71,6 +71,8 @@ TOP3_TARGET = 0.70
 # Parallel (issue 13): 4 Pfeiffer adapters in the top half, one pass against four separate ones.
 PARALLEL_ADAPTERS = 4
 PARALLEL_TARGET = 0.65
+# Fuse (issue 13): AdapterFusion over 3 Pfeiffer adapters at inference, against the bare model.
+FUSE_TARGET = 1.35
 
 
 # -- one configuration ----------------------------------------------------------------------------
@@ -135,6 +137,8 @@ def all_cases() -> list[Case]:
                       "one pass each", "infer", "adapterkit", "pfeiffer"))
     cases.append(Case("ak-parallel4-infer", f"adapterkit Parallel of {PARALLEL_ADAPTERS} Pfeiffer adapters in the top half",
                       "infer", "adapterkit", "pfeiffer", PARALLEL_TARGET, yard="ak-top-4x-infer"))
+    cases.append(Case("ak-fuse3-infer", "adapterkit Fuse of 3 Pfeiffer adapters", "infer", "adapterkit", "pfeiffer",
+                      FUSE_TARGET))
     if adapterhub is not None:
         for preset in ("pfeiffer", "houlsby", "parallel", "lora"):
             cases.append(Case(f"ah-{preset}-train", f"AdapterHub {PRESET_TITLES[preset]}", "train", "adapters", preset))
@@ -236,6 +240,13 @@ def build(case: Case, batch: dict) -> Built:
         for i in range(1, ROUTED_ADAPTERS):
             model.add_adapter(f"a{i}", cfg)
         return _finish(case, model, {**batch, "adapter_names": routed_names(batch["input_ids"].shape[0])}, n_base)
+
+    if case.library == "adapterkit" and case.key == "ak-fuse3-infer":
+        model = AdapterModel(base)
+        for name in ("f0", "f1", "f2"):
+            model.add_adapter(name, case.preset)
+        model.add_adapter_fusion(Fuse("f0", "f1", "f2"), set_active=True)
+        return _finish(case, model, batch, n_base)
 
     if case.library == "adapterkit" and case.key in ("ak-top-4x-infer", "ak-parallel4-infer"):
         model = AdapterModel(base)

@@ -3,7 +3,8 @@
 Blocks are small serialisable values in AdapterHub's vocabulary: ``Stack("a", "b")`` runs ``a``
 then ``b`` at every slot, ``Average("a", "b", weights=[...])`` mixes their outputs,
 ``BatchSplit("a", "b", batch_sizes=[2, 3])`` gives each adapter its share of the batch and
-``Parallel("a", "b")`` runs the batch through each adapter in one pass (``parallel.py``).
+``Parallel("a", "b")`` runs the batch through each adapter in one pass (``parallel.py``) and
+``Fuse("a", "b")`` attends over their outputs at every slot (``fusion.py``).
 Which block may hold which is one table, ``ALLOWED_NESTINGS``; each block compiles itself. A plain
 name or a list stands for a ``Stack``. Per-example routing (``model(..., adapter_names=[...])``)
 lives in ``routing.py``.
@@ -69,7 +70,7 @@ class Block:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(map(repr, self.children))})"
 
-    def compile(self, plans: list[Optional[Plan]]) -> Optional[Plan]:
+    def compile(self, plans: list[Optional[Plan]], modules: Mapping[str, nn.Module]) -> Optional[Plan]:
         """This block's plan at one slot, from its children's plans there (``None``: absent)."""
         raise NotImplementedError  # pragma: no cover
 
@@ -77,7 +78,7 @@ class Block:
 class Stack(Block):
     """Run adapters one after the other at every slot (AdapterHub ``Stack``; MAD-X)."""
 
-    def compile(self, plans: list[Optional[Plan]]) -> Optional[Plan]:
+    def compile(self, plans: list[Optional[Plan]], modules: Mapping[str, nn.Module]) -> Optional[Plan]:
         steps = [p for p in plans if p is not None]
         if not steps:
             return None
@@ -106,7 +107,7 @@ class Average(Block):
     def to_dict(self) -> dict:
         return {**super().to_dict(), "weights": self.weights}
 
-    def compile(self, plans: list[Optional[Plan]]) -> Optional[Plan]:
+    def compile(self, plans: list[Optional[Plan]], modules: Mapping[str, nn.Module]) -> Optional[Plan]:
         if all(p is None for p in plans):
             return None
         pairs = [(w, p) for w, p in zip(self.weights, plans)]
@@ -129,7 +130,7 @@ class BatchSplit(Block):
     def to_dict(self) -> dict:
         return {**super().to_dict(), "batch_sizes": self.batch_sizes}
 
-    def compile(self, plans: list[Optional[Plan]]) -> Optional[Plan]:
+    def compile(self, plans: list[Optional[Plan]], modules: Mapping[str, nn.Module]) -> Optional[Plan]:
         bounds, start = [], 0
         for size in self.batch_sizes:
             bounds.append((start, start + size))
@@ -152,7 +153,7 @@ class Parallel(Block):
     child at the input of the lowest block holding one of its adapters (``parallel.py``), so the
     layers below run once; at each slot child ``i`` acts on the ``i``-th copy."""
 
-    def compile(self, plans: list[Optional[Plan]]) -> Optional[Plan]:
+    def compile(self, plans: list[Optional[Plan]], modules: Mapping[str, nn.Module]) -> Optional[Plan]:
         if all(p is None for p in plans):
             return None
         n = len(plans)
@@ -166,11 +167,34 @@ class Parallel(Block):
         return parallel
 
 
+class Fuse(Block):
+    """AdapterFusion (Pfeiffer et al. 2021): at each slot a fusion layer attends over the
+    outputs of the listed adapters (``fusion.py``). Add its layers with
+    ``add_adapter_fusion(Fuse(...))`` first."""
+
+    @property
+    def key(self) -> str:
+        """The key its fusion layers are kept under (AdapterHub's ``"a,b"``)."""
+        return ",".join(self.names())
+
+    def compile(self, plans: list[Optional[Plan]], modules: Mapping[str, nn.Module]) -> Optional[Plan]:
+        unit = modules.get(self.key)
+        if unit is None or all(p is None for p in plans):
+            return None
+
+        def fuse(io: SlotIO) -> torch.Tensor:
+            base = io.passthrough
+            return unit(base, [p(io) if p is not None else base for p in plans])
+
+        return fuse
+
+
 #: which blocks (and plain names) each block may hold, as AdapterHub's ``ALLOWED_NESTINGS``;
 #: ``Parallel`` replicates the batch for the whole model, so it sits at the top of a setup or in
 #: its top-level ``Stack`` (checked by ``parallel.find_parallel``)
 ALLOWED_NESTINGS: dict[type, tuple[type, ...]] = {
-    Stack: (str, Stack, Average, BatchSplit, Parallel),
+    Stack: (str, Stack, Average, BatchSplit, Parallel, Fuse),
+    Fuse: (str,),
     Average: (str, Stack, Average, BatchSplit),
     BatchSplit: (str, Stack, Average, BatchSplit),
     Parallel: (str, Stack, Average, BatchSplit),
@@ -209,7 +233,7 @@ def compile_plan(setup: Setup, modules: Mapping[str, nn.Module]) -> Optional[Pla
     if isinstance(setup, str):
         unit = modules.get(setup)
         return None if unit is None else unit.run
-    return setup.compile([compile_plan(child, modules) for child in setup.children])
+    return setup.compile([compile_plan(child, modules) for child in setup.children], modules)
 
 
 def route(io: SlotIO, groups: Sequence[tuple[torch.Tensor, Optional[Plan]]]) -> torch.Tensor:

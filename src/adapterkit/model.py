@@ -40,7 +40,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from . import __version__, context
 from .adapterdrop import GradFreeBelow, block_owners, check_skip_layers
-from .composition import Block, as_setup, compile_plan
+from .composition import Block, Fuse, as_setup, compile_plan
 from .config import AdapterConfig, config_from_dict, resolve_config
 from .errors import AdapterError, CheckpointError
 from .fingerprint import base_identity, check_same_base
@@ -48,6 +48,7 @@ from .heads import Head, HeadConfig, build_head
 from .interop import foreign_format, read_foreign, write_foreign
 from .io import check_base_shape, load_exact, read_checkpoint, write_checkpoint
 from .layouts import Layout
+from .fusion import FusionConfig, build_fusion
 from .merging import Merges
 from .parallel import Replicator, find_parallel, first_block, run_parallel
 from .routing import Routing, routed_plan
@@ -97,6 +98,7 @@ class AdapterModel(nn.Module):
         self.layout = Layout.of(model)
         self.adapters = nn.ModuleDict()
         self.heads = nn.ModuleDict()
+        self.fusions = nn.ModuleDict()  # Fuse.key -> {site key: FusionUnit} (fusion.py)
         self._records: dict[str, AdapterRecord] = {}
         self._slots: dict[tuple[str, str], Slot] = {}  # (place id, place) -> slot
         self._setup: Optional[Block] = None
@@ -174,13 +176,16 @@ class AdapterModel(nn.Module):
             self._slots.setdefault((site.place_id, site.place), Slot(site))
 
     def _units_at(self, slot: Slot) -> dict[str, nn.Module]:
-        """The unmerged adapters' modules at a slot, in the order the adapters were added."""
+        """The unmerged adapters' modules at a slot, in the order the adapters were added, and
+        the fusion layers there (keyed by ``Fuse.key``)."""
         key, place = slot.site.key, slot.site.place
-        return {
+        units = {
             name: record.modules[key]
             for name, record in self._records.items()
             if key in record.modules and record.site(key).place == place and name not in self._merges
         }
+        units.update({fuse: layers[key] for fuse, layers in self.fusions.items() if key in layers})
+        return units
 
     def add_adapter(
         self,
@@ -230,6 +235,8 @@ class AdapterModel(nn.Module):
             self._setup = None
         record = self._records.pop(name)
         del self.adapters[name]
+        for fuse in [k for k in self.fusions if name in k.split(",")]:
+            del self.fusions[fuse]  # a fusion layer without one of its adapters means nothing
         for site in record.sites:
             slot_key = (site.place_id, site.place)
             still_used = any(site.key in r.modules and r.site(site.key).place == site.place
@@ -314,6 +321,9 @@ class AdapterModel(nn.Module):
         skip = check_skip_layers(self.layout, skip_layers)
         if block is not None:
             self._require(block.names())
+            missing = [repr(f) for f in _fuse_blocks(block) if f.key not in self.fusions]
+            if missing:
+                raise AdapterError(f"{', '.join(missing)} has no fusion layers yet; call add_adapter_fusion() first.")
             parallel = find_parallel(block)
             if parallel is not None:
                 first_block(parallel, self._records, self.layout, block_owners(self.layout))
@@ -481,6 +491,95 @@ class AdapterModel(nn.Module):
         else:
             self._refresh()
 
+    # -- AdapterFusion (fusion.py) ----------------------------------------------------------------
+    def add_adapter_fusion(self, fuse: Union[Fuse, Sequence[str]], config: "FusionConfig | dict | None" = None, *,
+                           overwrite: bool = False, set_active: bool = False) -> None:
+        """Add fusion layers attending over the adapters of ``fuse`` (AdapterHub's
+        ``add_adapter_fusion``); ``config``: a ``FusionConfig`` or its fields as a dict."""
+        fuse = fuse if isinstance(fuse, Fuse) else Fuse(*fuse)
+        self._require(fuse.names())
+        if len(fuse.names()) < 2:
+            raise AdapterError(f"{fuse!r} fuses one adapter; list two or more.")
+        if fuse.key in self.fusions and not overwrite:
+            raise AdapterError(f"{fuse!r} already has fusion layers; pass overwrite=True to start them afresh.")
+        cfg = config if isinstance(config, FusionConfig) else FusionConfig.from_dict(config or {})
+        units = build_fusion(fuse.names(), self._records, cfg)
+        ref = self._ref_param()
+        if ref is not None:
+            units.to(device=ref.device, dtype=ref.dtype)
+        self.fusions[fuse.key] = units.train(self.training)
+        if set_active:
+            self.set_active_adapters(fuse)
+        else:
+            self._refresh()
+
+    def train_adapter_fusion(self, fuse: Union[Fuse, Sequence[str]], *, unfreeze_adapters: bool = False,
+                             head: Optional[str] = None) -> None:
+        """Train the fusion layers of ``fuse`` (and the adapters too with ``unfreeze_adapters``),
+        with ``head`` (default: the active head) trained and made active; everything else frozen."""
+        fuse = fuse if isinstance(fuse, Fuse) else Fuse(*fuse)
+        head = head if head is not None else self._active_head
+        if head is not None and head not in self.heads:
+            raise AdapterError(f"No head named '{head}'; heads: {', '.join(self.heads) or 'none'}.")
+        self.set_active_adapters(fuse)  # checks names and fusion layers before anything changes
+        self.model.requires_grad_(False)
+        for name, module in self.adapters.items():
+            module.requires_grad_(unfreeze_adapters and name in fuse.names())
+        for key, units in self.fusions.items():
+            units.requires_grad_(key == fuse.key)
+        for name, module in self.heads.items():
+            module.requires_grad_(name == head)
+        self._active_head = head
+        self._base_frozen = True
+        self.train()
+
+    def fusion_scores(self, fuse: Union[Fuse, Sequence[str]]) -> dict[str, torch.Tensor]:
+        """The attention scores of the last forward at each fusion layer, by place id:
+        (batch, tokens, adapters), detached."""
+        fuse = fuse if isinstance(fuse, Fuse) else Fuse(*fuse)
+        if fuse.key not in self.fusions:
+            raise AdapterError(f"{fuse!r} has no fusion layers; call add_adapter_fusion() first.")
+        return {key.replace("-", "."): unit.scores for key, unit in self.fusions[fuse.key].items()
+                if unit.scores is not None}
+
+    def save_adapter_fusion(self, directory: "str | os.PathLike", fuse: Union[Fuse, Sequence[str]]) -> None:
+        """Write the fusion layers of ``fuse`` (safetensors + JSON, atomically); the adapters are
+        saved on their own with ``save_adapter``."""
+        fuse = fuse if isinstance(fuse, Fuse) else Fuse(*fuse)
+        if fuse.key not in self.fusions:
+            raise AdapterError(f"{fuse!r} has no fusion layers; call add_adapter_fusion() first.")
+        units = self.fusions[fuse.key]
+        first = next(iter(units.values()))
+        meta = {"fusion": {"adapters": fuse.names()}, "adapterkit_version": __version__,
+                "config": first.config.to_dict(), "places": list(units.keys()),
+                "base_model": {**self.layout.fingerprint(), **base_identity(self)}}
+        write_checkpoint(directory, meta, {f"fusion.{k}": v for k, v in units.state_dict().items()})
+
+    def load_adapter_fusion(self, directory: "str | os.PathLike", *, set_active: bool = False) -> Fuse:
+        """Load fusion layers saved by ``save_adapter_fusion`` over adapters already in the model
+        (same names); returns the ``Fuse`` block. On any error the model is left as it was."""
+        meta, tensors = read_checkpoint(directory)
+        info = meta.get("fusion")
+        if not isinstance(info, dict) or not isinstance(info.get("adapters"), list):
+            raise CheckpointError(f"{directory}: not a fusion checkpoint (no 'fusion' entry); use load_adapter() "
+                                  "for adapters.")
+        fuse = Fuse(*info["adapters"])
+        self._require(fuse.names())
+        if fuse.key in self.fusions:
+            raise AdapterError(f"{fuse!r} already has fusion layers; delete them (del model.fusions[key]) first.")
+        check_base_shape(meta.get("base_model", {}), self.layout.fingerprint(), directory)
+        units = build_fusion(fuse.names(), self._records, FusionConfig.from_dict(meta["config"]))
+        ref = self._ref_param()
+        if ref is not None:
+            units.to(device=ref.device, dtype=ref.dtype)
+        load_exact(units, tensors, "fusion.", directory)
+        self.fusions[fuse.key] = units.train(self.training)
+        if set_active:
+            self.set_active_adapters(fuse)
+        else:
+            self._refresh()
+        return fuse
+
     # -- forward -------------------------------------------------------------------------------
     def forward(
         self,
@@ -587,11 +686,12 @@ class AdapterModel(nn.Module):
         out = OrderedDict() if destination is None else destination
         self.adapters.state_dict(destination=out, prefix=prefix + "adapters.", keep_vars=keep_vars)
         self.heads.state_dict(destination=out, prefix=prefix + "heads.", keep_vars=keep_vars)
+        self.fusions.state_dict(destination=out, prefix=prefix + "fusions.", keep_vars=keep_vars)
         return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
         """Inverse of ``state_dict``: loads adapter and head weights (keys ``adapters.*``, ``heads.*``)."""
-        holder = nn.ModuleDict({"adapters": self.adapters, "heads": self.heads})
+        holder = nn.ModuleDict({"adapters": self.adapters, "heads": self.heads, "fusions": self.fusions})
         return holder.load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- summary -------------------------------------------------------------------------------
@@ -711,6 +811,15 @@ class AdapterModel(nn.Module):
         else:
             self._refresh()
         return name
+
+
+def _fuse_blocks(block: Block) -> list[Fuse]:
+    """Every ``Fuse`` in a setup."""
+    out = [block] if isinstance(block, Fuse) else []
+    for child in block.children:
+        if isinstance(child, Block):
+            out += _fuse_blocks(child)
+    return out
 
 
 class _CallCounter:

@@ -1,0 +1,139 @@
+"""``Fuse`` (AdapterFusion, ``fusion.py``): the fusion layer's formula, training only the fusion
+(and head), the value regulariser, scores, save / load, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as T
+
+from adapterkit import AdapterError, AdapterModel, Average, Fuse, Parallel, Stack
+from adapterkit.fusion import FusionConfig, FusionUnit
+
+IDS = torch.tensor([[1, 5, 7, 9, 2, 4], [3, 4, 8, 2, 6, 1]])
+
+
+def model_ab(layers: int = 2) -> AdapterModel:
+    torch.manual_seed(0)
+    cfg = T.BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=37,
+                       vocab_size=100, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = AdapterModel(T.BertModel(cfg).eval())
+    model.add_adapter("a", "pfeiffer")
+    model.add_adapter("b", "pfeiffer")
+    model.add_adapter("l", "lora")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.adapters.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def run(model: AdapterModel) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).last_hidden_state
+
+
+def test_fusion_unit_formula():
+    torch.manual_seed(1)
+    unit = FusionUnit(8, FusionConfig(temperature=2.0))
+    with torch.no_grad():
+        unit.value.weight.add_(torch.randn(8, 8) * 0.1)
+    q, o1, o2, o3 = (torch.randn(2, 3, 8) for _ in range(4))
+    out = unit(q, [o1, o2, o3])
+    qq = unit.query(q)
+    logits = torch.stack([(unit.key(o) * qq).sum(-1) for o in (o1, o2, o3)], -1) / 2.0
+    s = F.softmax(logits, -1)
+    expected = sum(s[..., i:i + 1] * unit.value(o) for i, o in enumerate((o1, o2, o3)))
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(unit.scores, s)
+
+
+def test_uniform_attention_with_identity_values_is_the_average():
+    model = model_ab()
+    model.add_adapter_fusion(Fuse("a", "b"))
+    with torch.no_grad():
+        for unit in model.fusions["a,b"].values():
+            unit.query.weight.zero_()
+            unit.query.bias.zero_()
+    model.set_active_adapters(Average("a", "b"))
+    ref = run(model)
+    model.set_active_adapters(Fuse("a", "b"))
+    torch.testing.assert_close(run(model), ref, rtol=1e-5, atol=1e-6)
+    scores = model.fusion_scores(["a", "b"])
+    assert set(scores) == {"layers.0.ffn_out", "layers.1.ffn_out"}
+    for s in scores.values():
+        assert s.shape == (2, 6, 2)
+        torch.testing.assert_close(s, torch.full_like(s, 0.5))
+
+
+def test_train_adapter_fusion_trains_fusion_and_head_only_and_regularises_values():
+    model = model_ab()
+    model.add_adapter_fusion(Fuse("a", "b"))
+    model.add_classification_head("task", 2)
+    model.add_classification_head("a", 2)
+    model.train_adapter_fusion(Fuse("a", "b"), head="task")
+    assert model.active_head == "task"
+    with torch.no_grad():
+        for unit in model.fusions["a,b"].values():
+            unit.value.weight.add_(0.1)
+    out = model(input_ids=IDS, labels=torch.tensor([0, 1]))
+    expected = sum(0.01 * (u.value.weight - torch.eye(32)).pow(2).sum() for u in model.fusions["a,b"].values())
+    torch.testing.assert_close(out.aux_loss, expected)
+    out.loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(n.startswith(("fusions.a,b.", "heads.task.")) for n in grads)
+    assert any(n.startswith("heads.task.") for n in grads)
+    model.zero_grad(set_to_none=True)
+    model.train_adapter_fusion(Fuse("a", "b"), unfreeze_adapters=True, head="task")
+    model(input_ids=IDS, labels=torch.tensor([0, 1])).loss.backward()
+    assert all(p.grad is not None for p in model.adapters["a"].parameters())
+    assert all(p.grad is None for p in model.adapters["l"].parameters())
+
+
+def test_fuse_in_a_stack_and_the_fusion_round_trip(tmp_path):
+    model = model_ab()
+    model.add_adapter_fusion(Fuse("a", "b"), {"temperature": 0.5})
+    with torch.no_grad():
+        for p in model.fusions.parameters():
+            p.add_(0.05)
+    model.set_active_adapters(Stack("l", Fuse("a", "b")))
+    ref = run(model)
+    model.save_adapter_fusion(tmp_path / "fusion", Fuse("a", "b"))
+    for name in "abl":
+        model.save_adapter(tmp_path / name, name)
+    fresh = model_ab()
+    for name in "abl":
+        fresh.delete_adapter(name)
+        fresh.load_adapter(tmp_path / name)
+    fuse = fresh.load_adapter_fusion(tmp_path / "fusion")
+    assert fuse == Fuse("a", "b") and fresh.fusions["a,b"]["layers-0-ffn_out"].config.temperature == 0.5
+    fresh.set_active_adapters(Stack("l", fuse))
+    torch.testing.assert_close(run(fresh), ref, rtol=0, atol=0)
+    assert any(k.startswith("fusions.") for k in fresh.state_dict())
+
+
+def test_bad_fusion_input_changes_nothing(tmp_path):
+    model = model_ab()
+    model.set_active_adapters("a")
+    with pytest.raises(AdapterError, match="add_adapter_fusion"):
+        model.set_active_adapters(Fuse("a", "b"))
+    with pytest.raises(AdapterError, match="No adapter named"):
+        model.add_adapter_fusion(Fuse("a", "nope"))
+    with pytest.raises(AdapterError, match="two or more"):
+        model.add_adapter_fusion(Fuse("a"))
+    with pytest.raises(AdapterError, match="Fuse cannot be nested in Parallel"):
+        Parallel(Fuse("a", "b"), "l")
+    with pytest.raises(AdapterError, match="temperature"):
+        model.add_adapter_fusion(Fuse("a", "b"), {"temperature": 0})
+    with pytest.raises(AdapterError, match="Unknown fusion option"):
+        model.add_adapter_fusion(Fuse("a", "b"), {"temprature": 1})
+    assert len(model.fusions) == 0 and model.active_adapters == Stack("a")
+    model.add_adapter_fusion(Fuse("a", "b"))
+    with pytest.raises(AdapterError, match="already has fusion layers"):
+        model.add_adapter_fusion(Fuse("a", "b"))
+    with pytest.raises(Exception, match="not a fusion checkpoint"):
+        model.save_adapter(tmp_path / "a", "a")
+        model.load_adapter_fusion(tmp_path / "a")
+    model.delete_adapter("b")  # its fusion goes with it
+    assert "a,b" not in model.fusions
