@@ -137,3 +137,50 @@ def test_bad_fusion_input_changes_nothing(tmp_path):
         model.load_adapter_fusion(tmp_path / "a")
     model.delete_adapter("b")  # its fusion goes with it
     assert "a,b" not in model.fusions
+
+
+def _train(model: AdapterModel, head: str, labels_of, steps: int = 15, seed: int = 0) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        ids = torch.randint(1, 100, (8, 6), generator=g)
+        loss = model(input_ids=ids, labels=labels_of(ids)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def test_multi_task_without_forgetting():
+    """A trained, then B on another task, then Fuse(A, B) on a third: A's predictions stay bit
+    for bit what they were (the base and A are frozen throughout)."""
+    model = model_ab()
+    task_a = lambda ids: (ids == 5).any(1).long()  # noqa: E731
+    task_b = lambda ids: (ids < 50).sum(1).gt(3).long()  # noqa: E731
+    for name in ("A", "B"):
+        model.add_adapter(name, "pfeiffer")
+        model.add_classification_head(name, 2)
+    model.add_classification_head("C", 2)
+    model.train_adapter("A")
+    _train(model, "A", task_a)
+
+    def predictions() -> torch.Tensor:
+        model.eval()
+        model.set_active_adapters("A")
+        with torch.no_grad():
+            return model(input_ids=torch.arange(1, 61).view(10, 6)).logits
+
+    before = predictions()
+    model.train_adapter("B")
+    _train(model, "B", task_b, seed=1)
+    assert torch.equal(predictions(), before)
+    model.add_adapter_fusion(Fuse("A", "B"))
+    fusion_before = {k: v.clone() for k, v in model.fusions.state_dict().items()}
+    adapters_before = {k: v.clone() for k, v in model.adapters.state_dict().items()}
+    model.train_adapter_fusion(Fuse("A", "B"), head="C")
+    _train(model, "C", lambda ids: task_a(ids) | task_b(ids), steps=10, seed=2)
+    assert torch.equal(predictions(), before)
+    assert all(torch.equal(v, adapters_before[k]) for k, v in model.adapters.state_dict().items())
+    assert any(not torch.equal(v, fusion_before[k]) for k, v in model.fusions.state_dict().items())

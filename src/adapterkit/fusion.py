@@ -55,10 +55,9 @@ class FusionConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "FusionConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
-            raise AdapterError(f"Unknown fusion option(s) {unknown}; known: {sorted(known)}.")
+            raise AdapterError(f"Unknown fusion option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}.")
         return cls(**data)
 
 

@@ -217,12 +217,15 @@ class AdapterModel(nn.Module):
                 f"or call delete_adapter('{name}') first."
             )
         cfg = resolve_config(config, **options)
-        record = self._build(name, cfg)  # may raise: nothing changed yet
-        if name in self.adapters:
-            self.delete_adapter(name, delete_head=False)
+        self._replace(self._build(name, cfg), set_active)  # _build may raise: nothing changed yet
+
+    def _replace(self, record: AdapterRecord, set_active: bool) -> None:
+        """Attach a built record in place of any adapter of its name (keeping that one's head)."""
+        if record.name in self.adapters:
+            self.delete_adapter(record.name, delete_head=False)
         self._attach(record)
         if set_active:
-            self.set_active_adapters(name)
+            self.set_active_adapters(record.name)
         else:
             self._refresh()
 
@@ -483,13 +486,7 @@ class AdapterModel(nn.Module):
                                 normalize_weights=normalize_weights, svd_rank=svd_rank, density=density)
         record = self._build(name, config)  # may raise: nothing changed yet
         load_exact(record.modules, state, "", f"average_adapter('{name}')")
-        if name in self.adapters:
-            self.delete_adapter(name, delete_head=False)
-        self._attach(record)
-        if set_active:
-            self.set_active_adapters(name)
-        else:
-            self._refresh()
+        self._replace(record, set_active)
 
     # -- AdapterFusion (fusion.py) ----------------------------------------------------------------
     def add_adapter_fusion(self, fuse: Union[Fuse, Sequence[str]], config: "FusionConfig | dict | None" = None, *,
