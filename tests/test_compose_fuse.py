@@ -184,3 +184,17 @@ def test_multi_task_without_forgetting():
     assert torch.equal(predictions(), before)
     assert all(torch.equal(v, adapters_before[k]) for k, v in model.adapters.state_dict().items())
     assert any(not torch.equal(v, fusion_before[k]) for k, v in model.fusions.state_dict().items())
+
+
+def test_routing_still_works_with_fusion_layers_present():
+    model = model_ab()
+    model.add_adapter_fusion(Fuse("a", "b"), set_active=True)
+    refs = []
+    for name in "ab":
+        model.set_active_adapters(name)
+        refs.append(run(model)[:1])
+    model.set_active_adapters(Fuse("a", "b"))
+    with torch.no_grad():
+        routed = model(input_ids=IDS[:1].repeat(2, 1), adapter_names=["a", "b"]).last_hidden_state
+    torch.testing.assert_close(routed[0:1], refs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(routed[1:2], refs[1], rtol=1e-5, atol=1e-5)

@@ -17,7 +17,6 @@ contributions are there for blocks that need them (``AdapterModule.__call__``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
 import torch

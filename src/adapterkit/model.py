@@ -176,16 +176,17 @@ class AdapterModel(nn.Module):
             self._slots.setdefault((site.place_id, site.place), Slot(site))
 
     def _units_at(self, slot: Slot) -> dict[str, nn.Module]:
-        """The unmerged adapters' modules at a slot, in the order the adapters were added, and
-        the fusion layers there (keyed by ``Fuse.key``)."""
+        """The unmerged adapters' modules at a slot, in the order the adapters were added."""
         key, place = slot.site.key, slot.site.place
-        units = {
+        return {
             name: record.modules[key]
             for name, record in self._records.items()
             if key in record.modules and record.site(key).place == place and name not in self._merges
         }
-        units.update({fuse: layers[key] for fuse, layers in self.fusions.items() if key in layers})
-        return units
+
+    def _fusions_at(self, slot: Slot) -> dict[str, nn.Module]:
+        """The fusion layers at a slot, keyed by ``Fuse.key`` (what ``Fuse`` plans look up)."""
+        return {fuse: layers[slot.site.key] for fuse, layers in self.fusions.items() if slot.site.key in layers}
 
     def add_adapter(
         self,
@@ -422,7 +423,7 @@ class AdapterModel(nn.Module):
         for slot in self._slots.values():
             units = self._units_at(slot)
             skipped = owners.get(id(slot.site.host), (None, None))[1] in self._skip_layers
-            plan = compile_plan(setup, units) if setup is not None and not skipped else None
+            plan = compile_plan(setup, {**units, **self._fusions_at(slot)}) if setup is not None and not skipped else None
             slot.set_plans(plan, None if self._disabled else routed_plan(units))
         self._grad_free.update(self.layout, owners, [s.site for s in self._slots.values() if s.plan is not None])
         parallel = find_parallel(setup)
