@@ -49,19 +49,28 @@ def test_fusion_unit_formula():
     torch.testing.assert_close(unit.scores, s)
 
 
-def test_uniform_attention_with_identity_values_is_the_average():
+@pytest.mark.parametrize("pair", [("a", "b"), ("l", "i")])
+def test_uniform_attention_with_identity_values_is_the_average(pair):
+    """Every method can be fused: with the query at zero the scores are uniform and, ``W_v``
+    being the identity, the fusion is ``Average`` (a child absent at a slot counts as the
+    passthrough in both)."""
     model = model_ab()
-    model.add_adapter_fusion(Fuse("a", "b"))
+    model.add_adapter("i", "ia3")
     with torch.no_grad():
-        for unit in model.fusions["a,b"].values():
+        for p in model.adapters["i"].parameters():
+            p.add_(0.2)
+    model.add_adapter_fusion(Fuse(*pair))
+    key = ",".join(pair)
+    with torch.no_grad():
+        for unit in model.fusions[key].values():
             unit.query.weight.zero_()
             unit.query.bias.zero_()
-    model.set_active_adapters(Average("a", "b"))
+    model.set_active_adapters(Average(*pair))
     ref = run(model)
-    model.set_active_adapters(Fuse("a", "b"))
+    model.set_active_adapters(Fuse(*pair))
     torch.testing.assert_close(run(model), ref, rtol=1e-5, atol=1e-6)
-    scores = model.fusion_scores(["a", "b"])
-    assert set(scores) == {"layers.0.ffn_out", "layers.1.ffn_out"}
+    scores = model.fusion_scores(list(pair))
+    assert set(scores) == {s.place_id for n in pair for s in model.records[n].sites}
     for s in scores.values():
         assert s.shape == (2, 6, 2)
         torch.testing.assert_close(s, torch.full_like(s, 0.5))
