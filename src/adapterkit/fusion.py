@@ -9,7 +9,10 @@ and returns
     out    = sum_i scores_i * (W_v o_i)                            # (B, T, d)
 
 ``W_v`` starts as the identity (AdapterHub's ``value_initialized``), ``W_q`` / ``W_k`` small, so
-a fresh fusion is about the mean of its adapters' outputs. With ``regularization`` (the
+a fresh fusion is about the mean of its adapters' outputs. The forward computes this with one
+``d x d`` projection per token for each of query, key and value, not one per adapter (see
+``FusionUnit.forward``); the key's bias, kept for AdapterHub's layout, adds the same to every
+logit and so never changes the output (it gets no gradient). With ``regularization`` (the
 default, as AdapterHub's Pfeiffer fusion) a training forward adds ``reg_weight * ||W_v - I||^2``
 per slot to the forward context's auxiliary loss (``output.loss`` includes it). The last
 forward's scores stay on each unit (``scores``, detached) for inspection
@@ -78,15 +81,18 @@ class FusionUnit(nn.Module):
         self.scores: torch.Tensor | None = None
 
     def forward(self, query: torch.Tensor, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        # The same function as the module docstring's, with one projection per token instead of
+        # one per adapter: q . (W_k o_i + b_k) = (W_k^T q) . o_i + q . b_k, whose last term is
+        # equal for every adapter and cancels in the softmax; and sum_i s_i W_v o_i = W_v sum_i s_i o_i.
         o = torch.stack(list(outputs), -2)  # (B, T, n, d)
-        q = self.query(query).unsqueeze(-1)  # (B, T, d, 1)
-        logits = torch.matmul(self.key(o), q).squeeze(-1) / self.config.temperature  # (B, T, n)
+        qk = torch.matmul(self.query(query), self.key.weight).unsqueeze(-1)  # W_k^T q: (B, T, d, 1)
+        logits = torch.matmul(o, qk).squeeze(-1) / self.config.temperature  # (B, T, n)
         scores = F.softmax(logits, dim=-1)
         self.scores = scores.detach()
         if self.training and self.config.regularization and self.value.weight.requires_grad:
             eye = torch.eye(self.value.weight.shape[0], device=o.device, dtype=o.dtype)
             context.add_aux_loss(self.config.reg_weight * (self.value.weight - eye).pow(2).sum())
-        return torch.matmul(scores.unsqueeze(-2), self.value(o)).squeeze(-2)  # (B, T, d)
+        return self.value(torch.matmul(scores.unsqueeze(-2), o).squeeze(-2))  # (B, T, d)
 
 
 def fusion_key(names: Sequence[str]) -> str:
