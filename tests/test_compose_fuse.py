@@ -207,3 +207,11 @@ def test_routing_still_works_with_fusion_layers_present():
         routed = model(input_ids=IDS[:1].repeat(2, 1), adapter_names=["a", "b"]).last_hidden_state
     torch.testing.assert_close(routed[0:1], refs[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(routed[1:2], refs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_over_adapters_meeting_a_site_differently_is_refused():
+    model = model_ab()
+    model.add_adapter("p", "pfeiffer", place="pre")  # same sites as "a", but rewriting their input
+    with pytest.raises(AdapterError, match="fuse adapters placed alike"):
+        model.add_adapter_fusion(Fuse("a", "p"))
+    assert len(model.fusions) == 0
