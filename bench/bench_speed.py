@@ -41,7 +41,7 @@ from typing import Callable, Optional
 import torch
 import transformers
 
-from adapterkit import AdapterModel
+from adapterkit import AdapterModel, Fuse, Parallel
 from adapterkit.packaged import resolve_model
 
 try:
@@ -64,6 +64,15 @@ INFER_TARGETS = {"pfeiffer": 1.02, "houlsby": 1.02, "lora": 1.03, "lora-merged":
 # batch through one adapter.
 ROUTED_ADAPTERS = 8
 ROUTING_TARGET = 1.03
+# AdapterDrop (issue 13): adapters in the top 3 of MiniLM's 6 layers only; the blocks below run
+# without an autograd graph, so the backward pass stops at layer 3.
+TOP_LAYERS = [3, 4, 5]
+TOP3_TARGET = 0.70
+# Parallel (issue 13): 4 Pfeiffer adapters in the top half, one pass against four separate ones.
+PARALLEL_ADAPTERS = 4
+PARALLEL_TARGET = 0.65
+# Fuse (issue 13): AdapterFusion over 3 Pfeiffer adapters at inference, against the bare model.
+FUSE_TARGET = 1.35
 
 
 # -- one configuration ----------------------------------------------------------------------------
@@ -111,6 +120,9 @@ def all_cases() -> list[Case]:
     for preset in ("pfeiffer", "houlsby", "parallel", "lora", "ia3"):
         cases.append(Case(f"ak-{preset}-train", f"adapterkit {PRESET_TITLES[preset]}", "train", "adapterkit", preset,
                           TRAIN_TARGETS.get(preset)))
+    for preset in ("pfeiffer", "lora"):
+        cases.append(Case(f"ak-{preset}-top3-train", f"adapterkit {PRESET_TITLES[preset]}, top 3 layers only "
+                          "(AdapterDrop)", "train", "adapterkit", preset, TOP3_TARGET))
     for preset in ("pfeiffer", "houlsby", "lora"):  # train_adapter(..., base_dropout=False)
         cases.append(Case(f"ak-{preset}-train-evalbase", f"adapterkit {PRESET_TITLES[preset]}, base in eval mode",
                           "train", "adapterkit", preset))
@@ -121,6 +133,12 @@ def all_cases() -> list[Case]:
     for preset in ("lora", "pfeiffer"):
         cases.append(Case(f"ak-{preset}-routed-infer", f"adapterkit {PRESET_TITLES[preset]}, {ROUTED_ADAPTERS} adapters "
                           "routed per example", "infer", "adapterkit", preset, ROUTING_TARGET, yard=f"ak-{preset}-infer"))
+    cases.append(Case("ak-top-4x-infer", f"adapterkit {PARALLEL_ADAPTERS} Pfeiffer adapters in the top half, "
+                      "one pass each", "infer", "adapterkit", "pfeiffer"))
+    cases.append(Case("ak-parallel4-infer", f"adapterkit Parallel of {PARALLEL_ADAPTERS} Pfeiffer adapters in the top half",
+                      "infer", "adapterkit", "pfeiffer", PARALLEL_TARGET, yard="ak-top-4x-infer"))
+    cases.append(Case("ak-fuse3-infer", "adapterkit Fuse of 3 Pfeiffer adapters", "infer", "adapterkit", "pfeiffer",
+                      FUSE_TARGET))
     if adapterhub is not None:
         for preset in ("pfeiffer", "houlsby", "parallel", "lora"):
             cases.append(Case(f"ah-{preset}-train", f"AdapterHub {PRESET_TITLES[preset]}", "train", "adapters", preset))
@@ -223,10 +241,35 @@ def build(case: Case, batch: dict) -> Built:
             model.add_adapter(f"a{i}", cfg)
         return _finish(case, model, {**batch, "adapter_names": routed_names(batch["input_ids"].shape[0])}, n_base)
 
+    if case.library == "adapterkit" and case.key == "ak-fuse3-infer":
+        model = AdapterModel(base)
+        for name in ("f0", "f1", "f2"):
+            model.add_adapter(name, case.preset)
+        model.add_adapter_fusion(Fuse("f0", "f1", "f2"), set_active=True)
+        return _finish(case, model, batch, n_base)
+
+    if case.library == "adapterkit" and case.key in ("ak-top-4x-infer", "ak-parallel4-infer"):
+        model = AdapterModel(base)
+        names = [f"p{i}" for i in range(PARALLEL_ADAPTERS)]
+        for name in names:
+            model.add_adapter(name, case.preset, layers=TOP_LAYERS)
+        if case.key == "ak-parallel4-infer":
+            model.set_active_adapters(Parallel(*names))
+            return _finish(case, model, batch, n_base)
+        built = _finish(case, model, batch, n_base)
+
+        def each() -> None:  # the same adapters, one forward pass each
+            for name in names:
+                model.set_active_adapters(name)
+                built_step()
+
+        built_step, built.step = built.step, each
+        return built
+
     if case.library == "adapterkit":
         model = AdapterModel(base)
         preset = "lora" if case.preset == "lora-merged" else case.preset
-        model.add_adapter("a", preset)
+        model.add_adapter("a", preset, **({"layers": TOP_LAYERS} if "-top3-" in case.key else {}))
         if case.mode == "train":
             # base dropout on, like the floor and AdapterHub, except in the "-evalbase" rows
             # (``base_dropout=False``: the frozen base run as at inference)

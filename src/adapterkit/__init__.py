@@ -12,7 +12,7 @@ multiplication). Named methods are presets of these choices. Start with ``Adapte
 
 __version__ = "0.1.0"
 
-from .composition import Average, BatchSplit, Stack  # noqa: E402
+from .composition import Average, BatchSplit, Fuse, Parallel, Stack  # noqa: E402
 from .config import (  # noqa: E402
     AdapterConfig,
     available_methods,
@@ -36,6 +36,8 @@ __all__ = [
     "HeadConfig",
     "Stack",
     "Average",
+    "Parallel",
+    "Fuse",
     "BatchSplit",
     "AdapterError",
     "CheckpointError",

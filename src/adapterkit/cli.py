@@ -71,6 +71,8 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--pooling", "pooling", str, "head pooling: auto (mean for encoders, last token for decoders), mean, cls, last"),
     ("--head-layers", "head_layers", int, "layers of the prediction head (default: 2)"),
     ("--head-dropout", "head_dropout", float, "dropout in the head (default: 0.1)"),
+    ("--adapter-drop", "adapter_drop", int, "AdapterDrop: each step, drop the adapters of the first n layers, n drawn "
+                                            "from 0..N (default: 0 = off)"),
     ("--epochs", "epochs", int, "passes over the training data (default: 3)"),
     ("--lr", "lr", float, "peak learning rate (default: 2e-3 for adapters, 1e-4 with --full-finetune)"),
     ("--loraplus-lr-ratio", "loraplus_lr_ratio", float,

@@ -1,8 +1,11 @@
 """Composition blocks and their compilation into per-slot plans.
 
 Blocks are small serialisable values in AdapterHub's vocabulary: ``Stack("a", "b")`` runs ``a``
-then ``b`` at every slot, ``Average("a", "b", weights=[...])`` mixes their outputs and
-``BatchSplit("a", "b", batch_sizes=[2, 3])`` gives each adapter its share of the batch. A plain
+then ``b`` at every slot, ``Average("a", "b", weights=[...])`` mixes their outputs,
+``BatchSplit("a", "b", batch_sizes=[2, 3])`` gives each adapter its share of the batch and
+``Parallel("a", "b")`` runs the batch through each adapter in one pass (``parallel.py``) and
+``Fuse("a", "b")`` attends over their outputs at every slot (``fusion.py``).
+Which block may hold which is one table, ``ALLOWED_NESTINGS``; each block compiles itself. A plain
 name or a list stands for a ``Stack``. Per-example routing (``model(..., adapter_names=[...])``)
 lives in ``routing.py``.
 
@@ -14,7 +17,6 @@ contributions are there for blocks that need them (``AdapterModule.__call__``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -37,9 +39,16 @@ class Block:
             flat.extend(child if isinstance(child, (list, tuple)) else [child])
         if not flat:
             raise AdapterError(f"{type(self).__name__} needs at least one adapter name.")
+        allowed = ALLOWED_NESTINGS.get(type(self), (str, Block))
         for child in flat:
             if not isinstance(child, (str, Block)):
                 raise AdapterError(f"{type(self).__name__} takes adapter names or blocks, not {child!r}.")
+            if type(child) not in allowed:
+                names = ", ".join("a name" if t is str else t.__name__ for t in allowed)
+                raise AdapterError(
+                    f"{type(child).__name__} cannot be nested in {type(self).__name__}: it holds {names}. "
+                    f"Move {child!r} to the top level of the setup (or into its top-level Stack)."
+                )
         self.children = tuple(flat)
 
     def names(self) -> list[str]:
@@ -60,9 +69,28 @@ class Block:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(map(repr, self.children))})"
 
+    def compile(self, plans: list[Optional[Plan]], modules: Mapping[str, nn.Module]) -> Optional[Plan]:
+        """This block's plan at one slot, from its children's plans there (``None``: absent)."""
+        raise NotImplementedError  # pragma: no cover
+
 
 class Stack(Block):
     """Run adapters one after the other at every slot (AdapterHub ``Stack``; MAD-X)."""
+
+    def compile(self, plans: list[Optional[Plan]], modules: Mapping[str, nn.Module]) -> Optional[Plan]:
+        steps = [p for p in plans if p is not None]
+        if not steps:
+            return None
+        if len(steps) == 1:
+            return steps[0]
+
+        def stack(io: SlotIO) -> torch.Tensor:
+            value = io.passthrough
+            for step in steps:
+                value = step(io.with_value(value))
+            return value
+
+        return stack
 
 
 class Average(Block):
@@ -78,6 +106,16 @@ class Average(Block):
     def to_dict(self) -> dict:
         return {**super().to_dict(), "weights": self.weights}
 
+    def compile(self, plans: list[Optional[Plan]], modules: Mapping[str, nn.Module]) -> Optional[Plan]:
+        if all(p is None for p in plans):
+            return None
+        pairs = [(w, p) for w, p in zip(self.weights, plans)]
+
+        def average(io: SlotIO) -> torch.Tensor:
+            return sum(w * (p(io) if p is not None else io.passthrough) for w, p in pairs)
+
+        return average
+
 
 class BatchSplit(Block):
     """The first ``batch_sizes[0]`` examples go to the first child, and so on."""
@@ -91,8 +129,76 @@ class BatchSplit(Block):
     def to_dict(self) -> dict:
         return {**super().to_dict(), "batch_sizes": self.batch_sizes}
 
+    def compile(self, plans: list[Optional[Plan]], modules: Mapping[str, nn.Module]) -> Optional[Plan]:
+        bounds, start = [], 0
+        for size in self.batch_sizes:
+            bounds.append((start, start + size))
+            start += size
+        sizes = self.batch_sizes
 
-BLOCKS = {cls.__name__: cls for cls in (Stack, Average, BatchSplit)}
+        def batch_split(io: SlotIO) -> torch.Tensor:
+            value = io.passthrough
+            if value.shape[0] != start:
+                raise AdapterError(f"BatchSplit sizes {sizes} add up to {start}, but the batch has {value.shape[0]} examples.")
+            index = [torch.arange(a, b, device=value.device) for a, b in bounds]
+            return route(io, list(zip(index, plans)))
+
+        return batch_split
+
+
+class Parallel(Block):
+    """One forward pass through several adapters, each with its own head (AdapterHub
+    ``Parallel``): ``model(...)`` returns one output per child. The batch is replicated once per
+    child at the input of the lowest block holding one of its adapters (``parallel.py``), so the
+    layers below run once; at each slot child ``i`` acts on the ``i``-th copy."""
+
+    def compile(self, plans: list[Optional[Plan]], modules: Mapping[str, nn.Module]) -> Optional[Plan]:
+        if all(p is None for p in plans):
+            return None
+        n = len(plans)
+
+        def parallel(io: SlotIO) -> torch.Tensor:
+            value = io.passthrough
+            rows = value.shape[0] // n  # (n * B, ...): copy i is rows i*B .. (i+1)*B
+            index = [torch.arange(i * rows, (i + 1) * rows, device=value.device) for i in range(n)]
+            return route(io, list(zip(index, plans)))
+
+        return parallel
+
+
+class Fuse(Block):
+    """AdapterFusion (Pfeiffer et al. 2021): at each slot a fusion layer attends over the
+    outputs of the listed adapters (``fusion.py``). Add its layers with
+    ``add_adapter_fusion(Fuse(...))`` first."""
+
+    @property
+    def key(self) -> str:
+        """The key its fusion layers are kept under (AdapterHub's ``"a,b"``)."""
+        return ",".join(self.names())
+
+    def compile(self, plans: list[Optional[Plan]], modules: Mapping[str, nn.Module]) -> Optional[Plan]:
+        unit = modules.get(self.key)
+        if unit is None or all(p is None for p in plans):
+            return None
+
+        def fuse(io: SlotIO) -> torch.Tensor:
+            base = io.passthrough
+            return unit(base, [p(io) if p is not None else base for p in plans])
+
+        return fuse
+
+
+#: which blocks (and plain names) each block may hold, as AdapterHub's ``ALLOWED_NESTINGS``;
+#: ``Parallel`` replicates the batch for the whole model, so it sits at the top of a setup or in
+#: its top-level ``Stack`` (checked by ``parallel.find_parallel``)
+ALLOWED_NESTINGS: dict[type, tuple[type, ...]] = {
+    Stack: (str, Stack, Average, BatchSplit, Parallel, Fuse),
+    Fuse: (str,),
+    Average: (str, Stack, Average, BatchSplit),
+    BatchSplit: (str, Stack, Average, BatchSplit),
+    Parallel: (str, Stack, Average, BatchSplit),
+}
+BLOCKS = {cls.__name__: cls for cls in ALLOWED_NESTINGS}
 
 
 def as_setup(setup: Union[None, Setup, Sequence[Setup]]) -> Optional[Block]:
@@ -126,45 +232,7 @@ def compile_plan(setup: Setup, modules: Mapping[str, nn.Module]) -> Optional[Pla
     if isinstance(setup, str):
         unit = modules.get(setup)
         return None if unit is None else unit.run
-    plans = [compile_plan(child, modules) for child in setup.children]
-    if isinstance(setup, Stack):
-        steps = [p for p in plans if p is not None]
-        if not steps:
-            return None
-        if len(steps) == 1:
-            return steps[0]
-
-        def stack(io: SlotIO) -> torch.Tensor:
-            value = io.passthrough
-            for step in steps:
-                value = step(io.with_value(value))
-            return value
-
-        return stack
-    if isinstance(setup, Average):
-        if all(p is None for p in plans):
-            return None
-        pairs = [(w, p) for w, p in zip(setup.weights, plans)]
-
-        def average(io: SlotIO) -> torch.Tensor:
-            return sum(w * (p(io) if p is not None else io.passthrough) for w, p in pairs)
-
-        return average
-    if isinstance(setup, BatchSplit):
-        bounds, start = [], 0
-        for size in setup.batch_sizes:
-            bounds.append((start, start + size))
-            start += size
-
-        def batch_split(io: SlotIO) -> torch.Tensor:
-            value = io.passthrough
-            if value.shape[0] != start:
-                raise AdapterError(f"BatchSplit sizes {setup.batch_sizes} add up to {start}, but the batch has {value.shape[0]} examples.")
-            index = [torch.arange(a, b, device=value.device) for a, b in bounds]
-            return route(io, list(zip(index, plans)))
-
-        return batch_split
-    raise AdapterError(f"Unsupported composition block {type(setup).__name__}.")
+    return setup.compile([compile_plan(child, modules) for child in setup.children], modules)
 
 
 def route(io: SlotIO, groups: Sequence[tuple[torch.Tensor, Optional[Plan]]]) -> torch.Tensor:

@@ -39,7 +39,8 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from . import __version__, context
-from .composition import Block, as_setup, compile_plan
+from .adapterdrop import GradFreeBelow, block_owners, check_skip_layers
+from .composition import Block, Fuse, as_setup, compile_plan
 from .config import AdapterConfig, config_from_dict, resolve_config
 from .errors import AdapterError, CheckpointError
 from .fingerprint import base_identity, check_same_base
@@ -47,7 +48,9 @@ from .heads import Head, HeadConfig, build_head
 from .interop import foreign_format, read_foreign, write_foreign
 from .io import check_base_shape, load_exact, read_checkpoint, write_checkpoint
 from .layouts import Layout
+from .fusion import FusionConfig, build_fusion
 from .merging import Merges
+from .parallel import Replicator, find_parallel, first_block, run_parallel
 from .routing import Routing, routed_plan
 from .slots import Site, Slot
 
@@ -95,6 +98,7 @@ class AdapterModel(nn.Module):
         self.layout = Layout.of(model)
         self.adapters = nn.ModuleDict()
         self.heads = nn.ModuleDict()
+        self.fusions = nn.ModuleDict()  # Fuse.key -> {site key: FusionUnit} (fusion.py)
         self._records: dict[str, AdapterRecord] = {}
         self._slots: dict[tuple[str, str], Slot] = {}  # (place id, place) -> slot
         self._setup: Optional[Block] = None
@@ -104,6 +108,9 @@ class AdapterModel(nn.Module):
         self._disabled = 0
         self._base_frozen = False
         self._base_dropout = True
+        self._skip_layers: frozenset[int] = frozenset()  # AdapterDrop (adapterdrop.py)
+        self._grad_free = GradFreeBelow()
+        self._replicator = Replicator()  # the Parallel block's batch copies (parallel.py)
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -177,6 +184,10 @@ class AdapterModel(nn.Module):
             if key in record.modules and record.site(key).place == place and name not in self._merges
         }
 
+    def _fusions_at(self, slot: Slot) -> dict[str, nn.Module]:
+        """The fusion layers at a slot, keyed by ``Fuse.key`` (what ``Fuse`` plans look up)."""
+        return {fuse: layers[slot.site.key] for fuse, layers in self.fusions.items() if slot.site.key in layers}
+
     def add_adapter(
         self,
         name: str,
@@ -207,12 +218,15 @@ class AdapterModel(nn.Module):
                 f"or call delete_adapter('{name}') first."
             )
         cfg = resolve_config(config, **options)
-        record = self._build(name, cfg)  # may raise: nothing changed yet
-        if name in self.adapters:
-            self.delete_adapter(name, delete_head=False)
+        self._replace(self._build(name, cfg), set_active)  # _build may raise: nothing changed yet
+
+    def _replace(self, record: AdapterRecord, set_active: bool) -> None:
+        """Attach a built record in place of any adapter of its name (keeping that one's head)."""
+        if record.name in self.adapters:
+            self.delete_adapter(record.name, delete_head=False)
         self._attach(record)
         if set_active:
-            self.set_active_adapters(name)
+            self.set_active_adapters(record.name)
         else:
             self._refresh()
 
@@ -225,6 +239,8 @@ class AdapterModel(nn.Module):
             self._setup = None
         record = self._records.pop(name)
         del self.adapters[name]
+        for fuse in [k for k in self.fusions if name in k.split(",")]:
+            del self.fusions[fuse]  # a fusion layer without one of its adapters means nothing
         for site in record.sites:
             slot_key = (site.place_id, site.place)
             still_used = any(site.key in r.modules and r.site(site.key).place == site.place
@@ -299,16 +315,37 @@ class AdapterModel(nn.Module):
         """The active setup (a ``Stack`` for a single name), or ``None``."""
         return self._setup
 
-    def set_active_adapters(self, setup: Union[None, str, Block, Sequence[Any]]) -> None:
+    def set_active_adapters(self, setup: Union[None, str, Block, Sequence[Any]], *,
+                            skip_layers: Optional[Sequence[int]] = None) -> None:
         """Activate a name, a list (stacked) or a composition block; ``None`` deactivates all.
-        The head named like the last adapter of the setup that has one becomes active."""
+        The head named like the last adapter of the setup that has one becomes active.
+        ``skip_layers`` (AdapterDrop) turns the setup's adapters off in those layers, counted
+        within each stack as ``layers=`` counts them (``adapterdrop.py``)."""
         block = as_setup(setup)
+        skip = check_skip_layers(self.layout, skip_layers)
         if block is not None:
             self._require(block.names())
+            missing = [repr(f) for f in _fuse_blocks(block) if f.key not in self.fusions]
+            if missing:
+                raise AdapterError(f"{', '.join(missing)} has no fusion layers yet; call add_adapter_fusion() first.")
+            parallel = find_parallel(block)
+            if parallel is not None:
+                first_block(parallel, self._records, self.layout, block_owners(self.layout))
             with_head = [n for n in block.names() if n in self.heads]
             if with_head:
                 self._active_head = with_head[-1]
         self._setup = block
+        self._skip_layers = skip
+        self._refresh()
+
+    @property
+    def skip_layers(self) -> list[int]:
+        """The layers whose adapters the active setup skips (AdapterDrop); settable."""
+        return sorted(self._skip_layers)
+
+    @skip_layers.setter
+    def skip_layers(self, layers: Optional[Sequence[int]]) -> None:
+        self._skip_layers = check_skip_layers(self.layout, layers)
         self._refresh()
 
     def train_adapter(self, setup: Union[str, Block, Sequence[Any]], *, train_head: bool = True,
@@ -382,10 +419,19 @@ class AdapterModel(nn.Module):
         """Recompile every slot's plans for the current setup (the one place that does): the
         active setup's plan and the per-example routing plan."""
         setup = None if self._disabled else self._setup
+        owners = block_owners(self.layout)
         for slot in self._slots.values():
             units = self._units_at(slot)
-            plan = compile_plan(setup, units) if setup is not None else None
+            skipped = owners.get(id(slot.site.host), (None, None))[1] in self._skip_layers
+            plan = compile_plan(setup, {**units, **self._fusions_at(slot)}) if setup is not None and not skipped else None
             slot.set_plans(plan, None if self._disabled else routed_plan(units))
+        self._grad_free.update(self.layout, owners, [s.site for s in self._slots.values() if s.plan is not None])
+        parallel = find_parallel(setup)
+        if parallel is None:
+            self._replicator.update([], 0)
+        else:
+            stack, low = first_block(parallel, self._records, self.layout, owners)
+            self._replicator.update(self.layout.stacks[stack].blocks[low:], len(parallel.children))
 
     # -- merging -----------------------------------------------------------------------------------
     @property
@@ -407,6 +453,130 @@ class AdapterModel(nn.Module):
         self._merges.unmerge(name)
         self._merges.apply(self._records, disabled=bool(self._disabled))
         self._refresh()
+
+    def average_adapter(
+        self,
+        name: str,
+        adapter_list: Sequence[str],
+        weights: Optional[Sequence[float]] = None,
+        *,
+        combine_strategy: str = "linear",
+        normalize_weights: bool = True,
+        svd_rank: Optional[int] = None,
+        density: float = 0.2,
+        overwrite: bool = False,
+        set_active: bool = False,
+    ) -> None:
+        """Add adapter ``name`` made by merging the weights of ``adapter_list`` (AdapterHub's
+        ``average_adapter``): ``combine_strategy`` ``"linear"``, ``"lora_svd"`` (rank
+        ``svd_rank``) or ``"ties"`` (keeping the top ``density`` fraction); weights default to
+        ``1 / N`` and are divided by their sum once (``normalize_weights``). Formulas:
+        ``merge_adapters.py``. On any error the model is left as it was."""
+        from .merge_adapters import combine
+
+        self._check_name(name)
+        if name in self.adapters and (not overwrite or name in adapter_list):
+            raise AdapterError(
+                f"An adapter named '{name}' already exists; choose another name"
+                + ("." if name in adapter_list else " or pass overwrite=True.")
+            )
+        if isinstance(adapter_list, str):
+            raise AdapterError("average_adapter takes a list of adapter names, e.g. ['a', 'b'].")
+        self._require(list(adapter_list))
+        config, state = combine([self._records[n] for n in adapter_list], weights, combine_strategy,
+                                normalize_weights=normalize_weights, svd_rank=svd_rank, density=density)
+        record = self._build(name, config)  # may raise: nothing changed yet
+        load_exact(record.modules, state, "", f"average_adapter('{name}')")
+        self._replace(record, set_active)
+
+    # -- AdapterFusion (fusion.py) ----------------------------------------------------------------
+    def add_adapter_fusion(self, fuse: Union[Fuse, Sequence[str]], config: "FusionConfig | dict | None" = None, *,
+                           overwrite: bool = False, set_active: bool = False) -> None:
+        """Add fusion layers attending over the adapters of ``fuse`` (AdapterHub's
+        ``add_adapter_fusion``); ``config``: a ``FusionConfig`` or its fields as a dict."""
+        fuse = fuse if isinstance(fuse, Fuse) else Fuse(*fuse)
+        self._require(fuse.names())
+        if len(fuse.names()) < 2:
+            raise AdapterError(f"{fuse!r} fuses one adapter; list two or more.")
+        if fuse.key in self.fusions and not overwrite:
+            raise AdapterError(f"{fuse!r} already has fusion layers; pass overwrite=True to start them afresh.")
+        cfg = config if isinstance(config, FusionConfig) else FusionConfig.from_dict(config or {})
+        units = build_fusion(fuse.names(), self._records, cfg)
+        ref = self._ref_param()
+        if ref is not None:
+            units.to(device=ref.device, dtype=ref.dtype)
+        self.fusions[fuse.key] = units.train(self.training)
+        if set_active:
+            self.set_active_adapters(fuse)
+        else:
+            self._refresh()
+
+    def train_adapter_fusion(self, fuse: Union[Fuse, Sequence[str]], *, unfreeze_adapters: bool = False,
+                             head: Optional[str] = None) -> None:
+        """Train the fusion layers of ``fuse`` (and the adapters too with ``unfreeze_adapters``),
+        with ``head`` (default: the active head) trained and made active; everything else frozen."""
+        fuse = fuse if isinstance(fuse, Fuse) else Fuse(*fuse)
+        head = head if head is not None else self._active_head
+        if head is not None and head not in self.heads:
+            raise AdapterError(f"No head named '{head}'; heads: {', '.join(self.heads) or 'none'}.")
+        self.set_active_adapters(fuse)  # checks names and fusion layers before anything changes
+        self.model.requires_grad_(False)
+        for name, module in self.adapters.items():
+            module.requires_grad_(unfreeze_adapters and name in fuse.names())
+        for key, units in self.fusions.items():
+            units.requires_grad_(key == fuse.key)
+        for name, module in self.heads.items():
+            module.requires_grad_(name == head)
+        self._active_head = head
+        self._base_frozen = True
+        self.train()
+
+    def fusion_scores(self, fuse: Union[Fuse, Sequence[str]]) -> dict[str, torch.Tensor]:
+        """The attention scores of the last forward at each fusion layer, by place id:
+        (batch, tokens, adapters), detached."""
+        fuse = fuse if isinstance(fuse, Fuse) else Fuse(*fuse)
+        if fuse.key not in self.fusions:
+            raise AdapterError(f"{fuse!r} has no fusion layers; call add_adapter_fusion() first.")
+        return {key.replace("-", "."): unit.scores for key, unit in self.fusions[fuse.key].items()
+                if unit.scores is not None}
+
+    def save_adapter_fusion(self, directory: "str | os.PathLike", fuse: Union[Fuse, Sequence[str]]) -> None:
+        """Write the fusion layers of ``fuse`` (safetensors + JSON, atomically); the adapters are
+        saved on their own with ``save_adapter``."""
+        fuse = fuse if isinstance(fuse, Fuse) else Fuse(*fuse)
+        if fuse.key not in self.fusions:
+            raise AdapterError(f"{fuse!r} has no fusion layers; call add_adapter_fusion() first.")
+        units = self.fusions[fuse.key]
+        first = next(iter(units.values()))
+        meta = {"fusion": {"adapters": fuse.names()}, "adapterkit_version": __version__,
+                "config": first.config.to_dict(), "places": list(units.keys()),
+                "base_model": {**self.layout.fingerprint(), **base_identity(self)}}
+        write_checkpoint(directory, meta, {f"fusion.{k}": v for k, v in units.state_dict().items()})
+
+    def load_adapter_fusion(self, directory: "str | os.PathLike", *, set_active: bool = False) -> Fuse:
+        """Load fusion layers saved by ``save_adapter_fusion`` over adapters already in the model
+        (same names); returns the ``Fuse`` block. On any error the model is left as it was."""
+        meta, tensors = read_checkpoint(directory)
+        info = meta.get("fusion")
+        if not isinstance(info, dict) or not isinstance(info.get("adapters"), list):
+            raise CheckpointError(f"{directory}: not a fusion checkpoint (no 'fusion' entry); use load_adapter() "
+                                  "for adapters.")
+        fuse = Fuse(*info["adapters"])
+        self._require(fuse.names())
+        if fuse.key in self.fusions:
+            raise AdapterError(f"{fuse!r} already has fusion layers; delete them (del model.fusions[key]) first.")
+        check_base_shape(meta.get("base_model", {}), self.layout.fingerprint(), directory)
+        units = build_fusion(fuse.names(), self._records, FusionConfig.from_dict(meta["config"]))
+        ref = self._ref_param()
+        if ref is not None:
+            units.to(device=ref.device, dtype=ref.dtype)
+        load_exact(units, tensors, "fusion.", directory)
+        self.fusions[fuse.key] = units.train(self.training)
+        if set_active:
+            self.set_active_adapters(fuse)
+        else:
+            self._refresh()
+        return fuse
 
     # -- forward -------------------------------------------------------------------------------
     def forward(
@@ -442,6 +612,11 @@ class AdapterModel(nn.Module):
                 kwargs["input_ids"] = input_ids
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
+        if self._replicator.copies:  # a Parallel setup: one output per child (parallel.py)
+            if adapter_names is not None or head is not None:
+                raise AdapterError("A Parallel setup gives each adapter its own head; drop adapter_names= / head=, "
+                                   "or activate one adapter or a Stack.")
+            return run_parallel(self, find_parallel(self._setup), args, kwargs, labels)
         routing = self._routing(adapter_names, args[0] if args else None, kwargs) if adapter_names is not None else None
         with self._routing_hooks(routing is not None), context.forward(routing) as ctx:
             if head_name is None:
@@ -474,6 +649,8 @@ class AdapterModel(nn.Module):
     def generate(self, *args: Any, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs: Any):
         """``generate`` of the wrapped model, with the active adapters, or with one adapter per
         prompt (``adapter_names``; beams and several sequences per prompt follow their prompt)."""
+        if self._replicator.copies:
+            raise AdapterError("generate() cannot run a Parallel setup; activate one adapter (or a Stack) per call.")
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
         routing = self._routing(adapter_names, args[0] if args else None, kwargs)
@@ -507,11 +684,12 @@ class AdapterModel(nn.Module):
         out = OrderedDict() if destination is None else destination
         self.adapters.state_dict(destination=out, prefix=prefix + "adapters.", keep_vars=keep_vars)
         self.heads.state_dict(destination=out, prefix=prefix + "heads.", keep_vars=keep_vars)
+        self.fusions.state_dict(destination=out, prefix=prefix + "fusions.", keep_vars=keep_vars)
         return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
         """Inverse of ``state_dict``: loads adapter and head weights (keys ``adapters.*``, ``heads.*``)."""
-        holder = nn.ModuleDict({"adapters": self.adapters, "heads": self.heads})
+        holder = nn.ModuleDict({"adapters": self.adapters, "heads": self.heads, "fusions": self.fusions})
         return holder.load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- summary -------------------------------------------------------------------------------
@@ -631,6 +809,15 @@ class AdapterModel(nn.Module):
         else:
             self._refresh()
         return name
+
+
+def _fuse_blocks(block: Block) -> list[Fuse]:
+    """Every ``Fuse`` in a setup."""
+    out = [block] if isinstance(block, Fuse) else []
+    for child in block.children:
+        if isinstance(child, Block):
+            out += _fuse_blocks(child)
+    return out
 
 
 class _CallCounter:

@@ -57,6 +57,7 @@ class TrainConfig:
     head_layers: int = 2
     head_dropout: float = 0.1
     base_dropout: bool = True
+    adapter_drop: int = 0
     # optimisation
     epochs: int = 3
     lr: Optional[float] = None
@@ -118,6 +119,9 @@ class TrainConfig:
             (self.log_every >= 1, "--log-every must be >= 1 step."),
             (self.progress in PROGRESS, f"--progress must be one of {', '.join(PROGRESS)}."),
             (self.head_layers >= 1, "--head-layers must be >= 1."),
+            (self.adapter_drop >= 0, f"--adapter-drop must be >= 0 layers (0 = off), got {self.adapter_drop}."),
+            (not (self.full_finetune and self.adapter_drop),
+             "--adapter-drop drops adapters from lower layers; full fine-tuning has none. Drop the flag."),
             (0 <= self.head_dropout < 1, "--head-dropout must be in [0, 1)."),
             (bool(self.train), "--train FILE is required."),
             (not (self.eval and self.val_fraction), "Pass --eval FILE or --val-fraction, not both."),

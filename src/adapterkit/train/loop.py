@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..adapterdrop import AdapterDrop
 from ..artifacts import write_base_ref
 from ..config import AdapterConfig, resolve_config
 from ..data import (
@@ -296,6 +297,7 @@ class _Runner:
                                       "bad_evals": 0, "stopped_early": False, "elapsed": 0.0, "last_eval_step": None}
         self.best: Optional[dict[str, torch.Tensor]] = None
         self.eval_batch = self.cfg.eval_batch_size or max(64, 2 * self.cfg.batch_size)
+        self.drop = AdapterDrop(self.cfg.adapter_drop, self.cfg.seed) if self.cfg.adapter_drop else None
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -330,6 +332,15 @@ class _Runner:
 
     # -- one optimizer step ----------------------------------------------------------------------------
     def step(self, ddp: nn.Module, batch: list[int]) -> float:
+        if self.drop is None:
+            return self._step(ddp, batch)
+        self.drop.before_step(self.model, self.state["step"])
+        try:
+            return self._step(ddp, batch)
+        finally:
+            self.drop.after_step(self.model)
+
+    def _step(self, ddp: nn.Module, batch: list[int]) -> float:
         task, enc, env = self.spec.task, self.prep.train, self.env
         n_global = units(enc, batch, task)
         mine = shard(batch, env.rank, env.world_size)
