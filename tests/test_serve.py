@@ -223,6 +223,14 @@ def test_full_queue_answers_429_and_timeouts_504(encoder):
         time.sleep(1.2)  # past the window: the timed-out job must have been dropped, not run
         metrics = httpx.get(running.url + "/metrics").text
         assert 'kind="classify"' not in metrics  # no batch ever ran
+
+
+def test_a_client_that_leaves_costs_no_work(encoder):
+    import time
+
+    base, dirs = encoder
+    config = ServeConfig(model=str(base), adapters={"sent": str(dirs["sent"])}, batch_window=1.0)
+    with Running(config) as running:
         with pytest.raises(httpx.ReadTimeout):  # the client leaves while its request waits for the window
             httpx.post(running.url + "/v1/classify", json={"adapter": "sent", "texts": ["x"]}, timeout=0.2)
         time.sleep(1.2)
