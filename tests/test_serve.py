@@ -297,3 +297,40 @@ def test_config_file_and_flags(tmp_path, monkeypatch):
         config_from_args(build_parser().parse_args(["serve"]))
     with pytest.raises(AdapterError, match="max_batch must be >= 1"):
         ServeConfig(model="m", max_batch=0)
+
+
+def test_the_serve_command_starts_a_server(encoder, tmp_path):
+    """``adapterkit serve`` itself, as a process, with a config file and a flag."""
+    import subprocess
+    import sys
+    import time
+
+    from serve_helpers import free_port
+
+    base, dirs = encoder
+    port = free_port()
+    (tmp_path / "serve.json").write_text(json.dumps({"model": str(base), "adapters": {"sent": str(dirs["sent"])}}))
+    proc = subprocess.Popen([sys.executable, "-m", "adapterkit", "serve", "--config", str(tmp_path / "serve.json"),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+                time.sleep(0.2)
+        assert health.json()["adapters"] == 1
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/classify", json={"adapter": "sent", "texts": ["fine"]})
+        assert answer.json()["results"][0]["label"] in ("negative", "positive")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_the_serve_command_refuses_bad_settings(capsys):
+    from adapterkit.cli import main
+
+    assert main(["serve"]) == 2
+    assert "needs --model" in capsys.readouterr().err
