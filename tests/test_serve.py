@@ -334,3 +334,23 @@ def test_the_serve_command_refuses_bad_settings(capsys):
 
     assert main(["serve"]) == 2
     assert "needs --model" in capsys.readouterr().err
+
+
+def test_batches_respect_keys_max_batch_and_token_budget():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from adapterkit.serve.batcher import Batcher, Job
+    from adapterkit.serve.engine import ClassifyKey
+
+    async def scenario():
+        batcher = Batcher(lambda key, payloads: payloads, ThreadPoolExecutor(1), window=0.0, max_batch=4,
+                          max_batch_tokens=40, queue_size=10)
+        mixed, only_a = ClassifyKey(), ClassifyKey("a")
+        jobs = [Job(mixed, 2, 5, "m1"), Job(only_a, 1, 5, "a1"), Job(mixed, 1, 5, "m2"), Job(mixed, 2, 5, "m3"),
+                Job(mixed, 1, 30, "long"), Job(only_a, 1, 5, "a2")]
+        for job in jobs:
+            batcher.submit(job)
+        jobs[2].future.cancel()  # its client left: dropped
+        return [[j.payload for j in batcher._take()] for _ in range(4)]
+
+    assert asyncio.run(scenario()) == [["m1", "m3"], ["a1", "a2"], ["long"], []]

@@ -134,7 +134,8 @@ def create_app(engine: Engine) -> FastAPI:
                 raise HTTPException(422, f"Adapter '{body.adapter}' has no head, so it cannot classify; use an "
                                          "adapter saved with its head (GET /v1/adapters shows heads).")
             examples = engine.encode_texts(body.texts, body.text_pairs)
-            job = Job(ClassifyKey(), len(examples), max(e.length for e in examples),
+            key = ClassifyKey(None if config.mixed_batches else body.adapter)
+            job = Job(key, len(examples), max(e.length for e in examples),
                       ClassifyJob(body.adapter, examples))
             results = await server.run(request, job)
         finally:

@@ -37,6 +37,7 @@ class ServeConfig:
     max_length: int = 512  # tokens per text after truncation
     max_new_tokens: int = 256  # generate's upper bound (more: 422)
     max_body_bytes: int = 1_000_000  # request body (more: 413)
+    mixed_batches: bool = True  # False: a classify batch holds one adapter's requests (the baseline of the bench)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapters", dict(self.adapters))

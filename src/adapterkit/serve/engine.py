@@ -50,8 +50,11 @@ class GenerateJob:
 
 @dataclass(frozen=True)
 class ClassifyKey:
-    """Every classify request batches with every other: each example gets its adapter's head."""
+    """Classify requests batch together when these are equal: ``adapter`` is ``None`` (every
+    request with every other; each example gets its adapter's head) unless the server batches
+    one adapter at a time (``ServeConfig.mixed_batches=False``)."""
 
+    adapter: Optional[str] = None
     kind: str = "classify"
 
 
