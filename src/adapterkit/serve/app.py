@@ -90,8 +90,9 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def create_app(engine: Engine) -> FastAPI:
-    """The HTTP app serving ``engine``'s model and adapters."""
+def create_app(engine: Engine) -> "_Observed":
+    """The ASGI app serving ``engine``'s model and adapters (for ``uvicorn.run``); the FastAPI
+    app inside is its ``.app``."""
     server = _Server(engine)
     config = engine.config
 
@@ -193,7 +194,7 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/health", response_model=Health)
     async def health() -> Any:
-        queue = len(server.batcher._pending) if server.batcher is not None else 0
+        queue = server.batcher.depth if server.batcher is not None else 0
         return {"status": "ok", "model": config.model, "adapters": len(server.registry), "queue": queue}
 
     @app.get("/metrics")

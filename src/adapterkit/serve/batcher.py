@@ -62,6 +62,11 @@ class Batcher:
             job.future.cancel()
         self._pending.clear()
 
+    @property
+    def depth(self) -> int:
+        """Jobs waiting for a batch."""
+        return len(self._pending)
+
     def submit(self, job: Job) -> "asyncio.Future[Any]":
         """Queue ``job``; its future gets the result. Raises ``QueueFull``."""
         self._pending = [j for j in self._pending if not j.future.done()]  # gone requests free their place

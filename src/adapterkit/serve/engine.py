@@ -80,12 +80,16 @@ class Engine:
 
     # -- on the event loop -----------------------------------------------------------------------
     def encode_texts(self, texts: list[str], pairs: Optional[list[str]]) -> list[Encoded]:
-        options = {"truncation": True, "max_length": self.config.max_length, "return_offsets_mapping": True}
+        fast = bool(getattr(self.tokenizer, "is_fast", False))  # word ids and offsets (tagging) need a fast one
+        options = {"truncation": True, "max_length": self.config.max_length, "return_offsets_mapping": fast}
         with self._tokenizer_lock:
             enc = self.tokenizer(texts, pairs, **options) if pairs is not None else self.tokenizer(texts, **options)
         out = []
         for i, text in enumerate(texts):
             features = {k: enc[k][i] for k in enc.keys() if k != "offset_mapping"}
+            if not fast:
+                out.append(Encoded(text, features))
+                continue
             # tagging names the words of the first text only (a pair's second text has its own word ids)
             words = [w if s == 0 else None for w, s in zip(enc.word_ids(i), enc.sequence_ids(i))]
             out.append(Encoded(text, features, words, [tuple(o) for o in enc["offset_mapping"][i]]))
