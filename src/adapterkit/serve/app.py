@@ -14,10 +14,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
-from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi import FastAPI, Header, HTTPException, Path, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import AdapterError
@@ -25,8 +26,8 @@ from .batcher import Batcher, Job, QueueFull
 from .engine import ClassifyJob, ClassifyKey, Engine, GenerateJob, GenerateKey
 from .metrics import Metrics
 from .registry import Registry
-from .schemas import (AdapterInfo, ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse, Health,
-                      LoadRequest)
+from .schemas import (NAME_PATTERN, AdapterInfo, ClassifyRequest, ClassifyResponse, Error, GenerateRequest,
+                      GenerateResponse, Health, LoadRequest)
 from .security import BodyLimit, check_admin, check_name, check_path
 
 
@@ -108,7 +109,9 @@ def create_app(engine: Engine) -> "_Observed":
         server.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="adapterkit", version=__version__, lifespan=lifespan,
-                  description="One frozen base model, many adapters, mixed batches.")
+                  description="One frozen base model, many adapters, mixed batches.",
+                  responses={"4XX": {"model": Error, "description": "a client error, named in detail"},
+                             "5XX": {"model": Error, "description": "a server error"}})
     app.state.server = server
 
     @app.exception_handler(RequestValidationError)
@@ -117,6 +120,15 @@ def create_app(engine: Engine) -> "_Observed":
         if any(e.get("type") == "json_invalid" for e in errors):
             return JSONResponse({"detail": "The body is not valid JSON; send a JSON object.", "errors": errors}, 400)
         return JSONResponse({"detail": errors}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # every method the path takes, not only those of the first route matched
+            methods = {m for r in app.routes if getattr(r, "methods", None) and r.path_regex.match(request.url.path)
+                       for m in r.methods}
+            headers["Allow"] = ", ".join(sorted(methods))
+        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
 
     @app.exception_handler(AdapterError)
     async def _refused(request: Request, exc: AdapterError):
@@ -184,7 +196,7 @@ def create_app(engine: Engine) -> "_Observed":
         return {"name": name, **described}
 
     @app.delete("/v1/adapters/{name}", status_code=204)
-    async def unload(name: str, authorization: Optional[str] = Header(None)) -> Response:
+    async def unload(name: str = Path(pattern=NAME_PATTERN), authorization: Optional[str] = Header(None)) -> Response:
         check_admin(authorization, config.admin_token)
         check_name(name)
         if server.registry.hide(name):
@@ -197,7 +209,7 @@ def create_app(engine: Engine) -> "_Observed":
         queue = server.batcher.depth if server.batcher is not None else 0
         return {"status": "ok", "model": config.model, "adapters": len(server.registry), "queue": queue}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=server.metrics.content_type)
 

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+#: adapter names: no path separators, no dots (the registry and the admin endpoints check it too)
+NAME_PATTERN = r"^[A-Za-z0-9_\-]{1,64}$"
+
+
+class Error(BaseModel):
+    """Every 4xx / 5xx answer: ``detail`` says what is wrong and how to fix it (a list of field
+    errors for an invalid body)."""
+
+    detail: Union[str, list[Any]]
+    errors: Optional[list[Any]] = None
 
 
 class _Strict(BaseModel):
@@ -12,7 +24,7 @@ class _Strict(BaseModel):
 
 
 class ClassifyRequest(_Strict):
-    adapter: str = Field(description="the adapter whose head answers (GET /v1/adapters lists them)")
+    adapter: str = Field(pattern=NAME_PATTERN, description="the adapter whose head answers (GET /v1/adapters lists them)")
     texts: list[str] = Field(min_length=1, description="texts to classify, tag or score")
     text_pairs: Optional[list[str]] = Field(None, description="second texts of pair tasks, one per text")
 
@@ -38,7 +50,7 @@ class ClassifyResponse(BaseModel):
 
 class GenerateRequest(_Strict):
     prompt: str = Field(min_length=1)
-    adapter: Optional[str] = Field(None, description="an adapter, or none for the bare base model")
+    adapter: Optional[str] = Field(None, pattern=NAME_PATTERN, description="an adapter, or none for the bare base model")
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0: greedy; more: sampling")
     stop: Union[str, list[str], None] = Field(None, description="the text ends before the first of these")
@@ -52,7 +64,7 @@ class GenerateResponse(BaseModel):
 
 
 class LoadRequest(_Strict):
-    name: str = Field(description="the name requests will use")
+    name: str = Field(pattern=NAME_PATTERN, description="the name requests will use")
     path: str = Field(description="an adapter folder under one of the allowed roots")
 
 
