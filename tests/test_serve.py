@@ -381,3 +381,23 @@ def test_schemathesis_finds_no_500_and_no_schema_violation(kind, encoder, tmp_pa
                                "positive_data_acceptance", "--max-examples", "15", "--seed", "1",
                                "-H", f"Authorization: Bearer {TOKEN}"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:]
+
+
+def test_generation_stops_when_every_client_has_gone(tmp_path):
+    """A generate batch whose requests have all gone stops at the next token (no further work)."""
+    from adapterkit.serve.command import build_engine
+    from adapterkit.serve.engine import GenerateJob, GenerateKey
+
+    base, gen = make_decoder(tmp_path)
+    engine = build_engine(ServeConfig(model=str(base), adapters={"poet": str(gen["poet"])}))
+    prompt = engine.encode_prompt("the sea")
+    eos = engine.model.model.generation_config.eos_token_id
+    engine.model.model.generation_config.eos_token_id = None  # never ends early by itself
+    try:
+        key = GenerateKey(max_new_tokens=12, temperature=0.0)
+        stayed = engine.generate(key, [GenerateJob("poet", prompt, []), GenerateJob(None, prompt, [])])
+        left = engine.generate(key, [GenerateJob("poet", prompt, [], cancelled=lambda: True)])
+    finally:
+        engine.model.model.generation_config.eos_token_id = eos
+    assert [r["tokens"] for r in stayed] == [12, 12]
+    assert left[0]["tokens"] == 1
