@@ -379,7 +379,8 @@ def test_schemathesis_finds_no_500_and_no_schema_violation(kind, encoder, tmp_pa
     with Running(config) as running:
         done = subprocess.run([exe, "run", running.url + "/openapi.json", "--checks", "all", "--exclude-checks",
                                "positive_data_acceptance", "--max-examples", "15", "--seed", "1",
-                               "-H", f"Authorization: Bearer {TOKEN}"], capture_output=True, text=True, timeout=600)
+                               "-H", f"Authorization: Bearer {TOKEN}"], capture_output=True, text=True, timeout=600,
+                              cwd=tmp_path)  # its cache stays out of the checkout
     assert done.returncode == 0, done.stdout[-4000:]
 
 
