@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .errors import AdapterError
+from .serve import command as serve_command
 
 EXIT_BAD_INPUT = 2
 
@@ -191,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model folder or alias (default: the one recorded beside SRC)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickled *.bin weights (torch.load with weights_only=True); refused otherwise")
+    serve_command.add_parser(sub)
     return parser
 
 
@@ -489,7 +491,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "inspect": cmd_inspect, "merge": cmd_merge,
-            "convert": cmd_convert}
+            "convert": cmd_convert, "serve": serve_command.cmd_serve}
 
 
 def _quiet_libraries() -> None:

@@ -134,3 +134,37 @@ def build_head(config: HeadConfig, layout: "Layout", like: Optional[torch.Tensor
     if like is not None:
         head.to(device=like.device, dtype=like.dtype)
     return head
+
+
+@dataclass
+class RoutedHeadsOutput:
+    """Per-example heads (``model(..., adapter_names=names, routed_heads=True)``): the body ran
+    once, then each head on the rows routed to its adapter.
+
+    ``head_names[i]`` is the head example ``i`` went through (the head named like its adapter),
+    ``None`` when its adapter is ``None`` or has no head; ``logits[i]`` is that example's output
+    (``(num_labels,)`` for a sequence head, ``(T, num_labels)`` for a tagging head over the
+    batch's padded length) or ``None`` for an example without a head. ``hidden_states`` is the
+    body's last hidden state ``(B, T, d)`` for every row, headless or not."""
+
+    logits: list[Optional[torch.Tensor]]
+    head_names: list[Optional[str]]
+    hidden_states: torch.Tensor
+
+
+def run_routed_heads(heads: "nn.ModuleDict", hidden: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                     names: "list[Optional[str]]") -> RoutedHeadsOutput:
+    """Each head of ``heads`` on the rows of ``hidden`` (B, T, d) whose name in ``names`` it bears."""
+    head_names = [n if n is not None and n in heads else None for n in names]
+    logits: list[Optional[torch.Tensor]] = [None] * len(names)
+    rows: dict[str, list[int]] = {}
+    for i, name in enumerate(head_names):
+        if name is not None:
+            rows.setdefault(name, []).append(i)
+    for name, index in rows.items():
+        picked = torch.tensor(index, device=hidden.device)
+        mask = attention_mask.index_select(0, picked) if attention_mask is not None else None
+        _, out = heads[name](hidden.index_select(0, picked), mask)
+        for i, row in zip(index, out):
+            logits[i] = row
+    return RoutedHeadsOutput(logits, head_names, hidden)

@@ -44,7 +44,7 @@ from .composition import Block, Fuse, as_setup, compile_plan
 from .config import AdapterConfig, config_from_dict, resolve_config
 from .errors import AdapterError, CheckpointError
 from .fingerprint import base_identity, check_same_base
-from .heads import Head, HeadConfig, build_head
+from .heads import Head, HeadConfig, RoutedHeadsOutput, build_head, run_routed_heads
 from .interop import foreign_format, read_foreign, write_foreign
 from .io import check_base_shape, load_exact, read_checkpoint, write_checkpoint
 from .layouts import Layout
@@ -587,6 +587,7 @@ class AdapterModel(nn.Module):
         *,
         adapter_names: Optional[Sequence[Optional[str]]] = None,
         head: Optional[str] = None,
+        routed_heads: bool = False,
         **kwargs: Any,
     ):
         """Run the model with the active setup and head.
@@ -600,7 +601,15 @@ class AdapterModel(nn.Module):
         runs ``model.model(x)`` with the adapters.
 
         Auxiliary losses of the adapters (``l2_lambda``, while training) are returned as
-        ``output.aux_loss`` and added to ``output.loss`` when there is one."""
+        ``output.aux_loss`` and added to ``output.loss`` when there is one.
+
+        ``routed_heads=True`` (with ``adapter_names``) runs the body once and then, per example,
+        the head named like that example's adapter, so that adapters with different heads and
+        label sets share one pass; it returns a ``RoutedHeadsOutput`` (per-example logits and
+        head names; ``None`` for rows whose adapter is ``None`` or has no head). It computes
+        no loss: ``labels`` are refused."""
+        if routed_heads:
+            return self._forward_routed_heads(input_ids, attention_mask, labels, adapter_names, head, kwargs)
         head_name = head if head is not None else self._active_head
         if head_name is not None and head_name not in self.heads:
             raise AdapterError(f"No head named '{head_name}'; heads: {', '.join(self.heads) or 'none'}.")
@@ -628,6 +637,31 @@ class AdapterModel(nn.Module):
             hidden = out if isinstance(out, torch.Tensor) else out[0]  # (B, T, d)
             loss, logits = self.heads[head_name](hidden, attention_mask, labels)
             return _with_aux_loss(AdapterModelOutput(loss=loss, logits=logits), ctx.aux_loss())
+
+    def _forward_routed_heads(self, input_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
+                              labels: Optional[torch.Tensor], adapter_names: Optional[Sequence[Optional[str]]],
+                              head: Optional[str], kwargs: dict) -> RoutedHeadsOutput:
+        if adapter_names is None or labels is not None or head is not None:
+            raise AdapterError("routed_heads=True takes adapter_names (one per example) and neither labels nor head; "
+                               "for a loss or a single head call the model without routed_heads.")
+        if self.config is None:
+            raise AdapterError("routed_heads=True needs a transformers model (heads read its hidden states).")
+        names = list(adapter_names) if not isinstance(adapter_names, str) else adapter_names
+        backbone = getattr(self.model, "base_model", self.model)
+        out = self._body(input_ids, attention_mask, names, backbone, kwargs)
+        hidden = out if isinstance(out, torch.Tensor) else out[0]  # (B, T, d)
+        return run_routed_heads(self.heads, hidden, attention_mask, names)
+
+    def _body(self, input_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor], names: list,
+              backbone: nn.Module, kwargs: dict) -> Any:
+        """The backbone's output (no LM head) with per-example routing."""
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        routing = self._routing(names, None, kwargs)
+        with self._routing_hooks(True), context.forward(routing):
+            return backbone(**kwargs)
 
     def _routing(self, adapter_names: Sequence[Optional[str]], positional: Optional[torch.Tensor],
                  kwargs: dict) -> Routing:

@@ -1,0 +1,250 @@
+"""The FastAPI app: ``create_app(engine)`` and its routes.
+
+Every request is answered with JSON; client errors get a 4xx naming the problem (never a 500):
+malformed JSON 400, an unknown adapter 404, too many texts / too long a text / too big a body 413,
+invalid fields 422, a full queue 429, a request past its timeout 504. ``POST`` and ``DELETE
+/v1/adapters`` need the admin bearer token (``security.check_admin``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+from fastapi import FastAPI, Header, HTTPException, Path, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..errors import AdapterError
+from .batcher import Batcher, Job, QueueFull
+from .engine import ClassifyJob, ClassifyKey, Engine, GenerateJob, GenerateKey
+from .metrics import Metrics
+from .registry import Registry
+from .schemas import (NAME_PATTERN, AdapterInfo, ClassifyRequest, ClassifyResponse, Error, GenerateRequest,
+                      GenerateResponse, Health, LoadRequest)
+from .security import BodyLimit, check_admin, check_name, check_path
+
+
+class _Server:
+    """What the routes share: engine, registry, batcher, metrics and the worker thread."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.config = engine, engine.config
+        self.metrics = Metrics()
+        self.registry = Registry()
+        for name in engine.model.records:
+            self.registry.add(name, engine.describe(name))
+        self.metrics.adapters_loaded.set(len(self.registry))
+        self.executor: Optional[ThreadPoolExecutor] = None
+        self.batcher: Optional[Batcher] = None
+
+    async def on_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def remove(self, name: str) -> None:
+        """Take an unloaded adapter out of the model (no request holds it any more)."""
+        try:
+            await self.on_worker(self.engine.unload, name)
+        finally:
+            self.registry.gone(name)
+
+    async def release(self, name: Optional[str]) -> None:
+        if self.registry.release(name):
+            await self.remove(name)
+
+    async def run(self, request: Request, job: Job) -> Any:
+        """Queue ``job`` and wait for its result, the request's timeout or the client leaving."""
+        try:
+            future = self.batcher.submit(job)
+        except QueueFull:
+            raise HTTPException(429, "The server is busy (its queue is full); retry shortly.",
+                                headers={"Retry-After": "1"}) from None
+        if isinstance(job.payload, GenerateJob):
+            job.payload.cancelled = future.done
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({future, gone}, timeout=self.config.timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if future in done:
+            try:
+                return future.result()
+            except AdapterError as err:
+                raise HTTPException(422, str(err)) from None
+        future.cancel()  # not started: never runs; generating: stops at the next token
+        if gone in done:
+            raise HTTPException(499, "The client closed the connection.")
+        raise HTTPException(504, f"No answer within {self.config.timeout:g} s (the server is loaded); retry or send "
+                                 "fewer texts.")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(engine: Engine) -> "_Observed":
+    """The ASGI app serving ``engine``'s model and adapters (for ``uvicorn.run``); the FastAPI
+    app inside is its ``.app``."""
+    server = _Server(engine)
+    config = engine.config
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.executor = ThreadPoolExecutor(1, thread_name_prefix="adapterkit-model")
+        server.batcher = Batcher(engine.run, server.executor, window=config.batch_window, max_batch=config.max_batch,
+                                 max_batch_tokens=config.max_batch_tokens, queue_size=config.queue_size,
+                                 metrics=server.metrics)
+        server.batcher.start()
+        yield
+        await server.batcher.stop()
+        server.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="adapterkit", version=__version__, lifespan=lifespan,
+                  description="One frozen base model, many adapters, mixed batches.",
+                  responses={"4XX": {"model": Error, "description": "a client error, named in detail"},
+                             "5XX": {"model": Error, "description": "a server error"}})
+    app.state.server = server
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str})
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return JSONResponse({"detail": "The body is not valid JSON; send a JSON object.", "errors": errors}, 400)
+        return JSONResponse({"detail": errors}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # every method the path takes, not only those of the first route matched
+            methods = {m for r in app.routes if getattr(r, "methods", None) and r.path_regex.match(request.url.path)
+                       for m in r.methods}
+            headers["Allow"] = ", ".join(sorted(methods))
+        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
+
+    @app.exception_handler(AdapterError)
+    async def _refused(request: Request, exc: AdapterError):
+        return JSONResponse({"detail": str(exc)}, 422)
+
+    @app.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True)
+    async def classify(body: ClassifyRequest, request: Request) -> Any:
+        _check_texts(body.texts, config.max_texts, config.max_chars)
+        _check_texts(body.text_pairs or [], config.max_texts, config.max_chars)
+        if body.text_pairs is not None and len(body.text_pairs) != len(body.texts):
+            raise HTTPException(422, f"text_pairs has {len(body.text_pairs)} entries for {len(body.texts)} texts; "
+                                     "send one second text per text.")
+        described = server.registry.acquire(body.adapter)
+        try:
+            if described.get("head") is None:
+                raise HTTPException(422, f"Adapter '{body.adapter}' has no head, so it cannot classify; use an "
+                                         "adapter saved with its head (GET /v1/adapters shows heads).")
+            examples = engine.encode_texts(body.texts, body.text_pairs)
+            key = ClassifyKey(None if config.mixed_batches else body.adapter)
+            job = Job(key, len(examples), max(e.length for e in examples),
+                      ClassifyJob(body.adapter, examples))
+            results = await server.run(request, job)
+        finally:
+            await server.release(body.adapter)
+        return {"adapter": body.adapter, "head": described["head"]["type"], "results": results}
+
+    @app.post("/v1/generate", response_model=GenerateResponse)
+    async def generate(body: GenerateRequest, request: Request) -> Any:
+        if not engine.causal_lm:
+            raise HTTPException(422, f"The base model '{config.model}' is not a causal LM; /v1/generate needs one "
+                                     "(use /v1/classify).")
+        if body.max_new_tokens > config.max_new_tokens:
+            raise HTTPException(422, f"max_new_tokens={body.max_new_tokens} is over this server's limit of "
+                                     f"{config.max_new_tokens}.")
+        _check_texts([body.prompt], 1, config.max_chars)
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        server.registry.acquire(body.adapter)
+        try:
+            prompt = engine.encode_prompt(body.prompt)
+            if not prompt.length:
+                raise HTTPException(422, "The prompt has no tokens; send some text.")
+            key = GenerateKey(body.max_new_tokens, body.temperature)
+            result = await server.run(request, Job(key, 1, prompt.length + body.max_new_tokens,
+                                                   GenerateJob(body.adapter, prompt, stop)))
+        finally:
+            await server.release(body.adapter)
+        return {"adapter": body.adapter, **result}
+
+    @app.get("/v1/adapters", response_model=list[AdapterInfo])
+    async def adapters() -> Any:
+        return server.registry.describe()
+
+    @app.post("/v1/adapters", response_model=AdapterInfo, status_code=201)
+    async def load(body: LoadRequest, authorization: Optional[str] = Header(None)) -> Any:
+        check_admin(authorization, config.admin_token)
+        name = check_name(body.name)
+        path = check_path(body.path, config.allowed_roots)
+        server.registry.reserve(name)
+        try:
+            described = await server.on_worker(engine.load, name, str(path))
+        except (AdapterError, OSError, ValueError) as err:
+            raise HTTPException(422, f"Cannot load '{body.path}': {err}") from None
+        server.registry.add(name, described)
+        server.metrics.adapters_loaded.set(len(server.registry))
+        return {"name": name, **described}
+
+    @app.delete("/v1/adapters/{name}", status_code=204)
+    async def unload(name: str = Path(pattern=NAME_PATTERN), authorization: Optional[str] = Header(None)) -> Response:
+        check_admin(authorization, config.admin_token)
+        check_name(name)
+        if server.registry.hide(name):
+            await server.remove(name)
+        server.metrics.adapters_loaded.set(len(server.registry))
+        return Response(status_code=204)
+
+    @app.get("/health", response_model=Health)
+    async def health() -> Any:
+        queue = server.batcher.depth if server.batcher is not None else 0
+        return {"status": "ok", "model": config.model, "adapters": len(server.registry), "queue": queue}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=server.metrics.content_type)
+
+    return _Observed(BodyLimit(app, config.max_body_bytes), server.metrics, app)
+
+
+def _check_texts(texts: list[str], max_texts: int, max_chars: int) -> None:
+    if len(texts) > max_texts:
+        raise HTTPException(413, f"{len(texts)} texts in one request; this server takes {max_texts} at most: split "
+                                 "the request.")
+    longest = max((len(t) for t in texts), default=0)
+    if longest > max_chars:
+        raise HTTPException(413, f"A text of {longest} characters; this server takes {max_chars} at most.")
+
+
+class _Observed:
+    """ASGI middleware: counts every HTTP answer (endpoint, status) and its latency. Exposes the
+    FastAPI app as ``.app`` (``openapi()``, ``state``)."""
+
+    def __init__(self, inner, metrics: Metrics, fastapi_app: FastAPI):
+        self.inner, self.metrics, self.app = inner, metrics, fastapi_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.inner(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            self.metrics.observe(getattr(route, "path", "other"), status, time.perf_counter() - start)

@@ -1,0 +1,90 @@
+"""``adapterkit serve``: its flags, and starting the server (imports FastAPI only when it runs,
+so the rest of the command line works without the ``serve`` extra)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..errors import AdapterError
+
+#: flag -> (ServeConfig field, type, help)
+_FLAGS = {
+    "--host": ("host", str, "address to listen on (default 127.0.0.1)"),
+    "--port": ("port", int, "port (default 8080)"),
+    "--batch-window": ("batch_window", float, "seconds a request waits for others to batch with (default 0.005)"),
+    "--max-batch": ("max_batch", int, "examples per forward pass (default 32)"),
+    "--max-batch-tokens": ("max_batch_tokens", int, "examples x padded length per forward pass (default 8192)"),
+    "--queue-size": ("queue_size", int, "requests waiting; one more answers 429 (default 256)"),
+    "--timeout": ("timeout", float, "seconds per request, queueing included; then 504 (default 30)"),
+    "--admin-token": ("admin_token", str, "bearer token for loading / unloading adapters (default: "
+                                          "$ADAPTERKIT_ADMIN_TOKEN; none: those endpoints are off)"),
+    "--max-texts": ("max_texts", int, "texts per request (default 64; more: 413)"),
+    "--max-chars": ("max_chars", int, "characters per text (default 10000; more: 413)"),
+    "--max-length": ("max_length", int, "tokens per text after truncation (default 512)"),
+    "--max-new-tokens": ("max_new_tokens", int, "generate's upper bound (default 256; more: 422)"),
+}
+
+
+def _named_dir(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got '{value}'")
+    return name, path
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve a base model with many adapters over HTTP (needs adapterkit[serve])",
+                       description="One frozen base model, many adapters, mixed batches: POST /v1/classify, "
+                                   "/v1/generate; GET/POST /v1/adapters, DELETE /v1/adapters/NAME; /health, /metrics.")
+    p.add_argument("--model", help="base model folder or alias (minilm, smollm2)")
+    p.add_argument("--adapter", dest="adapters", action="append", type=_named_dir, default=[], metavar="NAME=DIR",
+                   help="an adapter to load at start (repeat for more)")
+    p.add_argument("--config", help="a JSON or .toml file of the same settings (flags win)")
+    p.add_argument("--allowed-root", dest="allowed_roots", action="append", default=[], metavar="DIR",
+                   help="POST /v1/adapters may load from under this folder (repeat for more; default: none)")
+    for flag, (dest, typ, help_) in _FLAGS.items():
+        p.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
+
+
+def config_from_args(args: argparse.Namespace):
+    from .config import ServeConfig
+
+    given: dict[str, Any] = {dest: getattr(args, dest) for dest, _, _ in _FLAGS.values()
+                             if getattr(args, dest) is not None}
+    if args.model:
+        given["model"] = args.model
+    if args.adapters:
+        given["adapters"] = dict(args.adapters)
+    if args.allowed_roots:
+        given["allowed_roots"] = tuple(args.allowed_roots)
+    if args.config:
+        return ServeConfig.from_file(args.config, **given).with_token_from_env()
+    if "model" not in given:
+        raise AdapterError("serve needs --model PATH_OR_ALIAS (or a --config file with 'model').")
+    return ServeConfig(**given).with_token_from_env()
+
+
+def build_engine(config):
+    """Load the base model, its tokenizer and the start-up adapters."""
+    from ..loader import load_model, load_tokenizer
+    from .engine import Engine
+
+    model = load_model(config.model)
+    for name, directory in config.adapters.items():
+        model.load_adapter(directory, load_as=name)
+    return Engine(model, load_tokenizer(config.model), config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as err:
+        raise AdapterError(f"serve needs the serve extra ({err.name} is missing): pip install 'adapterkit[serve]'.") \
+            from None
+    config = config_from_args(args)
+    app = create_app(build_engine(config))
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    return 0

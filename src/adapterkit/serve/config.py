@@ -1,0 +1,82 @@
+"""The server's settings: one frozen dataclass, filled from ``adapterkit serve`` flags or from a
+JSON / TOML file with the same keys (flags given on the command line win)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import AdapterError
+from ..typecheck import check_field_types
+
+ADMIN_TOKEN_ENV = "ADAPTERKIT_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``adapterkit serve`` needs; times in seconds, sizes in items / characters / tokens."""
+
+    model: str
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> folder, loaded at start
+    host: str = "127.0.0.1"
+    port: int = 8080
+    batch_window: float = 0.005  # how long the first request of a batch waits for company
+    max_batch: int = 32  # examples per forward pass
+    max_batch_tokens: int = 8192  # examples x padded length per forward pass
+    queue_size: int = 256  # requests waiting; one more answers 429
+    timeout: float = 30.0  # per request, queueing included; then 504
+    admin_token: Optional[str] = None  # None: the admin endpoints are off
+    allowed_roots: tuple[str, ...] = ()  # POST /v1/adapters loads only from under these
+    max_texts: int = 64  # texts per request (more: 413)
+    max_chars: int = 10_000  # characters per text (more: 413)
+    max_length: int = 512  # tokens per text after truncation
+    max_new_tokens: int = 256  # generate's upper bound (more: 422)
+    max_body_bytes: int = 1_000_000  # request body (more: 413)
+    mixed_batches: bool = True  # False: a classify batch holds one adapter's requests (the baseline of the bench)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adapters", dict(self.adapters))
+        object.__setattr__(self, "allowed_roots", tuple(str(r) for r in self.allowed_roots))
+        try:
+            check_field_types(self)
+        except TypeError as err:
+            raise AdapterError(f"Invalid serve setting: {err}.") from None
+        for name in ("max_batch", "max_batch_tokens", "queue_size", "max_texts", "max_chars", "max_length",
+                     "max_new_tokens", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise AdapterError(f"serve setting {name} must be >= 1, got {getattr(self, name)}.")
+        if self.batch_window < 0 or self.timeout <= 0:
+            raise AdapterError("serve settings: batch_window must be >= 0 and timeout > 0 (seconds).")
+
+    def with_token_from_env(self) -> "ServeConfig":
+        """The admin token from ``ADAPTERKIT_ADMIN_TOKEN`` when none was given."""
+        if self.admin_token is None and os.environ.get(ADMIN_TOKEN_ENV):
+            return dataclasses.replace(self, admin_token=os.environ[ADMIN_TOKEN_ENV])
+        return self
+
+    @classmethod
+    def from_file(cls, path: "str | os.PathLike", **overrides: Any) -> "ServeConfig":
+        """Read a ``.json`` or ``.toml`` file of these keys; ``overrides`` (e.g. flags) win."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (OSError, ValueError) as err:
+            raise AdapterError(f"{path}: cannot read the serve config ({err}); pass a JSON or .toml file.") from None
+        if not isinstance(data, dict):
+            raise AdapterError(f"{path}: the serve config must be an object of settings.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise AdapterError(f"{path}: unknown serve settings {unknown}; known: {sorted(known)}.")
+        merged = {**data, **overrides}
+        if "adapters" in data and "adapters" in overrides:
+            merged["adapters"] = {**data["adapters"], **overrides["adapters"]}
+        if "model" not in merged:
+            raise AdapterError(f"{path}: no 'model'; give the base model folder or alias in the file or by --model.")
+        return cls(**merged)

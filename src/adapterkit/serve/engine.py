@@ -1,0 +1,221 @@
+"""The model work of the server: tokenising, classify and generate batches, reading each head's
+output in its own shape, loading and removing adapters.
+
+``encode_*`` run on the event loop when a request arrives (so its size is known before it
+queues); everything else runs on the one worker thread, so a load or an unload never runs beside
+a forward. The tokenizer is shared by both under a lock (a fast tokenizer must not be used by two
+threads at once).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..heads import HeadConfig
+from ..model import AdapterModel
+from .config import ServeConfig
+
+
+@dataclass
+class Encoded:
+    """One example as token ids, with what tagging needs to name its words."""
+
+    text: str
+    features: dict[str, list[int]]
+    word_ids: list[Optional[int]] = field(default_factory=list)
+    offsets: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.features["input_ids"])
+
+
+@dataclass
+class ClassifyJob:
+    adapter: str
+    examples: list[Encoded]
+
+
+@dataclass
+class GenerateJob:
+    adapter: Optional[str]
+    prompt: Encoded
+    stop: list[str]
+    cancelled: Callable[[], bool] = lambda: False
+
+
+@dataclass(frozen=True)
+class ClassifyKey:
+    """Classify requests batch together when these are equal: ``adapter`` is ``None`` (every
+    request with every other; each example gets its adapter's head) unless the server batches
+    one adapter at a time (``ServeConfig.mixed_batches=False``)."""
+
+    adapter: Optional[str] = None
+    kind: str = "classify"
+
+
+@dataclass(frozen=True)
+class GenerateKey:
+    """Generate requests batch together only when these are equal."""
+
+    max_new_tokens: int
+    temperature: float
+    kind: str = "generate"
+
+
+class Engine:
+    """One frozen base model with its adapters and tokenizer, in eval mode."""
+
+    def __init__(self, model: AdapterModel, tokenizer: Any, config: ServeConfig):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self._tokenizer_lock = threading.Lock()
+        can_generate = getattr(model.model, "can_generate", None)
+        self.causal_lm = bool(can_generate and can_generate() and model.layout.is_decoder)
+
+    # -- on the event loop -----------------------------------------------------------------------
+    def encode_texts(self, texts: list[str], pairs: Optional[list[str]]) -> list[Encoded]:
+        fast = bool(getattr(self.tokenizer, "is_fast", False))  # word ids and offsets (tagging) need a fast one
+        options = {"truncation": True, "max_length": self.config.max_length, "return_offsets_mapping": fast}
+        with self._tokenizer_lock:
+            enc = self.tokenizer(texts, pairs, **options) if pairs is not None else self.tokenizer(texts, **options)
+        out = []
+        for i, text in enumerate(texts):
+            features = {k: enc[k][i] for k in enc.keys() if k != "offset_mapping"}
+            if not fast:
+                out.append(Encoded(text, features))
+                continue
+            # tagging names the words of the first text only (a pair's second text has its own word ids)
+            words = [w if s == 0 else None for w, s in zip(enc.word_ids(i), enc.sequence_ids(i))]
+            out.append(Encoded(text, features, words, [tuple(o) for o in enc["offset_mapping"][i]]))
+        return out
+
+    def encode_prompt(self, prompt: str) -> Encoded:
+        with self._tokenizer_lock:
+            ids = self.tokenizer(prompt, add_special_tokens=False, truncation=True,
+                                 max_length=self.config.max_length)["input_ids"]
+        return Encoded(prompt, {"input_ids": ids, "attention_mask": [1] * len(ids)})
+
+    # -- on the worker thread --------------------------------------------------------------------
+    def _pad(self, features: list[dict[str, list[int]]], side: str) -> dict[str, torch.Tensor]:
+        with self._tokenizer_lock:
+            return dict(self.tokenizer.pad(features, padding=True, padding_side=side, return_tensors="pt"))
+
+    @torch.inference_mode()
+    def classify(self, key: ClassifyKey, jobs: list[ClassifyJob]) -> list[list[dict[str, Any]]]:
+        """Every job's examples in one forward, each through its adapter and its adapter's head."""
+        examples = [e for job in jobs for e in job.examples]
+        names = [job.adapter for job in jobs for _ in job.examples]
+        batch = self._pad([e.features for e in examples], "right")
+        if "token_type_ids" in batch and not _takes_token_types(self.model):
+            batch.pop("token_type_ids")
+        out = self.model(**batch, adapter_names=names, routed_heads=True)
+        results, i = [], 0
+        for job in jobs:
+            config = self.model.heads[job.adapter].config
+            rows = []
+            for example in job.examples:
+                rows.append(_READERS[config.type](config, out.logits[i].float(), example))
+                i += 1
+            results.append(rows)
+        return results
+
+    @torch.inference_mode()
+    def generate(self, key: GenerateKey, jobs: list[GenerateJob]) -> list[dict[str, Any]]:
+        """The jobs' prompts in one ``generate`` with per-prompt adapters; stops early when every
+        job's client has gone."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class _AllGone(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), all(j.cancelled() for j in jobs), dtype=torch.bool)
+
+        batch = self._pad([j.prompt.features for j in jobs], "left")
+        options: dict[str, Any] = {"max_new_tokens": key.max_new_tokens, "do_sample": key.temperature > 0,
+                                   "pad_token_id": self.tokenizer.pad_token_id,
+                                   "stopping_criteria": StoppingCriteriaList([_AllGone()])}
+        if key.temperature > 0:
+            options["temperature"] = key.temperature
+        ids = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  adapter_names=[j.adapter for j in jobs], **options)
+        new = ids[:, batch["input_ids"].shape[1]:]
+        with self._tokenizer_lock:
+            texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
+        return [_cut(text, job.stop, int((row != self.tokenizer.pad_token_id).sum())) for text, job, row
+                in zip(texts, jobs, new)]
+
+    def run(self, key: "ClassifyKey | GenerateKey", jobs: list[Any]) -> list[Any]:
+        """A batch of jobs of one key (``Batcher``'s ``run``)."""
+        return self.classify(key, jobs) if isinstance(key, ClassifyKey) else self.generate(key, jobs)
+
+    def load(self, name: str, directory: str) -> dict[str, Any]:
+        """Load an adapter folder under ``name``; its description for ``GET /v1/adapters``."""
+        self.model.load_adapter(directory, load_as=name)
+        return self.describe(name)
+
+    def unload(self, name: str) -> None:
+        self.model.delete_adapter(name)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        record = self.model.records[name]
+        head = self.model.heads[name].config if name in self.model.heads else None
+        return {"method": record.config.method,
+                "head": None if head is None else {"type": head.type, "num_labels": head.num_labels,
+                                                   "multilabel": head.multilabel, "labels": _labels(head)}}
+
+
+def _takes_token_types(model: AdapterModel) -> bool:
+    return (getattr(model.config, "type_vocab_size", 0) or 0) > 1
+
+
+def _labels(config: HeadConfig) -> list[str]:
+    return [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
+
+
+def _read_classification(config: HeadConfig, row: torch.Tensor, example: Encoded) -> dict[str, Any]:
+    labels = _labels(config)
+    if config.multilabel:
+        probs = torch.sigmoid(row).tolist()
+        return {"labels": [l for l, p in zip(labels, probs) if p >= 0.5],
+                "probabilities": dict(zip(labels, probs))}
+    probs = torch.softmax(row, -1).tolist()
+    best = max(range(len(probs)), key=probs.__getitem__)
+    return {"label": labels[best], "probability": probs[best], "probabilities": dict(zip(labels, probs))}
+
+
+def _read_regression(config: HeadConfig, row: torch.Tensor, example: Encoded) -> dict[str, Any]:
+    return {"values": row.tolist()}
+
+
+def _read_tagging(config: HeadConfig, row: torch.Tensor, example: Encoded) -> dict[str, Any]:
+    """One tag per word (the word's first token decides), words as the tokenizer split them."""
+    labels, tokens, tags = _labels(config), [], []
+    spans: dict[int, list[int]] = {}
+    for t, w in enumerate(example.word_ids):
+        if w is not None:
+            if w not in spans:
+                spans[w] = [t, *example.offsets[t]]
+                tags.append(labels[int(row[t].argmax())])
+            spans[w][2] = example.offsets[t][1]
+    tokens = [example.text[start:end] for _, start, end in spans.values()]
+    return {"tokens": tokens, "tags": tags}
+
+
+_READERS: dict[str, Callable[[HeadConfig, torch.Tensor, Encoded], dict[str, Any]]] = {
+    "classification": _read_classification, "regression": _read_regression, "tagging": _read_tagging}
+
+
+def _cut(text: str, stop: list[str], tokens: int) -> dict[str, Any]:
+    """The generated text up to the first stop string (excluded)."""
+    cuts = [text.find(s) for s in stop if s and s in text]
+    if cuts:
+        return {"text": text[:min(cuts)], "finish_reason": "stop", "tokens": tokens}
+    return {"text": text, "finish_reason": "length", "tokens": tokens}
+
+
+__all__ = ["Engine", "Encoded", "ClassifyJob", "ClassifyKey", "GenerateJob", "GenerateKey"]
