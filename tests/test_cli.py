@@ -11,7 +11,7 @@ import transformers as T
 
 from adapterkit import AdapterModel
 from adapterkit.cli import main
-from trainkit import run_cli, sentiment_rows, tiny_bert, tiny_llama, write_jsonl, write_tsv
+from trainkit import run_cli, sentiment_rows, tiny_bert, tiny_llama, train_and_merge_lora, write_jsonl, write_tsv
 
 FAST = ["--epochs", "4", "--batch-size", "16", "--lr", "1e-2", "--progress", "none"]
 
@@ -86,11 +86,8 @@ def test_predict_reads_stdin_as_a_subprocess(trained, ws):
 
 
 def test_merge_lora_loads_without_adapterkit(ws, tmp_path, capsys):
-    run = tmp_path / "lora"
-    assert main(["train", "--model", str(ws / "bert"), "--train", str(ws / "train.tsv"), "--method", "lora",
-                 "--lora-r", "4", "--out", str(run), *FAST]) == 0
-    merged = tmp_path / "merged"
-    assert main(["merge", "--adapter", str(run), "--out", str(merged)]) == 0
+    merged = train_and_merge_lora(ws, tmp_path, 4, FAST)
+    run = tmp_path / "lora"  # the run folder train_and_merge_lora trained into
     assert "AutoModel" in capsys.readouterr().out
     plain = T.AutoModel.from_pretrained(merged).eval()
     adapted = AdapterModel.from_pretrained(str(ws / "bert"))

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from adapterkit import AdapterError, AdapterModel, CheckpointError
 from adapterkit.cli import main
-from trainkit import run_cli, sentiment_rows, tiny_bert, tiny_llama, write_jsonl, write_tsv
+from trainkit import run_cli, sentiment_rows, tiny_bert, tiny_llama, train_and_merge_lora, write_jsonl, write_tsv
 
 FAST = ["--epochs", "2", "--batch-size", "16", "--lr", "1e-2", "--progress", "none"]
 
@@ -356,11 +356,8 @@ def test_wrong_typed_fields_from_the_api_are_adapter_errors(ws):
 
 
 def test_failed_merge_keeps_the_previous_output(ws, tmp_path, monkeypatch):
-    run = tmp_path / "lora"
-    assert main(["train", "--model", str(ws / "bert"), "--train", str(ws / "train.tsv"), "--method", "lora",
-                 "--lora-r", "2", "--out", str(run), *FAST]) == 0
-    merged = tmp_path / "merged"
-    assert main(["merge", "--adapter", str(run), "--out", str(merged)]) == 0
+    merged = train_and_merge_lora(ws, tmp_path, 2, FAST)
+    run = tmp_path / "lora"  # the run folder train_and_merge_lora trained into
     before = tree(merged)
     from adapterkit.train import checkpoint
 

@@ -96,3 +96,15 @@ def run_cli(args: Sequence[str], *, cwd: Optional[Path] = None, timeout: int = 2
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run([sys.executable, "-m", "adapterkit", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, input=input, env=full_env)
+
+
+def train_and_merge_lora(ws: Path, tmp_path: Path, rank: int, fast: Sequence[str]) -> Path:
+    """Train a LoRA adapter with the CLI on ``ws``'s tiny BERT and ``merge`` it; the merged folder."""
+    from adapterkit.cli import main
+
+    run = tmp_path / "lora"
+    assert main(["train", "--model", str(ws / "bert"), "--train", str(ws / "train.tsv"), "--method", "lora",
+                 "--lora-r", str(rank), "--out", str(run), *fast]) == 0
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(run), "--out", str(merged)]) == 0
+    return merged
