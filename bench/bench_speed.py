@@ -231,8 +231,7 @@ def build(case: Case, batch: dict) -> Built:
         model = AdapterModel(base)
         for i in range(ROUTED_ADAPTERS):
             model.add_adapter(f"a{i}", case.preset)
-        built = _finish(case, model, {**batch, "adapter_names": routed_names(batch["input_ids"].shape[0])}, n_base)
-        return built
+        return _finish(case, model, {**batch, "adapter_names": routed_names(batch["input_ids"].shape[0])}, n_base)
 
     if case.library == "peft" and case.key.endswith("-routed-infer"):
         cfg = peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"])

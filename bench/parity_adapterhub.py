@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
