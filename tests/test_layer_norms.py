@@ -133,3 +133,15 @@ def test_a_norm_of_unknown_formula_is_refused_by_name():
     with pytest.raises(AdapterError, match="GemmaLikeRMSNorm.*does not compute the formula"):
         model.add_adapter("a", "lora", r=2, target_modules=["0.0"], train_layer_norms=True)
     assert list(model.adapters) == []
+
+
+def test_formats_and_combinations_without_a_counterpart_are_refused(tmp_path):
+    model = _with_norms(BERT, "lora", names=("a", "b"), r=2)
+    for fmt in ("peft", "adapterhub"):
+        with pytest.raises(AdapterError, match="no counterpart for the lora option.*train_layer_norms=True"):
+            model.save_adapter(tmp_path / fmt, "a", format=fmt)
+        assert not (tmp_path / fmt).exists()
+    with pytest.raises(AdapterError, match="lora_svd.*LayerNormCopy.*combine_strategy='linear'"):
+        model.average_adapter("svd", ["a", "b"], combine_strategy="lora_svd")
+    model.average_adapter("mean", ["a", "b"])  # the copies are averaged like the other weights
+    assert "mean" in model.adapters and "svd" not in model.adapters
