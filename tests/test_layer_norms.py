@@ -14,7 +14,7 @@ from torch import nn
 
 from adapterkit import AdapterError, AdapterModel
 from adapterkit.methods.layer_norms import LayerNormCopy
-from helpers import ARCHS, D, N_LAYERS, Snapshot, make_base, make_batch, perturb, run
+from helpers import ARCHS, D, N_LAYERS, Snapshot, make_base, perturb, run
 
 BERT, LLAMA = ARCHS["bert"], ARCHS["llama"]
 

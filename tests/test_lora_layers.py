@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers as T
 from torch import nn
 
 from adapterkit import AdapterError, AdapterModel

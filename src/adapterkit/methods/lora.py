@@ -20,7 +20,6 @@ from torch import nn
 
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
-from ..layouts import ALL_LINEAR
 from ..slots import Site
 from .lora_layers import LORA_HOSTS, LoRA, SlicedSite, host_kind
 
@@ -131,7 +130,7 @@ def _sliced_roles(layout, roles, stacks) -> list[str]:
         return []
     parts = {p for slices in layout.spec.fused.values() for p in slices}
     have = {r for s in layout.select_stacks(stacks) for r in s.roles}
-    return [r for r in roles if r in parts and r not in have and r != ALL_LINEAR]
+    return [r for r in roles if r in parts and r not in have]
 
 
 def _slices(layout, sliced: list[str]) -> dict[str, tuple[bool, ...]]:
