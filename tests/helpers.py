@@ -10,6 +10,7 @@ method's formula, never read back from the modules under test.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -38,6 +39,12 @@ class Arch:
     stacks: dict[str, dict[str, tuple[int, int]]]  # stack -> role -> (in, out) of that projection
     lora_default: tuple[str, ...]  # the roles a default LoRA takes where a stack has them
     ia3_default: tuple[str, ...]
+    #: beyond the stacks' roles: roles LoRA also takes here -> (in, out) (``embeddings``; slices of a
+    #: fused projection, GPT-2's ``q`` / ``v`` of ``c_attn``), and whether they sit in every layer
+    lora_extra: dict[str, tuple[int, int, bool]] = field(default_factory=dict)
+    norm_params: int = 0  # parameters of the layer norms inside one block (train_layer_norms)
+    inputs: Optional[Callable[[int, int], dict[str, torch.Tensor]]] = None  # (batch, seed) -> non-token inputs
+    other_lora: dict[str, Any] = field(default_factory=dict)  # where a second LoRA goes without a layout
 
     @property
     def roles(self) -> dict[str, tuple[int, int]]:
@@ -83,8 +90,11 @@ _BART = dict(vocab_size=VOCAB, d_model=D, encoder_layers=N_LAYERS, decoder_layer
              decoder_ffn_dim=FFN, max_position_embeddings=64)
 _FFN = {"ffn_in": (D, FFN), "ffn_proj": (FFN, D)}
 
+_EMB = {"embeddings": (VOCAB, D, False)}
+
 ARCHS: dict[str, Arch] = {a.name: a for a in [
-    Arch("bert", T.AutoModel, lambda: T.BertConfig(**_ENCODER), {"encoder": _ENC_ROLES}, _LORA, _IA3),
+    Arch("bert", T.AutoModel, lambda: T.BertConfig(**_ENCODER), {"encoder": _ENC_ROLES}, _LORA, _IA3, _EMB,
+         norm_params=2 * 2 * D),
     Arch("roberta", T.AutoModel, lambda: T.RobertaConfig(**_ENCODER, pad_token_id=1), {"encoder": _ENC_ROLES},
          _LORA, _IA3),
     Arch("xlm-roberta", T.AutoModel, lambda: T.XLMRobertaConfig(**_ENCODER, pad_token_id=1),
@@ -96,8 +106,9 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
          lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=N_LAYERS, n_head=N_HEADS, n_inner=FFN,
                               n_positions=64, bos_token_id=1, eos_token_id=2),
          {"decoder": {"qkv": (D, 3 * D), "attn_proj": (D, D), "ffn_in": (D, FFN), "ffn_proj": (FFN, D)}},
-         ("qkv",), ("qkv", "ffn_in")),
-    Arch("llama", T.AutoModelForCausalLM, lambda: T.LlamaConfig(**_DECODER), {"decoder": _DEC_ROLES}, _LORA, _IA3),
+         ("qkv",), ("qkv", "ffn_in"), {**_EMB, "q": (D, D, True), "v": (D, D, True)}),
+    Arch("llama", T.AutoModelForCausalLM, lambda: T.LlamaConfig(**_DECODER), {"decoder": _DEC_ROLES}, _LORA, _IA3,
+         norm_params=2 * D),
     Arch("mistral", T.AutoModelForCausalLM, lambda: T.MistralConfig(**_DECODER), {"decoder": _DEC_ROLES},
          _LORA, _IA3),
     Arch("qwen2", T.AutoModelForCausalLM, lambda: T.Qwen2Config(**_DECODER), {"decoder": _DEC_ROLES}, _LORA, _IA3),
@@ -109,6 +120,31 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
          _SEQ2SEQ_IA3),
     Arch("mbart", T.AutoModel, lambda: T.MBartConfig(**_BART), _seq2seq_roles((D, D), _FFN), _SEQ2SEQ_LORA,
          _SEQ2SEQ_IA3),
+]}
+
+def _pixels(batch: int, seed: int) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(seed))}
+
+
+def _audio(batch: int, seed: int) -> dict[str, torch.Tensor]:
+    return {"input_values": torch.randn(batch, 400, generator=torch.Generator().manual_seed(seed))}
+
+
+#: Models that only LoRA-on-convolution cases use (by module name, the generic path): a tiny ViT
+#: (its patch embedding is a Conv2d, 3 -> D, kernel 4) and a tiny wav2vec2 (its feature extractor
+#: two Conv1d: 1 -> 16, kernel 10, and 16 -> 16, kernel 3).
+CONV_ARCHS: dict[str, Arch] = {a.name: a for a in [
+    Arch("vit", T.AutoModel, lambda: T.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=D,
+                                                 num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
+                                                 intermediate_size=FFN),
+         {}, (), (), {"patch_embeddings.projection": (3 * 4 * 4, D, False)}, inputs=_pixels,
+         other_lora={"target_modules": r".*attention\.(v_proj|value)"}),
+    Arch("wav2vec2", T.AutoModel, lambda: T.Wav2Vec2Config(
+        hidden_size=D, num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS, intermediate_size=FFN,
+        conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, mask_time_prob=0.0),
+         {}, (), (), {"conv_layers.0.conv": (1 * 10, 16, False), "conv_layers.1.conv": (16 * 3, 16, False)},
+         inputs=_audio, other_lora={"target_modules": ["feed_forward.output_dense"]}),
 ]}
 
 #: method id -> (preset, options). Small ranks so that LoRA fits every projection.
@@ -154,6 +190,7 @@ class Case:
     preset: str
     options: dict[str, Any] = field(default_factory=dict)
     identity_at_init: bool = True
+    merges: bool = True  # False: the method merges, but not here (GPT-2's tied input embeddings)
 
     @property
     def id(self) -> str:
@@ -171,7 +208,7 @@ class Case:
 
     @property
     def mergeable(self) -> bool:
-        return type(self.config).supports_merge
+        return type(self.config).supports_merge and self.merges
 
 
 def _extra_cases() -> list[Case]:
@@ -181,7 +218,26 @@ def _extra_cases() -> list[Case]:
             + [Case(ARCHS[a], m, *SEQ2SEQ_METHODS[m]) for a in seq2seq for m in SEQ2SEQ_METHODS])
 
 
-CASES: list[Case] = [Case(arch, m, *METHODS[m]) for arch in ARCHS.values() for m in METHODS] + _extra_cases()
+_LORA_R = {"r": 4, "alpha": 8.0}
+
+
+def _issue12_cases() -> list[Case]:
+    """LoRA beyond Linear (embeddings, GPT-2's q / v slices of ``c_attn``, Conv2d, Conv1d) and
+    ``train_layer_norms`` with Pfeiffer and LoRA on a LayerNorm and an RMSNorm model."""
+    vit, w2v = CONV_ARCHS["vit"], CONV_ARCHS["wav2vec2"]
+    return [
+        Case(ARCHS["bert"], "lora-embeddings", "lora", {**_LORA_R, "roles": ["embeddings", "q", "v"]}),
+        Case(ARCHS["gpt2"], "lora-embeddings", "lora", {**_LORA_R, "roles": ["embeddings"]}, merges=False),  # tied
+        Case(ARCHS["gpt2"], "lora-qv-slices", "lora", {**_LORA_R, "roles": ["q", "v"]}),
+        Case(vit, "lora-conv2d", "lora", {**_LORA_R, "target_modules": ["patch_embeddings.projection"]}),
+        Case(w2v, "lora-conv1d", "lora", {"r": 2, "alpha": 4.0, "target_modules": r".*conv_layers\.\d\.conv"}),
+        *[Case(ARCHS[a], f"{m}-layer-norms", m, {**opts, "train_layer_norms": True})
+          for a in ("bert", "llama") for m, opts in (("pfeiffer", {}), ("lora", _LORA_R))],
+    ]
+
+
+CASES: list[Case] = ([Case(arch, m, *METHODS[m]) for arch in ARCHS.values() for m in METHODS] + _extra_cases()
+                     + _issue12_cases())
 CASE_IDS = [c.id for c in CASES]
 MERGEABLE = [c for c in CASES if c.mergeable]
 
@@ -200,6 +256,7 @@ def expected_adapter_params(case: Case) -> int:
     cfg = case.config
     layers = _layers_used(cfg)
     stacks = cfg.stacks or tuple(case.arch.stacks)
+    norms = layers * case.arch.norm_params if cfg.train_layer_norms else 0
     if cfg.method == "bottleneck":
         # per site: down d*m + m, up m*d + d, plus an optional LayerNorm (2d) and scaling (1 or d)
         m = cfg.bottleneck_dim if cfg.bottleneck_dim is not None else int(D // cfg.reduction_factor)
@@ -208,12 +265,18 @@ def expected_adapter_params(case: Case) -> int:
         per_site += {"learned": 1, "channel": D}.get(cfg.scaling, 0) if isinstance(cfg.scaling, str) else 0
         chosen = {"attn_out": cfg.mh_adapter, "cross_attn_out": cfg.cross_adapter, "ffn_out": cfg.output_adapter}
         sites = sum(chosen[p] for s in stacks for p in case.arch.places(s))
-        return per_site * sites * layers
+        return per_site * sites * layers + norms
     if cfg.method in ("lora", "ia3"):
         roles = cfg.roles or (case.arch.lora_default if cfg.method == "lora" else case.arch.ia3_default)
         shapes = [case.arch.stacks[s][r] for s in stacks for r in roles if r in case.arch.stacks[s]]
         per_layer = sum(cfg.r * (i + o) for i, o in shapes) if cfg.method == "lora" else sum(o for _, o in shapes)
-        return layers * per_layer
+        # LoRA's further hosts: r * (in + out), in counting a convolution's kernel (in_channels x kernel)
+        chosen = cfg.target_modules or roles if cfg.method == "lora" else ()
+        extra = [case.arch.lora_extra[k] for k in case.arch.lora_extra
+                 if k in chosen or (isinstance(chosen, str) and re.fullmatch(chosen, f"x.{k}"))]
+        once = sum(cfg.r * (i + o) for i, o, in_layers in extra if not in_layers)
+        per_layer += sum(cfg.r * (i + o) for i, o, in_layers in extra if in_layers)
+        return layers * per_layer + once + norms
     raise AssertionError(f"no parameter formula for method {cfg.method}: add one to tests/helpers.py")
 
 
@@ -244,6 +307,8 @@ def make_batch(batch_size: int = 4, seq_len: int = 7, seed: int = 1,
     """Token ids (avoiding special ids 0-2) with right padding on two rows. Encoder-decoders
     also get the same ids and mask as the decoder's (so heads pool a (B, T, d) output with the
     batch's mask)."""
+    if arch is not None and arch.inputs is not None:
+        return arch.inputs(batch_size, seed)
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, VOCAB, (batch_size, seq_len), generator=g)
     attention_mask = torch.ones_like(input_ids)

@@ -122,6 +122,10 @@ CASES: list[tuple[str, list[str], str]] = [
      "holds no model"),
     ("merge: --out holds a model", ["merge", "--adapter", "lora", "--out", "merged"], "pass --overwrite"),
     ("inspect: not an adapter", ["inspect", "notes"], "not an adapter"),
+    ("LoRA on a module it cannot adapt", [*TRAIN, "--method", "lora", "-o", r"target_modules=.*0\.output\.LayerNorm"],
+     "it takes nn.Linear / transformers' Conv1D, nn.Embedding, nn.Conv1d / Conv2d / Conv3d"),
+    ("train_layer_norms outside the layers", [*TRAIN, "--method", "lora", "--roles", "embeddings", "-o",
+                                              "train_layer_norms=true"], "covers no layer"),
 ]
 STDIN = {"predict: nothing on stdin": b"\n\n", "predict: stdin not in UTF-8": "na\xefve\n".encode("latin-1")}
 

@@ -27,7 +27,8 @@ def two_adapters(case, seed: int = 7) -> AdapterModel:
     The perturbation changes the outputs by ~0.5 (as a trained adapter would), not by more than the
     signal: float32 results for a batch and for one example differ by rounding that grows with it."""
     model = make_model(case)
-    model.add_adapter("b", "lora", r=2, alpha=4.0, roles=["v", "ffn_proj"] if "v" in case.arch.roles else None)
+    model.add_adapter("b", "lora", r=2, alpha=4.0, roles=["v", "ffn_proj"] if "v" in case.arch.roles else None,
+                      **case.arch.other_lora)
     perturb(model.adapters, scale=0.1, seed=seed)
     return model
 

@@ -151,6 +151,7 @@ def test_merge_is_exact_in_float64(case, batch):
     """Merging is the same function, not an approximation: only rounding separates the two."""
     model = make_model(case).double()
     perturb(model.adapters["a"], scale=0.5)
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}  # pixels, audio
     unmerged = run(model, batch)
     model.merge_adapter("a")
     assert (run(model, batch) - unmerged).abs().max() <= 1e-10
@@ -228,7 +229,7 @@ def test_merging_two_adapters_and_unmerging_in_any_order(case, batch):
 @cases
 def test_deleting_every_adapter_removes_every_hook(case, batch):
     model = make_model(case, head=True)
-    model.add_adapter("b", "lora", r=2)
+    model.add_adapter("b", "lora", r=2, **case.arch.other_lora)
     model.add_adapter("a", case.preset, overwrite=True, **case.adapter_options())  # replaces, no duplicates
     model.set_active_adapters(Stack("a", "b"))
     perturb(model.adapters)

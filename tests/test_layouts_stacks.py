@@ -185,11 +185,15 @@ def test_gpt2_defaults_resolve_through_the_fused_qkv_alias(method, hosts):
     assert [s.place_id for s in model.records["a"].sites] == [f"layers.{i}.{h}" for i in range(4) for h in hosts]
 
 
-def test_explicit_q_on_gpt2_is_refused_and_points_at_qkv():
-    """Aliases serve defaults only: an explicit q would also adapt k and v, so it is refused."""
+def test_explicit_q_on_gpt2_is_a_slice_for_lora_and_refused_for_ia3():
+    """Aliases serve defaults only: an explicit q on the fused qkv is its q slice where the method
+    can adapt slices (LoRA, issue 12) and is refused elsewhere, pointing at qkv (IA3 would scale
+    keys and values too)."""
     model = _model("gpt2")
+    model.add_adapter("a", "lora", roles=["q"])
+    assert [type(s).__name__ for s in model.records["a"].sites] == ["SlicedSite"] * 4
     with pytest.raises(AdapterError, match=r"no linear role \['q'\].*'q' is part of 'qkv' here"):
-        model.add_adapter("a", "lora", roles=["q"])
+        model.add_adapter("b", "ia3", roles=["q"])
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])

@@ -58,6 +58,10 @@ class AdapterConfig:
             ``stochastic_depth``; off at inference).
         l2_lambda: weight of an L2 penalty on the adapter's contribution while training
             (NeMo's ``l2_lambda``), returned as ``output.aux_loss`` and added to ``output.loss``.
+        train_layer_norms: the adapter also trains its own copies of the layer norms
+            (``LayerNorm`` / ``RMSNorm``) inside the layers it sits in, initialised from the
+            base's, as Houlsby et al. train them; the base model's norms stay untouched
+            (``methods/layer_norms.py``).
     """
 
     method: ClassVar[str] = ""
@@ -77,6 +81,7 @@ class AdapterConfig:
     strategy_scale: float = 1.0
     stochastic_depth: float = 0.0
     l2_lambda: float = 0.0
+    train_layer_norms: bool = False
 
     def __post_init__(self) -> None:
         # Lists from JSON or from users become tuples so that configs stay hashable and frozen.
@@ -147,8 +152,14 @@ class AdapterConfig:
         return self.supports_merge and self.strategy in (None, self.default_strategy)
 
     def placed_sites(self, layout: "Layout") -> list["Site"]:
-        """``sites(layout)``, each as this adapter meets it (``Site.at(place_for(site))``)."""
-        return [site.at(self.place_for(site)) for site in self.sites(layout)]
+        """``sites(layout)``, each as this adapter meets it (``Site.at(place_for(site))``), then
+        the layer norms of the layers they cover where ``train_layer_norms`` is set."""
+        sites = [site.at(self.place_for(site)) for site in self.sites(layout)]
+        if self.train_layer_norms:
+            from .methods.layer_norms import layer_norm_sites
+
+            sites += [s for s in layer_norm_sites(layout, sites) if s.place_id not in {t.place_id for t in sites}]
+        return sites
 
     def place_for(self, site: "Site") -> str:
         """The place of the module at ``site`` (one place for all sites unless a method says otherwise)."""
@@ -157,8 +168,11 @@ class AdapterConfig:
     def build_unit(self, site: "Site") -> nn.Module:
         """``build(site)`` with its strategy attached: what the core places at a site."""
         from .methods.base import AdapterModule
+        from .methods.layer_norms import LayerNormSite, build_copy
         from .strategies import make_strategy
 
+        if isinstance(site, LayerNormSite):  # train_layer_norms: the adapter's copy of a norm
+            return build_copy(site)
         module = self.build(site)
         if not isinstance(module, AdapterModule):
             raise AdapterError(
@@ -172,6 +186,19 @@ class AdapterConfig:
             module.init_nonzero()
         module.strategy = strategy
         return module
+
+    def build_units(self, sites: Sequence["Site"]) -> nn.ModuleDict:
+        """``build_unit`` for every site, keyed by ``Site.key``; modules reading a layer norm of
+        which the adapter holds a copy read through it (``train_layer_norms``)."""
+        from .methods.layer_norms import link_copies
+
+        modules = nn.ModuleDict()
+        for site in sites:
+            if site.key in modules:
+                raise AdapterError(f"Place '{site.place_id}' was selected twice; check target_modules / layers.")
+            modules[site.key] = self.build_unit(site)
+        link_copies(sites, modules)
+        return modules
 
     def replace(self, **changes: Any) -> "AdapterConfig":
         """A copy with some options changed (the config itself is immutable)."""

@@ -126,6 +126,15 @@ def _lora_svd(records, weights, *, svd_rank: Optional[int], **_: object) -> tupl
                 f"combine_strategy='lora_svd' needs LoRA adapters at the same places, but '{records[0].name}' and "
                 f"'{other.name}' differ; add them with the same roles / layers / target_modules."
             )
+    from .methods.lora import LoRA
+
+    odd = next(((r.name, k, type(m).__name__) for r in records for k, m in r.modules.items() if type(m) is not LoRA),
+               None)
+    if odd is not None:
+        raise AdapterError(
+            f"combine_strategy='lora_svd' refactors LoRA on Linear layers only, but '{odd[0]}' holds a {odd[2]} at "
+            f"'{odd[1]}' (an embedding, convolution or sliced LoRA, or a layer-norm copy of train_layer_norms); "
+            "use combine_strategy='linear' for it.")
     rank = svd_rank if svd_rank is not None else max(int(m.lora_A.shape[0]) for r in records for m in r.modules.values())
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise AdapterError(f"svd_rank must be a positive integer, got {svd_rank!r}.")

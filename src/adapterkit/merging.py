@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping, Optional
 
 import torch
+from torch import nn
 
 from .errors import AdapterError
 
@@ -31,9 +32,10 @@ class Merges:
     def __bool__(self) -> bool:
         return bool(self.order)
 
-    def merge(self, record: "AdapterRecord") -> None:
+    def merge(self, record: "AdapterRecord", base: Optional[nn.Module] = None) -> None:
         """Keep the originals of the weights ``record`` touches and mark it merged (call
-        ``apply`` next)."""
+        ``apply`` next). A weight that ``base`` shares between modules (GPT-2's input embeddings
+        tied to its LM head) is refused: merging would change the other module too."""
         config = record.config
         if not config.merges_exactly:
             why = ("only methods that change weights can (lora, ia3)" if not config.supports_merge
@@ -41,6 +43,8 @@ class Merges:
             raise AdapterError(f"Adapter '{record.name}' ({config.method}) cannot be merged: {why}.")
         if record.name in self.order:
             raise AdapterError(f"Adapter '{record.name}' is already merged.")
+        if base is not None:
+            _refuse_tied(record, base)
         for site in record.sites:
             if site.place_id not in self._originals:
                 bias = getattr(site.host, "bias", None)
@@ -73,3 +77,17 @@ class Merges:
                     site.host.bias.copy_(b)
             if not merged:
                 del self._originals[place_id]
+
+
+def _refuse_tied(record: "AdapterRecord", base: nn.Module) -> None:
+    weights = {id(site.host.weight): site.place_id for site in record.sites}
+    owners: dict[int, list[str]] = {}
+    for name, param in base.named_parameters(remove_duplicate=False):
+        if id(param) in weights:
+            owners.setdefault(id(param), []).append(name)
+    tied = {weights[k]: names for k, names in owners.items() if len(names) > 1}
+    if tied:
+        place, names = next(iter(tied.items()))
+        raise AdapterError(
+            f"Adapter '{record.name}' cannot be merged: the weight at '{place}' is shared by {names} (tied "
+            "embeddings), so merging would change all of them, unlike the unmerged adapter. Keep it unmerged.")

@@ -158,11 +158,7 @@ class AdapterModel(nn.Module):
         """The record of a fresh adapter for ``config``; nothing is attached to the model yet."""
         sites = config.placed_sites(self.layout)
         self.layout.check_hosts_run(sites)  # a host the forward never calls would leave the adapter inert
-        modules = nn.ModuleDict()
-        for site in sites:
-            if site.key in modules:
-                raise AdapterError(f"Place '{site.place_id}' was selected twice; check target_modules / layers.")
-            modules[site.key] = config.build_unit(site)
+        modules = config.build_units(sites)
         ref = self._ref_param()
         if ref is not None:
             modules.to(device=ref.device, dtype=ref.dtype)
@@ -444,7 +440,7 @@ class AdapterModel(nn.Module):
         lives in the weights whether or not it is active; ``unmerge_adapter`` restores the exact
         original weights (they are kept aside, not recomputed)."""
         self._require([name])
-        self._merges.merge(self._records[name])
+        self._merges.merge(self._records[name], self.model)
         self._merges.apply(self._records, disabled=bool(self._disabled))
         self._refresh()
 

@@ -3,7 +3,8 @@
 
 PEFT names each tensor by the adapted module's path in the model it wrapped, with the adapter
 name stripped: ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` (LoRA, A is
-(r, in), B (out, r)) and ``base_model.model.<module path>.ia3_l`` ((out, 1), or (1, in) for a
+(r, in), B (out, r); on a convolution A is (r, in, *kernel), B (out, r, 1...)),
+``.lora_embedding_A`` (r, num) / ``.lora_embedding_B`` (dim, r) on an ``nn.Embedding``, and ``base_model.model.<module path>.ia3_l`` ((out, 1), or (1, in) for a
 ``feedforward_modules`` entry, whose input is scaled). The sites are read from the tensors; the
 config supplies ``lora_alpha`` (with ``alpha_pattern``), ``use_rslora`` and ``lora_dropout``.
 ``modules_to_save`` heads map onto an adapterkit ``Head`` where they are exactly one (``HEADS``).
@@ -24,7 +25,8 @@ from ..errors import AdapterError, CheckpointError
 from ..heads import HeadConfig
 from ..layouts import linear_features
 from ..methods.ia3 import IA3Config
-from ..methods.lora import LoRAConfig, pattern_value
+from ..methods.lora import EMBEDDINGS, LoRAConfig, pattern_value
+from ..methods.lora_layers import SlicedSite, host_kind
 from . import heads as H
 from .files import read_json, read_weights, write_folder
 from .meta import by_place, checkpoint, head_tensors, refuse_options
@@ -115,11 +117,18 @@ def read(folder: Path, model, *, allow_pickle: bool = False) -> tuple[dict[str, 
     return checkpoint(model, name, config, weights, head, head_state, f"'{weights_file}'", origins=origins)
 
 
-def _site(model, key: str, weights_file: Path) -> tuple[str, Optional[tuple[int, int, bool]]]:
-    path = re.sub(r"\.(lora_A|lora_B)\.weight$|\.ia3_l$", "", key[len(PREFIX):])
+#: a LoRA tensor's name after its module path -> adapterkit's parameter name
+_LORA_PARAMS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B",
+                "lora_embedding_A": "lora_embedding_A", "lora_embedding_B": "lora_embedding_B"}
+_SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|ia3_l)$")
+
+
+def _site(model, key: str, weights_file: Path) -> tuple[str, str, Any]:
+    """``(place id, module path in the file, module)`` of one tensor."""
+    path = _SUFFIX.sub("", key[len(PREFIX):])
     where = f"'{weights_file}', key '{key}'"
     place = place_of(model.layout, path, where)
-    return place, linear_features(module_at(model.layout, place, where))
+    return place, path, module_at(model.layout, place, where)
 
 
 def _check_shape(value: torch.Tensor, shape: tuple[int, ...], key: str, weights_file: Path) -> None:
@@ -131,40 +140,65 @@ def _check_shape(value: torch.Tensor, shape: tuple[int, ...], key: str, weights_
 def _read_lora(cfg: dict, tensors: dict, model, weights_file: Path):
     sites: dict[str, dict[str, torch.Tensor]] = {}
     paths: dict[str, str] = {}
-    features: dict[str, Optional[tuple[int, int, bool]]] = {}
+    hosts: dict[str, Any] = {}
     for key, value in tensors.items():
-        place, features[place] = _site(model, key, weights_file)
-        paths[place] = key[len(PREFIX):].rsplit(".", 2)[0]
-        param = "lora_A" if ".lora_A." in key else "lora_B"
-        sites.setdefault(place, {})[param] = value
+        place, paths_place, hosts_place = _site(model, key, weights_file)
+        paths[place], hosts[place] = paths_place, hosts_place
+        sites.setdefault(place, {})[_LORA_PARAMS[_SUFFIX.search(key).group(1)]] = value
     r0, alpha0 = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     ranks, alphas = {}, {}
     for place, params in sites.items():
-        if set(params) != {"lora_A", "lora_B"}:
+        pair = ({"lora_embedding_A", "lora_embedding_B"} if "lora_embedding_A" in params or "lora_embedding_B" in params
+                else {"lora_A", "lora_B"})
+        if set(params) != pair:
             raise CheckpointError(f"'{weights_file}': '{PREFIX}{paths[place]}' has {sorted(params)} but LoRA needs "
-                                  "both lora_A and lora_B; the file is incomplete.")
-        feats = features[place]
-        if feats is None:
-            raise CheckpointError(f"'{weights_file}': '{PREFIX}{paths[place]}' is not a Linear layer in this model.")
-        r = params["lora_A"].shape[0]
-        _check_shape(params["lora_A"], (r, feats[0]), f"{PREFIX}{paths[place]}.lora_A.weight", weights_file)
-        _check_shape(params["lora_B"], (feats[1], r), f"{PREFIX}{paths[place]}.lora_B.weight", weights_file)
+                                  f"both of {sorted(pair)}; the file is incomplete.")
+        if host_kind(hosts[place]) is None:
+            raise CheckpointError(f"'{weights_file}': '{PREFIX}{paths[place]}' is a {type(hosts[place]).__name__} in "
+                                  "this model, not a layer adapterkit's LoRA adapts.")
+        feats = linear_features(hosts[place])
+        r = params[min(pair)].shape[0]
+        if feats is not None:  # other hosts' shapes are checked against their modules (meta.checkpoint)
+            _check_shape(params["lora_A"], (r, feats[0]), f"{PREFIX}{paths[place]}.lora_A.weight", weights_file)
+            _check_shape(params["lora_B"], (feats[1], r), f"{PREFIX}{paths[place]}.lora_B.weight", weights_file)
         ranks[place] = r
         alphas[place] = float(pattern_value(cfg.get("alpha_pattern"), paths[place], alpha0))
+    embeddings = _as_embeddings_role(model.layout, list(sites), f"'{weights_file}'")
+    if embeddings is not None:
+        old, options = embeddings
+        for table in (sites, paths, ranks, alphas):
+            table[EMBEDDINGS] = table.pop(old)
+    else:
+        options = placement(model.layout, list(sites), f"'{weights_file}'")
     try:
         config = LoRAConfig(r=r0, alpha=alpha0, dropout=float(cfg.get("lora_dropout") or 0.0),
                             use_rslora=bool(cfg.get("use_rslora")), rank_pattern=per_site(ranks, r0, list(sites)),
-                            alpha_pattern=per_site(alphas, alpha0, list(sites)),
-                            **placement(model.layout, list(sites), f"'{weights_file}'"))
+                            alpha_pattern=per_site(alphas, alpha0, list(sites)), **options)
     except AdapterError as err:
         raise CheckpointError(f"'{weights_file.parent / CONFIG}': {err}") from None
     return config, sites, {p: PREFIX + path for p, path in paths.items()}
 
 
+def _as_embeddings_role(layout, places: list[str], where: str) -> Optional[tuple[str, dict[str, Any]]]:
+    """Where a PEFT adapter adapts the model's input token embeddings and its other modules are
+    layout roles: ``(the embeddings' place id, options with the role "embeddings")``, else None."""
+    names = {id(m): n for n, m in layout.model.named_modules()}
+    module = layout.embeddings
+    place = layout.place_id_for(names[id(module)]) if module is not None and id(module) in names else None
+    if place is None or place not in places:
+        return None
+    rest = [p for p in places if p != place]
+    options = placement(layout, rest, where) if rest else {"layers": None, "roles": []}
+    if "roles" not in options:
+        return None
+    return place, {**options, "roles": [*options["roles"], EMBEDDINGS]}
+
+
 def _read_ia3(cfg: dict, tensors: dict, model, weights_file: Path):
     sites, inputs, origins = {}, [], {}
     for key, value in tensors.items():
-        place, feats = _site(model, key, weights_file)
+        place, _, host = _site(model, key, weights_file)
+        feats = linear_features(host)
         origins[place] = key
         if feats is None:
             raise CheckpointError(f"'{weights_file}': '{key}' is not on a Linear layer in this model.")
@@ -221,6 +255,10 @@ def write(directory: "str | Path", meta: dict[str, Any], tensors: dict[str, torc
     sites = by_place(meta, tensors)
     paths = {p: peer_path(layout, p, with_prefix) for p in sites}
     hosts = {p: module_at(layout, p, "the adapter") for p in sites}
+    if any(isinstance(s, SlicedSite) for s in config.sites(layout)):
+        raise AdapterError("PEFT's LoRA has no slices of a fused projection (GPT-2's q / v of c_attn, loralib's "
+                           "MergedLinear); nothing was written. Use roles=['qkv'] for a PEFT-compatible adapter, "
+                           "or keep format='adapterkit'.")
     peft_cfg, out = WRITERS[config.method](config, sites, paths, hosts)
     out.update(head_out)
     peft_cfg.update({
@@ -242,8 +280,9 @@ def _write_lora(config: LoRAConfig, sites, paths, hosts):
             ranks[re.escape(paths[place])] = site_cfg.r
         if site_cfg.alpha != config.alpha:
             alphas[re.escape(paths[place])] = site_cfg.alpha
-        out[f"{PREFIX}{paths[place]}.lora_A.weight"] = params["lora_A"]
-        out[f"{PREFIX}{paths[place]}.lora_B.weight"] = params["lora_B"]
+        names = {v: k for k, v in _LORA_PARAMS.items()}
+        for param, value in params.items():
+            out[f"{PREFIX}{paths[place]}.{names[param]}"] = value
     return {"peft_type": "LORA", "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
             "use_rslora": config.use_rslora, "rank_pattern": ranks, "alpha_pattern": alphas,
             "init_lora_weights": True}, out
@@ -295,6 +334,6 @@ class _Method:
     read: Any
 
 
-METHODS = {"LORA": _Method(re.compile(r".+\.lora_[AB]\.weight"), _read_lora),
+METHODS = {"LORA": _Method(re.compile(r".+\.(lora_[AB]\.weight|lora_embedding_[AB])"), _read_lora),
            "IA3": _Method(re.compile(r".+\.ia3_l"), _read_ia3)}
 WRITERS = {"lora": _write_lora, "ia3": _write_ia3}

@@ -46,8 +46,16 @@ def place_of(layout: Layout, path: str, where: str) -> str:
                           "was made for another architecture. Load it into the base model it was trained on.")
 
 
+def _embeddings_name(layout: Layout) -> Optional[str]:
+    """The module name of the model's input token embeddings (LoRA's role / place ``embeddings``)."""
+    module = layout.embeddings
+    return next((n for n, m in layout.model.named_modules() if m is module), None) if module is not None else None
+
+
 def module_at(layout: Layout, place_id: str, where: str):
-    """The module at an adapterkit place id (``layers.<i>.<path>`` or a module name)."""
+    """The module at an adapterkit place id (``layers.<i>.<path>``, ``embeddings`` or a module name)."""
+    if place_id == "embeddings" and layout.embeddings is not None:
+        return layout.embeddings
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", place_id)
     try:
         if m and layout.blocks:
@@ -73,6 +81,8 @@ def peer_path(layout: Layout, place_id: str, with_prefix: bool) -> str:
     stack = single_stack(layout)
     if m and stack is not None:
         path = f"{stack.path}.{m.group(1)}.{m.group(2)}"
+    elif place_id == "embeddings" and _embeddings_name(layout) is not None:
+        path = _embeddings_name(layout)
     else:
         path = place_id
     wrapped = bool(prefix) and hasattr(model, prefix) and getattr(model, prefix) is not model

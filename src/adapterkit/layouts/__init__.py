@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from torch import nn
 
@@ -33,7 +33,7 @@ from .architectures import ARCHITECTURES, ArchSpec, StackSpec, SubLayerSpec, is_
 from .probe import HostProbe
 
 __all__ = ["Layout", "StackLayout", "ArchSpec", "StackSpec", "SubLayerSpec", "ARCHITECTURES", "linear_features",
-           "is_decoder_config", "spec_for"]
+           "is_decoder_config", "spec_for", "HostTypes", "LINEAR_HOSTS"]
 
 
 ALL_LINEAR = "all-linear"
@@ -47,6 +47,24 @@ def linear_features(module: nn.Module) -> Optional[tuple[int, int, bool]]:
         in_f, out_f = module.weight.shape  # Conv1D stores the weight as (in, out)
         return in_f, out_f, True
     return None
+
+
+@dataclass(frozen=True)
+class HostTypes:
+    """The modules a weight-level method can sit on: ``features(module)`` gives their ``(in, out)``
+    widths (``None``: not a host), ``names`` says which they are, for errors. A method declares
+    its own as ``weight_hosts`` on its config class (LoRA: ``methods.lora_layers.LORA_HOSTS``)."""
+
+    features: Callable[[nn.Module], Optional[tuple[int, int]]]
+    names: str
+
+
+def _linear_widths(module: nn.Module) -> Optional[tuple[int, int]]:
+    feats = linear_features(module)
+    return None if feats is None else feats[:2]
+
+
+LINEAR_HOSTS = HostTypes(_linear_widths, "nn.Linear (or transformers' Conv1D)")
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
@@ -271,7 +289,7 @@ class Layout:
 
     def linear_sites(self, roles: Sequence[str], layers: Optional[Sequence[int]] = None,
                      leave_out: Iterable[int] = (), stacks: Optional[Sequence[str]] = None, *,
-                     defaults: bool = False) -> list[Site]:
+                     defaults: bool = False, hosts: HostTypes = LINEAR_HOSTS) -> list[Site]:
         """``weight`` sites at the projections with these roles, in every chosen stack that has
         them. An explicit role no chosen stack has is an error; ``defaults=True`` (a method's
         default roles) resolves roles through the architecture's aliases and skips the rest."""
@@ -294,7 +312,7 @@ class Layout:
             for i in self.layer_indices(stack, layers, leave_out):
                 for path in paths:
                     sites.append(self._linear_site(f"{stack.prefix}.{i}.{path}", _get(stack.blocks[i], path), i,
-                                                   stack.name))
+                                                   stack.name, hosts))
         return sites
 
     def _alias(self, role: str, defaults: bool) -> str:
@@ -308,21 +326,34 @@ class Layout:
     def weight_sites(self, config: Any) -> list[Site]:
         """Sites of a weight-level method (LoRA, IA3): ``config.target_modules`` by name, else
         ``config.roles``, else the method's ``default_roles`` (a class attribute of its config)."""
+        hosts = getattr(type(config), "weight_hosts", LINEAR_HOSTS)
         if config.target_modules is not None:
-            return self.generic_sites(config.target_modules, config.layers, config.leave_out, "weight", config.stacks)
+            return self.generic_sites(config.target_modules, config.layers, config.leave_out, "weight", config.stacks,
+                                      hosts=hosts)
         if getattr(config, "roles", None):
-            return self.linear_sites(config.roles, config.layers, config.leave_out, config.stacks)
+            return self.linear_sites(config.roles, config.layers, config.leave_out, config.stacks, hosts=hosts)
         defaults = getattr(type(config), "default_roles", ())
-        return self.linear_sites(defaults, config.layers, config.leave_out, config.stacks, defaults=True)
+        return self.linear_sites(defaults, config.layers, config.leave_out, config.stacks, defaults=True, hosts=hosts)
 
-    def _linear_site(self, place_id: str, module: nn.Module, layer: Optional[int], stack: Optional[str]) -> Site:
-        feats = linear_features(module)
+    def _linear_site(self, place_id: str, module: nn.Module, layer: Optional[int], stack: Optional[str],
+                     hosts: HostTypes = LINEAR_HOSTS) -> Site:
+        feats = hosts.features(module)
         if feats is None:
             raise AdapterError(
-                f"Module '{place_id}' is a {type(module).__name__}, not a Linear layer; "
-                "this method needs nn.Linear (or transformers' Conv1D) targets."
+                f"Module '{place_id}' is a {type(module).__name__}, which this method cannot adapt; "
+                f"it takes {hosts.names}. Choose such modules (target_modules=... or roles=...)."
             )
         return Site(place_id, module, feats[0], feats[1], layer=layer, place="weight", stack=stack)
+
+    def embedding_site(self) -> Site:
+        """A ``weight`` site on the input token embeddings, place id ``"embeddings"`` (the role
+        ``"embeddings"``: the same place with or without a task head around the backbone)."""
+        module = self.embeddings
+        if not isinstance(module, nn.Embedding):
+            raise AdapterError(f"This {self.model_type or type(self.model).__name__} model has no input token "
+                               "embeddings (nn.Embedding) that adapterkit can find; choose the module with "
+                               "target_modules=... instead of the role 'embeddings'.")
+        return Site("embeddings", module, module.num_embeddings, module.embedding_dim, place="weight")
 
     def generic_sites(
         self,
@@ -331,6 +362,8 @@ class Layout:
         leave_out: Iterable[int] = (),
         place: str = "weight",
         stacks: Optional[Sequence[str]] = None,
+        *,
+        hosts: HostTypes = LINEAR_HOSTS,
     ) -> list[Site]:
         """Sites for modules chosen by name: a regex (full match) or a list of name suffixes."""
         names = [name for name, _ in self.model.named_modules() if name]
@@ -367,7 +400,7 @@ class Layout:
             place_id = self.place_id_for(name)
             stack_name = stack.name if stack is not None else None
             if place == "weight":
-                sites.append(self._linear_site(place_id, module, layer, stack_name))
+                sites.append(self._linear_site(place_id, module, layer, stack_name, hosts))
             else:
                 in_f, out_f = _module_widths(module, name)
                 sites.append(Site(place_id, module, in_f, out_f, layer=layer, place=place, stack=stack_name))

@@ -94,6 +94,8 @@ class ArchSpec:
         embeddings: path of the input token embeddings (matched as a suffix).
         aliases: role -> the role that stands for it here, used when a method's *default* roles
             are resolved (GPT-2's fused ``qkv`` stands for ``q``, ``k`` and ``v``).
+        fused: a fused role -> the roles of its equal output slices, in order (GPT-2's ``c_attn``
+            is ``[q | k | v]``), so that a method can adapt some slices only (LoRA ``roles=["q", "v"]``).
         when: predicate on the config, for variants ``model_type`` cannot tell apart.
         post_ln: the layer norm follows the residual add (BERT, BART).
         decoder: a decoder-only (causal LM) family.
@@ -104,6 +106,7 @@ class ArchSpec:
     stacks: Mapping[str, StackSpec]
     embeddings: str
     aliases: Mapping[str, str] = field(default_factory=dict)
+    fused: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     when: Callable[[Any], bool] = _always
     post_ln: bool = False
     decoder: bool = False
@@ -178,6 +181,7 @@ GPT2 = ArchSpec(
     )},
     embeddings="wte",
     aliases={"q": "qkv", "k": "qkv", "v": "qkv"},
+    fused={"qkv": ("q", "k", "v")},
     decoder=True,
 )
 

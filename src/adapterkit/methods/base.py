@@ -25,7 +25,7 @@ the class method ``run_stacked(units, which, io)`` (``routing.py``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Hashable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Hashable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -56,8 +56,26 @@ class AdapterModule(nn.Module):
     stacked_strategy: ClassVar[str] = "add"
     strategy: "Strategy"
 
+    #: the adapter's copy of the layer norm this module reads (``train_layer_norms``), in a
+    #: tuple so that it is not registered twice as a submodule
+    _layer_norm_copy: tuple = ()
+
     def read(self, io: "SlotIO") -> tuple[Optional[torch.Tensor], torch.Tensor]:
         return default_read(io)
+
+    def use_layer_norm_copy(self, copy: nn.Module) -> None:
+        """Read through the adapter's own copy of the model's layer norm at this site
+        (``methods/layer_norms.py``) instead of the model's."""
+        self._layer_norm_copy = (copy,)
+
+    def layer_norm_of(self, io: "SlotIO") -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """The layer norm this module reads through at a post-LN site: its adapter's trained copy
+        where it has one (``train_layer_norms``), else the model's (``io.layer_norm``), called
+        without its hooks: another adapter's copy there is that adapter's business, and a routed
+        call would hand it a part of the batch."""
+        if self._layer_norm_copy:
+            return self._layer_norm_copy[0].norm
+        return io.layer_norm.forward if io.layer_norm is not None else None
 
     def forward(self, h: Optional[torch.Tensor], base: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -192,8 +192,9 @@ class Bottleneck(AdapterModule):
             h = h + io.residual
             if cfg.residual_before_ln == "post_add":
                 base = h
-            if io.layer_norm is not None:
-                h = io.layer_norm(h)
+            norm = self.layer_norm_of(io)  # the model's, or the adapter's copy (train_layer_norms)
+            if norm is not None:
+                h = norm(h)
         if cfg.residual_before_ln is False:
             base = h
         return h, base
@@ -248,6 +249,7 @@ class Bottleneck(AdapterModule):
         norm = io.layer_norm
         # CPU only: the precision check reads a flag back from the device, a sync on a GPU
         return not (torch.is_grad_enabled() or not self._reads_model_norm or io.place != "post" or io.residual is None
+                    or bool(self._layer_norm_copy)
                     or io.y.device.type != "cpu" or type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1
                     or io.y.dtype not in (torch.float32, torch.float64) or io.y.dtype != self.down.weight.dtype
                     or self._output_noise)
@@ -266,7 +268,7 @@ class Bottleneck(AdapterModule):
     # -- batched per-example routing -----------------------------------------------------------
     def stack_key(self) -> Optional[Hashable]:
         if self.norm_before is not None or self.norm_after is not None or not isinstance(self.scaling, float) \
-                or self._output_noise:
+                or self._output_noise or self._layer_norm_copy:
             return None
         cfg = self.config
         return (self.down.in_features, self.down.out_features, self.up.out_features, cfg.non_linearity.lower(),

@@ -1,47 +1,52 @@
-"""LoRA: a low-rank update ``W + (alpha / r) * B @ A`` on chosen Linear layers.
+"""LoRA: a low-rank update ``W + (alpha / r) * B @ A`` on chosen layers: the config.
 
-Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", sec. 4.1: ``A`` random
-(Kaiming-uniform, as in the reference implementation), ``B`` zero, so a fresh adapter changes
-nothing. The forward runs unmerged as ``y + scaling * B(A(dropout(x)))`` (cheap: rank ``r``, and
-the scaling and the add ride on the second GEMM, see ``fused.add_linear``);
-``merged`` folds the same delta into the weight, so merge, unmerge and forward all derive from
-``delta_weight``.
+Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", sec. 4.1. This file holds
+``LoRAConfig`` (which sites, which rank); the modules, one per kind of host layer (Linear and
+GPT-2's Conv1D, slices of a fused projection, Embedding, Conv1d/2d/3d), are in
+``lora_layers.py``. Roles beyond the layout's projections: ``"embeddings"`` (the input token
+embeddings) and, where the layout fuses projections, the slices of a fused one (GPT-2:
+``roles=["q", "v"]`` adapts the q and v slices of ``c_attn``, loralib's
+``MergedLinear(enable_lora=[True, False, True])``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass
-from typing import ClassVar, Hashable, Optional, Sequence
+from typing import ClassVar, Optional
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
-from ..slots import Site, SlotIO
-from .base import AdapterModule, gather, small_normal_
-from .fused import add_linear
+from ..slots import Site
+from .lora_layers import LORA_HOSTS, LoRA, SlicedSite, host_kind
+
+__all__ = ["LoRAConfig", "LoRA", "pattern_value", "EMBEDDINGS"]
+
+#: the role of the input token embeddings
+EMBEDDINGS = "embeddings"
 
 
 @register_method("lora")
 @dataclass(frozen=True)
 class LoRAConfig(AdapterConfig):
-    """LoRA on Linear layers.
+    """LoRA on Linear, Embedding and convolution layers (``lora_layers.HOSTS``).
 
     Args:
-        r: rank of the update.
+        r: rank of the update (per slice, on slices of a fused projection).
         alpha: scaling numerator; the update is multiplied by ``alpha / r``.
-        dropout: dropout on the LoRA branch's input.
+        dropout: dropout on the LoRA branch's input (none on embeddings, as in PEFT).
         roles: layout roles to adapt (``"q"``, ``"k"``, ``"v"``, ``"attn_proj"``, ``"ffn_in"``,
             ...), or ``"all-linear"`` for every projection of the blocks; ``None`` =
             ``default_roles``: query and value, in self- and cross-attention (PEFT's T5 default
             ``["q", "v"]`` hits both); GPT-2's fused ``qkv`` stands for them. On SST-2 with MiniLM,
             ``"all-linear"`` came within 0.9 points of full fine-tuning where query and value
-            stayed 2.2 points short (``docs/training.md``).
+            stayed 2.2 points short (``docs/training.md``). ``"embeddings"`` adds the input token
+            embeddings (place id ``embeddings``; not counted in ``layers``). Where the layout
+            fuses projections, an explicit ``"q"`` / ``"k"`` / ``"v"`` adapts that output slice of
+            the fused one only (GPT-2's ``c_attn``), while ``"qkv"`` adapts all of it.
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA, Kalajdzievski 2023) instead
             of ``alpha / r``; PEFT's ``use_rslora``.
         rank_pattern / alpha_pattern: per-site ``r`` / ``alpha``, PEFT's options of the same names:
@@ -52,6 +57,7 @@ class LoRAConfig(AdapterConfig):
 
     supports_merge = True
     places = ("weight",)
+    weight_hosts = LORA_HOSTS
     #: roles used when ``roles`` is None; a role a stack lacks is skipped there
     default_roles: ClassVar[tuple[str, ...]] = ("q", "v", "cross_q", "cross_v")
 
@@ -83,16 +89,54 @@ class LoRAConfig(AdapterConfig):
         return dataclasses.replace(self, r=r, alpha=alpha, rank_pattern=None, alpha_pattern=None)
 
     def sites(self, layout) -> list[Site]:
-        return layout.weight_sites(self)
+        if self.target_modules is not None or not self.roles:
+            return layout.weight_sites(self)
+        sliced = _sliced_roles(layout, self.roles, self.stacks)
+        plain = [r for r in self.roles if r != EMBEDDINGS and r not in sliced]
+        sites = [layout.embedding_site()] if EMBEDDINGS in self.roles else []
+        if plain:
+            sites += layout.weight_sites(dataclasses.replace(self, roles=tuple(plain)))
+        for fused, enabled in _slices(layout, sliced).items():
+            taken = {s.place_id for s in sites}
+            for site in layout.linear_sites([fused], self.layers, self.leave_out, self.stacks, hosts=LORA_HOSTS):
+                if site.place_id in taken:
+                    raise AdapterError(f"roles={list(self.roles)} name both '{fused}' and some of its slices "
+                                       f"{[r for r, on in zip(layout.spec.fused[fused], enabled) if on]}; "
+                                       f"'{fused}' already includes them. Name one or the other.")
+                sites.append(SlicedSite(**{f.name: getattr(site, f.name) for f in dataclasses.fields(site)},
+                                        enabled=enabled))
+        return sites
 
     def build(self, site: Site) -> nn.Module:
         cfg = self.for_site(site.place_id)
-        if cfg.r > min(site.in_features, site.out_features):
+        kind = host_kind(site.host)
+        largest = kind.max_rank(site.host)
+        if isinstance(site, SlicedSite) and site.enabled:
+            largest = min(site.in_features, site.out_features // len(site.enabled))
+        if cfg.r > largest:
             raise AdapterError(
-                f"LoRA rank r={cfg.r} exceeds the size of '{site.place_id}' "
-                f"({site.out_features}x{site.in_features}); choose r <= {min(site.in_features, site.out_features)}."
+                f"LoRA rank r={cfg.r} exceeds the size of '{site.place_id}' ({type(site.host).__name__}, "
+                f"{site.in_features} -> {site.out_features}); choose r <= {largest}."
             )
-        return LoRA(cfg, site.in_features, site.out_features, transposed=_is_conv1d(site.host))
+        if cfg.resolved_strategy == "channel_gate" and not kind.channels_last:
+            raise AdapterError(f"strategy='channel_gate' gates the last dimension, but '{site.place_id}' is a "
+                               "convolution (channels in dimension 1); use 'gate', 'add' or 'scaled_add' there.")
+        return kind.build(cfg, site)
+
+
+def _sliced_roles(layout, roles, stacks) -> list[str]:
+    """The roles that name a slice of a fused projection in this layout (GPT-2's ``q`` / ``v``)."""
+    if layout.spec is None or not layout.spec.fused:
+        return []
+    parts = {p for slices in layout.spec.fused.values() for p in slices}
+    have = {r for s in layout.select_stacks(stacks) for r in s.roles}
+    return [r for r in roles if r in parts and r not in have]
+
+
+def _slices(layout, sliced: list[str]) -> dict[str, tuple[bool, ...]]:
+    """Fused role -> which of its slices are adapted."""
+    return {fused: tuple(p in sliced for p in parts) for fused, parts in layout.spec.fused.items()
+            if any(p in sliced for p in parts)}
 
 
 def pattern_value(patterns: Optional[dict], place_id: str, default):
@@ -101,61 +145,6 @@ def pattern_value(patterns: Optional[dict], place_id: str, default):
         if re.match(rf"(.*\.)?({pattern})$", place_id):
             return value
     return default
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
-
-
-class LoRA(AdapterModule):
-    """``lora_A`` (r, in) and ``lora_B`` (out, r), the names PEFT and AdapterHub use. Reads the
-    host's input; its contribution is the delta ``scaling * B(A(dropout(x)))``."""
-
-    def __init__(self, config: LoRAConfig, in_features: int, out_features: int, transposed: bool = False):
-        super().__init__()
-        self.scaling = config.alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-        self.transposed = transposed  # host stores its weight as (in, out), like transformers' Conv1D
-        self.lora_A = nn.Parameter(torch.empty(config.r, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-
-    def init_nonzero(self) -> None:
-        small_normal_(self.lora_B)
-
-    def delta_weight(self) -> torch.Tensor:
-        """The update in the host's weight layout."""
-        delta = (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
-        return delta.T if self.transposed else delta
-
-    def merged(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-        return weight + self.delta_weight().to(weight.dtype), bias
-
-    def forward(self, h: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        xa = F.linear(self.dropout(h), self.lora_A)  # (B, T, in) -> (B, T, r)
-        return F.linear(xa, self.lora_B) * self.scaling  # (B, T, out)
-
-    def add_to(self, base: torch.Tensor, h: torch.Tensor, scale: float) -> torch.Tensor:
-        xa = F.linear(self.dropout(h), self.lora_A)  # (B, T, in) -> (B, T, r)
-        return add_linear(base, xa, self.lora_B, scale=self.scaling * scale)  # (B, T, out)
-
-    # -- batched per-example routing -----------------------------------------------------------
-    def stack_key(self) -> Optional[Hashable]:
-        if self.training and isinstance(self.dropout, nn.Dropout):
-            return None
-        return (self.lora_A.shape[1], self.lora_B.shape[0])
-
-    @classmethod
-    def run_stacked(cls, units: Sequence["LoRA"], which: torch.Tensor, io: SlotIO) -> torch.Tensor:
-        """Each routed example through its own LoRA in two batched matmuls (BGMV); ranks are
-        padded with zeros to the largest, which adds exact zeros."""
-        h, base = units[0].read(io)
-        n = base.shape[0]
-        r = max(u.lora_A.shape[0] for u in units)
-        a = gather([F.pad(u.lora_A, (0, 0, 0, r - u.lora_A.shape[0])) for u in units], which)  # (B, r, in)
-        b = gather([F.pad(u.lora_B * u.scaling, (0, r - u.lora_B.shape[1])) for u in units], which)  # (B, out, r)
-        xa = torch.bmm(h.reshape(n, -1, h.shape[-1]), a.transpose(1, 2))  # (B, T, r)
-        return torch.baddbmm(base.reshape(n, -1, base.shape[-1]), xa, b.transpose(1, 2)).view(base.shape)
 
 
 register_preset("lora", LoRAConfig())
