@@ -63,8 +63,9 @@ class Site:
         place: how the adapter meets the host: ``"post"`` (reads and rewrites the host's
             output), ``"pre"`` (rewrites the host's input), ``"parallel"`` (reads the host's or the
             sub-layer's input, adds to the host's output) or ``"weight"`` (inside a Linear's own
-            product: LoRA, IA3). ``"attention"`` and ``"input"`` are reserved for prefix and
-            prompt tuning.
+            product: LoRA, IA3) or ``"input"`` (rows prepended to the model's input sequence:
+            prompt tuning, run by ``input_place.InputSlot``). ``"attention"`` is reserved for
+            prefix tuning.
         stack: the named stack (``"encoder"`` / ``"decoder"``) the site belongs to, if any.
         input_from: module and argument holding the sub-layer's input (what a ``pre`` /
             ``parallel`` adapter at a sub-layer site reads), where the layout knows it.
@@ -181,6 +182,10 @@ class Slot:
             return
         if self._handles:
             return  # hooks already there; they read the plans at call time
+        self._install()
+
+    def _install(self) -> None:
+        """Put this slot's hooks on the model (a place's own slot class may hook elsewhere)."""
         site = self.site
         if site.residual_from is not None:
             module, _ = site.residual_from
@@ -192,6 +197,12 @@ class Slot:
         # before sub-layer adapters that share the host (Llama's o_proj is both).
         prepend = site.place == "weight"
         self._handles.append(site.host.register_forward_hook(self._run, with_kwargs=True, prepend=prepend))
+
+    def compile_routed(self, units):
+        """The plan for per-example routing over ``units`` (name -> module) at this slot."""
+        from .routing import routed_plan
+
+        return routed_plan(units)
 
     def _current_plan(self) -> Optional[Plan]:
         ctx = context.current()
@@ -228,3 +239,16 @@ class Slot:
         if key is None:
             return (new_x, *args[1:]), kwargs
         return args, {**kwargs, key: new_x}
+
+
+_SLOT_CLASSES: dict[str, type[Slot]] = {}
+
+
+def register_slot(place: str, cls: type[Slot]) -> None:
+    """Run sites at ``place`` with ``cls`` instead of ``Slot`` (the ``input`` place: ``input_place.py``)."""
+    _SLOT_CLASSES[place] = cls
+
+
+def slot_for(site: Site) -> Slot:
+    """A fresh slot for ``site``, of the class its place registered."""
+    return _SLOT_CLASSES.get(site.place, Slot)(site)
