@@ -99,6 +99,11 @@ class Site:
         return list(weight.shape) if isinstance(weight, torch.Tensor) else [self.out_features, self.in_features]
 
 
+#: places whose value is the host's input (rewritten in place of it): ``pre``, and ``input``, whose
+#: value is the whole input sequence
+_INPUT_VALUED = ("pre", "input")
+
+
 @dataclass(frozen=True)
 class SlotIO:
     """What an adapter sees at a site (see module docstring)."""
@@ -112,7 +117,7 @@ class SlotIO:
     @property
     def passthrough(self) -> torch.Tensor:
         """The value the site carries on unchanged when no adapter acts on it."""
-        return self.x if self.place == "pre" else self.y
+        return self.x if self.place in _INPUT_VALUED else self.y
 
     def rows(self, index: torch.Tensor) -> "SlotIO":
         """The same view restricted to some examples of the batch (per-example routing)."""
@@ -121,7 +126,7 @@ class SlotIO:
 
     def with_value(self, value: torch.Tensor) -> "SlotIO":
         """The view after an adapter rewrote the site's value (the next one in a ``Stack``)."""
-        return replace(self, x=value) if self.place == "pre" else replace(self, y=value)
+        return replace(self, x=value) if self.place in _INPUT_VALUED else replace(self, y=value)
 
 
 def _first_input(args: tuple, kwargs: dict) -> tuple[Optional[torch.Tensor], Optional[str]]:
