@@ -301,7 +301,7 @@ def test_cli_trains_prompt_tuning_on_a_classification_task(tmp_path):
     tiny_bert(tmp_path / "bert")
     write_tsv(tmp_path / "train.tsv", sentiment_rows(32, seed=0))
     assert main(["train", "--model", str(tmp_path / "bert"), "--train", str(tmp_path / "train.tsv"), "--out",
-                 str(tmp_path / "run"), "--method", "prompt_tuning", "-o", "prompt_length=4", "--epochs", "1",
+                 str(tmp_path / "run"), "--method", "prompt_tuning", "-o", "prompt_length=4", "--max-length", "64", "--epochs", "1",
                  "--batch-size", "16", "--progress", "none"]) == 0
     model = AdapterModel.from_pretrained(str(tmp_path / "bert"))
     name = model.load_adapter(tmp_path / "run" / "adapter", set_active=True)
