@@ -181,7 +181,7 @@ def test_random_uniform_is_in_range_and_bart_vocab_rows_are_scaled():
     assert rows.abs().max() <= 0.5 and rows.std() > 0.2
 
 
-def test_from_string_embeds_the_text_with_the_models_tokenizer(tmp_path):
+def test_from_string_embeds_the_text_with_the_models_tokenizer(tmp_path, monkeypatch):
     from trainkit import tiny_bert
 
     model = AdapterModel.from_pretrained(str(tiny_bert(tmp_path / "bert")))
@@ -191,6 +191,16 @@ def test_from_string_embeds_the_text_with_the_models_tokenizer(tmp_path):
     ids = tok("good film", add_special_tokens=False)["input_ids"]
     expected = model.model.get_input_embeddings().weight[(ids * 3)[:5]]
     assert torch.equal(model.adapters["s"]["input"].prompt_embedding.weight, expected)
+    model.save_adapter(tmp_path / "s", "s")  # loading needs no tokenizer: the saved rows replace the init
+    again = AdapterModel(model.model)
+
+    def no_tokenizer(*args, **kwargs):
+        raise AssertionError("loading must not need the tokenizer")
+
+    monkeypatch.setattr("adapterkit.loader.load_tokenizer", no_tokenizer)
+    name = again.load_adapter(tmp_path / "s")
+    assert torch.equal(again.adapters[name]["input"].prompt_embedding.weight, expected)
+    assert again.records[name].config.prompt_init == "from_string"
 
 
 # -- speech: the P-adapter -------------------------------------------------------------------------

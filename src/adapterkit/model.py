@@ -814,7 +814,8 @@ class AdapterModel(nn.Module):
         except AdapterError as err:
             raise CheckpointError(f"{directory}: {err}") from None
         check_base_shape(meta.get("base_model", {}), self.layout.fingerprint(), directory)
-        record = self._build(name, cfg)
+        record = self._build(name, cfg.for_loading())  # the saved weights replace the initialisation
+        record.config = cfg
         sites, modules = record.sites, record.modules
         if [s.place_id for s in sites] != meta.get("places"):
             raise CheckpointError(

@@ -90,6 +90,10 @@ class PromptTuningConfig(AdapterConfig):
             )
         return [site]
 
+    def for_loading(self) -> "PromptTuningConfig":
+        """Loading needs no tokenizer: the saved prompt replaces the initialisation."""
+        return self.replace(prompt_init="random_uniform", prompt_init_text=None, tokenizer_name_or_path=None)
+
     def build(self, site: InputSite) -> nn.Module:
         host = site.input_host
         module = PromptTuning(self.prompt_length, host.width)
