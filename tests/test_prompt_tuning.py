@@ -303,6 +303,39 @@ def test_loading_a_prompt_into_another_family_is_refused(tmp_path):
     assert list(other.adapters) == []
 
 
+# -- PEFT ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_peft_prompt_loads_and_exports_with_peft_s_exact_outputs(name, tmp_path):
+    peft = pytest.importorskip("peft")
+    arch, batch = ARCHS[name], make_batch()
+    task = "CAUSAL_LM" if arch.causal_lm else "FEATURE_EXTRACTION"
+    theirs = peft.get_peft_model(make_base(arch), peft.PromptTuningConfig(task_type=task, num_virtual_tokens=4))
+    theirs.eval().save_pretrained(tmp_path / "peft")
+
+    def main_output(out):
+        return out.logits if arch.causal_lm else out.last_hidden_state
+
+    reference = main_output(theirs(**batch))[:, 4:]  # PEFT returns the virtual tokens' positions too
+    ours = AdapterModel(make_base(arch))
+    loaded = ours.load_adapter(tmp_path / "peft", set_active=True)
+    assert ours.records[loaded].config.prompt_length == 4
+    mine = main_output(ours.eval()(**batch))
+    assert torch.equal(mine, reference)
+    assert (mine - bare_of(ours, batch)).abs().max() > 1e-3
+    perturb(ours.adapters[loaded])  # export: PEFT runs our (moved) prompt to the same outputs
+    mine = main_output(ours(**batch))
+    ours.save_adapter(tmp_path / "export", loaded, format="peft")
+    again = peft.PeftModel.from_pretrained(make_base(arch), tmp_path / "export").eval()
+    assert torch.equal(main_output(again(**batch))[:, 4:], mine)
+
+
+def test_peft_export_of_an_encoder_decoder_prompt_is_refused(tmp_path):
+    model = prompted("t5")
+    with pytest.raises(AdapterError, match="encoder-decoders: two prompts.*nothing was written"):
+        model.save_adapter(tmp_path / "x", "p", format="peft")
+    assert not (tmp_path / "x").exists()
+
+
 # -- the command line ------------------------------------------------------------------------------
 def test_cli_trains_prompt_tuning_on_a_classification_task(tmp_path):
     from adapterkit.cli import main
