@@ -74,6 +74,20 @@ def test_routed_batch_with_prompts_of_two_lengths_and_none_equals_each_example_a
     assert total_hooks(model) == 0
 
 
+def test_routed_heads_with_prompts_equal_each_adapter_and_head_alone():
+    model, batch = prompted("bert"), make_batch()
+    model.add_classification_head("p", num_labels=2)
+    model.add_classification_head("q", num_labels=3)
+    model.eval()
+    names = ["p", None, "q", "p"]
+    out = model(**batch, adapter_names=names, routed_heads=True)
+    assert out.logits[1] is None and out.hidden_states.shape == (4, 7, 32)
+    for i in (0, 2, 3):
+        model.set_active_adapters(names[i])
+        alone = model(**{k: v[i:i + 1] for k, v in batch.items()}).logits[0]
+        assert (out.logits[i] - alone).abs().max() <= 1e-5
+
+
 def test_causal_lm_loss_and_head_pooling_see_the_real_tokens_only():
     model, batch = prompted("gpt2"), make_batch()
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
