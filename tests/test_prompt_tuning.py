@@ -179,6 +179,21 @@ def test_routed_generate_equals_each_prompt_alone(name):
         assert (routed_scores[i] - scores[0]).abs().max() <= 1e-4, (i, n)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "t5"])
+def test_routed_beam_search_follows_each_prompt(name):
+    model, batch = prompted(name, seq2seq_lm=name == "t5"), _prompt_batch(name)
+    names = ["p", None, "q", "p"]
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, num_beams=2, output_scores=True,
+              return_dict_in_generate=True)
+    routed = model.generate(**batch, adapter_names=names, **kw)
+    for i, n in enumerate(names):
+        row = {k: v[i:i + 1] for k, v in batch.items()}
+        model.set_active_adapters(n)
+        alone = model.generate(**row, **kw)
+        assert torch.equal(routed.sequences[i, -4:], alone.sequences[0, -4:]), (i, n)
+        assert (routed.sequences_scores[i] - alone.sequences_scores[0]).abs() <= 1e-5, (i, n)
+
+
 # -- initialisation --------------------------------------------------------------------------------
 def test_from_vocab_rows_are_rows_of_the_embedding():
     model = AdapterModel(make_base(ARCHS["llama"]))

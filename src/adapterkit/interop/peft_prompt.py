@@ -21,7 +21,7 @@ import torch
 from ..errors import AdapterError, CheckpointError
 from ..input_place import input_site
 from ..methods.prompt_tuning import PromptTuningConfig
-from .files import read_json, read_weights, write_folder
+from .files import read_weights, write_folder
 from .meta import checkpoint, refuse_options
 
 KEY = "prompt_embeddings"
