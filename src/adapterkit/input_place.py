@@ -181,7 +181,7 @@ class InputSlot(Slot):
 
     def __init__(self, site: InputSite):
         super().__init__(site)
-        self._signatures: dict[int, inspect.Signature] = {}
+        self._signatures: dict[type, inspect.Signature] = {}  # by host class
 
     def compile_routed(self, units: Mapping[str, nn.Module]):
         return routed_rows(units)
@@ -222,9 +222,9 @@ class InputSlot(Slot):
 
     def _arguments(self, module: nn.Module, args: tuple, kwargs: dict) -> dict:
         """Every argument of the host's forward by name (``**kwargs`` flattened)."""
-        sig = self._signatures.get(id(module))
+        sig = self._signatures.get(type(module))
         if sig is None:
-            sig = self._signatures[id(module)] = inspect.signature(module.forward)
+            sig = self._signatures[type(module)] = inspect.signature(module.forward)
         bound = dict(sig.bind_partial(*args, **kwargs).arguments)
         for name, param in sig.parameters.items():
             if param.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
