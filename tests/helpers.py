@@ -181,6 +181,14 @@ SEQ2SEQ_METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
 }
 
 
+#: Methods at the ``input`` place (prompt tuning): not the identity at init, since the prompt rows
+#: are attended to from the start; run on one architecture per layout family.
+INPUT_METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "prompt_tuning": ("prompt_tuning", {"prompt_length": 4}, False),
+    "prompt_tuning-from-vocab": ("prompt_tuning", {"prompt_length": 3, "prompt_init": "from_vocab"}, False),
+}
+
+
 @dataclass(frozen=True)
 class Case:
     """One (architecture, method configuration) pair."""
@@ -215,7 +223,8 @@ def _extra_cases() -> list[Case]:
     archs = ["bert", "distilbert", "gpt2", "llama", "t5", "bart"]  # one per layout family
     seq2seq = ["t5", "bart"]
     return ([Case(ARCHS[a], m, *EXTRA_METHODS[m]) for a in archs for m in EXTRA_METHODS]
-            + [Case(ARCHS[a], m, *SEQ2SEQ_METHODS[m]) for a in seq2seq for m in SEQ2SEQ_METHODS])
+            + [Case(ARCHS[a], m, *SEQ2SEQ_METHODS[m]) for a in seq2seq for m in SEQ2SEQ_METHODS]
+            + [Case(ARCHS[a], m, *INPUT_METHODS[m]) for a in archs for m in INPUT_METHODS])
 
 
 _LORA_R = {"r": 4, "alpha": 8.0}
@@ -277,6 +286,8 @@ def expected_adapter_params(case: Case) -> int:
         once = sum(cfg.r * (i + o) for i, o, in_layers in extra if not in_layers)
         per_layer += sum(cfg.r * (i + o) for i, o, in_layers in extra if in_layers)
         return layers * per_layer + once + norms
+    if cfg.method == "prompt_tuning":
+        return cfg.prompt_length * D  # one row of the input width per prompt position
     raise AssertionError(f"no parameter formula for method {cfg.method}: add one to tests/helpers.py")
 
 

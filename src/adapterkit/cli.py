@@ -67,7 +67,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--completion-column", "completion_column", str, "causal LM: column with the completion"),
     ("--task", "task", str, "classification, multilabel, regression, tagging or causal-lm (default: detected)"),
     ("--label-sep", "label_sep", str, "separator of multi-label labels in TSV/CSV (default: ',')"),
-    ("--method", "method", str, "pfeiffer (default), houlsby, parallel, lora, ia3, bottleneck, ..."),
+    ("--method", "method", str, "pfeiffer (default), houlsby, parallel, lora, ia3, prompt_tuning, p_adapter, bottleneck, ..."),
     ("--name", "name", str, "adapter name (default: from the training file, e.g. sst2)"),
     ("--pooling", "pooling", str, "head pooling: auto (mean for encoders, last token for decoders), mean, cls, last"),
     ("--head-layers", "head_layers", int, "layers of the prediction head (default: 2)"),

@@ -51,8 +51,8 @@ from .layouts import Layout
 from .fusion import FusionConfig, build_fusion
 from .merging import Merges
 from .parallel import Replicator, find_parallel, first_block, run_parallel
-from .routing import Routing, routed_plan
-from .slots import Site, Slot
+from .routing import Routing
+from .slots import Site, Slot, slot_for
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 #: inputs a batch can arrive as; the first one present gives the batch size and device for routing
@@ -169,7 +169,9 @@ class AdapterModel(nn.Module):
         self.adapters[record.name] = record.modules
         self._records[record.name] = record
         for site in record.sites:
-            self._slots.setdefault((site.place_id, site.place), Slot(site))
+            key = (site.place_id, site.place)
+            if key not in self._slots:
+                self._slots[key] = slot_for(site)
 
     def _units_at(self, slot: Slot) -> dict[str, nn.Module]:
         """The unmerged adapters' modules at a slot, in the order the adapters were added."""
@@ -420,7 +422,7 @@ class AdapterModel(nn.Module):
             units = self._units_at(slot)
             skipped = owners.get(id(slot.site.host), (None, None))[1] in self._skip_layers
             plan = compile_plan(setup, {**units, **self._fusions_at(slot)}) if setup is not None and not skipped else None
-            slot.set_plans(plan, None if self._disabled else routed_plan(units))
+            slot.set_plans(plan, None if self._disabled else slot.compile_routed(units))
         self._grad_free.update(self.layout, owners, [s.site for s in self._slots.values() if s.plan is not None])
         parallel = find_parallel(setup)
         if parallel is None:
@@ -808,7 +810,8 @@ class AdapterModel(nn.Module):
         except AdapterError as err:
             raise CheckpointError(f"{directory}: {err}") from None
         check_base_shape(meta.get("base_model", {}), self.layout.fingerprint(), directory)
-        record = self._build(name, cfg)
+        record = self._build(name, cfg.for_loading())  # the saved weights replace the initialisation
+        record.config = cfg
         sites, modules = record.sites, record.modules
         if [s.place_id for s in sites] != meta.get("places"):
             raise CheckpointError(

@@ -63,8 +63,9 @@ class Site:
         place: how the adapter meets the host: ``"post"`` (reads and rewrites the host's
             output), ``"pre"`` (rewrites the host's input), ``"parallel"`` (reads the host's or the
             sub-layer's input, adds to the host's output) or ``"weight"`` (inside a Linear's own
-            product: LoRA, IA3). ``"attention"`` and ``"input"`` are reserved for prefix and
-            prompt tuning.
+            product: LoRA, IA3) or ``"input"`` (rows prepended to the model's input sequence:
+            prompt tuning, run by ``input_place.InputSlot``). ``"attention"`` is reserved for
+            prefix tuning.
         stack: the named stack (``"encoder"`` / ``"decoder"``) the site belongs to, if any.
         input_from: module and argument holding the sub-layer's input (what a ``pre`` /
             ``parallel`` adapter at a sub-layer site reads), where the layout knows it.
@@ -98,6 +99,11 @@ class Site:
         return list(weight.shape) if isinstance(weight, torch.Tensor) else [self.out_features, self.in_features]
 
 
+#: places whose value is the host's input (rewritten in place of it): ``pre``, and ``input``, whose
+#: value is the whole input sequence
+_INPUT_VALUED = ("pre", "input")
+
+
 @dataclass(frozen=True)
 class SlotIO:
     """What an adapter sees at a site (see module docstring)."""
@@ -111,7 +117,7 @@ class SlotIO:
     @property
     def passthrough(self) -> torch.Tensor:
         """The value the site carries on unchanged when no adapter acts on it."""
-        return self.x if self.place == "pre" else self.y
+        return self.x if self.place in _INPUT_VALUED else self.y
 
     def rows(self, index: torch.Tensor) -> "SlotIO":
         """The same view restricted to some examples of the batch (per-example routing)."""
@@ -120,7 +126,7 @@ class SlotIO:
 
     def with_value(self, value: torch.Tensor) -> "SlotIO":
         """The view after an adapter rewrote the site's value (the next one in a ``Stack``)."""
-        return replace(self, x=value) if self.place == "pre" else replace(self, y=value)
+        return replace(self, x=value) if self.place in _INPUT_VALUED else replace(self, y=value)
 
 
 def _first_input(args: tuple, kwargs: dict) -> tuple[Optional[torch.Tensor], Optional[str]]:
@@ -181,6 +187,10 @@ class Slot:
             return
         if self._handles:
             return  # hooks already there; they read the plans at call time
+        self._install()
+
+    def _install(self) -> None:
+        """Put this slot's hooks on the model (a place's own slot class may hook elsewhere)."""
         site = self.site
         if site.residual_from is not None:
             module, _ = site.residual_from
@@ -192,6 +202,12 @@ class Slot:
         # before sub-layer adapters that share the host (Llama's o_proj is both).
         prepend = site.place == "weight"
         self._handles.append(site.host.register_forward_hook(self._run, with_kwargs=True, prepend=prepend))
+
+    def compile_routed(self, units):
+        """The plan for per-example routing over ``units`` (name -> module) at this slot."""
+        from .routing import routed_plan
+
+        return routed_plan(units)
 
     def _current_plan(self) -> Optional[Plan]:
         ctx = context.current()
@@ -228,3 +244,16 @@ class Slot:
         if key is None:
             return (new_x, *args[1:]), kwargs
         return args, {**kwargs, key: new_x}
+
+
+_SLOT_CLASSES: dict[str, type[Slot]] = {}
+
+
+def register_slot(place: str, cls: type[Slot]) -> None:
+    """Run sites at ``place`` with ``cls`` instead of ``Slot`` (the ``input`` place: ``input_place.py``)."""
+    _SLOT_CLASSES[place] = cls
+
+
+def slot_for(site: Site) -> Slot:
+    """A fresh slot for ``site``, of the class its place registered."""
+    return _SLOT_CLASSES.get(site.place, Slot)(site)

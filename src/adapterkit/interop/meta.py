@@ -36,7 +36,7 @@ def checkpoint(model, name: str, config: AdapterConfig, by_place: dict[str, dict
         raise CheckpointError(f"{where}: the config selects modules {missing[:4]} that have no weights, or weights "
                               f"{extra[:4]} sit on modules the config does not select; the folder was edited.")
     for site in sites:  # the weights each module needs, named as the source file names them
-        expected = {k: tuple(v.shape) for k, v in config.build_unit(site).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in config.for_loading().build_unit(site).state_dict().items()}
         given = by_place[site.place_id]
         missing = sorted(set(expected) - set(given))
         wrong = sorted(k for k in set(expected) & set(given) if tuple(given[k].shape) != expected[k])

@@ -28,6 +28,7 @@ from ..methods.ia3 import IA3Config
 from ..methods.lora import EMBEDDINGS, LoRAConfig, pattern_value
 from ..methods.lora_layers import SlicedSite, host_kind
 from . import heads as H
+from . import peft_prompt
 from .files import read_json, read_weights, write_folder
 from .meta import by_place, checkpoint, head_tensors, refuse_options
 from .places import is_conv1d, module_at, peer_path, per_site, place_of, placement, place_regex
@@ -85,9 +86,11 @@ def read(folder: Path, model, *, allow_pickle: bool = False) -> tuple[dict[str, 
     config_file = folder / CONFIG
     cfg = read_json(config_file)
     peft_type = cfg.get("peft_type")
+    if peft_type == "PROMPT_TUNING":
+        return peft_prompt.read(folder, cfg, model, WEIGHTS, PICKLED, allow_pickle=allow_pickle)
     if peft_type not in METHODS:
         raise CheckpointError(f"'{config_file}': peft_type {peft_type!r} is not supported; adapterkit reads "
-                              f"{', '.join(METHODS)} adapters (prompt / prefix tuning not yet).")
+                              f"{', '.join(METHODS)} and PROMPT_TUNING adapters (prefix tuning not yet).")
     for key, value in cfg.items():
         if key not in READ | BOOKKEEPING and value not in NEUTRAL:
             raise CheckpointError(f"'{config_file}': option '{key}' = {value!r} has no adapterkit counterpart; "
@@ -245,6 +248,8 @@ def write(directory: "str | Path", meta: dict[str, Any], tensors: dict[str, torc
     from ..config import config_from_dict
 
     config = config_from_dict(meta["config"])
+    if config.method == "prompt_tuning":
+        return peft_prompt.write(directory, meta, tensors, model, CONFIG, WEIGHTS, FILES)
     if config.method not in WRITERS:
         raise AdapterError(f"PEFT has no {config.method} adapter; nothing was written. Save it with "
                            "format='adapterkit' or 'adapterhub'.")

@@ -48,7 +48,7 @@ from ..errors import AdapterError, CheckpointError
 from ..fingerprint import base_identity
 from ..heads import HeadConfig, build_head
 from ..io import adapter_size_bytes, temp_dir
-from ..loader import check_max_length, load_model, load_tokenizer, model_is_decoder
+from ..loader import check_max_length, load_model, load_tokenizer, max_positions, model_is_decoder
 from ..model import AdapterModel
 from . import checkpoint as ckpt
 from . import distributed as D
@@ -149,6 +149,7 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
     torch.manual_seed(config.seed)
     model = load_model(config.model)
     _check_bottleneck_width(adapter_config, model.layout.hidden_size)
+    _check_prompt_room(adapter_config, config.max_length, config.model, model.config)
     setup_model(model, spec, name, config, adapter_config)
     torch.manual_seed(config.seed + 1000 * env.rank)  # dropout differs per process, as with a larger batch
     data["rows"] = {"train": len(train_enc), "eval": len(eval_enc) if eval_enc else 0, "test": len(test_enc) if test_enc else 0}
@@ -164,6 +165,17 @@ def _check_bottleneck_width(adapter_config: Optional[AdapterConfig], hidden: Opt
     if hidden // factor < 1:
         raise AdapterError(f"--reduction-factor {factor:g} is larger than the hidden size {hidden}: the bottleneck "
                            f"would be empty; use --reduction-factor {hidden} or less, or --bottleneck-dim.")
+
+
+def _check_prompt_room(adapter_config: Optional[AdapterConfig], max_length: int, name: str, base_config: Any) -> None:
+    """A prompt (prompt tuning, the P-adapter) takes positions from the input: refuse a
+    ``--max-length`` that would not fit beside it before anything runs."""
+    prompt = getattr(adapter_config, "prompt_length", None)
+    limit = max_positions(base_config)
+    if prompt is None or limit is None or prompt + max_length <= limit or prompt >= limit:
+        return  # prompt >= limit: add_adapter names the problem itself
+    raise AdapterError(f"--max-length {max_length} plus the prompt's {prompt} positions is more than '{name}' can take "
+                       f"({limit} positions); pass --max-length {limit - prompt} or less, or a shorter prompt_length.")
 
 
 def _fingerprint(table: Optional[Table]) -> Optional[dict[str, Any]]:
