@@ -20,6 +20,7 @@ from adapterkit.cli import main
 from adapterkit.data import Columns, DataError, Table, TaskSpec, build_task, encode, read_table
 from adapterkit.data.verbalizer import answer_ids, gold_class, prompt_of
 from adapterkit.train.choices import choice_scores
+from test_cli import bad
 from trainkit import sentiment_rows, tiny_bert, tiny_llama, write_tsv
 
 TEMPLATE = "{text} it was"
@@ -30,9 +31,8 @@ FLAGS = ["--template", TEMPLATE, "--verbalizer", "bad,good"]
 def ws(tmp_path_factory):
     d = tmp_path_factory.mktemp("lmtask")
     tiny_llama(d / "llama")
-    write_tsv(d / "train.tsv", sentiment_rows(192, seed=0))
-    write_tsv(d / "dev.tsv", sentiment_rows(48, seed=1))
-    write_tsv(d / "test.tsv", sentiment_rows(48, seed=2))
+    for seed, (split, rows) in enumerate((("train", 192), ("dev", 48), ("test", 48))):
+        write_tsv(d / f"{split}.tsv", sentiment_rows(rows, seed=seed))
     return d
 
 
@@ -178,15 +178,6 @@ def test_verbalizer_words_the_tokenizer_cannot_spell(tok):
         answer_ids(Empty(), ["good", "zzz"])
     with pytest.raises(DataError, match="'splendid' is not in the model's vocabulary"):
         answer_ids(tok, ["good", "splendid"])
-
-
-def bad(capsys, argv, *needles):
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "\n" not in err, err
-    for needle in needles:
-        assert needle in err, err
 
 
 def test_cli_bad_input(ws, tmp_path, capsys):
