@@ -102,7 +102,7 @@ class Loaded:
     tokenizer: Any
     spec: TaskSpec
     name: Optional[str]
-    artifact: Artifact
+    artifact: Optional[Artifact]  # None: the bare base model (``load_bare``)
     base: str
 
 
@@ -143,6 +143,31 @@ def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_ot
         spec = task_of(artifact, meta.get("head"), decoder)
     net.eval()
     return Loaded(net, tokenizer, spec, name, artifact, base)
+
+
+def load_bare(model: Optional[str], table: Any, *, task: Optional[str] = None, template: Optional[str] = None,
+              verbalizer: Optional[str] = None, text: Optional[str] = None, text_pair: Optional[str] = None,
+              label: Optional[str] = None) -> Loaded:
+    """The base model without any adapter, for ``adapterkit eval`` without ``--adapter``: the task
+    comes from the flags and the data ``table``, and must be one the LM scores by itself
+    (``lm-classification``: zero-shot accuracy; ``causal-lm``: perplexity), since there is no head."""
+    from .data import LM_TASKS, build_task, detect_columns
+    from .loader import load_model, load_tokenizer, model_is_decoder
+
+    if not model:
+        raise AdapterError("adapterkit eval without --adapter scores the bare model: pass --model (e.g. smollm2), or "
+                           "pass --adapter to score a trained adapter.")
+    decoder = model_is_decoder(model)
+    columns = detect_columns(table, text=text, text_pair=text_pair, label=label, task=task)
+    spec = build_task(table, columns, task, decoder=decoder, template=template, verbalizer=verbalizer)
+    if spec.task not in LM_TASKS:
+        raise AdapterError(f"{table.path}: task {spec.task} needs a trained head, which a bare model lacks: pass "
+                           "--adapter, or score a causal LM's own answers with --template and --verbalizer "
+                           "(lm-classification).")
+    tokenizer = load_tokenizer(model)
+    net = load_model(model)
+    net.eval()
+    return Loaded(net, tokenizer, spec, None, None, model)
 
 
 def _recorded_base(artifact: Artifact) -> dict[str, Any]:

@@ -65,7 +65,11 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--label-column", "label_column", str, "column with the label(s) (default: detected)"),
     ("--prompt-column", "prompt_column", str, "causal LM: column with the prompt (no loss on it)"),
     ("--completion-column", "completion_column", str, "causal LM: column with the completion"),
-    ("--task", "task", str, "classification, multilabel, regression, tagging or causal-lm (default: detected)"),
+    ("--task", "task", str, "classification, multilabel, regression, tagging, causal-lm or lm-classification "
+                            "(default: detected)"),
+    ("--template", "template", str, "lm-classification (implied): the prompt, e.g. \"Review: {text} Sentiment:\""),
+    ("--verbalizer", "verbalizer", str, "lm-classification: the answer word of each label, e.g. negative,positive "
+                                        "or 0=negative,1=positive (default: the label names)"),
     ("--label-sep", "label_sep", str, "separator of multi-label labels in TSV/CSV (default: ',')"),
     ("--method", "method", str, "pfeiffer (default), houlsby, parallel, lora, ia3, prompt_tuning, p_adapter, bottleneck, ..."),
     ("--name", "name", str, "adapter name (default: from the training file, e.g. sst2)"),
@@ -154,9 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_train(sub)
 
-    p = sub.add_parser("eval", help="score a trained adapter on a labelled data file")
-    _add_common_model(p)
+    p = sub.add_parser("eval", help="score a trained adapter (or a bare causal LM) on a labelled data file")
+    _add_common_model(p, adapter_required=False)
     p.add_argument("--data", required=True, help="labelled data file (.tsv, .csv, .jsonl)")
+    p.add_argument("--task", help="without --adapter: causal-lm or lm-classification (the bare model's zero-shot score)")
+    p.add_argument("--template", help="without --adapter: lm-classification prompt, e.g. \"Review: {text} Sentiment:\"")
+    p.add_argument("--verbalizer", help="without --adapter: lm-classification answer words, e.g. negative,positive")
     p.add_argument("--format")
     p.add_argument("--text-column")
     p.add_argument("--text-pair-column")
@@ -334,11 +341,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train.metrics import metric_names
 
     table = read_table(args.data, args.format)  # before loading the model: fail fast
-    from .artifacts import load_trained
+    from .artifacts import load_bare, load_trained
 
-    loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
+    if args.adapter is None:
+        loaded = load_bare(args.model, table, task=args.task, template=args.template, verbalizer=args.verbalizer,
+                           text=args.text_column, text_pair=args.text_pair_column, label=args.label_column)
+    elif args.task or args.template or args.verbalizer:
+        raise AdapterError("--task, --template and --verbalizer are for the bare model (without --adapter); an "
+                           "adapter is scored on the task it was trained on. Drop them.")
+    else:
+        loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
     spec = loaded.spec
-    if spec.task != "causal-lm":
+    if spec.task != "causal-lm" and args.adapter is not None:
         flags = {"text": args.text_column, "text_pair": args.text_pair_column, "label": args.label_column}
         cols = spec.columns
         if any(flags.values()) or not cols.text or cols.text not in table.columns:

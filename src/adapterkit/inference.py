@@ -8,7 +8,9 @@ a prompt. Results are dicts (printed as TSV or JSON lines):
 * multilabel: the ``labels`` whose sigmoid is >= the threshold (0.5) and every probability;
 * regression: ``value`` in the label's units;
 * tagging: ``tokens`` and one ``tags`` entry per token (the first word piece decides);
-* causal-lm: the greedy continuation (``generated``), ``max_new_tokens`` long at most.
+* causal-lm: the greedy continuation (``generated``), ``max_new_tokens`` long at most;
+* lm-classification: as classification (probabilities are the LM's answer scores renormalised
+  over the labels), plus the ``answer`` word.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def predict_texts(model: Any, tokenizer: Any, spec: TaskSpec, lines: Sequence[In
     model.eval()
     if spec.task == "causal-lm":
         return _generate(model, tokenizer, spec, lines, batch_size, max_new_tokens)
+    if spec.task == "lm-classification":
+        return _choose(model, tokenizer, spec, lines, batch_size)
     out: list[dict[str, Any]] = []
     for start in range(0, len(lines), batch_size):
         chunk = list(lines[start : start + batch_size])
@@ -74,6 +78,27 @@ def _read(spec: TaskSpec, row: torch.Tensor) -> dict[str, Any]:
     best = int(probs.argmax())
     return {"label": spec.labels[best], "probability": probs[best].item(),
             "probabilities": {l: round(p, 6) for l, p in zip(spec.labels, probs.tolist())}}
+
+
+def _choose(model: Any, tokenizer: Any, spec: TaskSpec, lines: Sequence[Input], batch_size: int) -> list[dict[str, Any]]:
+    """Score every label's answer after each prompt (``train.choices``) and read them as logits."""
+    from pathlib import Path
+
+    from .data import Table, encode
+    from .train.choices import choice_scores
+
+    text, pair = spec.columns.text or "text", spec.columns.text_pair
+    pairs = [_pair(item, bool(pair)) for item in lines]
+    rows = [{text: a, **({pair: b or ""} if pair else {})} for a, b in pairs]
+    table = Table(Path("<input>"), "tsv", [text] + ([pair] if pair else []), rows, list(range(1, len(rows) + 1)))
+    enc = encode(spec, table, tokenizer, with_labels=False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores = choice_scores(model, enc.input_ids, enc.choices or [], batch_size=batch_size, pad_id=pad)
+    out = []
+    for item, row in zip(lines, scores.float()):
+        read = _read(spec, row)
+        out.append({"text": _shown(item), **read, "answer": spec.verbalizer[spec.labels.index(read["label"])]})
+    return out
 
 
 def _tag(model: Any, tokenizer: Any, spec: TaskSpec, chunk: list[Input]) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
 """Encoding: rows of a ``Table`` to token ids and training targets, as a ``TaskSpec`` says.
 
 Nothing is padded here (batches pad to their own longest row). Tagging labels the first word
-piece of each word (-100 elsewhere); causal-LM rows put the loss on the completion (and EOS) only.
+piece of each word (-100 elsewhere); causal-LM rows put the loss on the completion (and EOS) only;
+``lm-classification`` rows on the label's answer tokens only (``verbalizer``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any, Optional, Sequence
 
 from .files import DataError, Table, _where
 from .task import TaskSpec, _inputs, row_labels
+from .verbalizer import encode_verbalized
 
 # -- examples and encoding -----------------------------------------------------------------------
 @dataclass
@@ -23,6 +25,8 @@ class Encoded:
     lines: list[int] = field(default_factory=list)
     texts: list[Any] = field(default_factory=list)
     dropped: int = 0
+    choices: Optional[list[list[int]]] = None  # lm-classification: each label's answer tokens
+
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -32,7 +36,8 @@ class Encoded:
 
     def subset(self, index: Sequence[int]) -> "Encoded":
         pick = lambda xs: [xs[i] for i in index] if xs else xs  # noqa: E731
-        return Encoded(pick(self.input_ids), pick(self.labels), pick(self.token_type_ids), pick(self.lines), pick(self.texts))
+        return Encoded(pick(self.input_ids), pick(self.labels), pick(self.token_type_ids), pick(self.lines), pick(self.texts),
+                       choices=self.choices)
 
 
 def encode(spec: TaskSpec, table: Table, tokenizer: Any, *, with_labels: bool = True) -> Encoded:
@@ -52,18 +57,27 @@ def encode(spec: TaskSpec, table: Table, tokenizer: Any, *, with_labels: bool = 
         return _encode_causal(spec, table, tokenizer, inputs)
     if spec.task == "tagging":
         return _encode_tagging(spec, table, tokenizer, inputs, with_labels)
+    if spec.task == "lm-classification":
+        targets = _targets(spec, table) if with_labels else None
+        return Encoded(**encode_verbalized(spec, table, tokenizer, inputs, _bos(tokenizer), with_labels, targets))
     firsts = [a for a, _ in inputs]
     pairs = [b for _, b in inputs] if cols.text_pair else None
     enc = tokenizer(firsts, pairs, truncation=True, max_length=spec.max_length)
     token_types = enc.get("token_type_ids") if cols.text_pair else None
-    labels: list[Any] = []
-    if with_labels:
-        labels = [
-            target(spec, row.get(cols.label), _where(table.path, line))
-            for row, line in zip(table.rows, table.lines)
-        ]
+    labels = _targets(spec, table) if with_labels else []
     texts = [a if b is None else f"{a}\t{b}" for a, b in inputs]
     return Encoded(list(enc["input_ids"]), labels, token_types, list(table.lines), texts)
+
+
+def _targets(spec: TaskSpec, table: Table) -> list[Any]:
+    return [target(spec, row.get(spec.columns.label), _where(table.path, line)) for row, line in zip(table.rows, table.lines)]
+
+
+def _bos(tokenizer: Any) -> list[int]:
+    """``[BOS]`` when the tokenizer would add one (prompts are tokenised without special tokens)."""
+    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+        return [tokenizer.bos_token_id]
+    return []
 
 
 def target(spec: TaskSpec, value: Any, where: str) -> Any:
@@ -113,7 +127,7 @@ def _encode_tagging(spec: TaskSpec, table: Table, tokenizer: Any, inputs: list, 
 
 def _encode_causal(spec: TaskSpec, table: Table, tokenizer: Any, inputs: list) -> Encoded:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
+    bos = _bos(tokenizer)
     ids_out, labels, lines, texts = [], [], [], []
     dropped = 0
     if spec.columns.prompt:

@@ -8,8 +8,10 @@ has exactly two columns, the first is the text and the second the label.
 
 Tasks: ``classification`` (one label per row), ``multilabel``, ``regression`` (numeric labels
 that are not all integers; integers mean classes unless ``--task regression``), ``tagging``
-(one label per token) and ``causal-lm`` (decoder models: a text column without labels, or
-prompt + completion where the loss covers the completion only). Only JSON can hold lists, so
+(one label per token), ``causal-lm`` (decoder models: a text column without labels, or
+prompt + completion where the loss covers the completion only) and ``lm-classification``
+(decoder models: the LM answers ``--template`` with one ``--verbalizer`` word per label; chosen
+whenever ``--template`` is given; see ``verbalizer``). Only JSON can hold lists, so
 tagging and multi-label rows are detected from JSON lists; in TSV / CSV, ``--task tagging``
 splits both columns on whitespace and ``--task multilabel`` splits the label on ``--label-sep``.
 """
@@ -24,8 +26,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .files import DataError, Table, _is_number, _where
+from .verbalizer import check_template, parse_verbalizer
 
-TASKS = ("classification", "multilabel", "regression", "tagging", "causal-lm")
+TASKS = ("classification", "multilabel", "regression", "tagging", "causal-lm", "lm-classification")
+#: tasks trained by the language model's own next-token loss (no head): labels are token ids
+LM_TASKS = ("causal-lm", "lm-classification")
 TASK_FILE = "adapterkit_task.json"
 
 TEXT_NAMES = ("text", "sentence", "sentence1", "question1", "premise", "question", "content", "review",
@@ -159,6 +164,8 @@ class TaskSpec:
     target_std: float = 1.0
     threshold: float = 0.5
     prompt_template: str = "{prompt}"
+    template: str = ""  # lm-classification: the prompt, with {text}
+    verbalizer: list[str] = field(default_factory=list)  # lm-classification: the answer word of each label
 
     @property
     def num_labels(self) -> int:
@@ -223,14 +230,26 @@ def row_labels(spec: TaskSpec, value: Any, where: str) -> list[str]:
 
 
 def build_task(
-    table: Table, columns: Columns, task: Optional[str], *, decoder: bool, label_sep: str = ",", max_length: int = 128
+    table: Table, columns: Columns, task: Optional[str], *, decoder: bool, label_sep: str = ",", max_length: int = 128,
+    template: Optional[str] = None, verbalizer: Optional[str] = None,
 ) -> TaskSpec:
-    """Detect the task (unless given), collect the label set and check the training rows."""
+    """Detect the task (unless given), collect the label set and check the training rows.
+    ``template`` / ``verbalizer`` (``--template`` / ``--verbalizer``) define ``lm-classification``."""
     if task is not None and task not in TASKS:
         raise DataError(f"Unknown task '{task}'; use one of {', '.join(TASKS)}.")
-    task = task or detect_task(table, columns, decoder=decoder)
+    task = task or ("lm-classification" if template is not None else detect_task(table, columns, decoder=decoder))
     if task == "causal-lm" and not decoder:
         raise DataError("Causal-LM fine-tuning needs a decoder model (e.g. --model smollm2); this model is an encoder.")
+    if task == "lm-classification" and not decoder:
+        raise DataError("--task lm-classification scores answers with a causal language model's own next-token "
+                        "probabilities; this model is not a causal LM (decoder). Pass a decoder (e.g. --model smollm2), "
+                        "or train a classification head on this one: drop --template / --verbalizer.")
+    if task != "lm-classification" and (template is not None or verbalizer is not None):
+        raise DataError(f"--template and --verbalizer define --task lm-classification, not {task}; drop them or "
+                        "pass --task lm-classification.")
+    if task == "lm-classification" and template is None:
+        raise DataError('--task lm-classification needs --template with {text}, e.g. --template "Review: {text} '
+                        'Sentiment:" (and --verbalizer with one answer word per label).')
     if task != "causal-lm" and columns.label is None:
         raise DataError(f"{table.path}: task '{task}' needs a label column; pass --label-column NAME.")
     spec = TaskSpec(task=task, columns=columns, label_sep=label_sep, max_length=max_length)
@@ -257,7 +276,12 @@ def build_task(
         spec.target_mean, spec.target_std = mean, std
         return spec
     spec.labels = sorted(seen, key=_label_key)
-    if task == "classification" and len(spec.labels) < 2:
+    if task == "lm-classification":
+        assert template is not None
+        check_template(template, pair=bool(columns.text_pair))
+        spec.template = template
+        spec.labels, spec.verbalizer = parse_verbalizer(verbalizer, spec.labels)
+    if task in ("classification", "lm-classification") and len(spec.labels) < 2:
         raise DataError(
             f"{table.path}: every row has the label '{spec.labels[0]}'; classification needs at least two labels."
         )

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..data import Encoded
+from ..data import LM_TASKS, Encoded
 
 MEGA_BATCHES = 50
 
@@ -53,7 +53,7 @@ def units(enc: Encoded, indices: Sequence[int], task: str) -> int:
     """What the task's loss averages over: examples, labelled tokens, or predicted tokens."""
     if task == "tagging":
         return sum(sum(1 for t in enc.labels[i] if t != -100) for i in indices)
-    if task == "causal-lm":  # the model shifts labels by one: token t predicts t + 1
+    if task in LM_TASKS:  # the model shifts labels by one: token t predicts t + 1
         return sum(sum(1 for t in enc.labels[i][1:] if t != -100) for i in indices)
     return len(indices)
 
@@ -79,7 +79,7 @@ def collate(enc: Encoded, indices: Sequence[int], task: str, pad_id: int, *, wit
 
 
 def _labels(enc: Encoded, indices: Sequence[int], task: str, width: int) -> torch.Tensor:
-    if task in ("tagging", "causal-lm"):
+    if task == "tagging" or task in LM_TASKS:
         out = torch.full((len(indices), width), -100, dtype=torch.long)
         for row, i in enumerate(indices):
             out[row, : len(enc.labels[i])] = torch.tensor(enc.labels[i])

@@ -48,6 +48,8 @@ class TrainConfig:
     completion_column: Optional[str] = None
     task: Optional[str] = None
     label_sep: str = ","
+    template: Optional[str] = None  # lm-classification: the prompt, e.g. "Review: {text} Sentiment:"
+    verbalizer: Optional[str] = None  # lm-classification: one answer word per label, e.g. "negative,positive"
     # what to train
     method: str = "pfeiffer"
     options: dict[str, Any] = field(default_factory=dict)

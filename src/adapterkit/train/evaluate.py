@@ -3,7 +3,8 @@
 Examples are sorted by length before batching (little padding) and run under
 ``torch.inference_mode``; with several processes each runs a strided shard and the outputs are
 gathered. Each example yields one 1-D tensor: class logits, a regression value, per-token
-logits (tagging, flattened) or ``[loss sum, token count]`` (causal LM).
+logits (tagging, flattened), ``[loss sum, token count]`` (causal LM) or the log-probability of
+each label's answer (``lm-classification``, ``choices.choice_scores``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Encoded, TaskSpec
+from ..data.verbalizer import gold_class, prompt_of
 from . import metrics as M
 from .batches import collate
+from .choices import choice_scores
 from .distributed import DistEnv, gather_rows
 
 
@@ -36,6 +39,11 @@ def run_outputs(
     model.eval()
     try:
         mine = list(range(env.rank, len(enc), env.world_size))
+        if spec.task == "lm-classification":
+            assert enc.choices is not None
+            prompts = [prompt_of(enc.input_ids[i], enc.labels[i] if enc.labels else None) for i in mine]
+            scores = choice_scores(model, prompts, enc.choices, batch_size=batch_size, pad_id=pad_id, device=device)
+            return gather_rows(env, list(scores.float()), len(enc))
         lengths = enc.lengths()
         order = sorted(range(len(mine)), key=lambda k: lengths[mine[k]])
         rows: list[Optional[torch.Tensor]] = [None] * len(mine)
@@ -81,6 +89,10 @@ def compute_metrics(spec: TaskSpec, rows: list[torch.Tensor], enc: Encoded) -> d
             gold.append([labels[t] for t in keep])
         return M.tagging_metrics(pred, gold, spec.labels)
     logits = torch.stack(rows)
+    if spec.task == "lm-classification":
+        assert enc.choices is not None
+        gold = [gold_class(labels, enc.choices) for labels in enc.labels]
+        return M.classification_metrics(logits, torch.tensor(gold, dtype=torch.long))
     if spec.task == "classification":
         return M.classification_metrics(logits, torch.tensor(enc.labels, dtype=torch.long))
     if spec.task == "multilabel":

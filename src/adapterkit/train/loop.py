@@ -33,6 +33,7 @@ from ..adapterdrop import AdapterDrop
 from ..artifacts import write_base_ref
 from ..config import AdapterConfig, resolve_config
 from ..data import (
+    LM_TASKS,
     Encoded,
     TaskSpec,
     Table,
@@ -120,7 +121,7 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
         prompt=config.prompt_column, completion=config.completion_column, task=config.task,
     )
     spec = build_task(train_table, columns, config.task, decoder=decoder, label_sep=config.label_sep,
-                      max_length=config.max_length)
+                      max_length=config.max_length, template=config.template, verbalizer=config.verbalizer)
     for table in (eval_table, test_table):
         if table is not None:
             check_same_columns(spec, table, train_table)
@@ -186,8 +187,9 @@ def _fingerprint(table: Optional[Table]) -> Optional[dict[str, Any]]:
 
 def add_head(model: AdapterModel, name: str, spec: TaskSpec, *, pooling: str = "auto", layers: int = 2,
              dropout: float = 0.1) -> None:
-    """The task's head, named like the adapter (built from a ``HeadConfig`` to set its dropout)."""
-    if spec.task == "causal-lm":
+    """The task's head, named like the adapter (built from a ``HeadConfig`` to set its dropout);
+    none for the tasks the LM's own output layer learns (``LM_TASKS``)."""
+    if spec.task in LM_TASKS:
         return
     id2label = dict(enumerate(spec.labels))
     if spec.task == "tagging":
@@ -208,7 +210,7 @@ def setup_model(model: AdapterModel, spec: TaskSpec, name: str, config: TrainCon
         add_head(model, name, spec, pooling=config.pooling, layers=config.head_layers, dropout=config.head_dropout)
         model.model.requires_grad_(False)
         # the backbone only: a causal LM's output layer gets no gradient from a task head
-        target = model.model if spec.task == "causal-lm" else getattr(model.model, "base_model", model.model)
+        target = model.model if spec.task in LM_TASKS else getattr(model.model, "base_model", model.model)
         target.requires_grad_(True)
         model.heads.requires_grad_(True)
         model.train()

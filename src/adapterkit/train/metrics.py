@@ -7,7 +7,9 @@
   label's own units;
 * tagging: ``span_f1`` (selects; exact-match entity spans, CoNLL style) when the tags are
   BIO / IOB2 (``B-X``, ``I-X``, ``O``), else ``macro_f1`` over tags; also ``token_accuracy``;
-* causal-lm: ``loss`` (selects; mean cross-entropy per predicted token) and ``perplexity``.
+* causal-lm: ``loss`` (selects; mean cross-entropy per predicted token) and ``perplexity``;
+* lm-classification: as classification, from the LM's log-probability of each label's answer
+  (``loss`` is the cross-entropy of those scores renormalised over the labels).
 
 ``--metric`` picks another one; ``loss``, ``mse``, ``rmse`` and ``perplexity`` are better lower.
 """
@@ -32,7 +34,7 @@ def primary_metric(spec: TaskSpec) -> str:
     if spec.task == "tagging":
         return "span_f1" if is_bio(spec.labels) else "macro_f1"
     return {"classification": "accuracy", "multilabel": "micro_f1", "regression": "pearson",
-            "causal-lm": "loss"}[spec.task]
+            "causal-lm": "loss", "lm-classification": "accuracy"}[spec.task]
 
 
 def metric_names(spec: TaskSpec) -> list[str]:
@@ -42,6 +44,7 @@ def metric_names(spec: TaskSpec) -> list[str]:
         "regression": ["pearson", "spearman", "mse", "rmse"],
         "tagging": ["span_f1", "macro_f1", "token_accuracy"] if is_bio(spec.labels) else ["macro_f1", "token_accuracy"],
         "causal-lm": ["loss", "perplexity"],
+        "lm-classification": ["accuracy", "macro_f1", "loss"],
     }[spec.task]
 
 
