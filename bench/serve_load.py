@@ -52,8 +52,9 @@ TEXTS = ["a fine, moving film", "dull and far too long", "the plot goes nowhere"
 MODES = ("mixed", "one-adapter", "http-only")
 
 
-def make_adapters(model: str, root: Path, count: int) -> tuple[str, dict[str, str]]:
-    """The base (``tiny``: a random BERT saved under ``root``) and ``count`` saved adapters."""
+def make_adapters(model: str, root: Path, count: int, methods: list[str] = METHODS) -> tuple[str, dict[str, str]]:
+    """The base (``tiny``: a random BERT saved under ``root``) and ``count`` saved adapters of
+    ``methods`` in turn."""
     import torch
     import transformers
 
@@ -70,7 +71,7 @@ def make_adapters(model: str, root: Path, count: int) -> tuple[str, dict[str, st
     dirs = {}
     for i in range(count):
         name = f"task{i}"
-        handle.add_adapter(name, METHODS[i % len(METHODS)])
+        handle.add_adapter(name, methods[i % len(methods)])
         handle.add_classification_head(name, 2 + i % 4)
         handle.save_adapter(root / name, name)
         dirs[name] = str(root / name)
@@ -205,7 +206,9 @@ def forward_costs(model: str, dirs: dict[str, str], sizes: tuple[int, ...], repe
     from adapterkit.serve.config import ServeConfig
     from adapterkit.serve.engine import ClassifyJob, ClassifyKey
 
-    engine = build_engine(ServeConfig(model=model, adapters=dirs))
+    config = ServeConfig(model=model, adapters=dirs)
+    torch.set_num_threads(config.threads)  # as the servers do
+    engine = build_engine(config)
     names, rng = list(dirs), random.Random(0)
     out: dict[str, dict[int, float]] = {"one-adapter": {}, "mixed": {}}
     for b in sizes:
@@ -228,6 +231,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="minilm", help="a model folder or alias, or 'tiny' (a random BERT)")
     parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="the adapters' methods, in turn (default: five different methods; e.g. 'lora' for "
+                             "eight LoRA adapters, which routing runs as one batched product per site)")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=15.0, help="measured run per mode and round (bounded)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the modes, alternated")
@@ -240,7 +246,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         root = Path(tmp)
-        model, dirs = make_adapters(args.model, root, args.adapters)
+        model, dirs = make_adapters(args.model, root, args.adapters, args.methods.split(","))
         servers = [Server(mode, model, dirs, args, root) for mode in MODES]
         try:
             for server in servers:
@@ -257,7 +263,8 @@ def main() -> None:
 
 
 def report(rows: list[dict], costs: dict, args: argparse.Namespace) -> None:
-    print(f"{args.clients} clients, {args.adapters} adapters, {args.seconds:g} s per mode and round, model {args.model}, "
+    print(f"{args.clients} clients, {args.adapters} adapters ({args.methods}), {args.seconds:g} s per mode and round, "
+          f"model {args.model}, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     print(f"{'mode':<12}{'round':>6}{'requests':>10}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
           f"{'batch':>7}{'busy':>6}")

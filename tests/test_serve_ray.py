@@ -4,6 +4,7 @@ cluster (127.0.0.1), answering like the single-process server, requests routed b
 
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -30,6 +31,7 @@ def servers(tmp_path_factory):
     single = ServeConfig(model=str(base), adapters=adapters, batch_window=0.0)
     scaled = ServeConfig(model=str(base), adapters=adapters, batch_window=0.0, host="127.0.0.1", port=free_port(),
                          ray=True, replicas=2, max_num_models_per_replica=2, replica_cpus=0.5, torch_threads=1)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a test phones no one
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         url = ray_deployment.run(scaled, blocking=False)
