@@ -306,6 +306,7 @@ def test_config_file_and_flags(tmp_path, monkeypatch):
     assert (ray.ray, ray.replicas, ray.max_num_models_per_replica, ray.ray_address, ray.threads) == \
         (True, 3, 2, "auto", 1)
     assert ServeConfig(model="m").threads == max(1, (os.cpu_count() or 2) - 1)
+    assert ServeConfig(model="m", ray=True, replica_cpus=2).threads == 2
     for bad, words in ({"replicas": 0}, "replicas must be >= 1"), ({"torch_threads": -1}, "torch_threads"):
         with pytest.raises(AdapterError, match=words):
             ServeConfig(model="m", **bad)

@@ -30,7 +30,7 @@ _FLAGS = {
                                                                         "once; the least recently used leaves (default 8)"),
     "--replica-cpus": ("replica_cpus", float, "with --ray: CPUs Ray reserves per replica (default 1)"),
     "--torch-threads": ("torch_threads", int, "intra-op threads of the forward (default 0: cores - 1, one core "
-                                              "is left for HTTP)"),
+                                              "is left for HTTP; under --ray: the replica's CPUs)"),
 }
 
 

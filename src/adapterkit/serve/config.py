@@ -43,7 +43,7 @@ class ServeConfig:
     replicas: int = 1  # Ray Serve model replicas
     max_num_models_per_replica: int = 8  # adapters a replica holds at once (Ray's multiplexing; LRU eviction)
     replica_cpus: float = 1.0  # CPUs Ray reserves for each replica
-    torch_threads: int = 0  # intra-op threads of the forward; 0: one fewer than the cores (one is left for HTTP)
+    torch_threads: int = 0  # intra-op threads of the forward; 0: cores - 1 (one is left for HTTP), under Ray replica_cpus
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapters", dict(self.adapters))
@@ -65,8 +65,11 @@ class ServeConfig:
 
     @property
     def threads(self) -> int:
-        """The forward's intra-op threads: ``torch_threads``, or one fewer than the cores (at least 1)."""
-        return self.torch_threads or max(1, (os.cpu_count() or 2) - 1)
+        """The forward's intra-op threads: ``torch_threads``, or one fewer than the cores (at least
+        1), or under Ray the CPUs a replica reserves (its share of the node)."""
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, int(self.replica_cpus)) if self.ray else max(1, (os.cpu_count() or 2) - 1)
 
     def with_token_from_env(self) -> "ServeConfig":
         """The admin token from ``ADAPTERKIT_ADMIN_TOKEN`` when none was given."""
