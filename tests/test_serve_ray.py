@@ -80,3 +80,37 @@ def test_ray_routes_requests_to_replicas_holding_their_adapter(servers):
     # 4 adapters, 2 replicas holding 2 each: once placed, an adapter keeps its replica
     stable = [name for name, replicas in seen.items() if len(set(replicas[1:])) == 1]
     assert len(stable) >= 3, seen
+
+
+def test_an_evicted_adapter_leaves_the_model_after_its_last_request(tmp_path):
+    """Ray's eviction while a request holds the adapter: it stays until that request is done,
+    and a load in between keeps it (no Ray cluster needed: the replica's own logic)."""
+    import asyncio
+
+    base, dirs = make_encoder(tmp_path)
+    config = ServeConfig(model=str(base), adapters={n: str(dirs[n]) for n in ADAPTERS}, ray=True, torch_threads=1)
+    replica = ray_deployment.ReplicaServer(config)
+    model, registry = replica.engine.model, replica.server.registry
+    assert not set(model.records) and len(registry) == len(ADAPTERS)  # described, none resident yet
+
+    async def scenario():
+        await replica.load("sent")
+        await replica.load("topic")
+        assert set(model.records) == {"sent", "topic"}
+        registry.acquire("sent")
+        await replica.evict("sent")  # held: stays
+        await replica.evict("topic")  # idle: leaves now
+        assert set(model.records) == {"sent"} and replica.resident == {"sent"}
+        registry.release("sent")
+        await replica._remove_idle()
+        assert not set(model.records) and not replica.resident
+        await replica.load("ner")
+        registry.acquire("ner")
+        await replica.evict("ner")
+        await replica.load("ner")  # asked for again before its request ended: it stays
+        registry.release("ner")
+        await replica._remove_idle()
+        assert set(model.records) == {"ner"}
+        await replica.stop()
+
+    asyncio.run(scenario())

@@ -127,6 +127,12 @@ class ReplicaServer:
                 await lifespan.__aenter__()
                 self._lifespan = lifespan
 
+    async def stop(self) -> None:
+        """Stop the batcher and the worker thread (the replica is shutting down)."""
+        if self._lifespan is not None:
+            lifespan, self._lifespan = self._lifespan, None
+            await lifespan.__aexit__(None, None, None)
+
     async def load(self, name: str) -> _Resident:
         """Put ``name`` into the model (Ray's multiplexed loader)."""
         await self.start()
@@ -179,6 +185,9 @@ def build_application(config: ServeConfig):
     class AdapterReplica:
         def __init__(self, config: ServeConfig):
             self.inner = ReplicaServer(config)
+
+        async def __del__(self) -> None:  # Ray Serve awaits it when it stops the replica
+            await self.inner.stop()
 
         @serve.multiplexed(max_num_models_per_replica=config.max_num_models_per_replica)
         async def get_adapter(self, name: str) -> _Resident:
