@@ -20,8 +20,8 @@ Then ``--rounds`` rounds, alternating the modes, of ``--clients`` concurrent cli
 client: httpx would cost more CPU per request than the server, on the same cores). Last, it
 times the forward in this process: ``f(b)``, one adapter's batch of ``b`` texts and a mixed batch
 of ``b`` texts over the 8 adapters, fitted as ``f0 + b * f1``. It prints one table: per mode and
-round, requests answered, throughput, p50 / p99 latency, errors (any status but 200), mean batch
-size and the worker's busy share (from the server's ``/metrics``), then the ratio and the
+round, requests answered within the round, throughput, p50 / p99 latency, errors (any status but
+200), mean batch size and the worker's busy share (from the server's ``/metrics``), then the ratio and the
 ceiling that ``c_http``, ``f0`` and ``f1`` allow (see the README, "Serving many adapters").
 
 The issue's target is ``mixed`` >= 3 x the throughput of ``one-adapter`` at no worse p99. Run it
@@ -98,14 +98,15 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     return status
 
 
-async def load(port: int, adapters: list[str], clients: int, seconds: float, seed: int) -> tuple[list[float], int]:
-    """Latencies of the answered requests (seconds) and the number of errors."""
+async def load(port: int, adapters: list[str], clients: int, seconds: float, seed: int) -> tuple[list[float], int, int]:
+    """Latencies of the answered requests (seconds), the number of errors, and the number of
+    requests answered within ``seconds`` (those still under way then finish, uncounted)."""
     latencies: list[float] = []
-    errors = 0
+    errors = in_time = 0
     end = time.monotonic() + seconds
 
     async def client(rng: random.Random) -> None:
-        nonlocal errors
+        nonlocal errors, in_time
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             while time.monotonic() < end:
@@ -121,13 +122,14 @@ async def load(port: int, adapters: list[str], clients: int, seconds: float, see
                     ok = False
                 if ok:
                     latencies.append(time.perf_counter() - start)
+                    in_time += time.monotonic() <= end
                 else:
                     errors += 1
         finally:
             writer.close()
 
     await asyncio.gather(*[client(random.Random(seed + i)) for i in range(clients)])
-    return latencies, errors
+    return latencies, errors, in_time
 
 
 # -- the servers -------------------------------------------------------------------------------
@@ -185,16 +187,16 @@ class Server:
 
 
 def run_round(server: Server, adapters: list[str], args: argparse.Namespace, seed: int) -> dict:
-    before = server.metrics()
-    latencies, errors = asyncio.run(load(server.port, adapters, args.clients, args.seconds, seed))
-    after = server.metrics()
+    before, start = server.metrics(), time.monotonic()
+    latencies, errors, in_time = asyncio.run(load(server.port, adapters, args.clients, args.seconds, seed))
+    after, elapsed = server.metrics(), time.monotonic() - start
     batches = after["batches"] - before["batches"]
     latencies.sort()
     pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
-    return {"mode": server.mode, "requests": len(latencies), "throughput": len(latencies) / args.seconds,
+    return {"mode": server.mode, "requests": in_time, "throughput": in_time / args.seconds,
             "p50_ms": pick(0.50), "p99_ms": pick(0.99), "errors": errors,
             "batch": (after["examples"] - before["examples"]) / batches if batches else float("nan"),
-            "busy": (after["busy"] - before["busy"]) / args.seconds}
+            "busy": (after["busy"] - before["busy"]) / elapsed}
 
 
 # -- the forward, in this process --------------------------------------------------------------
