@@ -62,7 +62,7 @@ def test_ray_replicas_answer_like_the_single_process_server(servers):
                           headers={"content-type": "application/json"})
         assert (answer.status_code, answer.json()) == (twin.status_code, twin.json())
     refused = httpx.post(scaled + "/v1/adapters", json={"name": "x", "path": "/tmp"})
-    assert refused.status_code == 405 and "redeploy" in refused.text
+    assert refused.status_code == 403 and "redeploy" in refused.text
 
 
 def test_ray_routes_requests_to_replicas_holding_their_adapter(servers):

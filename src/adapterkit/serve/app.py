@@ -96,7 +96,7 @@ async def _disconnected(request: Request) -> None:
 def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load: bool = True) -> "_Observed":
     """The ASGI app serving ``engine``'s model and adapters (for ``uvicorn.run``); the FastAPI
     app inside is its ``.app``. ``registry``: the adapters requests may name (default: those in
-    the model); ``hot_load=False``: ``POST`` / ``DELETE /v1/adapters`` answer 405 (under Ray,
+    the model); ``hot_load=False``: ``POST`` / ``DELETE /v1/adapters`` answer 403 (under Ray,
     where the configuration's adapters are the catalogue of every replica)."""
     server = _Server(engine, registry)
     config = engine.config
@@ -224,9 +224,8 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
 
 def _check_hot_load(allowed: bool) -> None:
     if not allowed:
-        raise HTTPException(405, "Loading and unloading over HTTP is off under Ray Serve (every replica serves the "
-                                 "configuration's adapters): add or remove --adapter NAME=DIR and redeploy.",
-                            headers={"Allow": "GET"})
+        raise HTTPException(403, "Loading and unloading over HTTP is off under Ray Serve (every replica serves the "
+                                 "configuration's adapters): add or remove --adapter NAME=DIR and redeploy.")
 
 
 def _check_texts(texts: list[str], max_texts: int, max_chars: int) -> None:

@@ -18,7 +18,7 @@ Two deployments (``build_application``):
 
 The adapters are the configuration's (their folders must be readable on every node, e.g. a
 shared file system); loading and unloading over HTTP is off under Ray (a POST or DELETE on
-``/v1/adapters`` answers 405 and says how to redeploy).
+``/v1/adapters`` answers 403 and says how to redeploy).
 """
 
 from __future__ import annotations
