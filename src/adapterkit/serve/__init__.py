@@ -6,9 +6,11 @@
 * ``batcher``: dynamic batching (window, maximum batch, token budget, bounded queue);
 * ``security``: the admin token, allowed roots and adapter names;
 * ``metrics``: Prometheus metrics;
-* ``app``: the FastAPI app and its request / response schemas.
+* ``app``: the FastAPI app and its request / response schemas;
+* ``ray_deployment``: the same app as a Ray Serve application (``serve --ray``): replicas, and
+  requests routed to replicas holding their adapter (Ray's model multiplexing).
 
-Needs the ``serve`` extra: ``pip install adapterkit[serve]``.
+Needs the ``serve`` extra: ``pip install adapterkit[serve]`` (``adapterkit[ray]`` for Ray Serve).
 """
 
 from .config import ServeConfig

@@ -34,12 +34,14 @@ from .security import BodyLimit, check_admin, check_name, check_path
 class _Server:
     """What the routes share: engine, registry, batcher, metrics and the worker thread."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, registry: Optional[Registry] = None):
         self.engine, self.config = engine, engine.config
         self.metrics = Metrics()
-        self.registry = Registry()
-        for name in engine.model.records:
-            self.registry.add(name, engine.describe(name))
+        if registry is None:
+            registry = Registry()
+            for name in engine.model.records:
+                registry.add(name, engine.describe(name))
+        self.registry = registry
         self.metrics.adapters_loaded.set(len(self.registry))
         self.executor: Optional[ThreadPoolExecutor] = None
         self.batcher: Optional[Batcher] = None
@@ -91,10 +93,12 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def create_app(engine: Engine) -> "_Observed":
+def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load: bool = True) -> "_Observed":
     """The ASGI app serving ``engine``'s model and adapters (for ``uvicorn.run``); the FastAPI
-    app inside is its ``.app``."""
-    server = _Server(engine)
+    app inside is its ``.app``. ``registry``: the adapters requests may name (default: those in
+    the model); ``hot_load=False``: ``POST`` / ``DELETE /v1/adapters`` answer 403 (under Ray,
+    where the configuration's adapters are the catalogue of every replica)."""
+    server = _Server(engine, registry)
     config = engine.config
 
     @contextlib.asynccontextmanager
@@ -183,6 +187,7 @@ def create_app(engine: Engine) -> "_Observed":
 
     @app.post("/v1/adapters", response_model=AdapterInfo, status_code=201)
     async def load(body: LoadRequest, authorization: Optional[str] = Header(None)) -> Any:
+        _check_hot_load(hot_load)
         check_admin(authorization, config.admin_token)
         name = check_name(body.name)
         path = check_path(body.path, config.allowed_roots)
@@ -197,6 +202,7 @@ def create_app(engine: Engine) -> "_Observed":
 
     @app.delete("/v1/adapters/{name}", status_code=204)
     async def unload(name: str = Path(pattern=NAME_PATTERN), authorization: Optional[str] = Header(None)) -> Response:
+        _check_hot_load(hot_load)
         check_admin(authorization, config.admin_token)
         check_name(name)
         if server.registry.hide(name):
@@ -214,6 +220,12 @@ def create_app(engine: Engine) -> "_Observed":
         return Response(server.metrics.render(), media_type=server.metrics.content_type)
 
     return _Observed(BodyLimit(app, config.max_body_bytes), server.metrics, app)
+
+
+def _check_hot_load(allowed: bool) -> None:
+    if not allowed:
+        raise HTTPException(403, "Loading and unloading over HTTP is off under Ray Serve (every replica serves the "
+                                 "configuration's adapters): add or remove --adapter NAME=DIR and redeploy.")
 
 
 def _check_texts(texts: list[str], max_texts: int, max_chars: int) -> None:

@@ -119,9 +119,10 @@ class Batcher:
             batch = self._take()
             if not batch:
                 continue
+            kind = getattr(batch[0].key, "kind", "batch")
             if self.metrics is not None:
-                self.metrics.batch_size.labels(getattr(batch[0].key, "kind", "batch")).observe(
-                    sum(j.size for j in batch))
+                self.metrics.batch_size.labels(kind).observe(sum(j.size for j in batch))
+            start = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._executor, self._run, batch[0].key,
                                                      [j.payload for j in batch])
@@ -130,6 +131,9 @@ class Batcher:
                     if not job.future.done():
                         job.future.set_exception(err)
                 continue
+            finally:
+                if self.metrics is not None:
+                    self.metrics.batch_seconds.labels(kind).observe(time.perf_counter() - start)
             for job, result in zip(batch, results):
                 if not job.future.done():
                     job.future.set_result(result)

@@ -23,6 +23,14 @@ _FLAGS = {
     "--max-chars": ("max_chars", int, "characters per text (default 10000; more: 413)"),
     "--max-length": ("max_length", int, "tokens per text after truncation (default 512)"),
     "--max-new-tokens": ("max_new_tokens", int, "generate's upper bound (default 256; more: 422)"),
+    "--ray-address": ("ray_address", str, "with --ray: the Ray cluster to join ('auto', or HEAD:6379; default: "
+                                          "$RAY_ADDRESS, else a local cluster)"),
+    "--replicas": ("replicas", int, "with --ray: model replicas (default 1)"),
+    "--max-num-models-per-replica": ("max_num_models_per_replica", int, "with --ray: adapters one replica holds at "
+                                                                        "once; the least recently used leaves (default 8)"),
+    "--replica-cpus": ("replica_cpus", float, "with --ray: CPUs Ray reserves per replica (default 1)"),
+    "--torch-threads": ("torch_threads", int, "intra-op threads of the forward (default 0: cores - 1, one core "
+                                              "is left for HTTP; under --ray: the replica's CPUs)"),
 }
 
 
@@ -43,6 +51,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--config", help="a JSON or .toml file of the same settings (flags win)")
     p.add_argument("--allowed-root", dest="allowed_roots", action="append", default=[], metavar="DIR",
                    help="POST /v1/adapters may load from under this folder (repeat for more; default: none)")
+    p.add_argument("--ray", action="store_true", default=None,
+                   help="run as a Ray Serve application: replicas across a Ray cluster, requests routed to "
+                        "replicas holding their adapter (needs adapterkit[ray])")
     for flag, (dest, typ, help_) in _FLAGS.items():
         p.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
 
@@ -52,6 +63,8 @@ def config_from_args(args: argparse.Namespace):
 
     given: dict[str, Any] = {dest: getattr(args, dest) for dest, _, _ in _FLAGS.values()
                              if getattr(args, dest) is not None}
+    if args.ray:
+        given["ray"] = True
     if args.model:
         given["model"] = args.model
     if args.adapters:
@@ -85,6 +98,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise AdapterError(f"serve needs the serve extra ({err.name} is missing): pip install 'adapterkit[serve]'.") \
             from None
     config = config_from_args(args)
+    if config.ray:
+        try:
+            from . import ray_deployment
+        except ImportError as err:
+            raise AdapterError(f"serve --ray needs Ray Serve ({err.name} is missing): pip install "
+                               "'adapterkit[ray]'.") from None
+        ray_deployment.run(config)
+        return 0
+    import torch
+
+    torch.set_num_threads(config.threads)  # the process's: a server owns its process
     app = create_app(build_engine(config))
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")
     return 0

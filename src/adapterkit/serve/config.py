@@ -38,6 +38,12 @@ class ServeConfig:
     max_new_tokens: int = 256  # generate's upper bound (more: 422)
     max_body_bytes: int = 1_000_000  # request body (more: 413)
     mixed_batches: bool = True  # False: a classify batch holds one adapter's requests (the baseline of the bench)
+    ray: bool = False  # run as a Ray Serve application (ray_deployment.py)
+    ray_address: Optional[str] = None  # the Ray cluster ("auto", "HOST:6379"); None: RAY_ADDRESS or a local one
+    replicas: int = 1  # Ray Serve model replicas
+    max_num_models_per_replica: int = 8  # adapters a replica holds at once (Ray's multiplexing; LRU eviction)
+    replica_cpus: float = 1.0  # CPUs Ray reserves for each replica
+    torch_threads: int = 0  # intra-op threads of the forward; 0: cores - 1 (one is left for HTTP), under Ray replica_cpus
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapters", dict(self.adapters))
@@ -47,11 +53,23 @@ class ServeConfig:
         except TypeError as err:
             raise AdapterError(f"Invalid serve setting: {err}.") from None
         for name in ("max_batch", "max_batch_tokens", "queue_size", "max_texts", "max_chars", "max_length",
-                     "max_new_tokens", "max_body_bytes"):
+                     "max_new_tokens", "max_body_bytes", "replicas", "max_num_models_per_replica"):
             if getattr(self, name) < 1:
                 raise AdapterError(f"serve setting {name} must be >= 1, got {getattr(self, name)}.")
+        if self.replica_cpus < 0:
+            raise AdapterError(f"serve setting replica_cpus must be >= 0, got {self.replica_cpus}.")
+        if self.torch_threads < 0:
+            raise AdapterError(f"serve setting torch_threads must be >= 0 (0: cores - 1), got {self.torch_threads}.")
         if self.batch_window < 0 or self.timeout <= 0:
             raise AdapterError("serve settings: batch_window must be >= 0 and timeout > 0 (seconds).")
+
+    @property
+    def threads(self) -> int:
+        """The forward's intra-op threads: ``torch_threads``, or one fewer than the cores (at least
+        1), or under Ray the CPUs a replica reserves (its share of the node)."""
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, int(self.replica_cpus)) if self.ray else max(1, (os.cpu_count() or 2) - 1)
 
     def with_token_from_env(self) -> "ServeConfig":
         """The admin token from ``ADAPTERKIT_ADMIN_TOKEN`` when none was given."""

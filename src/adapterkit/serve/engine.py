@@ -3,8 +3,8 @@ output in its own shape, loading and removing adapters.
 
 ``encode_*`` run on the event loop when a request arrives (so its size is known before it
 queues); everything else runs on the one worker thread, so a load or an unload never runs beside
-a forward. The tokenizer is shared by both under a lock (a fast tokenizer must not be used by two
-threads at once).
+a forward. The worker pads batches itself (``pad_sequence``); it takes the tokenizer (under a lock:
+a fast tokenizer must not be used by two threads at once) only to decode generated text.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from ..heads import HeadConfig
 from ..model import AdapterModel
@@ -80,19 +81,31 @@ class Engine:
 
     # -- on the event loop -----------------------------------------------------------------------
     def encode_texts(self, texts: list[str], pairs: Optional[list[str]]) -> list[Encoded]:
-        fast = bool(getattr(self.tokenizer, "is_fast", False))  # word ids and offsets (tagging) need a fast one
-        options = {"truncation": True, "max_length": self.config.max_length, "return_offsets_mapping": fast}
+        """Token ids of each text (and its pair); with a fast tokenizer also word ids and offsets
+        (tagging needs them), read from its ``tokenizers`` backend (the same ids as calling the
+        tokenizer, at a small share of its per-call cost)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None) if getattr(self.tokenizer, "is_fast", False) \
+            else None
+        if backend is None:
+            with self._tokenizer_lock:
+                enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.config.max_length)
+            return [Encoded(text, {k: enc[k][i] for k in enc.keys()}) for i, text in enumerate(texts)]
+        keys = self.tokenizer.model_input_names
         with self._tokenizer_lock:
-            enc = self.tokenizer(texts, pairs, **options) if pairs is not None else self.tokenizer(texts, **options)
+            backend.enable_truncation(self.config.max_length)  # the state truncation=True, max_length=...,
+            backend.no_padding()  # padding=False would set (the backend keeps whatever the last call left)
+            encodings = [backend.encode(t) for t in texts] if pairs is None else \
+                [backend.encode(t, p) for t, p in zip(texts, pairs)]
         out = []
-        for i, text in enumerate(texts):
-            features = {k: enc[k][i] for k in enc.keys() if k != "offset_mapping"}
-            if not fast:
-                out.append(Encoded(text, features))
-                continue
+        for text, e in zip(texts, encodings):
+            features = {"input_ids": e.ids}
+            if "token_type_ids" in keys:
+                features["token_type_ids"] = e.type_ids
+            if "attention_mask" in keys:
+                features["attention_mask"] = e.attention_mask
             # tagging names the words of the first text only (a pair's second text has its own word ids)
-            words = [w if s == 0 else None for w, s in zip(enc.word_ids(i), enc.sequence_ids(i))]
-            out.append(Encoded(text, features, words, [tuple(o) for o in enc["offset_mapping"][i]]))
+            words = [w if s == 0 else None for w, s in zip(e.word_ids, e.sequence_ids)]
+            out.append(Encoded(text, features, words, e.offsets))
         return out
 
     def encode_prompt(self, prompt: str) -> Encoded:
@@ -103,8 +116,12 @@ class Engine:
 
     # -- on the worker thread --------------------------------------------------------------------
     def _pad(self, features: list[dict[str, list[int]]], side: str) -> dict[str, torch.Tensor]:
-        with self._tokenizer_lock:
-            return dict(self.tokenizer.pad(features, padding=True, padding_side=side, return_tensors="pt"))
+        """The batch as tensors, padded to its longest example (``pad_sequence``: no tokenizer
+        call, so the event loop never waits on the tokenizer lock for a padding)."""
+        pad_id = self.tokenizer.pad_token_id or 0
+        return {key: pad_sequence([torch.tensor(f[key]) for f in features], batch_first=True,
+                                  padding_value=pad_id if key == "input_ids" else 0, padding_side=side)
+                for key in features[0]}
 
     @torch.inference_mode()
     def classify(self, key: ClassifyKey, jobs: list[ClassifyJob]) -> list[list[dict[str, Any]]]:
@@ -115,14 +132,19 @@ class Engine:
         if "token_type_ids" in batch and not _takes_token_types(self.model):
             batch.pop("token_type_ids")
         out = self.model(**batch, adapter_names=names, routed_heads=True)
-        results, i = [], 0
+        rows: dict[str, list[int]] = {}  # each head's rows, read together (one softmax / tolist per head)
+        for i, name in enumerate(names):
+            rows.setdefault(name, []).append(i)
+        read: list[dict[str, Any]] = [{}] * len(examples)
+        for name, index in rows.items():
+            config = self.model.heads[name].config
+            logits = torch.stack([out.logits[i] for i in index]).float()
+            for i, answer in zip(index, _READERS[config.type](config, logits, [examples[i] for i in index])):
+                read[i] = answer
+        results, start = [], 0
         for job in jobs:
-            config = self.model.heads[job.adapter].config
-            rows = []
-            for example in job.examples:
-                rows.append(_READERS[config.type](config, out.logits[i].float(), example))
-                i += 1
-            results.append(rows)
+            results.append(read[start:start + len(job.examples)])
+            start += len(job.examples)
         return results
 
     @torch.inference_mode()
@@ -177,36 +199,42 @@ def _labels(config: HeadConfig) -> list[str]:
     return [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
 
 
-def _read_classification(config: HeadConfig, row: torch.Tensor, example: Encoded) -> dict[str, Any]:
+def _read_classification(config: HeadConfig, logits: torch.Tensor, examples: list[Encoded]) -> list[dict[str, Any]]:
     labels = _labels(config)
     if config.multilabel:
-        probs = torch.sigmoid(row).tolist()
-        return {"labels": [l for l, p in zip(labels, probs) if p >= 0.5],
-                "probabilities": dict(zip(labels, probs))}
-    probs = torch.softmax(row, -1).tolist()
-    best = max(range(len(probs)), key=probs.__getitem__)
-    return {"label": labels[best], "probability": probs[best], "probabilities": dict(zip(labels, probs))}
+        return [{"labels": [l for l, p in zip(labels, probs) if p >= 0.5], "probabilities": dict(zip(labels, probs))}
+                for probs in torch.sigmoid(logits).tolist()]
+    answers = []
+    for probs in torch.softmax(logits, -1).tolist():
+        best = max(range(len(probs)), key=probs.__getitem__)
+        answers.append({"label": labels[best], "probability": probs[best], "probabilities": dict(zip(labels, probs))})
+    return answers
 
 
-def _read_regression(config: HeadConfig, row: torch.Tensor, example: Encoded) -> dict[str, Any]:
-    return {"values": row.tolist()}
+def _read_regression(config: HeadConfig, logits: torch.Tensor, examples: list[Encoded]) -> list[dict[str, Any]]:
+    return [{"values": values} for values in logits.tolist()]
 
 
-def _read_tagging(config: HeadConfig, row: torch.Tensor, example: Encoded) -> dict[str, Any]:
+def _read_tagging(config: HeadConfig, logits: torch.Tensor, examples: list[Encoded]) -> list[dict[str, Any]]:
     """One tag per word (the word's first token decides), words as the tokenizer split them."""
-    labels, tokens, tags = _labels(config), [], []
+    labels = _labels(config)
+    return [_tag_words(labels, best, example) for best, example in zip(logits.argmax(-1).tolist(), examples)]
+
+
+def _tag_words(labels: list[str], best: list[int], example: Encoded) -> dict[str, Any]:
+    tags: list[str] = []
     spans: dict[int, list[int]] = {}
     for t, w in enumerate(example.word_ids):
         if w is not None:
             if w not in spans:
                 spans[w] = [t, *example.offsets[t]]
-                tags.append(labels[int(row[t].argmax())])
+                tags.append(labels[best[t]])
             spans[w][2] = example.offsets[t][1]
-    tokens = [example.text[start:end] for _, start, end in spans.values()]
-    return {"tokens": tokens, "tags": tags}
+    return {"tokens": [example.text[start:end] for _, start, end in spans.values()], "tags": tags}
 
 
-_READERS: dict[str, Callable[[HeadConfig, torch.Tensor, Encoded], dict[str, Any]]] = {
+#: head type -> reader of that head's rows (n, ...) into one answer per example
+_READERS: dict[str, Callable[[HeadConfig, torch.Tensor, list[Encoded]], list[dict[str, Any]]]] = {
     "classification": _read_classification, "regression": _read_regression, "tagging": _read_tagging}
 
 

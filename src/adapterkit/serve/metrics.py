@@ -1,5 +1,5 @@
 """Prometheus metrics of one server (its own ``CollectorRegistry``, so several apps can live in
-one process): requests and errors by endpoint and status, latency, batch sizes, queue depth and
+one process): requests and errors by endpoint and status, latency, batch sizes and seconds, queue depth and
 adapters loaded; ``GET /metrics`` renders them."""
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ class Metrics:
                                  registry=self.registry)
         self.batch_size = Histogram("adapterkit_batch_size", "Examples per forward pass", ["kind"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.batch_seconds = Histogram("adapterkit_batch_seconds", "Seconds of model work per batch", ["kind"],
+                                       registry=self.registry)
         self.queue_depth = Gauge("adapterkit_queue_depth", "Requests waiting for a batch", registry=self.registry)
         self.adapters_loaded = Gauge("adapterkit_adapters_loaded", "Adapters that requests may use",
                                      registry=self.registry)

@@ -38,6 +38,11 @@ class Registry:
     def __len__(self) -> int:
         return len(self._visible)
 
+    def held(self, name: str) -> bool:
+        """Whether a request under way holds ``name``."""
+        with self._lock:
+            return self._held[name] > 0
+
     def reserve(self, name: str) -> None:
         """Refuse a name that is taken, or still leaving the model (409)."""
         with self._lock:

@@ -1,0 +1,116 @@
+"""``adapterkit serve --ray``: the app as a Ray Serve application with 2 replicas on a local Ray
+cluster (127.0.0.1), answering like the single-process server, requests routed by adapter
+(Ray's model multiplexing). Skipped only when Ray Serve is not installed (CI installs it)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'adapterkit[ray]')")
+
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+from adapterkit.serve import ray_deployment  # noqa: E402
+from adapterkit.serve.config import ServeConfig  # noqa: E402
+
+from serve_helpers import Running, free_port, make_encoder  # noqa: E402
+
+ADAPTERS = ("sent", "topic", "ner", "score")
+TEXTS = ["a fine film", "dull and far too long"]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    base, dirs = make_encoder(tmp_path_factory.mktemp("serve-ray"))
+    adapters = {n: str(dirs[n]) for n in ADAPTERS}
+    single = ServeConfig(model=str(base), adapters=adapters, batch_window=0.0)
+    scaled = ServeConfig(model=str(base), adapters=adapters, batch_window=0.0, host="127.0.0.1", port=free_port(),
+                         ray=True, replicas=2, max_num_models_per_replica=2, replica_cpus=0.5, torch_threads=1)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a test phones no one
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        url = ray_deployment.run(scaled, blocking=False)
+        with Running(single) as running:
+            yield running.url, url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_ray_replicas_answer_like_the_single_process_server(servers):
+    single, scaled = servers
+    for name in ADAPTERS:
+        body = {"adapter": name, "texts": TEXTS}
+        mine, theirs = httpx.post(scaled + "/v1/classify", json=body, timeout=60), httpx.post(
+            single + "/v1/classify", json=body, timeout=60)
+        assert mine.status_code == theirs.status_code == 200, mine.text
+        got, want = mine.json(), theirs.json()
+        assert (got["adapter"], got["head"]) == (want["adapter"], want["head"])
+        for a, b in zip(got["results"], want["results"]):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert a[key] == (pytest.approx(b[key], abs=1e-5) if key in ("probability", "values") else b[key])
+    assert httpx.get(scaled + "/v1/adapters").json() == httpx.get(single + "/v1/adapters").json()
+    for answer in (httpx.post(scaled + "/v1/classify", json={"adapter": "nope", "texts": ["x"]}),
+                   httpx.post(scaled + "/v1/classify", content=b"{bad", headers={"content-type": "application/json"})):
+        twin = httpx.post(single + "/v1/classify", content=answer.request.content,
+                          headers={"content-type": "application/json"})
+        assert (answer.status_code, answer.json()) == (twin.status_code, twin.json())
+    refused = httpx.post(scaled + "/v1/adapters", json={"name": "x", "path": "/tmp"})
+    assert refused.status_code == 403 and "redeploy" in refused.text
+
+
+def test_ray_routes_requests_to_replicas_holding_their_adapter(servers):
+    _, scaled = servers
+    seen: dict[str, list[str]] = {name: [] for name in ADAPTERS}
+    for round_ in range(4):
+        for name in ADAPTERS:
+            answer = httpx.post(scaled + "/v1/classify", json={"adapter": name, "texts": ["ok"]}, timeout=60)
+            assert answer.status_code == 200, answer.text
+            resident = answer.headers["x-adapterkit-resident"].split(",")
+            assert name in resident and len(resident) <= 2  # max_num_models_per_replica
+            seen[name].append(answer.headers["x-adapterkit-replica"])
+        time.sleep(0.5 if round_ == 0 else 0.2)  # the replicas tell the routers what they hold
+    assert len({r for replicas in seen.values() for r in replicas}) == 2  # both replicas served
+    # 4 adapters, 2 replicas holding 2 each: once placed, an adapter keeps its replica
+    stable = [name for name, replicas in seen.items() if len(set(replicas[1:])) == 1]
+    assert len(stable) >= 3, seen
+
+
+def test_an_evicted_adapter_leaves_the_model_after_its_last_request(tmp_path):
+    """Ray's eviction while a request holds the adapter: it stays until that request is done,
+    and a load in between keeps it (no Ray cluster needed: the replica's own logic)."""
+    import asyncio
+
+    base, dirs = make_encoder(tmp_path)
+    config = ServeConfig(model=str(base), adapters={n: str(dirs[n]) for n in ADAPTERS}, ray=True, torch_threads=1)
+    replica = ray_deployment.ReplicaServer(config)
+    model, registry = replica.engine.model, replica.server.registry
+    assert not set(model.records) and len(registry) == len(ADAPTERS)  # described, none resident yet
+
+    async def scenario():
+        await replica.load("sent")
+        await replica.load("topic")
+        assert set(model.records) == {"sent", "topic"}
+        registry.acquire("sent")
+        await replica.evict("sent")  # held: stays
+        await replica.evict("topic")  # idle: leaves now
+        assert set(model.records) == {"sent"} and replica.resident == {"sent"}
+        registry.release("sent")
+        await replica._remove_idle()
+        assert not set(model.records) and not replica.resident
+        await replica.load("ner")
+        registry.acquire("ner")
+        await replica.evict("ner")
+        await replica.load("ner")  # asked for again before its request ended: it stays
+        registry.release("ner")
+        await replica._remove_idle()
+        assert set(model.records) == {"ner"}
+        await replica.stop()
+
+    asyncio.run(scenario())
