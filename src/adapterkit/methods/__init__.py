@@ -2,6 +2,8 @@
 
 from .bottleneck import BottleneckConfig
 from .ia3 import IA3Config
+from .layer_sum import LAdapterConfig
 from .lora import LoRAConfig
+from .union import ConfigUnion
 
-__all__ = ["BottleneckConfig", "LoRAConfig", "IA3Config"]
+__all__ = ["BottleneckConfig", "LoRAConfig", "IA3Config", "LAdapterConfig", "ConfigUnion"]
