@@ -218,7 +218,8 @@ class Slot:
             module, _ = site.residual_from
             self._handles.append(module.register_forward_pre_hook(self._capture, with_kwargs=True))
         for i, block in enumerate(site.layers_from):
-            self._handles.append(block.register_forward_hook(self._capture_layer(i)))
+            self._handles.append(block.register_forward_pre_hook(self._capture_layer(i, "layer_inputs")))
+            self._handles.append(block.register_forward_hook(self._capture_layer(i, "layer_outputs")))
         if site.place == "pre":
             self._handles.append(site.host.register_forward_pre_hook(self._run_pre, with_kwargs=True))
             return
@@ -234,22 +235,32 @@ class Slot:
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._local.residual = self.site.residual_from[1].pick(args, kwargs)
 
-    def _capture_layer(self, index: int):
-        def capture(module: nn.Module, args: tuple, output) -> None:
-            if not hasattr(self._local, "layers"):
-                self._local.layers = {}
-            self._local.layers[index] = output[0] if isinstance(output, tuple) else output
+    def _capture_layer(self, index: int, kind: str):
+        def capture(module: nn.Module, args: tuple, output=None) -> None:
+            store = self._local.__dict__.setdefault(kind, {})
+            if kind == "layer_inputs":
+                store[index] = args[0] if args else None
+            else:
+                store[index] = output[0] if isinstance(output, tuple) else output
         return capture
 
     def _take_layers(self) -> tuple[torch.Tensor, ...]:
-        """The captured block outputs of this forward, in order (a forward that failed half way
-        leaves stale ones behind, which the next forward overwrites before they are read)."""
-        layers = getattr(self._local, "layers", None)
-        if not self.site.layers_from or not layers:
+        """The block outputs of this forward, in order. A block that LayerDrop skipped passes
+        its input on unchanged, so its output is the input of the next block that ran (or the
+        last output before it)."""
+        n = len(self.site.layers_from)
+        outputs = self._local.__dict__.pop("layer_outputs", {})
+        inputs = self._local.__dict__.pop("layer_inputs", {})
+        if not n or not outputs:
             return ()
-        taken = tuple(layers[i] for i in range(len(self.site.layers_from)) if i in layers)
-        layers.clear()
-        return taken
+        taken: list[torch.Tensor] = []
+        for i in range(n):
+            if i in outputs:
+                taken.append(outputs[i])
+                continue
+            later = next((inputs[j] for j in range(i + 1, n) if inputs.get(j) is not None), None)
+            taken.append(later if later is not None else taken[-1])
+        return tuple(taken)
 
     def _take_residual(self) -> Optional[torch.Tensor]:
         residual = getattr(self._local, "residual", None)

@@ -283,7 +283,7 @@ def _vit(name: str, model_types: tuple[str, ...], prefix_tokens: int) -> ArchSpe
         name=name,
         model_types=model_types,
         stacks={"encoder": StackSpec(
-            layers="encoder.layer",
+            layers="layers",
             sublayers={
                 "attn_out": _sub("attention", "layernorm_before", ArgRef(0, "input"), None, "attention"),
                 "ffn_out": _sub("mlp", "layernorm_after", ArgRef(0, "input"), None, "mlp"),
