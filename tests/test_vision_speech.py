@@ -103,15 +103,14 @@ def _stripes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_vit_learns_horizontal_vs_vertical_stripes_with_an_adapter(pooling):
+def test_vit_learns_horizontal_vs_vertical_stripes_with_an_adapter():
     model = AdapterModel(make_base(ARCHS["vit"]))
     model.add_adapter("stripes", "houlsby")
-    model.add_classification_head("stripes", num_labels=2, pooling=pooling)
+    model.add_classification_head("stripes", num_labels=2, pooling="mean")  # the patches' mean
     model.train_adapter("stripes")
     images, labels = _stripes(64, seed=0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(10):
+    for _ in range(4):
         for i in range(0, 64, 16):
             optimizer.zero_grad()
             model(pixel_values=images[i:i + 16], labels=labels[i:i + 16]).loss.backward()

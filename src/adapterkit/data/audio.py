@@ -54,12 +54,15 @@ def load_feature_extractor(model: str) -> Any:
     from ..packaged import resolve_model
 
     folder, _ = resolve_model(model)
+    if not (folder / "preprocessor_config.json").is_file():
+        raise DataError(f"'{model}' has no preprocessor_config.json (its feature extractor: sampling rate and "
+                        "normalisation), which audio data needs; save one beside the model, e.g. "
+                        "Wav2Vec2FeatureExtractor(sampling_rate=16000).save_pretrained(folder).")
     try:
         return transformers.AutoFeatureExtractor.from_pretrained(folder, local_files_only=True)
-    except Exception as err:  # OSError, ValueError, ... for a folder without one
-        raise DataError(f"'{model}': cannot load its feature extractor ({type(err).__name__}: {err}); audio data needs "
-                        "the model folder to hold preprocessor_config.json (save it with "
-                        "Wav2Vec2FeatureExtractor(...).save_pretrained(folder)).") from None
+    except Exception as err:  # OSError, ValueError, ... for a damaged file
+        raise DataError(f"'{model}': cannot read its preprocessor_config.json ({type(err).__name__}); fix or "
+                        "re-save it with the feature extractor's save_pretrained(folder).") from None
 
 
 def read_clip(path: Path, sampling_rate: int) -> Any:

@@ -163,19 +163,23 @@ def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
     normalised by the model's feature extractor, the labels from the subfolder names."""
     from ..data.audio import folder_fingerprint, load_feature_extractor, read_split
     from ..data.task import Columns
+    from ..layouts import spec_for
     from ..layouts.inputs import min_samples
+    from ..loader import load_config
 
     adapter_config = None if config.full_finetune else resolve_config(config.method, **config.options)
     name = config.name or default_name(Path(config.train).resolve())  # data/speech/train -> speech
     if not name or not all(c.isalnum() or c in "_-" for c in name):
         raise AdapterError(f"--name '{name}' is invalid: use letters, digits, '_' and '-' only.")
+    model_config = load_config(config.model)
+    spec = spec_for(model_config)
+    if spec is None or spec.modality != "audio":
+        raise AdapterError(f"--train {config.train} is a folder of audio clips, but '{config.model}' is a "
+                           f"{model_config.model_type} model that reads {spec.modality if spec else 'text'}; pass a "
+                           "speech model folder (wav2vec2, HuBERT, WavLM) with its preprocessor_config.json.")
     extractor = load_feature_extractor(config.model)
     torch.manual_seed(config.seed)
     model = load_model(config.model)
-    if model.layout.modality != "audio":
-        raise AdapterError(f"--train {config.train} is a folder of audio clips, but '{config.model}' is a "
-                           f"{model.layout.model_type} model that reads {model.layout.modality}; pass a speech model "
-                           "folder (wav2vec2, HuBERT, WavLM) with its preprocessor_config.json.")
     shortest = min_samples(model.model)
     train, labels = read_split(config.train, None, extractor, shortest)
     splits = {k: read_split(getattr(config, k), labels, extractor, shortest)[0] if getattr(config, k) else None
