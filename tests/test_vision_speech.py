@@ -233,3 +233,24 @@ def test_weight_places_on_wavlm_are_refused_but_bottleneck_adapters_work():
     assert list(model.adapters) == []
     model.add_adapter("a", "houlsby", set_active=True)
     assert len(model.records["a"].sites) == 8
+
+
+def test_union_routes_options_round_trips_and_refuses_overlaps():
+    from adapterkit import resolve_config
+    from adapterkit.config import config_from_dict
+
+    union = resolve_config("e_adapter+l_adapter", reduction_factor=8, non_linearity="gelu", layers=[1, 2])
+    bottleneck, layer_sum = union.parts
+    assert (bottleneck.reduction_factor, bottleneck.non_linearity, bottleneck.layers) == (8, "gelu", (1, 2))
+    assert (layer_sum.non_linearity, layer_sum.layers) == ("gelu", (1, 2))
+    assert config_from_dict(json.loads(union.to_json())) == union
+    with pytest.raises(AdapterError, match="Did you mean 'reduction_factor'"):
+        resolve_config("e_adapter+l_adapter", reduction_facter=8)
+    model = AdapterModel(make_base(ARCHS["wav2vec2"]))
+    with pytest.raises(AdapterError, match="both choose 'layers.0.ffn_out'"):
+        model.add_adapter("a", "pfeiffer+houlsby")
+    with pytest.raises(AdapterError, match="two methods or more"):
+        resolve_config("pfeiffer+")
+    assert list(model.adapters) == []
+    model.add_adapter("encoder:a", "e_adapter+l_adapter")  # the stack scope reaches every part
+    assert {s.stack for s in model.records["a"].sites} == {"encoder"}
