@@ -254,3 +254,28 @@ def test_union_routes_options_round_trips_and_refuses_overlaps():
     assert list(model.adapters) == []
     model.add_adapter("encoder:a", "e_adapter+l_adapter")  # the stack scope reaches every part
     assert {s.stack for s in model.records["a"].sites} == {"encoder"}
+
+
+def test_ctc_head_on_an_image_model_is_refused():
+    model = AdapterModel(make_base(ARCHS["vit"]))
+    with pytest.raises(AdapterError, match="A CTC head labels audio frames"):
+        model.add_ctc_head("asr", vocab_size=10)
+    assert list(model.heads) == []
+
+
+def test_routed_heads_on_audio_average_each_examples_real_frames():
+    model = AdapterModel(make_base(ARCHS["hubert"]))
+    for name, labels in (("a", 3), ("b", 5)):
+        model.add_adapter(name, "l_adapter" if name == "a" else "pfeiffer")
+        model.add_classification_head(name, num_labels=labels)
+    perturb(model.adapters)
+    model.eval()
+    batch = make_batch(arch=ARCHS["hubert"])
+    names = ["a", "b", "a", None]
+    out = model(**batch, adapter_names=names, routed_heads=True)
+    for i, name in enumerate(names[:3]):
+        n = int(batch["attention_mask"][i].sum())
+        model.set_active_adapters(name)
+        alone = run(model, {k: v[i:i + 1, :n] for k, v in batch.items()})
+        assert (out.logits[i] - alone[0]).abs().max() <= 1e-5
+    assert out.logits[3] is None

@@ -661,6 +661,7 @@ class AdapterModel(nn.Module):
         if self.config is None:
             raise AdapterError("routed_heads=True needs a transformers model (heads read its hidden states).")
         names = list(adapter_names) if not isinstance(adapter_names, str) else adapter_names
+        self.layout.check_inputs(kwargs)
         backbone = getattr(self.model, "base_model", self.model)
         out = self._body(input_ids, attention_mask, names, backbone, kwargs)
         hidden = out if isinstance(out, torch.Tensor) else out[0]  # (B, T, d)
