@@ -43,8 +43,8 @@ class Arch:
     #: fused projection, GPT-2's ``q`` / ``v`` of ``c_attn``), and whether they sit in every layer
     lora_extra: dict[str, tuple[int, int, bool]] = field(default_factory=dict)
     norm_params: int = 0  # parameters of the layer norms inside one block (train_layer_norms)
-    inputs: Optional[Callable[[int, int], dict[str, torch.Tensor]]] = None  # (batch, seed) -> non-token inputs
-    other_lora: dict[str, Any] = field(default_factory=dict)  # where a second LoRA goes without a layout
+    inputs: str = "text"  # "text", "image" (pixel_values) or "audio" (input_values)
+    weight_places: bool = True  # False: the attention reads its projections' weights (WavLM)
 
     @property
     def roles(self) -> dict[str, tuple[int, int]]:
@@ -89,6 +89,17 @@ _BART = dict(vocab_size=VOCAB, d_model=D, encoder_layers=N_LAYERS, decoder_layer
              encoder_attention_heads=N_HEADS, decoder_attention_heads=N_HEADS, encoder_ffn_dim=FFN,
              decoder_ffn_dim=FFN, max_position_embeddings=64)
 _FFN = {"ffn_in": (D, FFN), "ffn_proj": (FFN, D)}
+# ViT-family: 32x32 images in 8x8 patches (16 patches + CLS, + distillation token on DeiT)
+IMAGE, PATCH = 32, 8
+_VIT = dict(hidden_size=D, num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS, intermediate_size=FFN,
+            image_size=IMAGE, patch_size=PATCH)
+# wav2vec2-family: two conv layers (kernel 10 / 3, stride 5 / 2: 400 samples -> 39 frames), per-frame layer
+# norm in the feature encoder (so padding does not move the real frames), no SpecAugment / LayerDrop
+AUDIO_SAMPLES = 400
+_SPEECH = dict(hidden_size=D, num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS, intermediate_size=FFN,
+               conv_dim=(8, 8), conv_kernel=(10, 3), conv_stride=(5, 2), conv_bias=True, num_conv_pos_embeddings=8,
+               num_conv_pos_embedding_groups=2, feat_extract_norm="layer", apply_spec_augment=False, layerdrop=0.0,
+               vocab_size=12, pad_token_id=0)
 
 _EMB = {"embeddings": (VOCAB, D, False)}
 
@@ -120,31 +131,18 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
          _SEQ2SEQ_IA3),
     Arch("mbart", T.AutoModel, lambda: T.MBartConfig(**_BART), _seq2seq_roles((D, D), _FFN), _SEQ2SEQ_LORA,
          _SEQ2SEQ_IA3),
-]}
-
-def _pixels(batch: int, seed: int) -> dict[str, torch.Tensor]:
-    return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(seed))}
-
-
-def _audio(batch: int, seed: int) -> dict[str, torch.Tensor]:
-    return {"input_values": torch.randn(batch, 400, generator=torch.Generator().manual_seed(seed))}
-
-
-#: Models that only LoRA-on-convolution cases use (by module name, the generic path): a tiny ViT
-#: (its patch embedding is a Conv2d, 3 -> D, kernel 4) and a tiny wav2vec2 (its feature extractor
-#: two Conv1d: 1 -> 16, kernel 10, and 16 -> 16, kernel 3).
-CONV_ARCHS: dict[str, Arch] = {a.name: a for a in [
-    Arch("vit", T.AutoModel, lambda: T.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=D,
-                                                 num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
-                                                 intermediate_size=FFN),
-         {}, (), (), {"patch_embeddings.projection": (3 * 4 * 4, D, False)}, inputs=_pixels,
-         other_lora={"target_modules": r".*attention\.(v_proj|value)"}),
-    Arch("wav2vec2", T.AutoModel, lambda: T.Wav2Vec2Config(
-        hidden_size=D, num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS, intermediate_size=FFN,
-        conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2,
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, mask_time_prob=0.0),
-         {}, (), (), {"conv_layers.0.conv": (1 * 10, 16, False), "conv_layers.1.conv": (16 * 3, 16, False)},
-         inputs=_audio, other_lora={"target_modules": ["feed_forward.output_dense"]}),
+    Arch("vit", T.AutoModel, lambda: T.ViTConfig(**_VIT), {"encoder": _ENC_ROLES}, _LORA, _IA3, inputs="image",
+         lora_extra={"patch_embeddings.projection": (3 * PATCH * PATCH, D, False)}),  # a Conv2d
+    Arch("deit", T.AutoModel, lambda: T.DeiTConfig(**_VIT), {"encoder": _ENC_ROLES}, _LORA, _IA3, inputs="image"),
+    Arch("wav2vec2", T.AutoModel, lambda: T.Wav2Vec2Config(**_SPEECH), {"encoder": _ENC_ROLES}, _LORA, _IA3,
+         inputs="audio",  # the feature extractor's two Conv1d: 1 -> 8, kernel 10; 8 -> 8, kernel 3
+         lora_extra={"conv_layers.0.conv": (1 * 10, 8, False), "conv_layers.1.conv": (8 * 3, 8, False)}),
+    Arch("wav2vec2-stable-ln", T.AutoModel, lambda: T.Wav2Vec2Config(**_SPEECH, do_stable_layer_norm=True),
+         {"encoder": _ENC_ROLES}, _LORA, _IA3, inputs="audio"),
+    Arch("hubert", T.AutoModel, lambda: T.HubertConfig(**_SPEECH), {"encoder": _ENC_ROLES}, _LORA, _IA3,
+         inputs="audio"),
+    Arch("wavlm-stable-ln", T.AutoModel, lambda: T.WavLMConfig(**_SPEECH, do_stable_layer_norm=True),
+         {"encoder": _ENC_ROLES}, _LORA, _IA3, inputs="audio", weight_places=False),
 ]}
 
 #: method id -> (preset, options). Small ranks so that LoRA fits every projection.
@@ -233,7 +231,7 @@ _LORA_R = {"r": 4, "alpha": 8.0}
 def _issue12_cases() -> list[Case]:
     """LoRA beyond Linear (embeddings, GPT-2's q / v slices of ``c_attn``, Conv2d, Conv1d) and
     ``train_layer_norms`` with Pfeiffer and LoRA on a LayerNorm and an RMSNorm model."""
-    vit, w2v = CONV_ARCHS["vit"], CONV_ARCHS["wav2vec2"]
+    vit, w2v = ARCHS["vit"], ARCHS["wav2vec2"]
     return [
         Case(ARCHS["bert"], "lora-embeddings", "lora", {**_LORA_R, "roles": ["embeddings", "q", "v"]}),
         Case(ARCHS["gpt2"], "lora-embeddings", "lora", {**_LORA_R, "roles": ["embeddings"]}, merges=False),  # tied
@@ -245,7 +243,24 @@ def _issue12_cases() -> list[Case]:
     ]
 
 
-CASES: list[Case] = ([Case(arch, m, *METHODS[m]) for arch in ARCHS.values() for m in METHODS] + _extra_cases()
+#: ELP speech adapters (not the identity at init: the L-adapter's sum replaces the last layer's output), on the
+#: speech layouts and on BERT (an L-adapter fits any stack inside an encoder module; ViT in transformers 5 keeps its
+#: layers on the model itself, so there it needs ViTForImageClassification around the backbone)
+LAYER_SUM_METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "l_adapter": ("l_adapter", {}, False),
+    "e_adapter+l_adapter": ("e_adapter+l_adapter", {}, False),
+}
+
+
+def _method_cases(arch: Arch) -> list[Case]:
+    weight = ("lora", "ia3")  # refused where the attention reads its projections' weights directly (WavLM)
+    cases = [Case(arch, m, *METHODS[m]) for m in METHODS if arch.weight_places or m not in weight]
+    if arch.inputs == "audio" or arch.name == "bert":
+        cases += [Case(arch, m, *LAYER_SUM_METHODS[m]) for m in LAYER_SUM_METHODS]
+    return cases
+
+
+CASES: list[Case] = ([c for arch in ARCHS.values() for c in _method_cases(arch)] + _extra_cases()
                      + _issue12_cases())
 CASE_IDS = [c.id for c in CASES]
 MERGEABLE = [c for c in CASES if c.mergeable]
@@ -275,6 +290,11 @@ def expected_adapter_params(case: Case) -> int:
         chosen = {"attn_out": cfg.mh_adapter, "cross_attn_out": cfg.cross_adapter, "ffn_out": cfg.output_adapter}
         sites = sum(chosen[p] for s in stacks for p in case.arch.places(s))
         return per_site * sites * layers + norms
+    if cfg.method == "l_adapter":  # per layer: Linear d x d + d, LayerNorm 2d; one mixing weight per layer
+        return len(stacks) * layers * (D * D + D + 2 * D + 1)
+    if cfg.method == "union":
+        return sum(expected_adapter_params(Case(case.arch, part.method, part.method, _options_of(part)))
+                   for part in cfg.parts)
     if cfg.method in ("lora", "ia3"):
         roles = cfg.roles or (case.arch.lora_default if cfg.method == "lora" else case.arch.ia3_default)
         shapes = [case.arch.stacks[s][r] for s in stacks for r in roles if r in case.arch.stacks[s]]
@@ -289,6 +309,12 @@ def expected_adapter_params(case: Case) -> int:
     if cfg.method == "prompt_tuning":
         return cfg.prompt_length * D  # one row of the input width per prompt position
     raise AssertionError(f"no parameter formula for method {cfg.method}: add one to tests/helpers.py")
+
+
+def _options_of(config) -> dict[str, Any]:
+    """A config's non-default options (to rebuild it as a ``Case``)."""
+    default = type(config)()
+    return {k: v for k, v in config.to_dict().items() if k != "method" and v != default.to_dict()[k]}
 
 
 def expected_head_params(num_labels: int, layers: int = 2, hidden: int = D) -> int:
@@ -317,10 +343,18 @@ def make_batch(batch_size: int = 4, seq_len: int = 7, seed: int = 1,
                arch: Optional[Arch] = None) -> dict[str, torch.Tensor]:
     """Token ids (avoiding special ids 0-2) with right padding on two rows. Encoder-decoders
     also get the same ids and mask as the decoder's (so heads pool a (B, T, d) output with the
-    batch's mask)."""
-    if arch is not None and arch.inputs is not None:
-        return arch.inputs(batch_size, seed)
+    batch's mask). Image layouts get ``pixel_values``, speech layouts ``input_values`` with the
+    same two rows right-padded (zeros, masked)."""
     g = torch.Generator().manual_seed(seed)
+    if arch is not None and arch.inputs == "image":
+        return {"pixel_values": torch.randn(batch_size, 3, IMAGE, IMAGE, generator=g)}
+    if arch is not None and arch.inputs == "audio":
+        values = torch.randn(batch_size, AUDIO_SAMPLES, generator=g)
+        mask = torch.ones(batch_size, AUDIO_SAMPLES, dtype=torch.long)
+        for row, cut in ((1, 60), (2, 90)):
+            if row < batch_size:
+                mask[row, AUDIO_SAMPLES - cut:] = 0
+        return {"input_values": values * mask, "attention_mask": mask}
     input_ids = torch.randint(3, VOCAB, (batch_size, seq_len), generator=g)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, seq_len - 2:] = 0

@@ -46,6 +46,7 @@ def ws(tmp_path_factory):
     (d / "notes").mkdir()
     (d / "notes" / "todo.txt").write_text("mine")
     (d / "a-file").write_text("x")
+    _audio(d)
     cwd = os.getcwd()
     os.chdir(d)
     try:
@@ -63,7 +64,28 @@ def ws(tmp_path_factory):
     return d
 
 
+def _audio(d: Path) -> None:
+    """A tiny wav2vec2 (8 kHz feature extractor; ``speech-bare`` without it) and WAV folders."""
+    import numpy as np
+    import soundfile
+
+    from helpers import ARCHS
+
+    torch.manual_seed(0)
+    speech = T.Wav2Vec2Model(ARCHS["wav2vec2"].config())
+    speech.save_pretrained(d / "speech-bare")
+    speech.save_pretrained(d / "speech")
+    T.Wav2Vec2FeatureExtractor(sampling_rate=8000).save_pretrained(d / "speech")
+    rng = np.random.default_rng(0)
+    for folder, labels, rate in (("clips", ("yes", "no"), 8000), ("clips-16k", ("yes", "no"), 16000),
+                                 ("clips-other", ("yes", "maybe"), 8000)):
+        for label in labels:
+            (d / folder / label).mkdir(parents=True)
+            soundfile.write(str(d / folder / label / "0.wav"), rng.normal(0, 0.1, 800).astype("float32"), rate)
+
+
 TRAIN = ["train", "--model", "bert", "--train", "train.tsv", "--out", "new", *FAST]
+AUDIO = ["train", "--model", "speech", "--train", "clips", "--out", "new", *FAST]
 
 
 def _with(flag: str, value: str) -> list[str]:
@@ -132,6 +154,15 @@ CASES: list[tuple[str, list[str], str]] = [
      "it takes nn.Linear / transformers' Conv1D, nn.Embedding, nn.Conv1d / Conv2d / Conv3d"),
     ("train_layer_norms outside the layers", [*TRAIN, "--method", "lora", "--roles", "embeddings", "-o",
                                               "train_layer_norms=true"], "covers no layer"),
+    ("audio at another sampling rate", ["train", "--model", "speech", "--train", "clips-16k", "--out", "new", *FAST],
+     "expects 8000 Hz"),
+    ("an audio folder without clips", ["train", "--model", "speech", "--train", "notes", "--out", "new", *FAST],
+     "no audio files found"),
+    ("an audio eval label never seen in training", AUDIO + ["--eval", "clips-other"], "do not occur in the training"),
+    ("audio for a speech model without its feature extractor",
+     ["train", "--model", "speech-bare", "--train", "clips", "--out", "new", *FAST], "preprocessor_config.json"),
+    ("audio clips for a text model", ["train", "--model", "bert", "--train", "clips", "--out", "new", *FAST],
+     "reads text"),
 ]
 STDIN = {"predict: nothing on stdin": b"\n\n", "predict: stdin not in UTF-8": "na\xefve\n".encode("latin-1")}
 

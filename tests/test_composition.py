@@ -27,8 +27,10 @@ def two_adapters(case, seed: int = 7) -> AdapterModel:
     The perturbation changes the outputs by ~0.5 (as a trained adapter would), not by more than the
     signal: float32 results for a batch and for one example differ by rounding that grows with it."""
     model = make_model(case)
-    model.add_adapter("b", "lora", r=2, alpha=4.0, roles=["v", "ffn_proj"] if "v" in case.arch.roles else None,
-                      **case.arch.other_lora)
+    if case.arch.weight_places:
+        model.add_adapter("b", "lora", r=2, alpha=4.0, roles=["v", "ffn_proj"] if "v" in case.arch.roles else None)
+    else:  # WavLM's attention reads its weights: an L-adapter takes other slots
+        model.add_adapter("b", "l_adapter")
     perturb(model.adapters, scale=0.1, seed=seed)
     return model
 
@@ -36,6 +38,11 @@ def two_adapters(case, seed: int = 7) -> AdapterModel:
 def alone(model: AdapterModel, setup, batch: dict, rows: slice) -> torch.Tensor:
     model.set_active_adapters(setup)
     return run(model, {k: v[rows] for k, v in batch.items()})
+
+
+def tol(case) -> float:
+    """Batched vs one-example float32 rounding: larger through a speech model's convolutions."""
+    return 1e-6 if case.arch.inputs == "text" else 1e-5
 
 
 @cases
@@ -55,8 +62,8 @@ def test_batch_split_equals_each_slice_alone(case, batch):
     model = two_adapters(case)
     model.set_active_adapters(BatchSplit("a", "b", batch_sizes=[1, 3]))
     split = run(model, batch)
-    assert (split[:1] - alone(model, "a", batch, slice(0, 1))).abs().max() <= 1e-6
-    assert (split[1:] - alone(model, "b", batch, slice(1, 4))).abs().max() <= 1e-6
+    assert (split[:1] - alone(model, "a", batch, slice(0, 1))).abs().max() <= tol(case)
+    assert (split[1:] - alone(model, "b", batch, slice(1, 4))).abs().max() <= tol(case)
 
 
 @preset
@@ -64,8 +71,8 @@ def test_nested_batch_split_of_a_stack(case, batch):
     model = two_adapters(case)
     model.set_active_adapters(BatchSplit(Stack("a", "b"), "b", batch_sizes=[2, 2]))
     split = run(model, batch)
-    assert (split[:2] - alone(model, Stack("a", "b"), batch, slice(0, 2))).abs().max() <= 1e-6
-    assert (split[2:] - alone(model, "b", batch, slice(2, 4))).abs().max() <= 1e-6
+    assert (split[:2] - alone(model, Stack("a", "b"), batch, slice(0, 2))).abs().max() <= tol(case)
+    assert (split[2:] - alone(model, "b", batch, slice(2, 4))).abs().max() <= tol(case)
 
 
 @pytest.mark.parametrize("case", [c for c in preset_cases if c.identity_at_init], ids=lambda c: c.id)
@@ -76,7 +83,7 @@ def test_stack_with_a_fresh_adapter_is_the_other_alone(case, batch):
     expected = run(model, batch)  # "a" alone
     for setup in (Stack("a", "fresh"), Stack("fresh", "a"), ["a", "fresh"]):
         model.set_active_adapters(setup)
-        assert (run(model, batch) - expected).abs().max() <= 1e-6
+        assert (run(model, batch) - expected).abs().max() <= tol(case)
 
 
 @preset
@@ -85,9 +92,9 @@ def test_average_with_all_weight_on_one_is_that_one(case, batch):
     model.set_active_adapters("a")
     only_a = run(model, batch)
     model.set_active_adapters(Average("a", "b", weights=[2.0, 0.0]))
-    assert (run(model, batch) - only_a).abs().max() <= 1e-6
+    assert (run(model, batch) - only_a).abs().max() <= tol(case)
     model.set_active_adapters(Average("a", "a"))
-    assert (run(model, batch) - only_a).abs().max() <= 1e-6
+    assert (run(model, batch) - only_a).abs().max() <= tol(case)
 
 
 @preset

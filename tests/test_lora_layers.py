@@ -14,9 +14,9 @@ from torch import nn
 
 from adapterkit import AdapterError, AdapterModel
 from adapterkit.methods.lora_layers import ConvLoRA, EmbeddingLoRA, SlicedLoRA
-from helpers import ARCHS, CONV_ARCHS, D, make_base, make_batch, perturb, run
+from helpers import ARCHS, D, IMAGE, PATCH, make_base, make_batch, perturb, run
 
-GPT2, BERT, VIT = ARCHS["gpt2"], ARCHS["bert"], CONV_ARCHS["vit"]
+GPT2, BERT, VIT = ARCHS["gpt2"], ARCHS["bert"], ARCHS["vit"]
 
 
 def _lora(arch, seed: int = 0, **options) -> AdapterModel:
@@ -77,12 +77,12 @@ def test_fresh_embedding_lora_has_zero_a_and_random_b():
 def test_conv_lora_is_peft_formula():
     model = _lora(VIT, r=4, alpha=8.0, target_modules=["patch_embeddings.projection"])
     unit = next(iter(model.adapters["a"].values()))
-    assert isinstance(unit, ConvLoRA) and unit.lora_A.shape == (4, 3, 4, 4) and unit.lora_B.shape == (D, 4, 1, 1)
+    assert isinstance(unit, ConvLoRA) and unit.lora_A.shape == (4, 3, PATCH, PATCH) and unit.lora_B.shape == (D, 4, 1, 1)
     conv = next(m for m in model.model.modules() if isinstance(m, nn.Conv2d))
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, 3, IMAGE, IMAGE)
     with model.disable_adapters():
         bare = conv(x)
-    lora = nn.functional.conv2d(nn.functional.conv2d(x, unit.lora_A, stride=4), unit.lora_B) * unit.scaling
+    lora = nn.functional.conv2d(nn.functional.conv2d(x, unit.lora_A, stride=PATCH), unit.lora_B) * unit.scaling
     assert torch.allclose(conv(x), bare + lora, atol=1e-5)
     assert torch.allclose(conv.weight + unit.delta_weight(),
                           conv.weight + torch.einsum("or,rikl->oikl", unit.lora_B[:, :, 0, 0], unit.lora_A) * unit.scaling)
@@ -129,10 +129,10 @@ def _peft_model(arch, targets: list[str], seed: int = 0):
 @pytest.mark.parametrize("arch,targets,inputs", [
     (BERT, ["word_embeddings", "query", "value"], None),
     (BERT, ["word_embeddings"], None),
-    (VIT, ["projection", "query", "value", "q_proj", "v_proj"], VIT.inputs),
+    (VIT, ["projection", "query", "value"], VIT),
 ], ids=["bert-embeddings-qv", "bert-embeddings", "vit-conv2d-qv"])
 def test_peft_embedding_and_conv_adapters_load_and_export_exactly(arch, targets, inputs, tmp_path):
-    batch = inputs(4, 1) if inputs else make_batch()
+    batch = make_batch(arch=inputs)
     reference = _peft_model(arch, targets)
     expected = run(reference, batch)
     assert (expected - run(make_base(arch), batch)).abs().max() > 1e-3  # the adapter matters

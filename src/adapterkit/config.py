@@ -280,6 +280,10 @@ def resolve_config(config: "str | AdapterConfig | Mapping[str, Any]", **override
             cfg = _PRESETS[key]
         elif key in _METHODS:
             cfg = _METHODS[key]()
+        elif "+" in key:  # several methods as one adapter: "e_adapter+l_adapter" (methods/union.py)
+            from .methods.union import union_of
+
+            cfg = union_of(key)
         else:
             raise _unknown("method or preset", config, sorted(set(_PRESETS) | set(_METHODS)))
     elif isinstance(config, Mapping):

@@ -6,10 +6,16 @@ are described by a ``HeadConfig`` (JSON round-trip) so that a checkpoint can reb
 * ``classification``: pooled sequence -> labels; cross-entropy, or BCE with ``multilabel``.
 * ``regression``: pooled sequence -> one value (or ``num_labels`` values); MSE.
 * ``tagging``: every token -> labels; cross-entropy ignoring label -100.
+* ``ctc``: every frame -> vocabulary logits (speech recognition, as ``Wav2Vec2ForCTC``'s
+  ``lm_head``); CTC loss over the frames the attention mask keeps, labels padded with -100 as
+  ``transformers`` pads them, blank = ``blank`` (the tokenizer's pad id, 0 by default),
+  ``reduction="mean"`` (per target length, then over the batch), ``zero_infinity=True``.
 
-Pooling: ``"cls"`` (first token), ``"mean"`` (mean over the attention mask) or ``"last"`` (last
-non-padding token, for decoder models). ``"auto"`` picks ``mean`` for encoders and ``last`` for
-decoders: all-MiniLM-L6-v2 and most sentence encoders are trained with mean pooling.
+Pooling: ``"cls"`` (first token), ``"mean"`` (mean over the attention mask; on images the mean
+of the patches, leaving out the CLS / distillation tokens) or ``"last"`` (last non-padding token,
+for decoder models). ``"auto"`` picks ``mean`` for text encoders and audio (frames, under the
+feature-level mask), ``last`` for decoders and ``cls`` for images (ViT's own classifier reads the
+CLS token): all-MiniLM-L6-v2 and most sentence encoders are trained with mean pooling.
 
 ``build_head(config, layout, like)`` is the one way to make a head for a model: it reads the
 hidden size and decoder-ness from the model's ``Layout`` and puts the head on ``like``'s device
@@ -32,7 +38,11 @@ from .typecheck import check_field_types
 if TYPE_CHECKING:  # pragma: no cover
     from .layouts import Layout
 
-HEAD_TYPES = ("classification", "regression", "tagging")
+HEAD_TYPES = ("classification", "regression", "tagging", "ctc")
+#: head types that label every position instead of a pooled sequence
+PER_TOKEN = ("tagging", "ctc")
+#: "auto" pooling per modality (text encoders; decoders always take "last")
+_AUTO_POOLING = {"text": "mean", "image": "cls", "audio": "mean"}
 POOLINGS = ("auto", "cls", "mean", "last")
 
 
@@ -47,6 +57,7 @@ class HeadConfig:
     multilabel: bool = False
     dropout: float = 0.1
     id2label: dict[int, str] = field(default_factory=dict)
+    blank: int = 0
 
     def __post_init__(self) -> None:
         try:  # JSON object keys are strings: {"0": "negative"}
@@ -66,6 +77,9 @@ class HeadConfig:
             raise AdapterError(f"A head needs layers >= 1, got {self.layers}.")
         if self.pooling not in POOLINGS:
             raise AdapterError(f"pooling must be one of {', '.join(POOLINGS)}, got '{self.pooling}'.")
+        if self.type == "ctc" and not 0 <= self.blank < self.num_labels:
+            raise AdapterError(f"The CTC blank id {self.blank} is not in the vocabulary of {self.num_labels} labels; "
+                               "pass blank= the tokenizer's pad id.")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -81,10 +95,13 @@ class HeadConfig:
         return cls(**data)
 
 
-def pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor], how: str) -> torch.Tensor:
-    """(B, T, d) -> (B, d)."""
+def pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor], how: str, skip: int = 0) -> torch.Tensor:
+    """(B, T, d) -> (B, d). ``skip``: leading positions a mean leaves out (ViT's CLS token)."""
     if how == "cls":
         return hidden[:, 0]
+    if skip:
+        hidden = hidden[:, skip:]
+        attention_mask = attention_mask[:, skip:] if attention_mask is not None else None
     if attention_mask is None:
         return hidden.mean(dim=1) if how == "mean" else hidden[:, -1]
     mask = attention_mask.to(hidden.dtype)
@@ -95,13 +112,58 @@ def pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor], how: str)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-class Head(nn.Module):
-    """An MLP of ``layers`` linear layers (tanh between), as AdapterHub's prediction heads."""
+def _classification_loss(cfg: HeadConfig, logits: torch.Tensor, labels: torch.Tensor,
+                         mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if cfg.multilabel:
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+    return F.cross_entropy(logits.reshape(-1, cfg.num_labels), labels.reshape(-1), ignore_index=-100)
 
-    def __init__(self, config: HeadConfig, hidden_size: int, is_decoder: bool = False):
+
+def _regression_loss(cfg: HeadConfig, logits: torch.Tensor, labels: torch.Tensor,
+                     mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(logits.squeeze(-1).shape))
+
+
+def ctc_loss(cfg: HeadConfig, logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """CTC over the frames ``mask`` keeps (all without one); ``labels`` (B, L) padded with -100,
+    as ``Wav2Vec2ForCTC`` computes it (there with ``ctc_loss_reduction="mean"``,
+    ``ctc_zero_infinity=True``)."""
+    if labels.max() >= cfg.num_labels:
+        raise AdapterError(f"CTC label id {int(labels.max())} is outside the head's vocabulary of {cfg.num_labels}; "
+                           "make the head with the tokenizer's vocabulary size.")
+    frames = torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long, device=logits.device)
+    input_lengths = mask.sum(-1).long() if mask is not None else frames
+    keep = labels >= 0
+    log_probs = F.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)  # (T, B, V)
+    with torch.backends.cudnn.flags(enabled=False):
+        return F.ctc_loss(log_probs, labels.masked_select(keep), input_lengths, keep.sum(-1), blank=cfg.blank,
+                          reduction="mean", zero_infinity=True)
+
+
+#: head type -> loss(config, logits, labels, frame mask)
+_LOSSES = {"classification": _classification_loss, "regression": _regression_loss, "tagging": _classification_loss,
+           "ctc": ctc_loss}
+
+
+class Head(nn.Module):
+    """An MLP of ``layers`` linear layers (tanh between), as AdapterHub's prediction heads.
+
+    Args:
+        config: what the head is.
+        hidden_size: the width of the hidden states it reads.
+        is_decoder: the model is a decoder (``"auto"`` pooling takes the last token).
+        modality: ``"text"``, ``"image"`` or ``"audio"`` (``"auto"`` pooling per modality).
+        prefix_tokens: leading positions that are not patches (ViT's CLS token), left out of an
+            image's mean.
+    """
+
+    def __init__(self, config: HeadConfig, hidden_size: int, is_decoder: bool = False, modality: str = "text",
+                 prefix_tokens: int = 0):
         super().__init__()
         self.config = config
-        self.pooling = config.pooling if config.pooling != "auto" else ("last" if is_decoder else "mean")
+        auto = "last" if is_decoder else _AUTO_POOLING.get(modality, "mean")
+        self.pooling = config.pooling if config.pooling != "auto" else auto
+        self.skip = prefix_tokens
         mods: list[nn.Module] = []
         for _ in range(config.layers - 1):
             mods += [nn.Dropout(config.dropout), nn.Linear(hidden_size, hidden_size), nn.Tanh()]
@@ -112,25 +174,27 @@ class Head(nn.Module):
         self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None
     ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         cfg = self.config
-        features = hidden if cfg.type == "tagging" else pool(hidden, attention_mask, self.pooling)
+        per_token = cfg.type in PER_TOKEN
+        features = hidden if per_token else pool(hidden, attention_mask, self.pooling, self.skip)
         logits = self.mlp(features)
         if labels is None:
             return None, logits
-        if cfg.type == "regression":
-            loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(logits.squeeze(-1).shape))
-        elif cfg.multilabel:
-            loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-        else:
-            loss = F.cross_entropy(logits.reshape(-1, cfg.num_labels), labels.reshape(-1), ignore_index=-100)
-        return loss, logits
+        return _LOSSES[cfg.type](cfg, logits, labels, attention_mask), logits
 
 
 def build_head(config: HeadConfig, layout: "Layout", like: Optional[torch.Tensor] = None) -> Head:
-    """A fresh head for a model with this ``layout``: ``"auto"`` pooling from ``layout.is_decoder``,
-    the width from ``layout.hidden_size``, on the device and dtype of ``like`` (a model parameter)."""
+    """A fresh head for a model with this ``layout``: ``"auto"`` pooling from ``layout.is_decoder``
+    and the layout's modality, the width from ``layout.hidden_size``, on the device and dtype of
+    ``like`` (a model parameter)."""
     if layout.hidden_size is None:
         raise AdapterError("Cannot tell the model's hidden size (no config.hidden_size); heads need it.")
-    head = Head(config, layout.hidden_size, is_decoder=layout.is_decoder)
+    spec = layout.spec
+    modality = spec.modality if spec is not None else "text"
+    if config.type == "ctc" and modality != "audio":
+        raise AdapterError(f"A CTC head labels audio frames, but this {layout.model_type} model reads {modality}; "
+                           "use a tagging head for per-token labels.")
+    head = Head(config, layout.hidden_size, is_decoder=layout.is_decoder, modality=modality,
+                prefix_tokens=spec.prefix_tokens if spec is not None else 0)
     if like is not None:
         head.to(device=like.device, dtype=like.dtype)
     return head

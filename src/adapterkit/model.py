@@ -290,6 +290,19 @@ class AdapterModel(nn.Module):
         cfg = HeadConfig("tagging", num_labels, layers, id2label=id2label or {})
         self._add_head(name, cfg, overwrite, set_active)
 
+    def add_ctc_head(self, name: str, vocab_size: Optional[int] = None, *, blank: Optional[int] = None,
+                     layers: int = 1, dropout: float = 0.1, id2label: Optional[dict[int, str]] = None,
+                     overwrite: bool = False, set_active: bool = True) -> None:
+        """A CTC head for speech models: per-frame vocabulary logits, CTC loss with labels padded
+        by -100. ``vocab_size`` and ``blank`` default to the config's ``vocab_size`` and
+        ``pad_token_id`` (as ``Wav2Vec2ForCTC``)."""
+        size = vocab_size if vocab_size is not None else getattr(self.config, "vocab_size", None)
+        if size is None:
+            raise AdapterError("add_ctc_head needs vocab_size= (the model's config has none).")
+        pad = blank if blank is not None else getattr(self.config, "pad_token_id", None)
+        cfg = HeadConfig("ctc", size, layers, dropout=dropout, id2label=id2label or {}, blank=pad or 0)
+        self._add_head(name, cfg, overwrite, set_active)
+
     def delete_head(self, name: str) -> None:
         if name not in self.heads:
             raise AdapterError(f"No head named '{name}'; heads: {', '.join(self.heads) or 'none'}.")
@@ -619,6 +632,7 @@ class AdapterModel(nn.Module):
                 kwargs["input_ids"] = input_ids
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
+        self.layout.check_inputs(kwargs)  # an image or audio shape the model cannot take (layouts/inputs.py)
         if self._replicator.copies:  # a Parallel setup: one output per child (parallel.py)
             if adapter_names is not None or head is not None:
                 raise AdapterError("A Parallel setup gives each adapter its own head; drop adapter_names= / head=, "
@@ -633,7 +647,7 @@ class AdapterModel(nn.Module):
             backbone = getattr(self.model, "base_model", self.model)
             out = backbone(*args, **kwargs)
             hidden = out if isinstance(out, torch.Tensor) else out[0]  # (B, T, d)
-            loss, logits = self.heads[head_name](hidden, attention_mask, labels)
+            loss, logits = self.heads[head_name](hidden, self.layout.hidden_mask(attention_mask, hidden), labels)
             return _with_aux_loss(AdapterModelOutput(loss=loss, logits=logits), ctx.aux_loss())
 
     def _forward_routed_heads(self, input_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
@@ -645,10 +659,11 @@ class AdapterModel(nn.Module):
         if self.config is None:
             raise AdapterError("routed_heads=True needs a transformers model (heads read its hidden states).")
         names = list(adapter_names) if not isinstance(adapter_names, str) else adapter_names
+        self.layout.check_inputs(kwargs)
         backbone = getattr(self.model, "base_model", self.model)
         out = self._body(input_ids, attention_mask, names, backbone, kwargs)
         hidden = out if isinstance(out, torch.Tensor) else out[0]  # (B, T, d)
-        return run_routed_heads(self.heads, hidden, attention_mask, names)
+        return run_routed_heads(self.heads, hidden, self.layout.hidden_mask(attention_mask, hidden), names)
 
     def _body(self, input_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor], names: list,
               backbone: nn.Module, kwargs: dict) -> Any:

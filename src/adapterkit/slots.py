@@ -16,7 +16,13 @@ at a ``pre`` place):
 * ``residual``: the residual stream entering the sub-layer, captured by a pre-hook
   (``None`` at sites without one),
 * ``layer_norm``: the model's layer norm that follows the sub-layer (post-LN models only),
-* ``place``: the site's place.
+* ``place``: the site's place,
+* ``layers``: the outputs of the blocks the site taps (``Site.layers_from``: an L-adapter at a
+  stack's output reads every layer's output), captured by forward hooks on those blocks during
+  the same forward; ``()`` elsewhere.
+
+A host that returns a ``transformers`` ``ModelOutput`` (a stack's encoder module) offers its
+first field (``last_hidden_state``) as ``y``, and gets it replaced in a copy.
 
 Hooks instead of copied model code keep us independent of ``transformers`` versions.
 """
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -69,6 +75,8 @@ class Site:
         stack: the named stack (``"encoder"`` / ``"decoder"``) the site belongs to, if any.
         input_from: module and argument holding the sub-layer's input (what a ``pre`` /
             ``parallel`` adapter at a sub-layer site reads), where the layout knows it.
+        layers_from: blocks whose outputs the slot captures for the host's hook
+            (``SlotIO.layers``), in order; ``()`` = none.
     """
 
     place_id: str
@@ -81,6 +89,7 @@ class Site:
     place: str = "post"
     stack: Optional[str] = None
     input_from: Optional[tuple[nn.Module, ArgRef]] = None
+    layers_from: tuple[nn.Module, ...] = ()
 
     def at(self, place: str) -> "Site":
         """This site as an adapter at ``place`` meets it. A ``pre`` adapter at a sub-layer site
@@ -113,6 +122,7 @@ class SlotIO:
     residual: Optional[torch.Tensor] = None
     layer_norm: Optional[nn.Module] = None
     place: str = "post"
+    layers: tuple[torch.Tensor, ...] = ()
 
     @property
     def passthrough(self) -> torch.Tensor:
@@ -122,11 +132,33 @@ class SlotIO:
     def rows(self, index: torch.Tensor) -> "SlotIO":
         """The same view restricted to some examples of the batch (per-example routing)."""
         pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
-        return replace(self, x=pick(self.x), y=pick(self.y), residual=pick(self.residual))
+        return replace(self, x=pick(self.x), y=pick(self.y), residual=pick(self.residual),
+                       layers=tuple(pick(t) for t in self.layers))
 
     def with_value(self, value: torch.Tensor) -> "SlotIO":
         """The view after an adapter rewrote the site's value (the next one in a ``Stack``)."""
         return replace(self, x=value) if self.place in _INPUT_VALUED else replace(self, y=value)
+
+
+def _main_output(output):
+    """The tensor a host outputs: itself, the first element of a tuple, or the first field of a
+    ``ModelOutput`` (a mapping: ``last_hidden_state``)."""
+    if isinstance(output, tuple):
+        return output[0]
+    if isinstance(output, Mapping):
+        return next(iter(output.values()))
+    return output
+
+
+def _with_main_output(output, new: torch.Tensor):
+    """``output`` with its main tensor replaced (a new tuple, or a copy of the ``ModelOutput``)."""
+    if isinstance(output, tuple):
+        return (new, *output[1:])
+    if isinstance(output, Mapping):
+        fields = dict(output.items())
+        fields[next(iter(fields))] = new
+        return type(output)(**fields)
+    return new
 
 
 def _first_input(args: tuple, kwargs: dict) -> tuple[Optional[torch.Tensor], Optional[str]]:
@@ -195,6 +227,9 @@ class Slot:
         if site.residual_from is not None:
             module, _ = site.residual_from
             self._handles.append(module.register_forward_pre_hook(self._capture, with_kwargs=True))
+        for i, block in enumerate(site.layers_from):
+            self._handles.append(block.register_forward_pre_hook(self._capture_layer(i, "layer_inputs")))
+            self._handles.append(block.register_forward_hook(self._capture_layer(i, "layer_outputs")))
         if site.place == "pre":
             self._handles.append(site.host.register_forward_pre_hook(self._run_pre, with_kwargs=True))
             return
@@ -216,6 +251,33 @@ class Slot:
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._local.residual = self.site.residual_from[1].pick(args, kwargs)
 
+    def _capture_layer(self, index: int, kind: str):
+        def capture(module: nn.Module, args: tuple, output=None) -> None:
+            store = self._local.__dict__.setdefault(kind, {})
+            if kind == "layer_inputs":
+                store[index] = args[0] if args else None
+            else:
+                store[index] = output[0] if isinstance(output, tuple) else output
+        return capture
+
+    def _take_layers(self) -> tuple[torch.Tensor, ...]:
+        """The block outputs of this forward, in order. A block that LayerDrop skipped passes
+        its input on unchanged, so its output is the input of the next block that ran (or the
+        last output before it)."""
+        n = len(self.site.layers_from)
+        outputs = self._local.__dict__.pop("layer_outputs", {})
+        inputs = self._local.__dict__.pop("layer_inputs", {})
+        if not n or not outputs:
+            return ()
+        taken: list[torch.Tensor] = []
+        for i in range(n):
+            if i in outputs:
+                taken.append(outputs[i])
+                continue
+            later = next((inputs[j] for j in range(i + 1, n) if inputs.get(j) is not None), None)
+            taken.append(later if later is not None else taken[-1])
+        return tuple(taken)
+
     def _take_residual(self) -> Optional[torch.Tensor]:
         residual = getattr(self._local, "residual", None)
         self._local.residual = None
@@ -223,14 +285,15 @@ class Slot:
 
     def _run(self, module: nn.Module, args: tuple, kwargs: dict, output):
         residual = self._take_residual()
+        layers = self._take_layers()
         plan = self._current_plan()
         if plan is None:
             return None
-        y = output[0] if isinstance(output, tuple) else output
+        y = _main_output(output)
         x, _ = _first_input(args, kwargs)
-        io = SlotIO(x=x, y=y, residual=residual, layer_norm=self.site.layer_norm, place=self.site.place)
-        new_y = plan(io)
-        return (new_y, *output[1:]) if isinstance(output, tuple) else new_y
+        io = SlotIO(x=x, y=y, residual=residual, layer_norm=self.site.layer_norm, place=self.site.place,
+                    layers=layers)
+        return _with_main_output(output, plan(io))
 
     def _run_pre(self, module: nn.Module, args: tuple, kwargs: dict):
         residual = self._take_residual()

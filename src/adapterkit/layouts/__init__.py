@@ -10,7 +10,8 @@ sites, optionally restricted to some stacks (``stacks=("decoder",)``; ``layers=`
   ``"all-linear"`` stands for every projection the architecture map names,
 * ``weight_sites(config)``: a weight-level method's sites (its ``target_modules``, its
   ``roles``, else the method's ``default_roles`` through the architecture's aliases),
-* ``generic_sites(patterns, ...)``: any module by name, for any ``nn.Module``.
+* ``generic_sites(patterns, ...)``: any module by name, for any ``nn.Module``;
+* ``output_sites(...)``: a stack's output, tapping each block's output (L-adapters).
 
 Place ids are relative to the layout so that checkpoints fit the model with or without a task
 head: ``layers.3.ffn_out`` in single-stack models, ``decoder.layers.3.cross_attn_out`` where the
@@ -30,6 +31,7 @@ from torch import nn
 from ..errors import AdapterError
 from ..slots import Site
 from .architectures import ARCHITECTURES, ArchSpec, StackSpec, SubLayerSpec, is_decoder_config, spec_for
+from .inputs import check_inputs, hidden_mask
 from .probe import HostProbe
 
 __all__ = ["Layout", "StackLayout", "ArchSpec", "StackSpec", "SubLayerSpec", "ARCHITECTURES", "linear_features",
@@ -287,6 +289,34 @@ class Layout:
                     ))
         return sites
 
+    def output_sites(self, layers: Optional[Sequence[int]] = None, leave_out: Iterable[int] = (),
+                     stacks: Optional[Sequence[str]] = None) -> list[Site]:
+        """One ``post`` site per chosen stack at the module holding its blocks (the encoder,
+        whose output the model's head reads), tapping the outputs of the chosen blocks
+        (``Site.layers_from``): where an L-adapter sums every layer into what the head reads.
+        Place id ``layers.output`` (``encoder.layers.output`` with several stacks)."""
+        sites = []
+        for stack in self.select_stacks(stacks, "layer-sum adapters"):
+            owner = stack.path.rpartition(".")[0]
+            if not owner:
+                raise AdapterError(
+                    f"The {stack.name} stack of this {self.model_type} model is the model itself, so no module's output "
+                    "is the stack's output alone; wrap the backbone (e.g. load it with AutoModel) or use another method.")
+            chosen = self.layer_indices(stack, layers, leave_out)
+            if not chosen:
+                raise AdapterError(f"layers={layers} with leave_out={tuple(leave_out)} leaves no layer of the "
+                                   f"{stack.name} stack to read; keep at least one.")
+            sites.append(Site(
+                place_id=f"{stack.prefix}.output",
+                host=self.model.get_submodule(owner),
+                in_features=self.hidden_size,
+                out_features=self.hidden_size,
+                place="post",
+                stack=stack.name,
+                layers_from=tuple(stack.blocks[i] for i in chosen),
+            ))
+        return sites
+
     def linear_sites(self, roles: Sequence[str], layers: Optional[Sequence[int]] = None,
                      leave_out: Iterable[int] = (), stacks: Optional[Sequence[str]] = None, *,
                      defaults: bool = False, hosts: HostTypes = LINEAR_HOSTS) -> list[Site]:
@@ -434,6 +464,20 @@ class Layout:
             if stack.root and name.startswith(stack.root + "."):
                 return f"{stack.name}.{name[len(stack.root) + 1:]}"
         return name
+
+    # -- what the model reads (inputs.py) -----------------------------------------------------
+    @property
+    def modality(self) -> str:
+        """``"text"``, ``"image"`` or ``"audio"`` (text without a layout)."""
+        return self.spec.modality if self.spec is not None else "text"
+
+    def check_inputs(self, inputs: dict) -> None:
+        """Refuse image / audio tensors of a shape the model cannot take, naming the fix."""
+        check_inputs(self, inputs)
+
+    def hidden_mask(self, attention_mask, hidden):
+        """The mask over the positions of ``hidden``: frame-level for speech models."""
+        return hidden_mask(self, attention_mask, hidden)
 
     # -- hosts that never run ------------------------------------------------------------------
     def check_hosts_run(self, sites: Sequence[Site]) -> None:

@@ -99,6 +99,10 @@ class ArchSpec:
         when: predicate on the config, for variants ``model_type`` cannot tell apart.
         post_ln: the layer norm follows the residual add (BERT, BART).
         decoder: a decoder-only (causal LM) family.
+        modality: what the model reads: ``"text"`` (token ids), ``"image"`` (``pixel_values``)
+            or ``"audio"`` (``input_values``); heads and input checks follow it (``inputs.py``).
+        prefix_tokens: positions before the first patch (ViT's CLS token; DeiT's CLS and
+            distillation tokens): an image head's mean over patches skips them.
     """
 
     name: str
@@ -110,6 +114,8 @@ class ArchSpec:
     when: Callable[[Any], bool] = _always
     post_ln: bool = False
     decoder: bool = False
+    modality: str = "text"
+    prefix_tokens: int = 0
 
     @property
     def named_stacks(self) -> bool:
@@ -270,7 +276,82 @@ def _bart(name: str, model_types: tuple[str, ...], pre_ln: bool) -> ArchSpec:
 BART = _bart("bart", ("bart",), pre_ln=False)
 MBART = _bart("mbart", ("mbart",), pre_ln=True)
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (BERT_LIKE, DISTILBERT, GPT2, LLAMA_LIKE, T5, T5_GATED, BART, MBART)
+
+
+def _vit(name: str, model_types: tuple[str, ...], prefix_tokens: int) -> ArchSpec:
+    """ViT-family blocks (transformers 5.x), pre-LN: ``h + attention(layernorm_before(h))``, then
+    ``h + mlp(layernorm_after(h))``. The block's one ``dropout`` module runs after both sub-layers,
+    so the hosts are ``attention`` and ``mlp`` themselves (in training the model's dropout falls
+    after the adapter, as on BART)."""
+    return ArchSpec(
+        name=name,
+        model_types=model_types,
+        stacks={"encoder": StackSpec(
+            layers="layers",
+            sublayers={
+                "attn_out": _sub("attention", "layernorm_before", ArgRef(0, "input"), None, "attention"),
+                "ffn_out": _sub("mlp", "layernorm_after", ArgRef(0, "input"), None, "mlp"),
+            },
+            linears={**_attention_roles("attention", "q_proj", "k_proj", "v_proj", "o_proj"),
+                     "ffn_in": "mlp.fc1", "ffn_proj": "mlp.fc2"},
+        )},
+        embeddings="embeddings",
+        modality="image",
+        prefix_tokens=prefix_tokens,
+    )
+
+
+VIT = _vit("vit", ("vit",), prefix_tokens=1)
+DEIT = _vit("deit", ("deit",), prefix_tokens=2)  # CLS + distillation token
+
+
+def _speech(name: str, model_types: tuple[str, ...], stable: bool) -> ArchSpec:
+    """wav2vec2-family encoder layers (wav2vec2, HuBERT, WavLM), in both layer-norm orders.
+
+    ``do_stable_layer_norm=False`` (post-LN, ``Wav2Vec2EncoderLayer``)::
+
+        h = layer_norm(h + dropout(attention(h)));  h = final_layer_norm(h + feed_forward(h))
+
+    ``do_stable_layer_norm=True`` (pre-LN, ``...EncoderLayerStableLayerNorm``)::
+
+        h = h + dropout(attention(layer_norm(h)));  h = h + feed_forward(final_layer_norm(h))
+
+    The block's ``dropout`` runs once, after the attention: it is the ``attn_out`` host (what the
+    adapter reads is the attention's output as the model adds it). ``feed_forward`` ends with its
+    own dropout and is the ``ffn_out`` host. WavLM's attention reads its projections' weights
+    directly, so weight places (LoRA, IA3) are refused there by the host probe."""
+    if stable:
+        sublayers = {
+            "attn_out": _sub("dropout", "layer_norm", ArgRef(0, "input"), None, "attention"),
+            "ffn_out": _sub("feed_forward", "final_layer_norm", ArgRef(0, "input"), None, "feed_forward"),
+        }
+    else:
+        sublayers = {
+            "attn_out": _sub("dropout", "", _HIDDEN, "layer_norm", "attention"),
+            "ffn_out": _sub("feed_forward", "feed_forward", _HIDDEN, "final_layer_norm", "feed_forward"),
+        }
+    return ArchSpec(
+        name=f"{name}-stable-ln" if stable else name,
+        model_types=model_types,
+        stacks={"encoder": StackSpec(
+            layers="encoder.layers",
+            sublayers=sublayers,
+            linears={**_attention_roles("attention", "q_proj", "k_proj", "v_proj", "out_proj"),
+                     "ffn_in": "feed_forward.intermediate_dense", "ffn_proj": "feed_forward.output_dense"},
+        )},
+        embeddings="feature_projection",
+        when=lambda config: bool(getattr(config, "do_stable_layer_norm", False)) == stable,
+        post_ln=not stable,
+        modality="audio",
+    )
+
+
+_SPEECH_TYPES = ("wav2vec2", "hubert", "wavlm")
+WAV2VEC2 = _speech("wav2vec2", _SPEECH_TYPES, stable=False)
+WAV2VEC2_STABLE = _speech("wav2vec2", _SPEECH_TYPES, stable=True)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (BERT_LIKE, DISTILBERT, GPT2, LLAMA_LIKE, T5, T5_GATED, BART, MBART, VIT, DEIT,
+                                       WAV2VEC2, WAV2VEC2_STABLE)
 
 
 def is_decoder_config(config) -> bool:

@@ -11,7 +11,8 @@ outputs unchanged. That holds for every preset; options that move the adapter's 
 residual add and layer norm run after the adapter, exactly as ``original_ln_after=True`` asks;
 hooks cannot skip them, so ``original_ln_after=False`` is refused.
 
-Presets: ``pfeiffer`` (= ``seq_bn``), ``houlsby`` (= ``double_seq_bn``), ``parallel`` (= ``par_bn``).
+Presets: ``pfeiffer`` (= ``seq_bn``), ``houlsby`` (= ``double_seq_bn``, and ``e_adapter``: the
+E-adapters of ELP-adapter tuning, in every encoder layer), ``parallel`` (= ``par_bn``).
 
 The up-projection accumulates into the residual in one GEMM, and at inference a Pfeiffer-shaped
 adapter never writes the model's layer norm of ``y + residual`` (``fused.py``): the same
@@ -320,5 +321,6 @@ PFEIFFER = BottleneckConfig()
 HOULSBY = BottleneckConfig(mh_adapter=True, output_adapter=True, non_linearity="swish", original_ln_before=False)
 PARALLEL = BottleneckConfig(is_parallel=True, original_ln_before=False, reduction_factor=2, scaling=4.0)
 for _name, _cfg in (("pfeiffer", PFEIFFER), ("seq_bn", PFEIFFER), ("houlsby", HOULSBY),
-                    ("double_seq_bn", HOULSBY), ("parallel", PARALLEL), ("par_bn", PARALLEL)):
+                    ("double_seq_bn", HOULSBY), ("parallel", PARALLEL), ("par_bn", PARALLEL),
+                    ("e_adapter", HOULSBY)):  # ELP's E-adapters: after attention and FFN of every encoder layer
     register_preset(_name, _cfg)

@@ -60,6 +60,8 @@ def units(enc: Encoded, indices: Sequence[int], task: str) -> int:
 
 def collate(enc: Encoded, indices: Sequence[int], task: str, pad_id: int, *, with_labels: bool = True) -> dict:
     """Pad one batch to its longest example (right padding); labels padded with -100."""
+    if hasattr(enc, "collate"):  # audio clips (data/audio.py) pad themselves
+        return enc.collate(indices, with_labels=with_labels)
     width = max(len(enc.input_ids[i]) for i in indices)
     ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(indices), width), dtype=torch.long)

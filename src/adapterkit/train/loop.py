@@ -32,6 +32,7 @@ from .. import __version__
 from ..adapterdrop import AdapterDrop
 from ..artifacts import write_base_ref
 from ..config import AdapterConfig, resolve_config
+from ..data.audio import is_audio_folder
 from ..data import (
     LM_TASKS,
     Encoded,
@@ -83,7 +84,7 @@ class Prepared:
 
     @property
     def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
+        pad = getattr(self.tokenizer, "pad_token_id", None)  # a feature extractor (audio) has none
         return int(pad) if pad is not None else 0
 
 
@@ -112,6 +113,8 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
     env = env or D.DistEnv()
     echo = echo or (lambda _msg: None)
     config.validate()
+    if is_audio_folder(config.train):  # a folder of WAV files, one subfolder per label (data/audio.py)
+        return _prepare_audio(config, env)
     train_table = read_table(config.train, config.format)
     eval_table = read_table(config.eval, config.format) if config.eval else None
     test_table = read_table(config.test, config.format) if config.test else None
@@ -155,6 +158,54 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
     torch.manual_seed(config.seed + 1000 * env.rank)  # dropout differs per process, as with a larger batch
     data["rows"] = {"train": len(train_enc), "eval": len(eval_enc) if eval_enc else 0, "test": len(test_enc) if test_enc else 0}
     return Prepared(config, spec, name, model, tokenizer, train_enc, eval_enc, test_enc, env, adapter_config, data)
+
+
+def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
+    """``prepare`` for audio classification folders: the clips of each split, read and
+    normalised by the model's feature extractor, the labels from the subfolder names."""
+    from ..data.audio import folder_fingerprint, load_feature_extractor, read_split
+    from ..data.task import Columns
+    from ..layouts import spec_for
+    from ..layouts.inputs import min_samples
+    from ..loader import load_config
+
+    adapter_config = None if config.full_finetune else resolve_config(config.method, **config.options)
+    name = config.name or default_name(Path(config.train).resolve())  # data/speech/train -> speech
+    if not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise AdapterError(f"--name '{name}' is invalid: use letters, digits, '_' and '-' only.")
+    model_config = load_config(config.model)
+    spec = spec_for(model_config)
+    if spec is None or spec.modality != "audio":
+        raise AdapterError(f"--train {config.train} is a folder of audio clips, but '{config.model}' is a "
+                           f"{model_config.model_type} model that reads {spec.modality if spec else 'text'}; pass a "
+                           "speech model folder (wav2vec2, HuBERT, WavLM) with its preprocessor_config.json.")
+    extractor = load_feature_extractor(config.model)
+    torch.manual_seed(config.seed)
+    model = load_model(config.model)
+    shortest = min_samples(model.model)
+    train, labels = read_split(config.train, None, extractor, shortest)
+    splits = {k: read_split(getattr(config, k), labels, extractor, shortest)[0] if getattr(config, k) else None
+              for k in ("eval", "test")}
+    train = train.subset(_subset_rows(len(train), config.max_train_rows))
+    if config.val_fraction:
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(1)).tolist()
+        n_val = max(1, int(round(config.val_fraction * len(train))))
+        train, splits["eval"] = train.subset(sorted(perm[n_val:])), train.subset(sorted(perm[:n_val]))
+    spec = TaskSpec("classification", Columns(text="audio", label="label"), labels=labels)
+    _check_bottleneck_width(adapter_config, model.layout.hidden_size)
+    setup_model(model, spec, name, config, adapter_config)
+    torch.manual_seed(config.seed + 1000 * env.rank)
+    data = {k: folder_fingerprint(getattr(config, k)) if getattr(config, k) else None for k in ("train", "eval", "test")}
+    data["rows"] = {"train": len(train), "eval": len(splits["eval"] or []), "test": len(splits["test"] or [])}
+    return Prepared(config, spec, name, model, extractor, train, splits["eval"], splits["test"], env, adapter_config,
+                    data)
+
+
+def _subset_rows(n: int, limit: Optional[int]) -> list[int]:
+    """The rows ``_subset`` keeps of ``n`` (all without a limit)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()[:limit])
 
 
 def _check_bottleneck_width(adapter_config: Optional[AdapterConfig], hidden: Optional[int]) -> None:
