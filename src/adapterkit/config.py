@@ -67,6 +67,8 @@ class AdapterConfig:
     places: ClassVar[tuple[str, ...]] = ("post", "pre", "parallel")
     #: the strategy used when ``strategy`` is ``None``
     default_strategy: ClassVar[str] = "add"
+    #: whether ``Fuse`` can attend over this method's values at its slots
+    supports_fusion: ClassVar[bool] = True
 
     target_modules: str | tuple[str, ...] | None = None
     layers: tuple[int, ...] | None = None
@@ -126,6 +128,11 @@ class AdapterConfig:
         """A fresh adapter module (an ``AdapterModule``) for one site, initialised so that its
         contribution leaves the output unchanged."""
         raise NotImplementedError
+
+    def as_saved(self) -> "AdapterConfig":
+        """The config ``save_adapter`` writes, describing the saved tensors (``AdapterModule.saved_state``):
+        this config, except for methods that save a folded form (prefix tuning: ``flat=True``)."""
+        return self
 
     def default_place(self) -> str:
         """The place used when ``place`` is ``None``."""

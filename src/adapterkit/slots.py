@@ -63,11 +63,14 @@ class Site:
         place: how the adapter meets the host: ``"post"`` (reads and rewrites the host's
             output), ``"pre"`` (rewrites the host's input), ``"parallel"`` (reads the host's or the
             sub-layer's input, adds to the host's output) or ``"weight"`` (inside a Linear's own
-            product: LoRA, IA3). ``"attention"`` and ``"input"`` are reserved for prefix and
-            prompt tuning.
+            product: LoRA, IA3) or ``"attention"`` (key / value prefixes inside the attention
+            of every ``members`` module: prefix tuning, ``attention_place.py``). ``"input"`` is
+            reserved for prompt tuning.
         stack: the named stack (``"encoder"`` / ``"decoder"``) the site belongs to, if any.
         input_from: module and argument holding the sub-layer's input (what a ``pre`` /
             ``parallel`` adapter at a sub-layer site reads), where the layout knows it.
+        members: the modules a site spans, block by block (an ``attention`` site: its attention
+            module in every block of its stack; ``host`` is then the stack itself).
     """
 
     place_id: str
@@ -80,6 +83,7 @@ class Site:
     place: str = "post"
     stack: Optional[str] = None
     input_from: Optional[tuple[nn.Module, ArgRef]] = None
+    members: tuple[nn.Module, ...] = ()
 
     def at(self, place: str) -> "Site":
         """This site as an adapter at ``place`` meets it. A ``pre`` adapter at a sub-layer site
@@ -162,6 +166,10 @@ class Slot:
         self.__dict__.update(state)
         self._local = threading.local()
 
+    def bind(self, units: dict[str, nn.Module]) -> None:
+        """The adapters' modules at this slot, in plan order, before each ``set_plans`` (slots
+        of other places than the hook-based ones read them at call time)."""
+
     def set_plans(self, plan: Optional[Plan], routed: Optional[Plan] = None) -> None:
         """Set the plans and install or remove the hooks accordingly."""
         self.plan, self.routed = plan, routed
@@ -228,3 +236,17 @@ class Slot:
         if key is None:
             return (new_x, *args[1:]), kwargs
         return args, {**kwargs, key: new_x}
+
+
+#: slot classes of places whose runtime is not a hook on the host (``register_slot``)
+_SLOT_CLASSES: dict[str, type[Slot]] = {}
+
+
+def register_slot(place: str, cls: type[Slot]) -> None:
+    """Run the sites of ``place`` with ``cls`` instead of the hook-based ``Slot``."""
+    _SLOT_CLASSES[place] = cls
+
+
+def make_slot(site: Site) -> Slot:
+    """The runtime for ``site``: its place's registered slot class, else ``Slot``."""
+    return _SLOT_CLASSES.get(site.place, Slot)(site)

@@ -3,5 +3,6 @@
 from .bottleneck import BottleneckConfig
 from .ia3 import IA3Config
 from .lora import LoRAConfig
+from .prefix_tuning import PrefixTuningConfig
 
-__all__ = ["BottleneckConfig", "LoRAConfig", "IA3Config"]
+__all__ = ["BottleneckConfig", "LoRAConfig", "IA3Config", "PrefixTuningConfig"]
