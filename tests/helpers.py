@@ -118,7 +118,12 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "parallel": ("parallel", {}),
     "lora": ("lora", {"r": 4, "alpha": 8.0}),
     "ia3": ("ia3", {}),
+    "prefix_tuning": ("prefix_tuning", {"prefix_length": 3, "bottleneck_size": 8}),
 }
+#: methods that run on some architectures only (the rest run on all of ``ARCHS``)
+METHOD_ARCHS: dict[str, tuple[str, ...]] = {"prefix_tuning": ("bert", "gpt2", "llama", "t5", "bart")}
+#: methods whose fresh adapter changes the outputs (prefix tuning: its keys and values are drawn)
+NOT_IDENTITY_AT_INIT = {"prefix_tuning"}
 
 #: Extra configurations that exercise options beyond the presets, run on one architecture per layout
 #: family. The third element says whether a fresh adapter is an identity: AdapterHub's
@@ -181,7 +186,9 @@ def _extra_cases() -> list[Case]:
             + [Case(ARCHS[a], m, *SEQ2SEQ_METHODS[m]) for a in seq2seq for m in SEQ2SEQ_METHODS])
 
 
-CASES: list[Case] = [Case(arch, m, *METHODS[m]) for arch in ARCHS.values() for m in METHODS] + _extra_cases()
+CASES: list[Case] = [Case(arch, m, *METHODS[m], identity_at_init=m not in NOT_IDENTITY_AT_INIT)
+                     for arch in ARCHS.values() for m in METHODS
+                     if arch.name in METHOD_ARCHS.get(m, (arch.name,))] + _extra_cases()
 CASE_IDS = [c.id for c in CASES]
 MERGEABLE = [c for c in CASES if c.mergeable]
 
@@ -214,6 +221,15 @@ def expected_adapter_params(case: Case) -> int:
         shapes = [case.arch.stacks[s][r] for s in stacks for r in roles if r in case.arch.stacks[s]]
         per_layer = sum(cfg.r * (i + o) for i, o in shapes) if cfg.method == "lora" else sum(o for _, o in shapes)
         return layers * per_layer
+    if cfg.method == "prefix_tuning":
+        # per stack and attention role: wte (P, d), Linear(d, m), Linear(m, layers * 2 * kv width);
+        # flat: the prefixes themselves, (layers, 2, P, kv width)
+        stacks = [s for s in stacks if cfg.encoder_prefix or s != "encoder" or not case.arch.encoder_decoder]
+        sites = sum(1 + int(cfg.cross_prefix and "cross_q" in case.arch.stacks[s]) for s in stacks)
+        roles = case.arch.roles
+        kv_width = roles["k"][1] if "k" in roles else roles["qkv"][1] // 3
+        out, p, m = layers * 2 * kv_width, cfg.prefix_length, cfg.bottleneck_size
+        return sites * (out * p if cfg.flat else p * D + D * m + m + m * out + out)
     raise AssertionError(f"no parameter formula for method {cfg.method}: add one to tests/helpers.py")
 
 

@@ -32,6 +32,12 @@ def two_adapters(case, seed: int = 7) -> AdapterModel:
     return model
 
 
+def tol(case) -> float:
+    """Rows that share a batch with another row's prefix attend over masked prefix columns as well:
+    the same function, reduced over more columns, so float32 rounding differs (~1e-6 on T5)."""
+    return 1e-5 if case.method == "prefix_tuning" else 1e-6
+
+
 def alone(model: AdapterModel, setup, batch: dict, rows: slice) -> torch.Tensor:
     model.set_active_adapters(setup)
     return run(model, {k: v[rows] for k, v in batch.items()})
@@ -54,8 +60,8 @@ def test_batch_split_equals_each_slice_alone(case, batch):
     model = two_adapters(case)
     model.set_active_adapters(BatchSplit("a", "b", batch_sizes=[1, 3]))
     split = run(model, batch)
-    assert (split[:1] - alone(model, "a", batch, slice(0, 1))).abs().max() <= 1e-6
-    assert (split[1:] - alone(model, "b", batch, slice(1, 4))).abs().max() <= 1e-6
+    assert (split[:1] - alone(model, "a", batch, slice(0, 1))).abs().max() <= tol(case)
+    assert (split[1:] - alone(model, "b", batch, slice(1, 4))).abs().max() <= tol(case)
 
 
 @preset
@@ -63,8 +69,8 @@ def test_nested_batch_split_of_a_stack(case, batch):
     model = two_adapters(case)
     model.set_active_adapters(BatchSplit(Stack("a", "b"), "b", batch_sizes=[2, 2]))
     split = run(model, batch)
-    assert (split[:2] - alone(model, Stack("a", "b"), batch, slice(0, 2))).abs().max() <= 1e-6
-    assert (split[2:] - alone(model, "b", batch, slice(2, 4))).abs().max() <= 1e-6
+    assert (split[:2] - alone(model, Stack("a", "b"), batch, slice(0, 2))).abs().max() <= tol(case)
+    assert (split[2:] - alone(model, "b", batch, slice(2, 4))).abs().max() <= tol(case)
 
 
 @pytest.mark.parametrize("case", [c for c in preset_cases if c.identity_at_init], ids=lambda c: c.id)
@@ -100,7 +106,8 @@ def test_stack_order_matters_and_differs_from_each_alone(case, batch):
         outs[repr(setup)] = run(model, batch)
     assert not torch.allclose(outs["Stack('a', 'c')"], outs["'a'"])
     assert not torch.allclose(outs["Stack('a', 'c')"], outs["'c'"])
-    if case.method not in ("lora", "ia3"):  # additive / multiplicative updates commute
+    # additive / multiplicative updates commute; prefixes are key / value columns, whose order attention ignores
+    if case.method not in ("lora", "ia3", "prefix_tuning"):
         assert not torch.allclose(outs["Stack('a', 'c')"], outs["Stack('c', 'a')"])
 
 
