@@ -287,3 +287,51 @@ def test_fuse_refuses_prefix_adapters():
     with pytest.raises(AdapterError, match="use Stack instead"):
         model.add_adapter_fusion(Fuse("p", "q"))
     assert not model.fusions
+
+
+# -- PEFT prefix tuning (interop/peft_prefix.py) ------------------------------------------------------
+def _peft_logits(folder, batch) -> torch.Tensor:
+    peft = pytest.importorskip("peft")
+    with torch.no_grad():
+        return peft.PeftModel.from_pretrained(make_base(ARCHS["llama"]), folder).eval()(**batch).logits
+
+
+@pytest.mark.parametrize("projection", [True, False])
+def test_a_peft_prefix_loads_with_peft_s_logits(projection, tmp_path):
+    """PEFT's prefixes enter as past key values and shift the positions; on a rotary Llama with
+    grouped-query attention that is the same function as adapterkit's."""
+    peft = pytest.importorskip("peft")
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=projection,
+                                     encoder_hidden_size=16)
+    source = peft.get_peft_model(make_base(ARCHS["llama"]), config)
+    perturb(source.prompt_encoder, scale=0.5, seed=3)
+    source.save_pretrained(tmp_path / "peft")
+    batch = make_batch()
+    expected = _peft_logits(tmp_path / "peft", batch)
+    model = AdapterModel(make_base(ARCHS["llama"]))
+    assert model.load_adapter(tmp_path / "peft", load_as="p", set_active=True) == "p"
+    assert model.records["p"].config == PrefixTuningConfig(prefix_length=4, flat=True)
+    real = batch["attention_mask"].bool()
+    assert (run(model.eval(), batch) - expected)[real].abs().max() <= 1e-5
+
+
+def test_an_adapterkit_prefix_exports_to_peft_with_the_same_logits(tmp_path):
+    model = with_prefix("llama")
+    perturb(model.adapters, scale=0.3, seed=4)
+    model.save_adapter(tmp_path / "peft", "p", format="peft")
+    batch = make_batch()
+    real = batch["attention_mask"].bool()
+    assert (_peft_logits(tmp_path / "peft", batch) - run(model, batch))[real].abs().max() <= 1e-5
+    again = AdapterModel(make_base(ARCHS["llama"]))
+    again.load_adapter(tmp_path / "peft", load_as="p", set_active=True)
+    assert (run(again.eval(), batch) - run(model, batch)).abs().max() <= 1e-5  # keys rotated by +P and back
+
+
+def test_peft_prefix_conversion_is_refused_where_positions_would_differ(tmp_path):
+    model = with_prefix("gpt2")
+    with pytest.raises(AdapterError, match="shifts the tokens' positions on this gpt2 model"):
+        model.save_adapter(tmp_path / "peft", "p", format="peft")
+    assert not (tmp_path / "peft").exists()
+    model = with_prefix("llama", layers=[0, 1])
+    with pytest.raises(AdapterError, match=r"PEFT has no counterpart for the prefix_tuning option\(s\) layers"):
+        model.save_adapter(tmp_path / "peft", "p", format="peft")
