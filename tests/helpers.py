@@ -121,7 +121,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "prefix_tuning": ("prefix_tuning", {"prefix_length": 3, "bottleneck_size": 8}),
 }
 #: methods that run on some architectures only (the rest run on all of ``ARCHS``)
-METHOD_ARCHS: dict[str, tuple[str, ...]] = {"prefix_tuning": ("bert", "gpt2", "llama", "t5", "bart")}
+METHOD_ARCHS: dict[str, tuple[str, ...]] = {
+    "prefix_tuning": ("bert", "gpt2", "llama", "mistral", "qwen2", "t5", "bart"),
+}
 #: methods whose fresh adapter changes the outputs (prefix tuning: its keys and values are drawn)
 NOT_IDENTITY_AT_INIT = {"prefix_tuning"}
 

@@ -240,7 +240,7 @@ class _PlainSelfAttention(nn.Module):
     (lambda: make_base(ARCHS["bert"]), {"stochastic_depth": 0.1}, "leave stochastic_depth and l2_lambda at 0"),
     (lambda: make_base(ARCHS["bert"]), {"target_modules": ["query"]}, "drop target_modules"),
     (lambda: make_base(ARCHS["bert"]), {"layers": [9]}, r"layers=\[9\] is out of range"),
-    (lambda: nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4)), {}, "No built-in layout"),
+    (lambda: nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4)), {}, "has no layout"),
 ])
 def test_bad_options_and_models_are_refused_with_the_model_unchanged(make, options, match):
     torch.manual_seed(0)
@@ -335,3 +335,16 @@ def test_peft_prefix_conversion_is_refused_where_positions_would_differ(tmp_path
     model = with_prefix("llama", layers=[0, 1])
     with pytest.raises(AdapterError, match=r"PEFT has no counterpart for the prefix_tuning option\(s\) layers"):
         model.save_adapter(tmp_path / "peft", "p", format="peft")
+
+
+@torch.no_grad()
+def test_adapterdrop_skip_layers_turns_the_prefix_off_in_those_layers():
+    model = with_prefix("llama", flat=True)
+    perturb(model.adapters, scale=0.5, seed=2)
+    batch = make_batch()
+    model.set_active_adapters("p", skip_layers=[0, 1])
+    skipped = run(model, batch)
+    model.add_adapter("upper", "prefix_tuning", prefix_length=4, flat=True, layers=[2, 3], set_active=True)
+    unit(model, "upper").prefix.data.copy_(unit(model, "p").prefix.data[2:])
+    assert torch.equal(run(model, batch), skipped)
+    assert not torch.equal(run(model, batch, adapter_names=["p"] * 4), skipped)  # routing ignores skip_layers

@@ -46,6 +46,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from .errors import AdapterError
 from .layouts.probe import probe_forward
@@ -74,8 +76,6 @@ class Prefix:
 def _original(name: str, module: nn.Module) -> Callable:
     """The implementation ``name`` as ``module`` would call it (``eager``: its model file's own)."""
     if name != "eager":
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         return ALL_ATTENTION_FUNCTIONS[name]
     function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if function is None:
@@ -102,9 +102,6 @@ def _wrapping(name: str) -> Callable:
 
 
 def _register() -> None:
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    from transformers.modeling_utils import AttentionInterface
-
     for name in WRAPPED:
         AttentionInterface.register(PREFIX + name, _wrapping(name))
         ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIX + name, ALL_MASK_ATTENTION_FUNCTIONS[name])
@@ -199,10 +196,11 @@ class AttentionSlot(Slot):
     def __init__(self, site: Site):
         super().__init__(site)
         self.units: list[nn.Module] = []
+        self.skipped: frozenset[int] = frozenset()  # AdapterDrop's skip_layers (active setup only)
         self._installed = False
 
-    def bind(self, units: dict[str, nn.Module]) -> None:
-        self.units = list(units.values())
+    def bind(self, units: dict[str, nn.Module], skip_layers: frozenset[int] = frozenset()) -> None:
+        self.units, self.skipped = list(units.values()), skip_layers
         for column, unit in enumerate(self.units):
             unit.column = column
 
@@ -225,8 +223,8 @@ class AttentionSlot(Slot):
         """Layer ``layer``'s prefixes for a batch of ``batch`` examples under the current plan,
         or ``None`` when no example has one."""
         plan = self._current_plan()
-        if plan is None or not self.units:
-            return None
+        if plan is None or not self.units or (plan is self.plan and layer in self.skipped):
+            return None  # (per-example routing ignores skip_layers, as elsewhere)
         ref = next(self.units[0].parameters())
         counts = plan(SlotIO(x=None, y=torch.zeros(batch, len(self.units), device=ref.device), place="attention"))
         used = [(unit, counts[:, unit.column]) for unit in self.units if unit.covers(layer)]

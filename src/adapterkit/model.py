@@ -422,7 +422,7 @@ class AdapterModel(nn.Module):
         owners = block_owners(self.layout)
         for slot in self._slots.values():
             units = self._units_at(slot)
-            slot.bind(units)
+            slot.bind(units, self._skip_layers)
             skipped = owners.get(id(slot.site.host), (None, None))[1] in self._skip_layers
             plan = compile_plan(setup, {**units, **self._fusions_at(slot)}) if setup is not None and not skipped else None
             slot.set_plans(plan, None if self._disabled else routed_plan(units))

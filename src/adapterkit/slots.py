@@ -166,9 +166,9 @@ class Slot:
         self.__dict__.update(state)
         self._local = threading.local()
 
-    def bind(self, units: dict[str, nn.Module]) -> None:
-        """The adapters' modules at this slot, in plan order, before each ``set_plans`` (slots
-        of other places than the hook-based ones read them at call time)."""
+    def bind(self, units: dict[str, nn.Module], skip_layers: frozenset[int] = frozenset()) -> None:
+        """The adapters' modules at this slot, in plan order, and the layers AdapterDrop skips,
+        before each ``set_plans`` (slots whose site spans several blocks read them at call time)."""
 
     def set_plans(self, plan: Optional[Plan], routed: Optional[Plan] = None) -> None:
         """Set the plans and install or remove the hooks accordingly."""

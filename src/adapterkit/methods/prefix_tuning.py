@@ -89,6 +89,13 @@ class PrefixTuningConfig(AdapterConfig):
                                "target_modules (choose with layers=, leave_out=, stacks=, cross_prefix=).")
 
     def sites(self, layout: Any) -> list[Site]:
+        if layout.spec is None:
+            raise AdapterError(
+                f"Prefix tuning adds keys and values to the attention layers a model layout names, and model type "
+                f"'{layout.model_type}' has no layout (a plain nn.Module or an architecture adapterkit does not know). "
+                "Use a transformers model of a known family (BERT, GPT-2, Llama, T5, BART, ...), or a method that "
+                "targets modules by name (LoRA, IA3, a bottleneck adapter with target_modules=...)."
+            )
         stacks = self.stacks
         if not self.encoder_prefix and layout.is_encoder_decoder:
             stacks = tuple(s for s in (stacks or layout.stack_names) if s != "encoder")
