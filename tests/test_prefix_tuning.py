@@ -348,3 +348,17 @@ def test_adapterdrop_skip_layers_turns_the_prefix_off_in_those_layers():
     unit(model, "upper").prefix.data.copy_(unit(model, "p").prefix.data[2:])
     assert torch.equal(run(model, batch), skipped)
     assert not torch.equal(run(model, batch, adapter_names=["p"] * 4), skipped)  # routing ignores skip_layers
+
+
+@torch.no_grad()
+def test_a_deep_copy_keeps_its_prefix_and_switches_back_on_its_own():
+    import copy
+
+    model = with_prefix("gpt2")
+    batch = make_batch()
+    twin = copy.deepcopy(model)
+    assert torch.equal(run(twin, batch), run(model, batch))
+    twin.set_active_adapters(None)
+    assert twin.model.config._attn_implementation == "sdpa"
+    assert torch.equal(run(twin, batch), run(make_base(ARCHS["gpt2"]), batch))
+    assert model.model.config._attn_implementation == "adapterkit_prefix_sdpa"

@@ -168,7 +168,7 @@ def _switch(config: Any, on: bool) -> None:
     entry = _SWITCHED.get(id(config))
     if on:
         if entry is None:
-            original = config._attn_implementation
+            original = config._attn_implementation.removeprefix(PREFIX)  # a copy of a switched config
             entry = _SWITCHED[id(config)] = [config, original, 0]
             config._attn_implementation_internal = PREFIX + original  # this config only, not its sub-configs
         entry[2] += 1
@@ -198,6 +198,12 @@ class AttentionSlot(Slot):
         self.units: list[nn.Module] = []
         self.skipped: frozenset[int] = frozenset()  # AdapterDrop's skip_layers (active setup only)
         self._installed = False
+
+    def __setstate__(self, state: dict) -> None:  # copy.deepcopy of a model: register the copy's modules
+        super().__setstate__(state)
+        if self._installed:
+            self._installed = False
+            self._sync_hooks()
 
     def bind(self, units: dict[str, nn.Module], skip_layers: frozenset[int] = frozenset()) -> None:
         self.units, self.skipped = list(units.values()), skip_layers
