@@ -152,7 +152,14 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "parallel": ("parallel", {}),
     "lora": ("lora", {"r": 4, "alpha": 8.0}),
     "ia3": ("ia3", {}),
+    "prefix_tuning": ("prefix_tuning", {"prefix_length": 3, "bottleneck_size": 8}),
 }
+#: methods that run on some architectures only (the rest run on all of ``ARCHS``)
+METHOD_ARCHS: dict[str, tuple[str, ...]] = {
+    "prefix_tuning": ("bert", "gpt2", "llama", "mistral", "qwen2", "t5", "bart"),
+}
+#: methods whose fresh adapter changes the outputs (prefix tuning: its keys and values are drawn)
+NOT_IDENTITY_AT_INIT = {"prefix_tuning"}
 
 #: Extra configurations that exercise options beyond the presets, run on one architecture per layout
 #: family. The third element says whether a fresh adapter is an identity: AdapterHub's
@@ -254,7 +261,8 @@ LAYER_SUM_METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
 
 def _method_cases(arch: Arch) -> list[Case]:
     weight = ("lora", "ia3")  # refused where the attention reads its projections' weights directly (WavLM)
-    cases = [Case(arch, m, *METHODS[m]) for m in METHODS if arch.weight_places or m not in weight]
+    cases = [Case(arch, m, *METHODS[m], identity_at_init=m not in NOT_IDENTITY_AT_INIT) for m in METHODS
+             if (arch.weight_places or m not in weight) and arch.name in METHOD_ARCHS.get(m, (arch.name,))]
     if arch.inputs == "audio" or arch.name == "bert":
         cases += [Case(arch, m, *LAYER_SUM_METHODS[m]) for m in LAYER_SUM_METHODS]
     return cases
@@ -308,6 +316,15 @@ def expected_adapter_params(case: Case) -> int:
         return layers * per_layer + once + norms
     if cfg.method == "prompt_tuning":
         return cfg.prompt_length * D  # one row of the input width per prompt position
+    if cfg.method == "prefix_tuning":
+        # per stack and attention role: wte (P, d), Linear(d, m), Linear(m, layers * 2 * kv width);
+        # flat: the prefixes themselves, (layers, 2, P, kv width)
+        stacks = [s for s in stacks if cfg.encoder_prefix or s != "encoder" or not case.arch.encoder_decoder]
+        sites = sum(1 + int(cfg.cross_prefix and "cross_q" in case.arch.stacks[s]) for s in stacks)
+        roles = case.arch.roles
+        kv_width = roles["k"][1] if "k" in roles else roles["qkv"][1] // 3
+        out, p, m = layers * 2 * kv_width, cfg.prefix_length, cfg.bottleneck_size
+        return sites * (out * p if cfg.flat else p * D + D * m + m + m * out + out)
     raise AssertionError(f"no parameter formula for method {cfg.method}: add one to tests/helpers.py")
 
 

@@ -112,6 +112,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("an unknown method option", TRAIN + ["-o", "reduction_facter=8"], "Did you mean 'reduction_factor'?"),
     ("a method option of the wrong type", TRAIN + ["-o", "layers=all"], "layers='all' should be a list of integers"),
     ("an option of another method", TRAIN + ["--lora-r", "8"], "Unknown option 'r' for method 'bottleneck'"),
+    ("prefix tuning with a prefix of no positions", TRAIN + ["--method", "prefix_tuning", "-o", "prefix_length=0"],
+     "prefix_length must be a positive number of positions"),
     ("a bottleneck narrower than 1", TRAIN + ["--reduction-factor", "64"], "larger than the hidden size 32"),
     ("--max-length above the model's positions", TRAIN + ["--max-length", "4096"], "position embeddings hold 128"),
     ("a prompt as long as the model's positions", TRAIN + ["--method", "prompt_tuning", "-o", "prompt_length=128"],

@@ -35,6 +35,12 @@ def two_adapters(case, seed: int = 7) -> AdapterModel:
     return model
 
 
+def tol(case) -> float:
+    """Rows that share a batch with another row's prefix attend over masked prefix columns as well:
+    the same function, reduced over more columns, so float32 rounding differs (~1e-6 on T5)."""
+    return 1e-5 if case.method == "prefix_tuning" else 1e-6
+
+
 def alone(model: AdapterModel, setup, batch: dict, rows: slice) -> torch.Tensor:
     model.set_active_adapters(setup)
     return run(model, {k: v[rows] for k, v in batch.items()})
@@ -108,7 +114,8 @@ def test_stack_order_matters_and_differs_from_each_alone(case, batch):
         outs[repr(setup)] = run(model, batch)
     assert not torch.allclose(outs["Stack('a', 'c')"], outs["'a'"])
     assert not torch.allclose(outs["Stack('a', 'c')"], outs["'c'"])
-    if case.method not in ("lora", "ia3"):  # additive / multiplicative updates commute
+    # additive / multiplicative updates commute; prefixes are key / value columns, whose order attention ignores
+    if case.method not in ("lora", "ia3", "prefix_tuning"):
         assert not torch.allclose(outs["Stack('a', 'c')"], outs["Stack('c', 'a')"])
 
 

@@ -24,7 +24,7 @@ from .config import (  # noqa: E402
 )
 from .errors import AdapterError, CheckpointError  # noqa: E402
 from .heads import HeadConfig  # noqa: E402
-from .methods import BottleneckConfig, IA3Config, LoRAConfig, PromptTuningConfig  # noqa: E402
+from .methods import BottleneckConfig, IA3Config, LoRAConfig, PrefixTuningConfig, PromptTuningConfig  # noqa: E402
 from .model import AdapterModel  # noqa: E402
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "BottleneckConfig",
     "LoRAConfig",
     "IA3Config",
+    "PrefixTuningConfig",
     "PromptTuningConfig",
     "HeadConfig",
     "Stack",

@@ -71,6 +71,8 @@ class AdapterConfig:
     places: ClassVar[tuple[str, ...]] = ("post", "pre", "parallel")
     #: the strategy used when ``strategy`` is ``None``
     default_strategy: ClassVar[str] = "add"
+    #: whether ``Fuse`` can attend over this method's values at its slots
+    supports_fusion: ClassVar[bool] = True
 
     target_modules: str | tuple[str, ...] | None = None
     layers: tuple[int, ...] | None = None
@@ -135,6 +137,11 @@ class AdapterConfig:
     def for_loading(self) -> "AdapterConfig":
         """The config to build modules whose weights a checkpoint then replaces: a method whose
         initialisation needs more than the model (a tokenizer) returns one that skips it."""
+        return self
+
+    def as_saved(self) -> "AdapterConfig":
+        """The config ``save_adapter`` writes, describing the saved tensors (``AdapterModule.saved_state``):
+        this config, except for methods that save a folded form (prefix tuning: ``flat=True``)."""
         return self
 
     def default_place(self) -> str:

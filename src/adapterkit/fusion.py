@@ -105,6 +105,9 @@ def build_fusion(names: Sequence[str], records: Mapping[str, Any], config: Fusio
     units = nn.ModuleDict()
     places: dict[str, tuple[str, int]] = {}
     for name in names:
+        if not type(records[name].config).supports_fusion:
+            raise AdapterError(f"Fuse({', '.join(names)}): '{name}' is a {records[name].config.method} adapter, which Fuse "
+                               "cannot attend over (it has no output of its own at its sites); use Stack instead.")
         for site in records[name].sites:
             width = site.in_features if site.place == "pre" else site.out_features
             seen = places.setdefault(site.key, (site.place, width))

@@ -52,7 +52,7 @@ from .fusion import FusionConfig, build_fusion
 from .merging import Merges
 from .parallel import Replicator, find_parallel, first_block, run_parallel
 from .routing import Routing
-from .slots import Site, Slot, slot_for
+from .slots import Site, Slot, make_slot
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 #: inputs a batch can arrive as; the first one present gives the batch size and device for routing
@@ -169,9 +169,7 @@ class AdapterModel(nn.Module):
         self.adapters[record.name] = record.modules
         self._records[record.name] = record
         for site in record.sites:
-            key = (site.place_id, site.place)
-            if key not in self._slots:
-                self._slots[key] = slot_for(site)
+            self._slots.setdefault((site.place_id, site.place), make_slot(site))
 
     def _units_at(self, slot: Slot) -> dict[str, nn.Module]:
         """The unmerged adapters' modules at a slot, in the order the adapters were added."""
@@ -433,6 +431,7 @@ class AdapterModel(nn.Module):
         owners = block_owners(self.layout)
         for slot in self._slots.values():
             units = self._units_at(slot)
+            slot.bind(units, self._skip_layers)
             skipped = owners.get(id(slot.site.host), (None, None))[1] in self._skip_layers
             plan = compile_plan(setup, {**units, **self._fusions_at(slot)}) if setup is not None and not skipped else None
             slot.set_plans(plan, None if self._disabled else slot.compile_routed(units))
@@ -784,13 +783,13 @@ class AdapterModel(nn.Module):
         meta = {
             "name": name,
             "adapterkit_version": __version__,
-            "config": record.config.to_dict(),
+            "config": record.config.as_saved().to_dict(),
             "places": [s.place_id for s in sites],
             "base_model": {**self.layout.fingerprint(), **base_identity(self),
                            "host_shapes": {s.place_id: s.weight_shape() for s in sites}},
             "head": head.config.to_dict() if head is not None else None,
         }
-        tensors = {f"adapter.{k}": v for k, v in self.adapters[name].state_dict().items()}
+        tensors = {f"adapter.{key}.{k}": v for key, unit in record.modules.items() for k, v in unit.saved_state().items()}
         if head is not None:
             tensors.update({f"head.{k}": v for k, v in head.state_dict().items()})
         if format != "adapterkit":

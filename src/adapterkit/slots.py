@@ -69,14 +69,17 @@ class Site:
         place: how the adapter meets the host: ``"post"`` (reads and rewrites the host's
             output), ``"pre"`` (rewrites the host's input), ``"parallel"`` (reads the host's or the
             sub-layer's input, adds to the host's output) or ``"weight"`` (inside a Linear's own
-            product: LoRA, IA3) or ``"input"`` (rows prepended to the model's input sequence:
-            prompt tuning, run by ``input_place.InputSlot``). ``"attention"`` is reserved for
-            prefix tuning.
+            product: LoRA, IA3), ``"attention"`` (key / value prefixes inside the attention
+            of every ``members`` module: prefix tuning, ``attention_place.py``) or ``"input"``
+            (rows prepended to the model's input sequence: prompt tuning, run by
+            ``input_place.InputSlot``).
         stack: the named stack (``"encoder"`` / ``"decoder"``) the site belongs to, if any.
         input_from: module and argument holding the sub-layer's input (what a ``pre`` /
             ``parallel`` adapter at a sub-layer site reads), where the layout knows it.
         layers_from: blocks whose outputs the slot captures for the host's hook
             (``SlotIO.layers``), in order; ``()`` = none.
+        members: the modules a site spans, block by block (an ``attention`` site: its attention
+            module in every block of its stack; ``host`` is then the stack itself).
     """
 
     place_id: str
@@ -90,6 +93,7 @@ class Site:
     stack: Optional[str] = None
     input_from: Optional[tuple[nn.Module, ArgRef]] = None
     layers_from: tuple[nn.Module, ...] = ()
+    members: tuple[nn.Module, ...] = ()
 
     def at(self, place: str) -> "Site":
         """This site as an adapter at ``place`` meets it. A ``pre`` adapter at a sub-layer site
@@ -200,6 +204,10 @@ class Slot:
         self.__dict__.update(state)
         self._local = threading.local()
 
+    def bind(self, units: dict[str, nn.Module], skip_layers: frozenset[int] = frozenset()) -> None:
+        """The adapters' modules at this slot, in plan order, and the layers AdapterDrop skips,
+        before each ``set_plans`` (slots whose site spans several blocks read them at call time)."""
+
     def set_plans(self, plan: Optional[Plan], routed: Optional[Plan] = None) -> None:
         """Set the plans and install or remove the hooks accordingly."""
         self.plan, self.routed = plan, routed
@@ -309,14 +317,15 @@ class Slot:
         return args, {**kwargs, key: new_x}
 
 
+#: slot classes of places whose runtime is not a hook on the host (``register_slot``)
 _SLOT_CLASSES: dict[str, type[Slot]] = {}
 
 
 def register_slot(place: str, cls: type[Slot]) -> None:
-    """Run sites at ``place`` with ``cls`` instead of ``Slot`` (the ``input`` place: ``input_place.py``)."""
+    """Run the sites of ``place`` with ``cls`` instead of the hook-based ``Slot``."""
     _SLOT_CLASSES[place] = cls
 
 
-def slot_for(site: Site) -> Slot:
-    """A fresh slot for ``site``, of the class its place registered."""
+def make_slot(site: Site) -> Slot:
+    """The runtime for ``site``: its place's registered slot class, else ``Slot``."""
     return _SLOT_CLASSES.get(site.place, Slot)(site)

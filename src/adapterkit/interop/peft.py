@@ -29,6 +29,7 @@ from ..methods.lora import EMBEDDINGS, LoRAConfig, pattern_value
 from ..methods.lora_layers import SlicedSite, host_kind
 from . import heads as H
 from . import peft_prompt
+from . import peft_prefix
 from .files import read_json, read_weights, write_folder
 from .meta import by_place, checkpoint, head_tensors, refuse_options
 from .places import is_conv1d, module_at, peer_path, per_site, place_of, placement, place_regex
@@ -88,9 +89,13 @@ def read(folder: Path, model, *, allow_pickle: bool = False) -> tuple[dict[str, 
     peft_type = cfg.get("peft_type")
     if peft_type == "PROMPT_TUNING":
         return peft_prompt.read(folder, cfg, model, WEIGHTS, PICKLED, allow_pickle=allow_pickle)
+    name = re.sub(r"[^A-Za-z0-9_\-]", "_", folder.resolve().name) or "adapter"
+    if peft_type == "PREFIX_TUNING":  # one tensor, not per module (peft_prefix.py)
+        tensors, weights_file = read_weights(folder, WEIGHTS, PICKLED, allow_pickle=allow_pickle)
+        return peft_prefix.read(cfg, tensors, model, weights_file, name)
     if peft_type not in METHODS:
         raise CheckpointError(f"'{config_file}': peft_type {peft_type!r} is not supported; adapterkit reads "
-                              f"{', '.join(METHODS)} and PROMPT_TUNING adapters (prefix tuning not yet).")
+                              f"{', '.join(METHODS)}, PROMPT_TUNING and PREFIX_TUNING adapters.")
     for key, value in cfg.items():
         if key not in READ | BOOKKEEPING and value not in NEUTRAL:
             raise CheckpointError(f"'{config_file}': option '{key}' = {value!r} has no adapterkit counterpart; "
@@ -116,7 +121,6 @@ def read(folder: Path, model, *, allow_pickle: bool = False) -> tuple[dict[str, 
         raise CheckpointError(f"'{weights_file}': no {peft_type} weights in it; the file is incomplete.")
     head, head_state = _read_head(cfg, head_keys, model, weights_file)
     config, weights, origins = METHODS[peft_type].read(cfg, adapter_keys, model, weights_file)
-    name = re.sub(r"[^A-Za-z0-9_\-]", "_", folder.resolve().name) or "adapter"
     return checkpoint(model, name, config, weights, head, head_state, f"'{weights_file}'", origins=origins)
 
 
@@ -250,6 +254,14 @@ def write(directory: "str | Path", meta: dict[str, Any], tensors: dict[str, torc
     config = config_from_dict(meta["config"])
     if config.method == "prompt_tuning":
         return peft_prompt.write(directory, meta, tensors, model, CONFIG, WEIGHTS, FILES)
+    base_name = getattr(getattr(model.layout.model, "config", None), "_name_or_path", None) or None
+    if config.method == "prefix_tuning":  # one tensor, not per module (peft_prefix.py)
+        if meta.get("head"):
+            raise AdapterError("PEFT prefix tuning is written without a head here; nothing was written. Save with "
+                               "with_head=False.")
+        peft_cfg, out = peft_prefix.write(config, by_place(meta, tensors), model)
+        peft_cfg.update({"inference_mode": True, "base_model_name_or_path": base_name})
+        return write_folder(directory, {CONFIG: peft_cfg}, {WEIGHTS: out}, FILES)
     if config.method not in WRITERS:
         raise AdapterError(f"PEFT has no {config.method} adapter; nothing was written. Save it with "
                            "format='adapterkit' or 'adapterhub'.")
@@ -270,7 +282,7 @@ def write(directory: "str | Path", meta: dict[str, Any], tensors: dict[str, torc
         "task_type": task_type, "target_modules": sorted(paths.values()), "bias": "none", "inference_mode": True,
         "fan_in_fan_out": any(is_conv1d(h) for h in hosts.values()),
         "modules_to_save": list(head_spec.modules_to_save) if head_spec else None,
-        "base_model_name_or_path": getattr(getattr(layout.model, "config", None), "_name_or_path", None) or None,
+        "base_model_name_or_path": base_name,
     })
     return write_folder(directory, {CONFIG: peft_cfg}, {WEIGHTS: out}, FILES)
 

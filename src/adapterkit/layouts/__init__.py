@@ -10,6 +10,8 @@ sites, optionally restricted to some stacks (``stacks=("decoder",)``; ``layers=`
   ``"all-linear"`` stands for every projection the architecture map names,
 * ``weight_sites(config)``: a weight-level method's sites (its ``target_modules``, its
   ``roles``, else the method's ``default_roles`` through the architecture's aliases),
+* ``attention_sites(["self", "cross"], ...)``: one ``attention`` site per stack and attention role,
+  spanning that role's attention module in every block (prefix tuning),
 * ``generic_sites(patterns, ...)``: any module by name, for any ``nn.Module``;
 * ``output_sites(...)``: a stack's output, tapping each block's output (L-adapters).
 
@@ -34,8 +36,8 @@ from .architectures import ARCHITECTURES, ArchSpec, StackSpec, SubLayerSpec, is_
 from .inputs import check_inputs, hidden_mask
 from .probe import HostProbe
 
-__all__ = ["Layout", "StackLayout", "ArchSpec", "StackSpec", "SubLayerSpec", "ARCHITECTURES", "linear_features",
-           "is_decoder_config", "spec_for", "HostTypes", "LINEAR_HOSTS"]
+__all__ = ["Layout", "StackLayout", "select_layers", "ArchSpec", "StackSpec", "SubLayerSpec", "ARCHITECTURES",
+           "linear_features", "is_decoder_config", "spec_for", "HostTypes", "LINEAR_HOSTS"]
 
 
 ALL_LINEAR = "all-linear"
@@ -252,8 +254,7 @@ class Layout:
             bad = [i for i in values if not -n <= i < n]
             if bad:
                 raise AdapterError(f"{option}={bad} is out of range: {where} {n} layers (0 to {n - 1}).")
-        skip = {i % n for i in leave_out}
-        return [i % n for i in chosen if i % n not in skip]
+        return select_layers(n, chosen, leave_out)
 
     # -- sites ---------------------------------------------------------------------------------
     def sublayer_sites(self, places: Sequence[str], layers: Optional[Sequence[int]] = None,
@@ -364,6 +365,39 @@ class Layout:
             return self.linear_sites(config.roles, config.layers, config.leave_out, config.stacks, hosts=hosts)
         defaults = getattr(type(config), "default_roles", ())
         return self.linear_sites(defaults, config.layers, config.leave_out, config.stacks, defaults=True, hosts=hosts)
+
+    def attention_shape(self, stack: StackLayout) -> tuple[int, int]:
+        """``(key / value heads, head width)`` of the attention in ``stack`` (fewer key / value
+        heads than query heads under grouped-query attention)."""
+        heads = stack.num_attention_heads or self.num_attention_heads
+        kv_heads = getattr(self.config, "num_key_value_heads", None) or heads
+        head_dim = getattr(self.config, "head_dim", None) or getattr(self.config, "d_kv", None)
+        return kv_heads, head_dim or self.hidden_size // heads
+
+    def attention_sites(self, roles: Sequence[str], stacks: Optional[Sequence[str]] = None) -> list[Site]:
+        """One ``attention`` site per chosen stack and attention role (``"self"``, ``"cross"``),
+        whose ``members`` are that role's attention modules, block by block; a role a stack
+        lacks is skipped there. Place ids: ``layers.self_attention``,
+        ``decoder.layers.cross_attention``. Widths: ``in`` = hidden size, ``out`` = the width of
+        one position's key and value together (``2 * kv_heads * head_dim``)."""
+        chosen = self.select_stacks(stacks, "prefixes")
+        sites = []
+        for stack in chosen:
+            paths = stack.spec.attention_modules
+            kv_heads, head_dim = self.attention_shape(stack)
+            for role in roles:
+                if role not in paths:
+                    continue
+                members = tuple(_get(block, paths[role]) for block in stack.blocks)
+                sites.append(Site(f"{stack.prefix}.{role}_attention", _get(self.model, stack.root), self.hidden_size,
+                                  2 * kv_heads * head_dim, place="attention", stack=stack.name, members=members))
+        if not sites:
+            have = {s.name: list(s.spec.attention_modules) for s in chosen}
+            raise AdapterError(
+                f"This {self.model_type} layout names no attention module for {list(roles)} in the stack(s) "
+                f"{[s.name for s in chosen]} (it has {have}); prefix tuning needs self- or cross-attention layers."
+            )
+        return sites
 
     def _linear_site(self, place_id: str, module: nn.Module, layer: Optional[int], stack: Optional[str],
                      hosts: HostTypes = LINEAR_HOSTS) -> Site:
@@ -486,6 +520,13 @@ class Layout:
         an adapter there would train nothing and change nothing. One probe forward per layout;
         skipped where the model cannot be probed (see ``probe.HostProbe``)."""
         self.probe.check(sites)
+
+
+def select_layers(n: int, layers: Optional[Sequence[int]], leave_out: Iterable[int] = ()) -> list[int]:
+    """Indices ``0..n-1`` chosen by ``layers`` (``None`` = all; negative ones count from the end)
+    minus ``leave_out``; ranges are checked by ``Layout.layer_indices``."""
+    skip = {i % n for i in leave_out}
+    return [i % n for i in (range(n) if layers is None else layers) if i % n not in skip]
 
 
 def _module_widths(module: nn.Module, name: str) -> tuple[int, int]:

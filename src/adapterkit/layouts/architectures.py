@@ -17,6 +17,10 @@ stream, as the sub-layer itself reads it):
 * ``attn_out``: self-attention, ``cross_attn_out``: cross-attention (decoder stacks of
   encoder-decoders), ``ffn_out``: feed-forward.
 
+Attention roles (read by prefix tuning): ``self`` and ``cross``, the modules that call the attention
+function; derived from the projections (the parent of ``q`` / ``qkv``, of ``cross_q``) unless a
+stack names them (``StackSpec.attention``).
+
 Linear roles (read by LoRA / IA3): ``q``, ``k``, ``v`` (``qkv`` when fused), ``attn_proj``,
 ``cross_q``, ``cross_k``, ``cross_v``, ``cross_proj``, ``ffn_in`` (and ``ffn_gate`` on gated
 feed-forwards: ``ffn_gate`` is the branch that goes through the activation, ``ffn_in`` the one
@@ -35,6 +39,9 @@ from ..slots import ArgRef
 PLACES = ("attn_out", "cross_attn_out", "ffn_out")
 ROLES = ("q", "k", "v", "qkv", "attn_proj", "cross_q", "cross_k", "cross_v", "cross_proj",
          "ffn_in", "ffn_gate", "ffn_proj")
+
+#: attention roles (prefix tuning) and the projections whose parent module is that attention
+ATTENTION_ROLES = {"self": ("q", "qkv"), "cross": ("cross_q",)}
 
 _HIDDEN = ArgRef(0, "hidden_states")
 
@@ -71,12 +78,29 @@ class StackSpec:
         linears: role -> path of the projection.
         heads_attr: the config attribute holding this stack's number of attention heads, when
             it is not ``num_attention_heads`` (BART's ``decoder_attention_heads``).
+        attention: attention role (``"self"``, ``"cross"``) -> path of the module that calls
+            ``transformers``' attention function (where prefix tuning adds keys and values);
+            ``None`` derives it: the module holding the ``q`` (or fused ``qkv``) projection, and
+            the one holding ``cross_q``.
     """
 
     layers: str
     sublayers: Mapping[str, SubLayerSpec]
     linears: Mapping[str, str]
     heads_attr: Optional[str] = None
+    attention: Optional[Mapping[str, str]] = None
+
+    @property
+    def attention_modules(self) -> dict[str, str]:
+        """Attention role -> path of its attention module inside a block (see ``attention``)."""
+        if self.attention is not None:
+            return dict(self.attention)
+        found = {}
+        for role, projections in ATTENTION_ROLES.items():
+            path = next((self.linears[p] for p in projections if p in self.linears), None)
+            if path is not None and "." in path:
+                found[role] = path.rpartition(".")[0]
+        return found
 
 
 def _always(config: Any) -> bool:

@@ -64,6 +64,25 @@ def dummy_inputs(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
     return {k: v.to(ref.device, ref.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
 
 
+def probe_forward(model: nn.Module) -> Optional[str]:
+    """Run ``model`` once on ``dummy_inputs`` in eval mode without gradients, restoring every
+    module's training flag; returns why it could not (``None`` when it ran)."""
+    inputs = dummy_inputs(model)
+    if inputs is None:
+        return "the model has no transformers config or an input kind the probe does not know"
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(**inputs)
+    except Exception as err:  # noqa: BLE001 - any failure means "cannot probe", reported by the caller
+        return f"the probe forward failed ({type(err).__name__}: {err})"
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    return None
+
+
 class HostProbe:
     """The set of modules one forward of ``model`` calls, found once and kept."""
 
@@ -82,19 +101,14 @@ class HostProbe:
         return self._ran
 
     def _probe(self) -> Optional[set[nn.Module]]:
-        inputs = dummy_inputs(self.model)
-        if inputs is None:
-            self.skipped = "the model has no transformers config or an input kind the probe does not know"
-            return None
         ran: set[nn.Module] = set()
-        modes = {m: m.training for m in self.model.modules()}
-        handles = [m.register_forward_hook(lambda mod, args, out: ran.add(mod)) for m in modes]
+        handles = [m.register_forward_hook(lambda mod, args, out: ran.add(mod)) for m in self.model.modules()]
         try:
-            self.model.eval()
-            with torch.no_grad():
-                self.model(**inputs)
-        except Exception as err:  # noqa: BLE001 - any failure means "cannot probe", reported below
-            self.skipped = f"the probe forward failed ({type(err).__name__}: {err})"
+            self.skipped = probe_forward(self.model)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if self.skipped is not None:
             warnings.warn(
                 f"adapterkit could not check that adapter hosts run in this model: {self.skipped}. "
                 "An adapter on a module the forward never calls would change nothing.",
@@ -102,11 +116,6 @@ class HostProbe:
                 stacklevel=4,
             )
             return None
-        finally:
-            for handle in handles:
-                handle.remove()
-            for module, mode in modes.items():
-                module.training = mode
         return ran
 
     def check(self, sites: Sequence[Site], describe: Callable[[str], str] = str) -> None:

@@ -94,6 +94,11 @@ class AdapterModule(nn.Module):
         adapter the identity and gradients reach both gate and adapter."""
         raise AdapterError(f"{type(self).__name__} cannot be used with a gate strategy; use 'add' or 'scaled_add'.")
 
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """The tensors ``save_adapter`` writes (its ``state_dict``, or a folded form that the
+        config's ``as_saved()`` builds: prefix tuning saves its prefixes without the MLP)."""
+        return self.state_dict()
+
     def run(self, io: "SlotIO") -> torch.Tensor:
         """The new value at the site: this adapter combined by its strategy."""
         return self.strategy(self, io)

@@ -1,0 +1,184 @@
+"""Prefix tuning: learned key / value prefixes in every attention layer.
+
+Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation": each attention
+layer attends over ``prefix_length`` learned key / value positions before the real ones (sec. 4.1).
+Optimising the prefixes directly is unstable, so they are reparametrised through an MLP
+(sec. 4.3): ``P = MLP(P')`` with a small matrix ``P'`` (``wte``, one row per position) and one MLP
+for all layers of a stack (``control_trans``: Linear(hidden, bottleneck), tanh, Linear(bottleneck,
+layers * 2 * kv_heads * head_dim)), as in AdapterHub's ``PrefixTuning``; "once training is
+complete, these reparametrization parameters can be dropped, and only the prefix needs to be
+saved". Here:
+
+* at inference (``eval()``, no gradient needed) the MLP runs once and its result is kept until a
+  weight changes (``PrefixTuning.folded``); nothing is thrown away, so ``train()`` resumes with the
+  MLP;
+* ``save_adapter`` writes the folded per-layer prefixes only, with the config ``flat=True``
+  (``PrefixTuningConfig.as_saved``): a loaded adapter trains its prefixes directly.
+
+One site per stack and attention role (``attention_place.py``): self-attention in every stack
+(``encoder_prefix=False`` leaves an encoder-decoder's encoder out) and, with ``cross_prefix``, the
+decoder's cross-attention. Prefixes have the attention's key / value heads (``num_key_value_heads``
+under grouped-query attention) and are prepended after the rotary embedding and the KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import attention_place
+from ..config import AdapterConfig, register_method, register_preset
+from ..errors import AdapterError
+from ..layouts import select_layers
+from ..slots import Site, SlotIO
+from .base import AdapterModule
+from .bottleneck import ACTIVATIONS
+
+
+@register_method("prefix_tuning")
+@dataclass(frozen=True)
+class PrefixTuningConfig(AdapterConfig):
+    """Prefix tuning (AdapterHub's ``PrefixTuningConfig``).
+
+    Args:
+        prefix_length: prefix positions per attention layer.
+        bottleneck_size: width of the reparametrisation MLP.
+        non_linearity: its activation.
+        dropout: dropout on the prefixes while training.
+        flat: no MLP: train the per-layer prefixes directly (what a saved adapter loads as).
+        encoder_prefix: prefixes in the encoder of an encoder-decoder (T5, BART).
+        cross_prefix: prefixes in the decoder's cross-attention of an encoder-decoder.
+    """
+
+    places = ("attention",)
+    supports_fusion = False
+
+    prefix_length: int = 30
+    bottleneck_size: int = 512
+    non_linearity: str = "tanh"
+    dropout: float = 0.0
+    flat: bool = False
+    encoder_prefix: bool = True
+    cross_prefix: bool = True
+
+    def validate(self) -> None:
+        if self.prefix_length < 1:
+            raise AdapterError(f"prefix_length must be a positive number of positions, got {self.prefix_length}.")
+        if self.bottleneck_size < 1:
+            raise AdapterError(f"bottleneck_size must be positive, got {self.bottleneck_size}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if self.non_linearity.lower() not in ACTIVATIONS:
+            raise AdapterError(
+                f"non_linearity='{self.non_linearity}' is not supported; use one of {', '.join(ACTIVATIONS)}."
+            )
+        if self.strategy not in (None, "add", "scaled_add"):
+            raise AdapterError(
+                f"Prefix tuning takes strategy 'add' or 'scaled_add' (a prefix's weight in the attention), not "
+                f"'{self.strategy}'."
+            )
+        if self.stochastic_depth or self.l2_lambda:
+            raise AdapterError("Prefix tuning has no sub-layer output to drop or penalise; leave stochastic_depth and "
+                               "l2_lambda at 0 (use dropout= for the prefixes).")
+        if self.target_modules is not None:
+            raise AdapterError("Prefix tuning goes into the attention modules the model's layout names; drop "
+                               "target_modules (choose with layers=, leave_out=, stacks=, cross_prefix=).")
+
+    def sites(self, layout: Any) -> list[Site]:
+        if layout.spec is None:
+            raise AdapterError(
+                f"Prefix tuning adds keys and values to the attention layers a model layout names, and model type "
+                f"'{layout.model_type}' has no layout (a plain nn.Module or an architecture adapterkit does not know). "
+                "Use a transformers model of a known family (BERT, GPT-2, Llama, T5, BART, ...), or a method that "
+                "targets modules by name (LoRA, IA3, a bottleneck adapter with target_modules=...)."
+            )
+        stacks = self.stacks
+        if not self.encoder_prefix and layout.is_encoder_decoder:
+            stacks = tuple(s for s in (stacks or layout.stack_names) if s != "encoder")
+        sites = layout.attention_sites(("self", "cross") if self.cross_prefix else ("self",), stacks)
+        for site in sites:
+            layout.layer_indices(layout.stacks[site.stack], self.layers, self.leave_out)  # range checks
+        attention_place.check_attention(layout, sites)
+        return sites
+
+    def build(self, site: Site) -> nn.Module:
+        layers = select_layers(len(site.members), self.layers, self.leave_out)
+        return PrefixTuning(self, layers, site.in_features, site.out_features)
+
+    def as_saved(self) -> "PrefixTuningConfig":
+        return self.replace(flat=True)
+
+
+class PrefixTuning(AdapterModule):
+    """The prefixes of one stack's attention role: ``(2, P, kv_heads * head_dim)`` per layer.
+
+    Its contribution at the slot is one more copy of its prefix for every example it runs on
+    (``attention_place``'s composition); the keys and values come from ``prefix_at``."""
+
+    def __init__(self, config: PrefixTuningConfig, layers: Sequence[int], hidden: int, width: int):
+        super().__init__()
+        self.layers = tuple(layers)
+        self._index = {layer: i for i, layer in enumerate(self.layers)}
+        self.column = 0  # this adapter's column in its slot's value (``AttentionSlot.bind``)
+        self.shape = (len(self.layers), 2, config.prefix_length, width // 2)  # (layers, k / v, P, H_kv * d)
+        if config.flat:
+            self.prefix = nn.Parameter(torch.randn(self.shape))
+        else:
+            self.wte = nn.Embedding(config.prefix_length, hidden)
+            self.control_trans = nn.Sequential(
+                nn.Linear(hidden, config.bottleneck_size),
+                ACTIVATIONS[config.non_linearity.lower()](),
+                nn.Linear(config.bottleneck_size, len(self.layers) * width),
+            )
+        self.dropout = nn.Dropout(config.dropout)
+        self._folded: Optional[tuple[Any, torch.Tensor]] = None
+
+    def covers(self, layer: int) -> bool:
+        return layer in self._index
+
+    def read(self, io: SlotIO) -> tuple[torch.Tensor, torch.Tensor]:
+        return io.y, io.y
+
+    def forward(self, h: Optional[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+        delta = torch.zeros_like(base)
+        delta[:, self.column] = 1.0
+        return delta
+
+    def _layer(self, i: int) -> torch.Tensor:
+        """The ``i``-th chosen layer's prefix ``(2, P, H_kv * d)``, without dropout: the rows of
+        the MLP's last projection that belong to that layer (AdapterHub's layout)."""
+        if not hasattr(self, "control_trans"):
+            return self.prefix[i]
+        first, act, last = self.control_trans
+        _, _, positions, half = self.shape
+        rows = slice(i * 2 * half, (i + 1) * 2 * half)
+        h = act(first(self.wte.weight))  # (P, bottleneck)
+        return F.linear(h, last.weight[rows], last.bias[rows]).view(positions, 2, half).transpose(0, 1)
+
+    @torch.no_grad()
+    def folded(self) -> torch.Tensor:
+        """Every layer's prefix ``(layers, 2, P, H_kv * d)``, the MLP folded away (what is saved)."""
+        version = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.parameters())
+        if self._folded is None or self._folded[0] != version:
+            self._folded = (version, torch.stack([self._layer(i) for i in range(self.shape[0])]).contiguous())
+        return self._folded[1]
+
+    def prefix_at(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s keys and values ``(2, P, H_kv * d)``: folded at inference, through the
+        MLP (and dropout) while training or while gradients are wanted."""
+        i = self._index[layer]
+        if not self.training and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            return self.folded()[i]
+        return self.dropout(self._layer(i))
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith(("wte.", "control_trans."))}
+        return {**state, "prefix": self.folded().clone()}
+
+
+register_preset("prefix_tuning", PrefixTuningConfig())
+register_preset("prefix_tuning_flat", PrefixTuningConfig(flat=True))
