@@ -50,7 +50,7 @@ from .io import check_base_shape, load_exact, read_checkpoint, write_checkpoint
 from .layouts import Layout
 from .fusion import FusionConfig, build_fusion
 from .merging import Merges
-from .parallel import Replicator, find_parallel, first_block, run_parallel
+from .parallel import Replicator, find_parallel, first_block, generate_parallel, replicated_modules, run_parallel
 from .routing import Routing, routed_plan
 from .slots import Site, Slot
 
@@ -430,8 +430,8 @@ class AdapterModel(nn.Module):
         if parallel is None:
             self._replicator.update([], 0)
         else:
-            stack, low = first_block(parallel, self._records, self.layout, owners)
-            self._replicator.update(self.layout.stacks[stack].blocks[low:], len(parallel.children))
+            first = first_block(parallel, self._records, self.layout, owners)
+            self._replicator.update(replicated_modules(self.layout, first), len(parallel.children))
 
     # -- merging -----------------------------------------------------------------------------------
     @property
@@ -682,9 +682,13 @@ class AdapterModel(nn.Module):
 
     def generate(self, *args: Any, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs: Any):
         """``generate`` of the wrapped model, with the active adapters, or with one adapter per
-        prompt (``adapter_names``; beams and several sequences per prompt follow their prompt)."""
-        if self._replicator.copies:
-            raise AdapterError("generate() cannot run a Parallel setup; activate one adapter (or a Stack) per call.")
+        prompt (``adapter_names``; beams and several sequences per prompt follow their prompt).
+        Under a ``Parallel`` setup: a list with one result per child (``parallel.generate_parallel``)."""
+        if self._replicator.copies:  # one result per child of the Parallel block (parallel.py)
+            if adapter_names is not None:
+                raise AdapterError("A Parallel setup runs every prompt through each of its adapters; drop "
+                                   "adapter_names=, or activate one adapter or a Stack.")
+            return generate_parallel(self, find_parallel(self._setup), args, kwargs)
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
         routing = self._routing(adapter_names, args[0] if args else None, kwargs)
