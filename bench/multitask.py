@@ -20,7 +20,7 @@ same steps and learning rate: A alone (adapter frozen, head trained), B alone (t
 ``Fuse(A, B)`` (fusion layers and head trained, both adapters frozen). After the fusion run A's
 logits are checked once more.
 
-    .venv/bin/python bench/multitask.py                 # the README's run (about 15 min on 2 busy cores)
+    .venv/bin/python bench/multitask.py                 # the README's run (about 20 min on 2 busy cores)
     .venv/bin/python bench/multitask.py --quick         # smoke run (tiny step counts)
 
 Writes ``bench/results/multitask.json`` and prints a Markdown table.
@@ -143,9 +143,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--a-rows", type=int, default=8000)
     ap.add_argument("--b-rows", type=int, default=4000)
     ap.add_argument("--c-rows", type=int, default=2000)
-    ap.add_argument("--a-steps", type=int, default=250)
-    ap.add_argument("--b-steps", type=int, default=120)
-    ap.add_argument("--c-steps", type=int, default=120)
+    ap.add_argument("--a-steps", type=int, default=150)
+    ap.add_argument("--b-steps", type=int, default=80)
+    ap.add_argument("--c-steps", type=int, default=80)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=64)

@@ -179,10 +179,14 @@ class Fuse(Block):
         unit = modules.get(self.key)
         if unit is None or all(p is None for p in plans):
             return None
+        # the query: what the last adapter here reads (AdapterHub's ``pre_forward``), see fusion.py
+        last = next((modules[c] for c in reversed(self.children) if isinstance(c, str) and c in modules), None)
+        reads = last is not None and not unit.config.query_before_ln
 
         def fuse(io: SlotIO) -> torch.Tensor:
             base = io.passthrough
-            return unit(base, [p(io) if p is not None else base for p in plans])
+            query = last.read(io)[0] if reads and io.place == "post" else base
+            return unit(query, base, [p(io) if p is not None else base for p in plans])
 
         return fuse
 
