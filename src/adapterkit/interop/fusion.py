@@ -30,8 +30,8 @@ import torch
 
 from ..errors import AdapterError, CheckpointError
 from ..fusion import FusionConfig
-from .adapterhub import BOTTLENECK_LOCATIONS, VERSION
-from .files import read_json, read_weights, write_folder
+from .adapterhub import BOTTLENECK_LOCATIONS, VERSION, read_config
+from .files import read_weights, write_folder
 from .places import peer_path, place_of
 
 CONFIG, WEIGHTS, PICKLED = "adapter_fusion_config.json", "model_adapter_fusion.safetensors", \
@@ -53,12 +53,8 @@ def read(folder: "str | Path", model) -> tuple[list[str], FusionConfig, dict[str
     for ``model`` (an ``AdapterModel`` holding the fused adapters)."""
     folder = Path(folder)
     config_file = folder / CONFIG
-    data = read_json(config_file)
     layout = model.layout
-    for key, mine in (("model_type", layout.model_type), ("hidden_size", layout.hidden_size)):
-        if data.get(key) != mine:
-            raise CheckpointError(f"'{config_file}': {key} is {data.get(key)!r} but this model's is {mine!r}; load the "
-                                  "fusion into the base model it was trained on.")
+    data = read_config(config_file, layout, "fusion")
     names = data.get("adapter_names")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) < 2:
         raise CheckpointError(f"'{config_file}': 'adapter_names' must list the fused adapters; the file is corrupt.")
