@@ -20,7 +20,7 @@ same steps and learning rate: A alone (adapter frozen, head trained), B alone (t
 ``Fuse(A, B)`` (fusion layers and head trained, both adapters frozen). After the fusion run A's
 logits are checked once more.
 
-    .venv/bin/python bench/multitask.py                 # the README's run (about 20 min on 2 busy cores)
+    .venv/bin/python bench/multitask.py                 # the README's run (38 min on 2 shared cores)
     .venv/bin/python bench/multitask.py --quick         # smoke run (tiny step counts)
 
 Writes ``bench/results/multitask.json`` and prints a Markdown table.
