@@ -176,6 +176,8 @@ def test_parallel_refusals_at_call_time():
     model.set_active_adapters(Parallel("a", "b"))
     with pytest.raises(AdapterError, match="adapter_names"):
         model(input_ids=IDS, adapter_names=["a", "b", "a"])
+    with pytest.raises(AdapterError, match="not 2 copies of a batch; call the AdapterModel"):
+        model.model(input_ids=IDS)  # the wrapped model takes its batch as already replicated
     model.delete_head("a")
     model.delete_head("b")
     with pytest.raises(AdapterError, match="labels with a Parallel setup"):

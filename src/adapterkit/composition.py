@@ -156,8 +156,14 @@ class Parallel(Block):
         if all(p is None for p in plans):
             return None
         n = len(plans)
-        # (n * B, ...): copy i is rows i*B .. (i+1)*B
-        groups = _RowGroups(lambda rows: [(i * rows // n, (i + 1) * rows // n) for i in range(n)])
+
+        def copies(rows: int) -> list[tuple[int, int]]:  # (n * B, ...): copy i is rows i*B .. (i+1)*B
+            if rows % n:
+                raise AdapterError(f"{self!r} got {rows} rows, not {n} copies of a batch; call the AdapterModel "
+                                   "(it replicates the batch), not the wrapped model.")
+            return [(i * rows // n, (i + 1) * rows // n) for i in range(n)]
+
+        groups = _RowGroups(copies)
 
         def parallel(io: SlotIO) -> torch.Tensor:
             return route(io, list(zip(groups(io.passthrough), plans)))
