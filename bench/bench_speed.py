@@ -144,6 +144,14 @@ def all_cases() -> list[Case]:
             cases.append(Case(f"ah-{preset}-train", f"AdapterHub {PRESET_TITLES[preset]}", "train", "adapters", preset))
         for preset in ("pfeiffer", "houlsby", "parallel", "lora"):
             cases.append(Case(f"ah-{preset}-infer", f"AdapterHub {PRESET_TITLES[preset]}", "infer", "adapters", preset))
+        # issue 13's blocks in AdapterHub, judged like ours (PEFT has no Fuse or Parallel)
+        cases.append(Case("ah-pfeiffer-top3-train", "AdapterHub Pfeiffer, top 3 layers only (leave_out)", "train",
+                          "adapters", "pfeiffer"))
+        cases.append(Case("ah-top-4x-infer", f"AdapterHub {PARALLEL_ADAPTERS} Pfeiffer adapters in the top half, "
+                          "one pass each", "infer", "adapters", "pfeiffer"))
+        cases.append(Case("ah-parallel4-infer", f"AdapterHub Parallel of {PARALLEL_ADAPTERS} Pfeiffer adapters in the "
+                          "top half", "infer", "adapters", "pfeiffer", yard="ah-top-4x-infer"))
+        cases.append(Case("ah-fuse3-infer", "AdapterHub Fuse of 3 Pfeiffer adapters", "infer", "adapters", "pfeiffer"))
     if peft is not None:
         cases.append(Case("peft-lora-train", "PEFT LoRA q/v", "train", "peft", "lora"))
         cases.append(Case("peft-lora-infer", "PEFT LoRA q/v", "infer", "peft", "lora"))
@@ -252,18 +260,7 @@ def build(case: Case, batch: dict) -> Built:
         names = [f"p{i}" for i in range(PARALLEL_ADAPTERS)]
         for name in names:
             model.add_adapter(name, case.preset, layers=TOP_LAYERS)
-        if case.key == "ak-parallel4-infer":
-            model.set_active_adapters(Parallel(*names))
-            return _finish(case, model, batch, n_base)
-        built = _finish(case, model, batch, n_base)
-
-        def each() -> None:  # the same adapters, one forward pass each
-            for name in names:
-                model.set_active_adapters(name)
-                built_step()
-
-        built_step, built.step = built.step, each
-        return built
+        return _parallel_or_each(case, model, batch, n_base, model.set_active_adapters, names, Parallel(*names))
 
     if case.library == "adapterkit":
         model = AdapterModel(base)
@@ -279,8 +276,16 @@ def build(case: Case, batch: dict) -> Built:
                 model.merge_adapter("a")
         return _finish(case, model, batch, n_base, save=lambda d: model.save_adapter(d, "a"))
 
+    if case.library == "adapters" and case.key in ("ah-fuse3-infer", "ah-top-4x-infer", "ah-parallel4-infer"):
+        return _build_adapterhub_block(case, base, batch, n_base)
+
     if case.library == "adapters":
         adapterhub.init(base)
+        if case.key.endswith("-top3-train"):
+            base.add_adapter("a", config=adapterhub.SeqBnConfig(
+                leave_out=[i for i in range(base.config.num_hidden_layers) if i not in TOP_LAYERS]))
+            base.train_adapter("a")
+            return _finish(case, base, batch, n_base)
         base.add_adapter("a", config=AH_CONFIGS[case.preset])
         if case.mode == "train":
             base.train_adapter("a")
@@ -293,6 +298,45 @@ def build(case: Case, batch: dict) -> Built:
         model = peft.get_peft_model(base, cfg)
         return _finish(case, model, batch, n_base, save=model.save_pretrained)
     raise ValueError(case.library)
+
+
+def _build_adapterhub_block(case: Case, base: torch.nn.Module, batch: dict, n_base: int) -> Built:
+    """AdapterHub's ``Fuse`` of 3 Pfeiffer adapters, and ``Parallel`` of 4 in the top half against
+    the same 4 adapters one pass each (``leave_out`` the lower half)."""
+    from adapters.composition import Fuse as AHFuse, Parallel as AHParallel
+
+    adapterhub.init(base)
+    if case.key == "ah-fuse3-infer":
+        names = ["f0", "f1", "f2"]
+        for name in names:
+            base.add_adapter(name, config=AH_CONFIGS[case.preset])
+        base.add_adapter_fusion(AHFuse(*names))
+        base.set_active_adapters(AHFuse(*names))
+        return _finish(case, base, batch, n_base)
+    names = [f"p{i}" for i in range(PARALLEL_ADAPTERS)]
+    lower = [i for i in range(base.config.num_hidden_layers) if i not in TOP_LAYERS]
+    for name in names:
+        base.add_adapter(name, config=adapterhub.SeqBnConfig(leave_out=lower))
+    return _parallel_or_each(case, base, batch, n_base, base.set_active_adapters, names, AHParallel(*names))
+
+
+def _parallel_or_each(case: Case, model: torch.nn.Module, batch: dict, n_base: int,
+                      activate: Callable[[object], None], names: list[str], parallel: object) -> Built:
+    """The ``Parallel`` row (``parallel`` active), or its yardstick: the same adapters, one
+    forward pass each."""
+    if case.key.endswith("parallel4-infer"):
+        activate(parallel)
+        return _finish(case, model, batch, n_base)
+    built = _finish(case, model, batch, n_base)
+    one = built.step
+
+    def each() -> None:
+        for name in names:
+            activate(name)
+            one()
+
+    built.step = each
+    return built
 
 
 def saved_size(built: Built) -> Optional[int]:

@@ -13,7 +13,9 @@ has one like it, a task head) gets random non-trivial weights, is saved with
 (``PeftModel.from_pretrained`` / ``model.load_adapter``), and both run the same batch in eval
 mode: the largest absolute difference of the logits (or last hidden states) must be <= 1e-5.
 Combinations the peer cannot express must be refused by adapterkit with an error, nothing
-written (rows "refused").
+written (rows "refused"). The ``Fuse`` rows (issue 13) export two adapters, a head and their
+AdapterFusion layers, and AdapterHub runs ``Fuse("a", "b")`` with them (in float64, see
+``fusion_run``).
 """
 
 from __future__ import annotations
@@ -185,6 +187,52 @@ def run(peer: str, arch: str, label: str, method: str, options: dict, with_head:
     return {"diff": diff, "moved": moved, "pass": diff <= TOLERANCE and moved > 1e-3}
 
 
+def fusion_run(arch: str, residual_before: bool) -> dict:
+    """Two Pfeiffer adapters (b with a head) and ``Fuse(a, b)``, all random, exported with
+    ``save_adapter(..., format="adapterhub")`` / ``save_adapter_fusion(..., format="adapterhub")``
+    and run by AdapterHub with ``Fuse("a", "b")`` and b's head (issue 13). Both run in float64:
+    with random weights of this size, float32 rounding through MiniLM's six layers reaches 1e-4
+    either way (float64: 5e-13); ``tests/test_compose_fuse_interop.py`` checks float32 on the tiny BERT."""
+    from adapterkit import Fuse
+
+    data = batch(arch)
+    torch.manual_seed(0)
+    model = AdapterModel(load(arch).double())
+    for name in "ab":
+        model.add_adapter(name, "pfeiffer")
+    model.add_classification_head("b", num_labels=NUM_LABELS, **head_options(arch, "adapterhub"))
+    model.add_adapter_fusion(Fuse("a", "b"), {"residual_before": residual_before})
+    randomise(model)
+    gen = torch.Generator().manual_seed(4)
+    scale = 0.2 * (32 / model.layout.hidden_size) ** 0.5  # attention logits of the same size on every width
+    with torch.no_grad():
+        for name, p in model.fusions.named_parameters():
+            eye = torch.eye(p.shape[0]) if name.endswith("value.weight") else 0.0
+            p.copy_(eye + torch.randn(p.shape, generator=gen) * scale)
+    model.set_active_adapters(Fuse("a", "b"))
+    model.eval()
+    with torch.no_grad():
+        mine = model(**data).logits
+        model.set_active_adapters("b")
+        alone = model(**data).logits
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in "ab":
+            model.save_adapter(Path(tmp) / name, name, format="adapterhub")
+        model.save_adapter_fusion(Path(tmp) / "fusion", Fuse("a", "b"), format="adapterhub")
+        peer = ah.AutoAdapterModel.from_pretrained(base_dir(arch), local_files_only=True)
+        for name in "ab":
+            peer.load_adapter(str(Path(tmp) / name), use_safetensors=True)
+        peer.load_adapter_fusion(str(Path(tmp) / "fusion"), use_safetensors=True)
+        peer.set_active_adapters(ah.composition.Fuse("a", "b"))
+        peer.active_head = "b"
+        peer.double().eval()
+        with torch.no_grad():
+            theirs = peer(**data).logits
+    diff = (mine - theirs).abs().max().item()
+    moved = (mine - alone).abs().max().item()
+    return {"diff": diff, "moved": moved, "pass": diff <= TOLERANCE and moved > 1e-3}
+
+
 def run_reported(peer: str, arch: str, label: str, *args: Any) -> dict:
     """``run``, with its table row printed; an exception is a failed row (the table shows every case)."""
     try:
@@ -216,6 +264,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                 row = summary.setdefault((peer, label), [[], 0.0, True])
                 row[0].append(arch)
                 row[1], row[2] = max(row[1], r["diff"]), row[2] and r["pass"]
+    for arch in ("bert",) + (() if args.quick else ("minilm",)):
+        for residual_before in (False, True):
+            label = f"Fuse(pfeiffer a, pfeiffer b) + head{', residual_before' if residual_before else ''}"
+            try:
+                r = fusion_run(arch, residual_before)
+                shown = f"{r['diff']:.1e} | {r['moved']:.2e} (vs b alone) | {'pass' if r['pass'] else '**FAIL**'}"
+            except Exception as err:
+                r, shown = {"pass": False}, f"**error** {type(err).__name__}: {str(err)[:160]} | — | **FAIL**"
+            failures += not r["pass"]
+            print(f"| adapterhub | {arch} | {label} | {shown} |")
     for peer, arch, method, options, why in REFUSALS:
         model = ours(arch, method, options, None)
         with tempfile.TemporaryDirectory() as tmp:

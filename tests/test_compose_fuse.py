@@ -34,18 +34,20 @@ def run(model: AdapterModel) -> torch.Tensor:
         return model(input_ids=IDS).last_hidden_state
 
 
-def test_fusion_unit_formula():
+@pytest.mark.parametrize("residual_before", [False, True])
+def test_fusion_unit_formula(residual_before):
     torch.manual_seed(1)
-    unit = FusionUnit(8, FusionConfig(temperature=2.0))
+    unit = FusionUnit(8, FusionConfig(temperature=2.0, residual_before=residual_before))
     with torch.no_grad():
         unit.value.weight.add_(torch.randn(8, 8) * 0.1)
-    q, o1, o2, o3 = (torch.randn(2, 3, 8) for _ in range(4))
-    out = unit(q, [o1, o2, o3])
+    q, base, o1, o2, o3 = (torch.randn(2, 3, 8) for _ in range(5))
+    out = unit(q, base, [o1, o2, o3])
     qq = unit.query(q)
-    logits = torch.stack([(unit.key(o) * qq).sum(-1) for o in (o1, o2, o3)], -1) / 2.0
+    vs = (o1, o2, o3) if residual_before else (o1 - base, o2 - base, o3 - base)
+    logits = torch.stack([(unit.key(v) * qq).sum(-1) for v in vs], -1) / 2.0
     s = F.softmax(logits, -1)
-    expected = sum(s[..., i:i + 1] * unit.value(o) for i, o in enumerate((o1, o2, o3)))
-    torch.testing.assert_close(out, expected)
+    expected = sum(s[..., i:i + 1] * unit.value(v) for i, v in enumerate(vs))
+    torch.testing.assert_close(out, expected if residual_before else base + expected)
     torch.testing.assert_close(unit.scores, s)
 
 

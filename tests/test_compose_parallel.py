@@ -103,8 +103,15 @@ def test_parallel_on_a_decoder_with_rotary_embeddings():
     outs = alone(model, Parallel("a", "b"))
     for out, ref in zip(outs, refs):
         torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-5)
-    with pytest.raises(AdapterError, match="generate"):
-        model.generate(input_ids=IDS[:1], max_new_tokens=2)
+    gen = dict(input_ids=IDS[:2, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    model.set_active_adapters(Parallel("a", "b"))
+    both = model.generate(**gen)
+    for name, seq in zip("ab", both):
+        model.set_active_adapters(name)
+        assert torch.equal(seq, model.generate(**gen))
+    model.set_active_adapters(Parallel("a", "b"))
+    with pytest.raises(AdapterError, match="adapter_names"):
+        model.generate(**gen, adapter_names=["a", "b"])
 
 
 def test_training_a_parallel_setup_reaches_every_adapter_and_head():
@@ -164,20 +171,97 @@ def test_bad_parallel_setups_change_nothing(setup, match):
     assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.model.modules()) == hooks
 
 
-def test_parallel_refusals_at_call_time_and_on_encoder_decoders():
+def test_parallel_refusals_at_call_time():
     model = three(bert())
     model.set_active_adapters(Parallel("a", "b"))
     with pytest.raises(AdapterError, match="adapter_names"):
         model(input_ids=IDS, adapter_names=["a", "b", "a"])
+    with pytest.raises(AdapterError, match="not 2 copies of a batch; call the AdapterModel"):
+        model.model(input_ids=IDS)  # the wrapped model takes its batch as already replicated
     model.delete_head("a")
     model.delete_head("b")
     with pytest.raises(AdapterError, match="labels with a Parallel setup"):
         model(input_ids=IDS, labels=torch.tensor([0, 1, 0]))
+
+
+# -- encoder-decoders ------------------------------------------------------------------------------------
+def t5(layers: int = 3) -> AdapterModel:
     torch.manual_seed(0)
-    cfg = T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
-    t5 = AdapterModel(T.T5Model(cfg))
-    t5.add_adapter("a", "pfeiffer")
-    t5.add_adapter("b", "pfeiffer")
-    with pytest.raises(AdapterError, match="one stack"):
-        t5.set_active_adapters(Parallel("a", "b"))
-    assert t5.active_adapters is None
+    cfg = T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=37, num_layers=layers, num_heads=4,
+                     decoder_start_token_id=0, pad_token_id=0)
+    return AdapterModel(T.T5ForConditionalGeneration(cfg)).eval()
+
+
+def rows_seen(model: AdapterModel) -> dict[tuple[str, int], list[int]]:
+    """The rows each block's output has, by (stack, layer), filled by every forward."""
+    rows: dict = {}
+    for name, stack in model.layout.stacks.items():
+        for i, block in enumerate(stack.blocks):
+            block.register_forward_hook(lambda m, a, o, k=(name, i): rows.setdefault(k, []).append(
+                (o[0] if isinstance(o, tuple) else o).shape[0]))
+    return rows
+
+
+def test_parallel_on_t5_gives_each_adapters_lm_output_loss_and_generation():
+    """One output per adapter through the shared LM head, equal to each alone (logits and the
+    per-copy loss); encoder layers below the lowest adapter run once; generate gives each
+    adapter's own sequences."""
+    model = t5()
+    model.add_adapter("a", "pfeiffer", layers=[1, 2])  # both stacks, from encoder layer 1
+    model.add_adapter("b", "lora", stacks=["decoder"])
+    perturb(model)
+    labels = torch.tensor([[5, 6, 7, 1], [8, 9, -100, -100], [4, 4, 4, 1]])
+    refs = [alone(model, n, labels=labels) for n in "ab"]
+    rows = rows_seen(model)
+    outs = alone(model, Parallel("a", "b"), labels=labels)
+    assert rows[("encoder", 0)] == [3] and rows[("encoder", 1)] == [6] and rows[("decoder", 0)] == [6]
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(outs.loss, outs[0].loss + outs[1].loss)
+    gen = dict(input_ids=IDS[:2], attention_mask=MASK[:2], max_new_tokens=4, do_sample=False)
+    model.set_active_adapters(Parallel("a", "b"))
+    both = model.generate(**gen)
+    assert len(both) == 2
+    for name, seq in zip("ab", both):
+        model.set_active_adapters(name)
+        assert torch.equal(seq, model.generate(**gen))
+
+
+def test_parallel_with_decoder_adapters_runs_the_encoder_once_and_trains():
+    model = t5()
+    model.add_adapter("a", "pfeiffer", stacks=["decoder"], layers=[1, 2])
+    model.add_adapter("b", "ia3", stacks=["decoder"])
+    perturb(model)
+    labels = torch.tensor([[5, 6, 7, 1], [8, 9, 1, -100], [4, 4, 4, 1]])
+    refs = [alone(model, n, labels=labels) for n in "ab"]
+    rows = rows_seen(model)
+    model.train_adapter(Parallel("a", "b"))
+    model.model.eval()  # no dropout: the same function as each adapter alone
+    outs = model(input_ids=IDS, attention_mask=MASK, labels=labels)
+    assert all(rows[("encoder", i)] == [3] for i in range(3))
+    assert rows[("decoder", 0)] == [6] and rows[("decoder", 2)] == [6]  # b (IA3) sits in every decoder layer
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-5)
+    outs.loss.backward()
+    for name in "ab":
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapters[name].parameters())
+    assert all(p.grad is None for p in model.model.parameters())
+
+
+def test_parallel_on_bart_with_a_classification_head_per_adapter():
+    torch.manual_seed(0)
+    cfg = T.BartConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                       decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=32)
+    model = AdapterModel(T.BartModel(cfg).eval())
+    model.add_adapter("a", "houlsby", cross_adapter=True, stacks=["decoder"])
+    model.add_adapter("b", "lora", layers=[1])
+    model.add_classification_head("a", 3)
+    model.add_classification_head("b", 2)
+    perturb(model)
+    model.eval()
+    refs = [alone(model, n).logits for n in "ab"]
+    outs = alone(model, Parallel("a", "b"))
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-5)
+

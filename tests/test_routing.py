@@ -190,3 +190,38 @@ def test_routing_works_from_pixel_values_and_input_values(factory, key, shape):
             assert (routed[i : i + 1] - one).abs().max() <= 1e-5
         model.set_active_adapters(None)
         assert not torch.allclose(routed[0], model(**{key: x[:1]})[0][0])
+
+
+@pytest.mark.parametrize("kind", ["pfeiffer", "houlsby"])
+def test_stacked_bottleneck_weights_are_kept_at_inference_and_follow_weight_changes(kind):
+    """``Bottleneck._stacked``: the same stacks across calls while the weights stay; an in-place
+    update (an optimizer step, a load) or new storage rebuilds them; training re-stacks in the
+    graph, so gradients reach every routed adapter."""
+    model = many("bert", SAME_KIND[kind][0])
+    batch = make_batch(batch_size=4)
+    names = ["a0", "a1", "a2", "a1"]
+    first = model.adapters["a0"][next(iter(model.adapters["a0"].keys()))]
+    run(model, batch, adapter_names=names)
+    kept = {k: v[2] for k, v in first._stacks.items()}
+    assert kept, "routed inference kept its stacks"
+    run(model, batch, adapter_names=names)
+    assert all(first._stacks[k][2] is v for k, v in kept.items()), "the second call reused them"
+    with torch.no_grad():
+        for p in model.adapters["a1"].parameters():
+            p.mul_(1.5)  # in place, as an optimizer step
+    routed = run(model, batch, adapter_names=names)
+    assert all(first._stacks[k][2] is not v for k, v in kept.items())
+    for i, name in enumerate(names):
+        assert (routed[i : i + 1] - alone(model, name, batch, i)).abs().max() <= 1e-5
+    model.adapters["a2"].load_state_dict({k: v * 0.5 for k, v in model.adapters["a2"].state_dict().items()})
+    routed = run(model, batch, adapter_names=names)
+    for i, name in enumerate(names):
+        assert (routed[i : i + 1] - alone(model, name, batch, i)).abs().max() <= 1e-5
+    model.add_classification_head("h", num_labels=2)
+    model.train_adapter(["a0", "a1", "a2"])
+    model.model.eval()
+    out = model(**batch, labels=torch.tensor([0, 1, 1, 0]), adapter_names=names, head="h")
+    out.loss.backward()
+    for name in ("a0", "a1", "a2"):  # (a unit's narrow ReLU bottleneck may be dead on its one example)
+        assert all(p.grad is not None for p in model.adapters[name].parameters())
+        assert sum(p.grad.abs().sum() for p in model.adapters[name].parameters()) > 0

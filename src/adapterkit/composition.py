@@ -17,7 +17,7 @@ contributions are there for blocks that need them (``AdapterModule.__call__``).
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -135,13 +135,13 @@ class BatchSplit(Block):
             bounds.append((start, start + size))
             start += size
         sizes = self.batch_sizes
+        groups = _RowGroups(lambda rows: bounds)
 
         def batch_split(io: SlotIO) -> torch.Tensor:
             value = io.passthrough
             if value.shape[0] != start:
                 raise AdapterError(f"BatchSplit sizes {sizes} add up to {start}, but the batch has {value.shape[0]} examples.")
-            index = [torch.arange(a, b, device=value.device) for a, b in bounds]
-            return route(io, list(zip(index, plans)))
+            return route(io, list(zip(groups(value), plans)))
 
         return batch_split
 
@@ -157,11 +157,16 @@ class Parallel(Block):
             return None
         n = len(plans)
 
+        def copies(rows: int) -> list[tuple[int, int]]:  # (n * B, ...): copy i is rows i*B .. (i+1)*B
+            if rows % n:
+                raise AdapterError(f"{self!r} got {rows} rows, not {n} copies of a batch; call the AdapterModel "
+                                   "(it replicates the batch), not the wrapped model.")
+            return [(i * rows // n, (i + 1) * rows // n) for i in range(n)]
+
+        groups = _RowGroups(copies)
+
         def parallel(io: SlotIO) -> torch.Tensor:
-            value = io.passthrough
-            rows = value.shape[0] // n  # (n * B, ...): copy i is rows i*B .. (i+1)*B
-            index = [torch.arange(i * rows, (i + 1) * rows, device=value.device) for i in range(n)]
-            return route(io, list(zip(index, plans)))
+            return route(io, list(zip(groups(io.passthrough), plans)))
 
         return parallel
 
@@ -180,10 +185,14 @@ class Fuse(Block):
         unit = modules.get(self.key)
         if unit is None or all(p is None for p in plans):
             return None
+        # the query: what the last adapter here reads (AdapterHub's ``pre_forward``), see fusion.py
+        last = next((modules[c] for c in reversed(self.children) if isinstance(c, str) and c in modules), None)
+        reads = last is not None and not unit.config.query_before_ln
 
         def fuse(io: SlotIO) -> torch.Tensor:
             base = io.passthrough
-            return unit(base, [p(io) if p is not None else base for p in plans])
+            query = last.read(io)[0] if reads and io.place == "post" else base
+            return unit(query, base, [p(io) if p is not None else base for p in plans])
 
         return fuse
 
@@ -233,6 +242,25 @@ def compile_plan(setup: Setup, modules: Mapping[str, nn.Module]) -> Optional[Pla
         unit = modules.get(setup)
         return None if unit is None else unit.run
     return setup.compile([compile_plan(child, modules) for child in setup.children], modules)
+
+
+class _RowGroups:
+    """The row indices of a block's groups (``BatchSplit``, ``Parallel``) for a batch: made once
+    per batch size and device and then reused by every layer and call (``bounds(rows)`` gives
+    each group's ``(start, stop)``)."""
+
+    def __init__(self, bounds: Callable[[int], Sequence[tuple[int, int]]]):
+        self._bounds = bounds
+        self._index: dict[tuple[int, torch.device], list[torch.Tensor]] = {}
+
+    def __call__(self, value: torch.Tensor) -> list[torch.Tensor]:
+        key = (value.shape[0], value.device)
+        index = self._index.get(key)
+        if index is None:
+            if len(self._index) >= 8:  # a few batch sizes are in use at a time
+                self._index = {}
+            index = self._index[key] = [torch.arange(a, b, device=value.device) for a, b in self._bounds(key[0])]
+        return index
 
 
 def route(io: SlotIO, groups: Sequence[tuple[torch.Tensor, Optional[Plan]]]) -> torch.Tensor:

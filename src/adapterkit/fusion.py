@@ -1,12 +1,19 @@
 """AdapterFusion (Pfeiffer et al. 2021, sec. 3.2): attention over the outputs of several adapters.
 
 At every slot where an adapter of ``Fuse(a, b, ...)`` sits, a ``FusionUnit`` reads the site's
-value without adapters (``io.passthrough``, the query) and each child's value there (the
-child's adapter combined by its strategy; a child absent at the slot gives the passthrough),
-and returns
+value without adapters (``io.passthrough``, ``base``), each child's value there (``o_i``: the
+child's adapter combined by its strategy; a child absent at the slot gives ``base``) and a query
+``q``, and returns, as AdapterHub's ``BertFusion`` with its default (``"dynamic"``) options,
 
-    scores = softmax_i( (W_q q) . (W_k o_i) / temperature )      # (B, T, n)
-    out    = sum_i scores_i * (W_v o_i)                            # (B, T, d)
+    d_i    = o_i - base                                           # each adapter's contribution
+    scores = softmax_i( (W_q q) . (W_k d_i) / temperature )       # (B, T, n)
+    out    = base + W_v sum_i scores_i * d_i                      # (B, T, d)
+
+With ``residual_before=True`` (AdapterHub's option of that name) the base goes into the values
+and keys instead: ``d_i`` above is replaced by ``o_i`` and ``out = W_v sum_i scores_i * o_i``.
+The query is what the last adapter of the block reads at the slot (AdapterHub's ``pre_forward``:
+a Pfeiffer adapter reads the model's layer norm of ``y + residual``), or ``base`` where that
+adapter is absent, is not at a ``post`` place, or with ``query_before_ln=True``.
 
 ``W_v`` starts as the identity (AdapterHub's ``value_initialized``), ``W_q`` / ``W_k`` small, so
 a fresh fusion is about the mean of its adapters' outputs. The forward computes this with one
@@ -16,7 +23,7 @@ logit and so never changes the output (it gets no gradient). With ``regularizati
 default, as AdapterHub's Pfeiffer fusion) a training forward adds ``reg_weight * ||W_v - I||^2``
 per slot to the forward context's auxiliary loss (``output.loss`` includes it). The last
 forward's scores stay on each unit (``scores``, detached) for inspection
-(``AdapterModel.fusion_scores``).
+(``AdapterModel.fusion_scores``). AdapterHub's files: ``interop/fusion.py``.
 """
 
 from __future__ import annotations
@@ -41,11 +48,17 @@ class FusionConfig:
         temperature: divides the attention logits.
         regularization: add ``reg_weight * ||W_v - I||^2`` to the loss while training.
         reg_weight: that term's weight (AdapterHub: 0.01).
+        residual_before: the site's base value goes into the keys and values (AdapterHub's
+            option); ``False``: they are the adapters' contributions and the base is added after.
+        query_before_ln: the query is the site's base value, not what the last adapter reads
+            (AdapterHub's option).
     """
 
     temperature: float = 1.0
     regularization: bool = True
     reg_weight: float = 0.01
+    residual_before: bool = False
+    query_before_ln: bool = False
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -80,19 +93,21 @@ class FusionUnit(nn.Module):
             self.value.weight.copy_(torch.eye(width))
         self.scores: torch.Tensor | None = None
 
-    def forward(self, query: torch.Tensor, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, base: torch.Tensor, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         # The same function as the module docstring's, with one projection per token instead of
-        # one per adapter: q . (W_k o_i + b_k) = (W_k^T q) . o_i + q . b_k, whose last term is
-        # equal for every adapter and cancels in the softmax; and sum_i s_i W_v o_i = W_v sum_i s_i o_i.
-        o = torch.stack(list(outputs), -2)  # (B, T, n, d)
+        # one per adapter: q . (W_k v_i + b_k) = (W_k^T q) . v_i + q . b_k, whose last term is
+        # equal for every adapter and cancels in the softmax; and sum_i s_i W_v v_i = W_v sum_i s_i v_i.
+        values = list(outputs) if self.config.residual_before else [o - base for o in outputs]
+        v = torch.stack(values, -2)  # (B, T, n, d)
         qk = torch.matmul(self.query(query), self.key.weight).unsqueeze(-1)  # W_k^T q: (B, T, d, 1)
-        logits = torch.matmul(o, qk).squeeze(-1) / self.config.temperature  # (B, T, n)
+        logits = torch.matmul(v, qk).squeeze(-1) / self.config.temperature  # (B, T, n)
         scores = F.softmax(logits, dim=-1)
         self.scores = scores.detach()
         if self.training and self.config.regularization and self.value.weight.requires_grad:
-            eye = torch.eye(self.value.weight.shape[0], device=o.device, dtype=o.dtype)
+            eye = torch.eye(self.value.weight.shape[0], device=v.device, dtype=v.dtype)
             context.add_aux_loss(self.config.reg_weight * (self.value.weight - eye).pow(2).sum())
-        return self.value(torch.matmul(scores.unsqueeze(-2), o).squeeze(-2))  # (B, T, d)
+        out = self.value(torch.matmul(scores.unsqueeze(-2), v).squeeze(-2))  # (B, T, d)
+        return out if self.config.residual_before else base + out
 
 
 def fusion_key(names: Sequence[str]) -> str:

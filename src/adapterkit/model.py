@@ -50,7 +50,7 @@ from .io import check_base_shape, load_exact, read_checkpoint, write_checkpoint
 from .layouts import Layout
 from .fusion import FusionConfig, build_fusion
 from .merging import Merges
-from .parallel import Replicator, find_parallel, first_block, run_parallel
+from .parallel import Replicator, find_parallel, first_block, generate_parallel, replicated_modules, run_parallel
 from .routing import Routing
 from .slots import Site, Slot, make_slot
 
@@ -440,8 +440,8 @@ class AdapterModel(nn.Module):
         if parallel is None:
             self._replicator.update([], 0)
         else:
-            stack, low = first_block(parallel, self._records, self.layout, owners)
-            self._replicator.update(self.layout.stacks[stack].blocks[low:], len(parallel.children))
+            first = first_block(parallel, self._records, self.layout, owners)
+            self._replicator.update(replicated_modules(self.layout, first), len(parallel.children))
 
     # -- merging -----------------------------------------------------------------------------------
     @property
@@ -550,33 +550,51 @@ class AdapterModel(nn.Module):
         return {key.replace("-", "."): unit.scores for key, unit in self.fusions[fuse.key].items()
                 if unit.scores is not None}
 
-    def save_adapter_fusion(self, directory: "str | os.PathLike", fuse: Union[Fuse, Sequence[str]]) -> None:
+    def save_adapter_fusion(self, directory: "str | os.PathLike", fuse: Union[Fuse, Sequence[str]], *,
+                            format: str = "adapterkit") -> None:
         """Write the fusion layers of ``fuse`` (safetensors + JSON, atomically); the adapters are
-        saved on their own with ``save_adapter``."""
+        saved on their own with ``save_adapter``. ``format="adapterhub"`` writes AdapterHub's
+        fusion folder instead (``interop.fusion``)."""
+        from .interop import fusion as ah_fusion
+
         fuse = fuse if isinstance(fuse, Fuse) else Fuse(*fuse)
         if fuse.key not in self.fusions:
             raise AdapterError(f"{fuse!r} has no fusion layers; call add_adapter_fusion() first.")
+        if format not in ("adapterkit", "adapterhub"):
+            raise AdapterError(f"Unknown fusion format {format!r}; choose 'adapterkit' or 'adapterhub'.")
         units = self.fusions[fuse.key]
         first = next(iter(units.values()))
+        if format == "adapterhub":
+            ah_fusion.write(directory, fuse.names(), first.config, units.state_dict(), self)
+            return
         meta = {"fusion": {"adapters": fuse.names()}, "adapterkit_version": __version__,
                 "config": first.config.to_dict(), "places": list(units.keys()),
                 "base_model": {**self.layout.fingerprint(), **base_identity(self)}}
         write_checkpoint(directory, meta, {f"fusion.{k}": v for k, v in units.state_dict().items()})
 
     def load_adapter_fusion(self, directory: "str | os.PathLike", *, set_active: bool = False) -> Fuse:
-        """Load fusion layers saved by ``save_adapter_fusion`` over adapters already in the model
-        (same names); returns the ``Fuse`` block. On any error the model is left as it was."""
-        meta, tensors = read_checkpoint(directory)
-        info = meta.get("fusion")
-        if not isinstance(info, dict) or not isinstance(info.get("adapters"), list):
-            raise CheckpointError(f"{directory}: not a fusion checkpoint (no 'fusion' entry); use load_adapter() "
-                                  "for adapters.")
-        fuse = Fuse(*info["adapters"])
+        """Load fusion layers saved by ``save_adapter_fusion``, or by AdapterHub's (recognised by
+        ``adapter_fusion_config.json``), over adapters already in the model (same names); returns
+        the ``Fuse`` block. On any error the model is left as it was."""
+        from .interop import fusion as ah_fusion
+
+        if ah_fusion.is_adapterhub_fusion(directory):
+            names, config, state = ah_fusion.read(directory, self)
+            tensors = {f"fusion.{k}": v for k, v in state.items()}
+            meta: dict = {}
+        else:
+            meta, tensors = read_checkpoint(directory)
+            info = meta.get("fusion")
+            if not isinstance(info, dict) or not isinstance(info.get("adapters"), list):
+                raise CheckpointError(f"{directory}: not a fusion checkpoint (no 'fusion' entry); use load_adapter() "
+                                      "for adapters.")
+            names, config = info["adapters"], FusionConfig.from_dict(meta["config"])
+        fuse = Fuse(*names)
         self._require(fuse.names())
         if fuse.key in self.fusions:
             raise AdapterError(f"{fuse!r} already has fusion layers; delete them (del model.fusions[key]) first.")
         check_base_shape(meta.get("base_model", {}), self.layout.fingerprint(), directory)
-        units = build_fusion(fuse.names(), self._records, FusionConfig.from_dict(meta["config"]))
+        units = build_fusion(fuse.names(), self._records, config)
         ref = self._ref_param()
         if ref is not None:
             units.to(device=ref.device, dtype=ref.dtype)
@@ -694,9 +712,13 @@ class AdapterModel(nn.Module):
 
     def generate(self, *args: Any, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs: Any):
         """``generate`` of the wrapped model, with the active adapters, or with one adapter per
-        prompt (``adapter_names``; beams and several sequences per prompt follow their prompt)."""
-        if self._replicator.copies:
-            raise AdapterError("generate() cannot run a Parallel setup; activate one adapter (or a Stack) per call.")
+        prompt (``adapter_names``; beams and several sequences per prompt follow their prompt).
+        Under a ``Parallel`` setup: a list with one result per child (``parallel.generate_parallel``)."""
+        if self._replicator.copies:  # one result per child of the Parallel block (parallel.py)
+            if adapter_names is not None:
+                raise AdapterError("A Parallel setup runs every prompt through each of its adapters; drop "
+                                   "adapter_names=, or activate one adapter or a Stack.")
+            return generate_parallel(self, find_parallel(self._setup), args, kwargs)
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
         routing = self._routing(adapter_names, args[0] if args else None, kwargs)

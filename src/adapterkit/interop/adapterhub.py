@@ -80,12 +80,7 @@ LORA_OFF = {"use_gating": False, "use_dora": False, "vera_d": None, "vera_b": No
 def read(folder: Path, model, *, allow_pickle: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """An AdapterHub folder as adapterkit's in-memory checkpoint, for ``model`` (an ``AdapterModel``)."""
     config_file = folder / CONFIG
-    data = read_json(config_file)
-    layout = model.layout
-    for key, mine in (("model_type", layout.model_type), ("hidden_size", layout.hidden_size)):
-        if data.get(key) != mine:
-            raise CheckpointError(f"'{config_file}': {key} is {data.get(key)!r} but this model's is {mine!r}; load the "
-                                  "adapter into the base model it was trained on.")
+    data = read_config(config_file, model.layout, "adapter")
     tensors, weights_file = read_weights(folder, WEIGHTS, PICKLED, allow_pickle=allow_pickle)
     name = str(data.get("name") or "adapter")
     config, sites, origins = from_adapterhub(data["config"], tensors, name, model, weights_file)
@@ -93,6 +88,17 @@ def read(folder: Path, model, *, allow_pickle: bool = False) -> tuple[dict[str, 
     fingerprint = {"model_type": data["model_type"], "hidden_size": data["hidden_size"]}
     return checkpoint(model, re.sub(r"[^A-Za-z0-9_\-]", "_", name), config, sites, head, head_state,
                       f"'{weights_file}'", fingerprint, origins)
+
+
+def read_config(config_file: Path, layout, what: str) -> dict[str, Any]:
+    """An AdapterHub config file (adapter, fusion), refused unless its ``model_type`` and
+    ``hidden_size`` are this model's."""
+    data = read_json(config_file)
+    for key, mine in (("model_type", layout.model_type), ("hidden_size", layout.hidden_size)):
+        if data.get(key) != mine:
+            raise CheckpointError(f"'{config_file}': {key} is {data.get(key)!r} but this model's is {mine!r}; load the "
+                                  f"{what} into the base model it was trained on.")
+    return data
 
 
 def from_adapterhub(ah: Any, tensors: dict[str, torch.Tensor], name: str, model, weights_file: Path

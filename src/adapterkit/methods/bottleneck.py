@@ -32,7 +32,7 @@ from torch import nn
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
 from ..slots import Site, SlotIO
-from .base import AdapterModule, default_read, gather, small_normal_
+from .base import AdapterModule, default_read, small_normal_
 from .fused import Folded, add_linear, fold_layer_norm, layer_norm_stats, linear_of_layer_norm
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -162,6 +162,7 @@ class Bottleneck(AdapterModule):
                                   and config.residual_before_ln is True and config.norm_position is None
                                   and isinstance(self.scaling, float))
         self._folded: Optional[tuple[list, list, Folded]] = None  # (tensors read, their state, fold)
+        self._stacks: dict = {}  # run_stacked's stacked weights, by adapter set (``_stacked``)
         self._init(config.init_weights)
 
     @torch.no_grad()
@@ -284,30 +285,67 @@ class Bottleneck(AdapterModule):
         return torch.cat([w, b], 1)
 
     @classmethod
+    def _stacked(cls, units: Sequence["Bottleneck"], norm: Optional[nn.LayerNorm]) -> tuple[torch.Tensor, ...]:
+        """The per-adapter tensors ``run_stacked`` gathers from, stacked along a new first axis
+        (one row per adapter): ``[W_up * s | b_up * s]``, then the folds of ``norm`` (``_fold``)
+        or, without ``norm``, the down-projection's weight and bias.
+
+        Where autograd records (training) they are stacked anew in every call, so gradients
+        reach each adapter. Otherwise they are kept on the first unit, per adapter set and
+        norm, until a tensor they read changes, as ``_fold`` decides (new storage, an in-place
+        write, another dtype): routed inference stops copying every adapter's weights per layer
+        and per call. Up to four adapter sets are kept per first unit."""
+
+        def build() -> tuple[torch.Tensor, ...]:
+            up = torch.stack([u._up_with_bias() for u in units])  # (n, d_out, m + 1)
+            if norm is not None:
+                folds = [u._fold(norm) for u in units]
+                return (up, *(torch.stack([f[i] for f in folds]) for i in range(3)))
+            return up, torch.stack([u.down.weight for u in units]), torch.stack([u.down.bias for u in units])
+
+        read = [t for u in units for t in u.parameters()]
+        if norm is not None:
+            read += [t for t in (norm.weight, norm.bias) if t is not None]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in read):
+            return build()
+        key = (tuple(id(u) for u in units), id(norm) if norm is not None else None)
+        state = [(t.data_ptr(), t._version, t.dtype) for t in read]
+        cache = units[0]._stacks
+        kept = cache.get(key)
+        if kept is None or kept[1] != state:
+            if len(cache) >= 4:
+                cache.clear()
+            kept = cache[key] = (read, state, build())  # the tensors read are held: no address reuse
+        return kept[2]
+
+    @classmethod
     def run_stacked(cls, units: Sequence["Bottleneck"], which: torch.Tensor, io: SlotIO) -> torch.Tensor:
         """Every routed example through its own adapter, one batched matmul per projection. At
         inference the Pfeiffer shape folds the model's layer norm as ``fused_site`` does, with each
-        adapter's fold gathered per example, and writes its output over ``y + residual``."""
+        adapter's fold gathered per example, and writes its output over ``y + residual``. The
+        stacked weights are kept between calls at inference (``_stacked``)."""
         first = units[0]
         n = io.passthrough.shape[0]
-        up = gather([u._up_with_bias() for u in units], which)  # (B, d_out, m + 1)
         if first._can_fold(io):
             s = (io.y + io.residual).contiguous()
             stats = layer_norm_stats(s, io.layer_norm.eps)
             if stats is not None:
                 mean, rstd = stats  # (B, T, 1) each
-                folds = [u._fold(io.layer_norm) for u in units]
-                wg_t = gather([f[0] for f in folds], which)  # (B, d_in, m)
-                wg_sum = gather([f[1] for f in folds], which).unsqueeze(1)  # (B, 1, m)
-                shift = gather([f[2] for f in folds], which).unsqueeze(1)  # (B, 1, m)
+                ups, wg_ts, wg_sums, shifts = cls._stacked(units, io.layer_norm)
+                up = ups.index_select(0, which)  # (B, d_out, m + 1)
+                wg_t = wg_ts.index_select(0, which)  # (B, d_in, m)
+                wg_sum = wg_sums.index_select(0, which).unsqueeze(1)  # (B, 1, m)
+                shift = shifts.index_select(0, which).unsqueeze(1)  # (B, 1, m)
                 s3 = s.view(n, -1, s.shape[-1])
                 z = torch.bmm(s3, wg_t).sub_(mean.view(n, -1, 1) * wg_sum).mul_(rstd.view(n, -1, 1)).add_(shift)
                 y3 = io.y.reshape(n, -1, io.y.shape[-1])
                 return torch.baddbmm(y3, _with_ones(first.act(z)), up.transpose(1, 2), out=s3).view(io.y.shape)
+        ups, downs_w, downs_b = cls._stacked(units, None)
+        up = ups.index_select(0, which)  # (B, d_out, m + 1)
         h, base = first.read(io)
         h3, base3 = h.reshape(n, -1, h.shape[-1]), base.reshape(n, -1, base.shape[-1])  # (B, T, d)
-        down_w = gather([u.down.weight for u in units], which)  # (B, m, d_in)
-        down_b = gather([u.down.bias for u in units], which).unsqueeze(1)  # (B, 1, m)
+        down_w = downs_w.index_select(0, which)  # (B, m, d_in)
+        down_b = downs_b.index_select(0, which).unsqueeze(1)  # (B, 1, m)
         z = first.act(torch.baddbmm(down_b, h3, down_w.transpose(1, 2)))  # (B, T, m)
         return torch.baddbmm(base3, _with_ones(z), up.transpose(1, 2)).view(base.shape)
 
