@@ -60,20 +60,24 @@ def _write_split(root, per_class: int, seed: int, rate: int = RATE) -> None:
             soundfile.write(str(root / kind / f"{i}.wav"), _clip(kind, rng), rate)
 
 
-def test_wav2vec2_learns_tones_and_noise_with_e_and_l_adapters_from_a_wav_folder(tmp_path, capsys):
+@pytest.mark.parametrize("method,parts", [
+    ("e_adapter+l_adapter", ["bottleneck", "l_adapter"]),
+    ("e_adapter+l_adapter+p_adapter", ["bottleneck", "l_adapter", "prompt_tuning"]),  # all three ELP adapters
+], ids=["E+L", "E+L+P"])
+def test_wav2vec2_learns_tones_and_noise_with_elp_adapters_from_a_wav_folder(method, parts, tmp_path, capsys):
     model = _speech_model(tmp_path)
     _write_split(tmp_path / "data" / "train", 16, seed=0)
     _write_split(tmp_path / "data" / "dev", 8, seed=1)
     out = tmp_path / "run"
     code = main(["train", "--model", str(model), "--train", str(tmp_path / "data" / "train"),
                  "--eval", str(tmp_path / "data" / "dev"), "--test", str(tmp_path / "data" / "dev"),
-                 "--method", "e_adapter+l_adapter", "--epochs", "6", "--batch-size", "8", "--lr", "1e-2",
+                 "--method", method, "--epochs", "6", "--batch-size", "8", "--lr", "1e-2",
                  "--progress", "none", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     assert results["test"]["accuracy"] >= 0.8  # chance: 1/3
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())["config"]
-    assert [p["method"] for p in config["parts"]] == ["bottleneck", "l_adapter"]
+    assert [p["method"] for p in config["parts"]] == parts
 
     # the saved adapter and head give the same predictions in a fresh model
     trained = AdapterModel.from_pretrained(str(model))
