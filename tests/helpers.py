@@ -305,7 +305,8 @@ def expected_adapter_params(case: Case) -> int:
                    for part in cfg.parts)
     if cfg.method in ("lora", "ia3"):
         roles = cfg.roles or (case.arch.lora_default if cfg.method == "lora" else case.arch.ia3_default)
-        shapes = [case.arch.stacks[s][r] for s in stacks for r in roles if r in case.arch.stacks[s]]
+        shapes = [] if cfg.target_modules else [case.arch.stacks[s][r] for s in stacks for r in roles
+                                                  if r in case.arch.stacks[s]]  # target_modules replace roles
         per_layer = sum(cfg.r * (i + o) for i, o in shapes) if cfg.method == "lora" else sum(o for _, o in shapes)
         # LoRA's further hosts: r * (in + out), in counting a convolution's kernel (in_channels x kernel)
         chosen = cfg.target_modules or roles if cfg.method == "lora" else ()

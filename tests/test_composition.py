@@ -35,20 +35,16 @@ def two_adapters(case, seed: int = 7) -> AdapterModel:
     return model
 
 
-def tol(case) -> float:
-    """Rows that share a batch with another row's prefix attend over masked prefix columns as well:
-    the same function, reduced over more columns, so float32 rounding differs (~1e-6 on T5)."""
-    return 1e-5 if case.method == "prefix_tuning" else 1e-6
-
-
 def alone(model: AdapterModel, setup, batch: dict, rows: slice) -> torch.Tensor:
     model.set_active_adapters(setup)
     return run(model, {k: v[rows] for k, v in batch.items()})
 
 
 def tol(case) -> float:
-    """Batched vs one-example float32 rounding: larger through a speech model's convolutions."""
-    return 1e-6 if case.arch.inputs == "text" else 1e-5
+    """Batched vs one-example float32 rounding: larger through a speech model's convolutions, and
+    where rows that share a batch with another row's prefix attend over masked prefix columns as
+    well (the same function, reduced over more columns: ~1e-6 on T5)."""
+    return 1e-6 if case.arch.inputs == "text" and case.method != "prefix_tuning" else 1e-5
 
 
 @cases
