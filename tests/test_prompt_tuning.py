@@ -379,3 +379,12 @@ def test_cli_trains_prompt_tuning_on_a_classification_task(tmp_path):
     name = model.load_adapter(tmp_path / "run" / "adapter", set_active=True)
     assert model.records[name].config.method == "prompt_tuning"
     assert model(input_ids=torch.tensor([[2, 5, 6, 3]])).logits.shape == (1, 2)
+
+
+def test_adapterhub_export_of_a_prompt_is_refused_naming_the_formats_that_hold_it(tmp_path):
+    model = AdapterModel(T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2)))
+    model.add_adapter("p", "prompt_tuning", prompt_length=3)
+    with pytest.raises(AdapterError, match=r"does not write prompt_tuning adapters in AdapterHub's format.*"
+                                           r"nothing was written.*format='adapterkit' or format='peft'"):
+        model.save_adapter(tmp_path / "x", "p", format="adapterhub")
+    assert not (tmp_path / "x").exists()

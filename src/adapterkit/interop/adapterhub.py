@@ -290,7 +290,9 @@ def write(directory: "str | Path", meta: dict[str, Any], tensors: dict[str, torc
     config = config_from_dict(meta["config"])
     layout = model.layout
     if config.method not in WRITERS:
-        raise AdapterError(f"AdapterHub has no {config.method} adapter; nothing was written.")
+        raise AdapterError(f"adapterkit does not write {config.method} adapters in AdapterHub's format (it writes "
+                           f"{', '.join(sorted(WRITERS))}); nothing was written. Save it with format='adapterkit'"
+                           f"{' or format=' + repr('peft') if config.method in ('prefix_tuning', 'prompt_tuning') else ''}.")
     if layout.spec is None or id(layout.spec) not in BOTTLENECK_LOCATIONS:
         raise AdapterError(f"adapterkit writes AdapterHub adapters for BERT, RoBERTa, DistilBERT, GPT-2 and "
                            f"Llama-family models, not {layout.model_type}; nothing was written.")
