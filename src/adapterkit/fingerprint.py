@@ -11,7 +11,10 @@ and shapes (sha256, first 16 hex digits). So the fingerprint is:
 * the same after saving and loading the base, on every device, and for the base loaded in
   float32 or bfloat16 (float16 loses range and rounds differently: it gives another fingerprint);
 * different for a base with other weights of the same shapes (fine-tuned, re-initialised, ...);
-* computed on the original weights when adapters are merged into them.
+* computed on the original weights when adapters are merged into them;
+* the float base's for a base quantized by ``quantization.quantize_base`` (computed before
+  quantizing and kept on the model), so adapters move between a base and its quantized copy;
+  ``base_identity`` records the ``precision`` too, and loading across precisions says so.
 
 ``save_adapter`` records it with the base's name (``base_identity``); ``load_adapter`` refuses
 a mismatch (``check_same_base``) unless ``strict_base=False`` (CLI ``--allow-other-base``).
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from typing import Any, Iterator, Optional
 
 import torch
@@ -55,6 +59,9 @@ def _sample(t: torch.Tensor) -> torch.Tensor:
 
 def base_fingerprint(model: nn.Module, layout: Any = None) -> str:
     """The content fingerprint of ``model``'s weights (see the module docstring)."""
+    kept = getattr(model, "adapterkit_float_fingerprint", None)  # quantization.FINGERPRINT_ATTR
+    if kept:
+        return kept
     digest = hashlib.sha256()
     for name, p in sorted(_named_weights(model, layout), key=lambda item: item[0]):
         if not p.is_floating_point():
@@ -76,7 +83,9 @@ def base_identity(handle: Any) -> dict[str, Any]:
     merged = bool(handle.merged_adapters)
     with handle.disable_adapters() if merged else contextlib.nullcontext():
         fingerprint = base_fingerprint(handle.model, handle.layout)
-    return {"fingerprint": fingerprint, "name": base_name(handle.model)}
+    from .quantization import precision
+
+    return {"fingerprint": fingerprint, "name": base_name(handle.model), "precision": precision(handle.model)}
 
 
 def check_same_base(saved: dict[str, Any], handle: Any, directory: Any, *, strict: bool = True) -> None:
@@ -86,6 +95,10 @@ def check_same_base(saved: dict[str, Any], handle: Any, directory: Any, *, stric
         return
     mine = base_identity(handle)
     if mine["fingerprint"] == want:
+        saved_precision = saved.get("precision") or "float32"
+        if saved_precision != mine["precision"]:
+            warnings.warn(f"{directory} was trained on this base in {saved_precision}; it runs here on the "
+                          f"{mine['precision']} copy of it (outputs differ by the quantization error).", stacklevel=3)
         return
     raise CheckpointError(
         f"{directory} was trained on another base model ({saved.get('name') or 'unnamed'}, fingerprint {want}) than "

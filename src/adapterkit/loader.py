@@ -69,10 +69,16 @@ def check_max_length(name_or_path: str, max_length: int, config: Any = None) -> 
                            f"embeddings hold {limit} tokens; pass --max-length {limit} or less.")
 
 
-def load_base_model(name_or_path: str, *, causal_lm: Optional[bool] = None, **kwargs: Any) -> nn.Module:
+def load_base_model(name_or_path: str, *, causal_lm: Optional[bool] = None, quantize: Optional[str] = None,
+                    **kwargs: Any) -> nn.Module:
     """Load a base model offline. ``causal_lm=None`` picks ``AutoModelForCausalLM`` for decoders
-    (``is_decoder_config``; GGUF files) and ``AutoModel`` (the bare encoder) otherwise."""
+    (``is_decoder_config``; GGUF files) and ``AutoModel`` (the bare encoder) otherwise.
+    ``quantize="int8"`` / ``"int4"`` quantizes its weights (``quantization.quantize_base``)."""
     import transformers
+
+    from .quantization import check_scheme, quantize_base
+
+    check_scheme(quantize)  # before reading any weights
 
     folder, gguf = resolve_model(name_or_path)
     options: dict[str, Any] = {"local_files_only": True, **kwargs}
@@ -82,17 +88,18 @@ def load_base_model(name_or_path: str, *, causal_lm: Optional[bool] = None, **kw
         causal_lm = model_is_decoder(name_or_path)
     cls = transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
     try:
-        return cls.from_pretrained(folder, **options)
+        model = cls.from_pretrained(folder, **options)
     except (OSError, ValueError) as err:
         raise AdapterError(f"Could not load a model from '{name_or_path}': {err}") from None
+    return quantize_base(model, quantize)
 
 
-def load_model(name_or_path: str, **kwargs: Any) -> "AdapterModel":
+def load_model(name_or_path: str, *, quantize: Optional[str] = None, **kwargs: Any) -> "AdapterModel":
     """The base model wrapped in an ``AdapterModel``; any failure is one ``AdapterError``."""
     from .model import AdapterModel
 
     try:
-        return AdapterModel(load_base_model(name_or_path, **kwargs))
+        return AdapterModel(load_base_model(name_or_path, quantize=quantize, **kwargs))
     except AdapterError:
         raise
     except Exception as err:  # transformers raises many types for damaged folders

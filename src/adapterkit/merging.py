@@ -45,6 +45,9 @@ class Merges:
             raise AdapterError(f"Adapter '{record.name}' is already merged.")
         if base is not None:
             _refuse_tied(record, base)
+        from .quantization import check_mergeable
+
+        check_mergeable(record.name, record.sites)
         for site in record.sites:
             if site.place_id not in self._originals:
                 bias = getattr(site.host, "bias", None)

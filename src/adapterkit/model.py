@@ -114,11 +114,13 @@ class AdapterModel(nn.Module):
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, causal_lm: Optional[bool] = None, **kwargs: Any) -> "AdapterModel":
-        """Load a ``transformers`` model (a folder, or the alias ``minilm`` / ``smollm2``) and wrap it."""
+    def from_pretrained(cls, name_or_path: str, *, causal_lm: Optional[bool] = None, quantize: Optional[str] = None,
+                        **kwargs: Any) -> "AdapterModel":
+        """Load a ``transformers`` model (a folder, or the alias ``minilm`` / ``smollm2``) and wrap it;
+        ``quantize="int8"`` / ``"int4"`` quantizes the frozen base first (``quantization.py``)."""
         from .packaged import load_base_model
 
-        return cls(load_base_model(name_or_path, causal_lm=causal_lm, **kwargs))
+        return cls(load_base_model(name_or_path, causal_lm=causal_lm, quantize=quantize, **kwargs))
 
     @property
     def config(self):
