@@ -165,6 +165,9 @@ CASES: list[tuple[str, list[str], str]] = [
      ["train", "--model", "speech-bare", "--train", "clips", "--out", "new", *FAST], "preprocessor_config.json"),
     ("audio clips for a text model", ["train", "--model", "bert", "--train", "clips", "--out", "new", *FAST],
      "reads text"),
+    ("train: --quantize of no scheme", TRAIN + ["--quantize", "int3"], "--quantize must be int8 or int4, got 'int3'."),
+    ("train: --quantize with --full-finetune", TRAIN + ["--full-finetune", "--quantize", "int8"],
+     "--quantize freezes the base in low precision; --full-finetune trains it. Drop one of them."),
 ]
 STDIN = {"predict: nothing on stdin": b"\n\n", "predict: stdin not in UTF-8": "na\xefve\n".encode("latin-1")}
 

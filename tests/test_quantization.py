@@ -24,7 +24,12 @@ from torch import nn
 
 from adapterkit import AdapterModel
 from adapterkit.errors import AdapterError, CheckpointError
-from adapterkit.quantization import QuantizedLinear, precision, quantize_base, weight_bytes
+from adapterkit.quantization import (
+    QuantizedLinear,
+    precision,
+    quantize_base,
+    weight_bytes,
+)
 
 pytest.importorskip("torchao")
 

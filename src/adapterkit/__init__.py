@@ -12,6 +12,10 @@ multiplication). Named methods are presets of these choices. Start with ``Adapte
 
 __version__ = "0.1.0"
 
+from .quantization import quiet_torchao_import  # noqa: E402
+
+quiet_torchao_import()  # before anything imports transformers, which imports torchao when installed
+
 from .composition import Average, BatchSplit, Fuse, Parallel, Stack  # noqa: E402
 from .config import (  # noqa: E402
     AdapterConfig,

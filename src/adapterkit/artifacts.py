@@ -106,12 +106,14 @@ class Loaded:
     base: str
 
 
-def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_other_base: bool = False) -> Loaded:
+def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_other_base: bool = False,
+                 quantize: Optional[str] = None) -> Loaded:
     """Load the base model with the trained adapter (or the full model) and its head, ready to run.
 
     An adapter is refused on a base other than the one it was trained on (content fingerprint,
     ``fingerprint.py``): ``--model`` is compared with the base recorded in ``adapterkit_base.json``
-    and in the adapter's config; ``allow_other_base=True`` (``--allow-other-base``) skips that."""
+    and in the adapter's config; ``allow_other_base=True`` (``--allow-other-base``) skips that.
+    ``quantize`` (``--quantize``) loads the base in int8 / int4 (``quantization.py``)."""
     from .train.checkpoint import load_head
     from .fingerprint import base_fingerprint
     from .loader import load_model, load_tokenizer, model_is_decoder
@@ -120,7 +122,7 @@ def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_ot
     base = base_model_of(artifact, model)
     decoder = model_is_decoder(base)
     tokenizer = load_tokenizer(base)
-    net = load_model(base)
+    net = load_model(base, quantize=quantize)
     if artifact.kind == "model":
         head = load_head(artifact.path, net.layout, next(iter(net.model.parameters()), None))
         name = None
@@ -147,7 +149,7 @@ def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_ot
 
 def load_bare(model: Optional[str], table: Any, *, task: Optional[str] = None, template: Optional[str] = None,
               verbalizer: Optional[str] = None, text: Optional[str] = None, text_pair: Optional[str] = None,
-              label: Optional[str] = None) -> Loaded:
+              label: Optional[str] = None, quantize: Optional[str] = None) -> Loaded:
     """The base model without any adapter, for ``adapterkit eval`` without ``--adapter``: the task
     comes from the flags and the data ``table``, and must be one the LM scores by itself
     (``lm-classification``: zero-shot accuracy; ``causal-lm``: perplexity), since there is no head."""
@@ -165,7 +167,7 @@ def load_bare(model: Optional[str], table: Any, *, task: Optional[str] = None, t
                            "--adapter, or score a causal LM's own answers with --template and --verbalizer "
                            "(lm-classification).")
     tokenizer = load_tokenizer(model)
-    net = load_model(model)
+    net = load_model(model, quantize=quantize)
     net.eval()
     return Loaded(net, tokenizer, spec, None, None, model)
 

@@ -29,6 +29,7 @@ reverse, while a different base is still refused.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -65,7 +66,9 @@ def _int8_config() -> Any:
 
 
 def _int4_config() -> Any:
-    from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+    from torchao.prototype.quantization.int4.inference_workflow import (
+        PrototypeInt4WeightOnlyConfig,
+    )
 
     return PrototypeInt4WeightOnlyConfig(group_size=32, set_inductor_config=False)
 
@@ -83,11 +86,32 @@ SCHEMES: dict[str, Scheme] = {
 }
 
 
+#: what torchao's import logs on a CPU-only torch (kernels it cannot load, a torch.compile
+#: deprecation); ``transformers`` imports torchao whenever it is installed, so every command would
+#: start with these lines
+_IMPORT_NOISE = ("Failed to load ", "register_constant() on Enum subclasses")
+
+
+def _drop_import_noise(record: logging.LogRecord) -> bool:
+    return not any(text in str(record.msg) for text in _IMPORT_NOISE)
+
+
+def quiet_torchao_import() -> None:
+    """Drop torchao's import-time notes (``_IMPORT_NOISE``) and nothing else; called by
+    ``adapterkit/__init__.py``, before anything imports ``transformers``."""
+    for name in ("torchao", "torch.utils._pytree"):
+        log = logging.getLogger(name)
+        if _drop_import_noise not in log.filters:
+            log.addFilter(_drop_import_noise)
+
+
 def _torchao():
+    """``torchao.quantization``, or an error saying how to install it."""
+    quiet_torchao_import()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import torchao.quantization  # noqa: F401
+            import torchao.quantization
     except ImportError:
         raise AdapterError("quantize= needs torchao: pip install 'adapterkit[quant]' (or pip install torchao "
                            "--no-deps).") from None

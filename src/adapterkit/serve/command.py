@@ -29,6 +29,7 @@ _FLAGS = {
     "--max-num-models-per-replica": ("max_num_models_per_replica", int, "with --ray: adapters one replica holds at "
                                                                         "once; the least recently used leaves (default 8)"),
     "--replica-cpus": ("replica_cpus", float, "with --ray: CPUs Ray reserves per replica (default 1)"),
+    "--quantize": ("quantize", str, "int8 or int4: serve a quantized base (torchao; adapters stay float32)"),
     "--torch-threads": ("torch_threads", int, "intra-op threads of the forward (default 0: cores - 1, one core "
                                               "is left for HTTP; under --ray: the replica's CPUs)"),
 }
@@ -83,7 +84,7 @@ def build_engine(config):
     from ..loader import load_model, load_tokenizer
     from .engine import Engine
 
-    model = load_model(config.model)
+    model = load_model(config.model, quantize=config.quantize)
     for name, directory in config.adapters.items():
         model.load_adapter(directory, load_as=name)
     return Engine(model, load_tokenizer(config.model), config)

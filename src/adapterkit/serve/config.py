@@ -43,6 +43,7 @@ class ServeConfig:
     replicas: int = 1  # Ray Serve model replicas
     max_num_models_per_replica: int = 8  # adapters a replica holds at once (Ray's multiplexing; LRU eviction)
     replica_cpus: float = 1.0  # CPUs Ray reserves for each replica
+    quantize: Optional[str] = None  # "int8" / "int4": the base quantized at load (quantization.py)
     torch_threads: int = 0  # intra-op threads of the forward; 0: cores - 1 (one is left for HTTP), under Ray replica_cpus
 
     def __post_init__(self) -> None:
