@@ -8,8 +8,9 @@ rewrites a ``transformers`` model (before it is wrapped in an ``AdapterModel``) 
   activations quantized per token at run time (``Int8DynamicActivationInt8WeightConfig``): the
   product runs in int8, the fastest path on a CPU;
 * ``int4``: every ``nn.Linear`` with 4-bit weights in groups of 32 input channels (asymmetric,
-  ``torchao``'s CPU tinygemm layout, ``PrototypeInt4WeightOnlyConfig``), run on bfloat16
-  activations (its only fast CPU path; float32 activations take ~70x longer);
+  scales and zero points chosen by HQQ, ``torchao``'s CPU tinygemm layout,
+  ``PrototypeInt4WeightOnlyConfig``), run on bfloat16 activations (its only fast CPU path; float32
+  activations take ~70x longer);
 * in both, the token embedding tables (untied ones) with int8 rows (``IntxWeightOnlyConfig``):
   in small encoders they are half the weights.
 
@@ -70,7 +71,10 @@ def _int4_config() -> Any:
         PrototypeInt4WeightOnlyConfig,
     )
 
-    return PrototypeInt4WeightOnlyConfig(group_size=32, set_inductor_config=False)
+    from torchao.quantization.quantize_.workflows import Int4ChooseQParamsAlgorithm
+
+    return PrototypeInt4WeightOnlyConfig(group_size=32, int4_choose_qparams_algorithm=Int4ChooseQParamsAlgorithm.HQQ,
+                                         set_inductor_config=False)
 
 
 def _embedding_config() -> Any:
