@@ -15,6 +15,7 @@ are quantized. What holds on the quantized base:
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -234,3 +235,19 @@ def test_tied_embeddings_stay_float_in_a_decoder():
     ref.set_active_adapters("a")
     with torch.no_grad():
         assert _rel(model(input_ids=ids).logits, ref(input_ids=ids).logits) < 0.05
+
+
+def test_the_docs_example_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "quantization.md").read_text(encoding="utf-8")
+    block = re.search(r"## Python\s+```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "docs/quantization.md", "exec"), namespace)
+    model = namespace["model"]
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(n.startswith(("adapters.sst2.", "heads.sst2.")) for n in grads)
+    saved = json.loads((tmp_path / "out/sst2/adapter_config.json").read_text())
+    assert saved["base_model"]["precision"] == "int8"
