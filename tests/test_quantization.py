@@ -25,12 +25,7 @@ from torch import nn
 
 from adapterkit import AdapterModel
 from adapterkit.errors import AdapterError, CheckpointError
-from adapterkit.quantization import (
-    QuantizedLinear,
-    precision,
-    quantize_base,
-    weight_bytes,
-)
+from adapterkit.quantization import QuantizedEmbedding, QuantizedLinear, precision, quantize_base, weight_bytes
 
 pytest.importorskip("torchao")
 
@@ -111,6 +106,9 @@ def test_base_is_quantized_close_to_float_and_smaller(bases, scheme):
     f_out = bases["float"](**batch).last_hidden_state
     q_out = q(**batch).last_hidden_state
     assert 1e-4 < _rel(q_out, f_out) < BASE_TOL[scheme]  # quantized (not the float weights), and close
+    emb = q.embeddings.word_embeddings  # looks up int8 rows as torchao's own (whole-table) embedding does
+    assert isinstance(emb, QuantizedEmbedding)
+    assert torch.equal(emb(batch["input_ids"]), torch.nn.functional.embedding(batch["input_ids"], emb.weight))
     ratio = weight_bytes(q) / weight_bytes(bases["float"])
     assert ratio < {"int8": 0.30, "int4": 0.22}[scheme]
 
