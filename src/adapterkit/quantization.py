@@ -71,7 +71,6 @@ def _int4_config() -> Any:
     from torchao.prototype.quantization.int4.inference_workflow import (
         PrototypeInt4WeightOnlyConfig,
     )
-
     from torchao.quantization.quantize_.workflows import Int4ChooseQParamsAlgorithm
 
     return PrototypeInt4WeightOnlyConfig(group_size=32, int4_choose_qparams_algorithm=Int4ChooseQParamsAlgorithm.HQQ,
