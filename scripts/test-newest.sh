@@ -21,7 +21,7 @@ echo "== resolved versions (differences from constraints.txt) =="
 grep -v '^#' constraints.txt | sort | comm -13 - "$VENV/resolved.txt" || true
 "$VENV/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
 docs_out=$(mktemp -d)
-"$VENV/bin/python" -m mkdocs build --strict -q -d "$docs_out" || { rm -rf "$docs_out"; echo "ERROR: mkdocs build --strict failed" >&2; exit 1; }
+NO_MKDOCS_2_WARNING=1 "$VENV/bin/python" -m mkdocs build --strict -q -d "$docs_out" || { rm -rf "$docs_out"; echo "ERROR: mkdocs build --strict failed" >&2; exit 1; }
 rm -rf "$docs_out"
 "$VENV/bin/python" -m pytest tests -q -p no:cacheprovider "$@"
 rc=$?

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 VENV=${ADAPTERKIT_VENV:-.venv}
 docs_out=$(mktemp -d)   # the docs site must build without a warning (mkdocs.yml)
-"$VENV/bin/python" -m mkdocs build --strict -q -d "$docs_out" || { rm -rf "$docs_out"; echo "ERROR: mkdocs build --strict failed" >&2; exit 1; }
+NO_MKDOCS_2_WARNING=1 "$VENV/bin/python" -m mkdocs build --strict -q -d "$docs_out" || { rm -rf "$docs_out"; echo "ERROR: mkdocs build --strict failed" >&2; exit 1; }
 rm -rf "$docs_out"
 "$VENV/bin/python" -m pytest tests -q -p no:cacheprovider "$@"
 rc=$?
