@@ -21,7 +21,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"^([ \t]*)```(\w*)[^\n]*\n(.*?)^\1```[ \t]*$", re.DOTALL | re.MULTILINE)  # also indented (in lists)
+# an opening fence (indented in lists too), its info word, the body, the closing fence of the same length
+FENCE = re.compile(r"^([ \t]*)(`{3,})(\w*)[^\n`]*\n(.*?)^\1\2[ \t]*$", re.DOTALL | re.MULTILINE)
 NOT_RUN = re.compile(r"<!--\s*not-run:\s*(\S[^>]*?)\s*-->\s*$")
 MAX_NOT_RUN_SHARE = 0.2
 
@@ -31,18 +32,19 @@ def python_blocks(page: Path) -> list[tuple[int, str, str | None]]:
     text = page.read_text()
     blocks = []
     for m in FENCE.finditer(text):
-        if m.group(2) != "python":
+        if m.group(3) != "python":
             continue
         before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
         marker = NOT_RUN.search(before)
         line = text.count("\n", 0, m.start()) + 1
-        blocks.append((line, textwrap.dedent(m.group(3)), marker.group(1) if marker else None))
+        blocks.append((line, textwrap.dedent(m.group(4)), marker.group(1) if marker else None))
     return blocks
 
 
 def test_the_block_parser(tmp_path):
     text = ("a\n<!-- not-run: needs a GPU -->\n```python\nx = 1\n```\n\n```python\ny = 2\n```\n```bash\nls\n```\n"
-            "* item\n\n  ```python\n  z = 3\n  ```\n")
+            "* item\n\n  ```python\n  z = 3\n  ```\n"
+            "```` ```python ```` is inline code\n````markdown\n```python\nnot = code\n```\n````\n")
     page = tmp_path / "page.md"
     page.write_text(text)
     assert python_blocks(page) == [(3, "x = 1\n", "needs a GPU"), (7, "y = 2\n", None), (15, "z = 3\n", None)]
