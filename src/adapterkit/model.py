@@ -36,7 +36,6 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import SequenceClassifierOutput
 
 from . import __version__, context
 from .adapterdrop import GradFreeBelow, block_owners, check_skip_layers
@@ -44,7 +43,8 @@ from .composition import Block, Fuse, as_setup, compile_plan
 from .config import AdapterConfig, config_from_dict, resolve_config
 from .errors import AdapterError, CheckpointError
 from .fingerprint import base_identity, check_same_base
-from .heads import Head, HeadConfig, RoutedHeadsOutput, build_head, run_routed_heads
+from .heads import (AdapterModelOutput, Head, HeadConfig, RoutedHeadsOutput, build_head, last_hidden, run_heads,
+                    run_routed_heads)
 from .interop import foreign_format, read_foreign, write_foreign
 from .io import check_base_shape, load_exact, read_checkpoint, write_checkpoint
 from .layouts import Layout
@@ -71,14 +71,6 @@ class AdapterRecord:
 
     def site(self, key: str) -> Site:
         return next(s for s in self.sites if s.key == key)
-
-
-@dataclass
-class AdapterModelOutput(SequenceClassifierOutput):
-    """A head's output, with the adapters' auxiliary loss (``l2_lambda``) when there is one;
-    ``loss`` already includes it."""
-
-    aux_loss: Optional[torch.Tensor] = None
 
 
 class AdapterModel(nn.Module):
@@ -662,9 +654,8 @@ class AdapterModel(nn.Module):
                     kwargs["labels"] = labels
                 return _with_aux_loss(self.model(*args, **kwargs), ctx.aux_loss())
             backbone = getattr(self.model, "base_model", self.model)
-            out = backbone(*args, **kwargs)
-            hidden = out if isinstance(out, torch.Tensor) else out[0]  # (B, T, d)
-            loss, logits = self.heads[head_name](hidden, self.layout.hidden_mask(attention_mask, hidden), labels)
+            hidden = last_hidden(backbone(*args, **kwargs))  # (B, T, d)
+            [(loss, logits)] = run_heads(self.heads, self.layout, hidden, attention_mask, [head_name], labels)
             return _with_aux_loss(AdapterModelOutput(loss=loss, logits=logits), ctx.aux_loss())
 
     def _forward_routed_heads(self, input_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
@@ -678,9 +669,8 @@ class AdapterModel(nn.Module):
         names = list(adapter_names) if not isinstance(adapter_names, str) else adapter_names
         self.layout.check_inputs(kwargs)
         backbone = getattr(self.model, "base_model", self.model)
-        out = self._body(input_ids, attention_mask, names, backbone, kwargs)
-        hidden = out if isinstance(out, torch.Tensor) else out[0]  # (B, T, d)
-        return run_routed_heads(self.heads, hidden, self.layout.hidden_mask(attention_mask, hidden), names)
+        hidden = last_hidden(self._body(input_ids, attention_mask, names, backbone, kwargs))  # (B, T, d)
+        return run_routed_heads(self.heads, self.layout, hidden, attention_mask, names)
 
     def _body(self, input_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor], names: list,
               backbone: nn.Module, kwargs: dict) -> Any:

@@ -42,6 +42,7 @@ from transformers.modeling_outputs import ModelOutput
 from . import context
 from .composition import Block, Parallel, Stack
 from .errors import AdapterError
+from .heads import AdapterModelOutput, last_hidden, run_heads
 
 if TYPE_CHECKING:  # pragma: no cover
     from .layouts import Layout
@@ -209,17 +210,10 @@ def run_parallel(model: "AdapterModel", parallel: Parallel, args: tuple, kwargs:
                                                      ignore_index=-100)
         else:
             backbone = getattr(model.model, "base_model", model.model)
-            out = backbone(*args, **kwargs)
-            hidden = out if isinstance(out, torch.Tensor) else out[0]  # (n * B, T, d)
-            for i, name in enumerate(heads):
-                part = hidden.chunk(n)[i]
-                if name is None:
-                    results.append(part)
-                    continue
-                loss, logits = model.heads[name](part, attention_mask, labels)
-                from .model import AdapterModelOutput
-
-                results.append(AdapterModelOutput(loss=loss, logits=logits))
+            hidden = last_hidden(backbone(*args, **kwargs))  # (n * B, T, d)
+            outs = run_heads(model.heads, model.layout, hidden, attention_mask, heads, labels)
+            for part, out in zip(hidden.chunk(n), outs):
+                results.append(part if out is None else AdapterModelOutput(loss=out[0], logits=out[1]))
     losses = [r.loss for r in results if isinstance(r, ModelOutput) and r.get("loss") is not None]
     aux = ctx.aux_loss()  # the adapters' l2_lambda penalties, over all copies at once
     results.loss = sum(losses) + (aux if aux is not None else 0.0) if losses else None
