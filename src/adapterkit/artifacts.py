@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from .data import Columns, TaskSpec
 from .errors import AdapterError, CheckpointError
-from .io import CONFIG_NAME
+from .checkpoint_format import CONFIG_NAME
 from .model import AdapterModel
 
 BASE_FILE = "adapterkit_base.json"

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from .artifacts import locate
 from .errors import CheckpointError
-from .io import WEIGHTS_NAME
+from .checkpoint_format import WEIGHTS_NAME
 
 
 def _shapes(path: Path) -> "OrderedDict[str, list[int]]":

@@ -38,21 +38,21 @@ import torch
 from torch import nn
 
 from . import __version__, context
-from .adapterdrop import GradFreeBelow, block_owners, check_skip_layers
-from .composition import Block, Fuse, as_setup, compile_plan
+from .composition.adapterdrop import GradFreeBelow, block_owners, check_skip_layers
+from .composition.blocks import Block, Fuse, as_setup, compile_plan
 from .config import AdapterConfig, config_from_dict, resolve_config
 from .errors import AdapterError, CheckpointError
 from .fingerprint import base_identity, check_same_base
 from .heads import (AdapterModelOutput, Head, HeadConfig, RoutedHeadsOutput, build_head, last_hidden, run_heads,
                     run_routed_heads)
 from .interop import foreign_format, read_foreign, write_foreign
-from .io import check_base_shape, load_exact, read_checkpoint, write_checkpoint
+from .checkpoint_format import check_base_shape, load_exact, read_checkpoint, write_checkpoint
 from .layouts import Layout
-from .fusion import FusionConfig, build_fusion
-from .merging import Merges
-from .parallel import Replicator, find_parallel, first_block, generate_parallel, replicated_modules, run_parallel
-from .routing import Routing
-from .slots import Site, Slot, make_slot
+from .composition.fuse import FusionConfig, build_fusion
+from .folding import Merges
+from .composition.parallel import Replicator, find_parallel, first_block, generate_parallel, replicated_modules, run_parallel
+from .composition.routing import Routing
+from .places.slots import Site, Slot, make_slot
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 #: inputs a batch can arrive as; the first one present gives the batch size and device for routing
@@ -321,7 +321,7 @@ class AdapterModel(nn.Module):
         """Activate a name, a list (stacked) or a composition block; ``None`` deactivates all.
         The head named like the last adapter of the setup that has one becomes active.
         ``skip_layers`` (AdapterDrop) turns the setup's adapters off in those layers, counted
-        within each stack as ``layers=`` counts them (``adapterdrop.py``)."""
+        within each stack as ``layers=`` counts them (``composition/adapterdrop.py``)."""
         block = as_setup(setup)
         skip = check_skip_layers(self.layout, skip_layers)
         if block is not None:
@@ -423,6 +423,8 @@ class AdapterModel(nn.Module):
         owners = block_owners(self.layout)
         for slot in self._slots.values():
             units = self._units_at(slot)
+            for unit in units.values():
+                unit.compile_at(slot.site)
             slot.bind(units, self._skip_layers)
             skipped = owners.get(id(slot.site.host), (None, None))[1] in self._skip_layers
             plan = compile_plan(setup, {**units, **self._fusions_at(slot)}) if setup is not None and not skipped else None
@@ -473,8 +475,8 @@ class AdapterModel(nn.Module):
         ``average_adapter``): ``combine_strategy`` ``"linear"``, ``"lora_svd"`` (rank
         ``svd_rank``) or ``"ties"`` (keeping the top ``density`` fraction); weights default to
         ``1 / N`` and are divided by their sum once (``normalize_weights``). Formulas:
-        ``merge_adapters.py``. On any error the model is left as it was."""
-        from .merge_adapters import combine
+        ``averaging.py``. On any error the model is left as it was."""
+        from .averaging import combine
 
         self._check_name(name)
         if name in self.adapters and (not overwrite or name in adapter_list):

@@ -39,14 +39,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
-from . import context
-from .composition import Block, Parallel, Stack
-from .errors import AdapterError
-from .heads import AdapterModelOutput, last_hidden, run_heads
+from .. import context
+from .blocks import Block, Parallel, Stack
+from ..errors import AdapterError
+from ..heads import AdapterModelOutput, last_hidden, run_heads
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .layouts import Layout
-    from .model import AdapterModel, AdapterRecord
+    from ..layouts import Layout
+    from ..model import AdapterModel, AdapterRecord
 
 
 def find_parallel(setup: Optional[Block]) -> Optional[Parallel]:
@@ -180,7 +180,7 @@ def head_of(child: Any, heads: Mapping[str, nn.Module]) -> Optional[str]:
 
 def batch_rows(args: tuple, kwargs: Mapping[str, Any]) -> int:
     """The number of examples of a call (its first batch-shaped input)."""
-    from .model import _INPUT_KINDS
+    from ..model import _INPUT_KINDS
 
     inputs = [*args, *(kwargs.get(k) for k in (*_INPUT_KINDS, "decoder_input_ids", "attention_mask"))]
     batch = next((t for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), None)

@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 import torch
 
-from . import context
-from .errors import AdapterError
-from .strategies import Add, Multiply
+from .. import context
+from ..errors import AdapterError
+from ..strategies import Add, Multiply
 
 _PLAIN = {"add": Add, "multiply": Multiply}
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .methods.base import AdapterModule
+    from ..methods.base import AdapterModule
 
 
 class Routing:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError, CheckpointError
-from ..input_place import input_site
+from ..places.input import input_site
 from ..methods.prompt_tuning import PromptTuningConfig
 from .files import read_weights, write_folder
 from .meta import checkpoint, refuse_options

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from torch import nn
 
 from ..errors import AdapterError
-from ..slots import Site
+from ..places.slots import Site
 from .architectures import ARCHITECTURES, ArchSpec, StackSpec, SubLayerSpec, is_decoder_config, spec_for
 from .inputs import check_inputs, hidden_mask
 from .probe import HostProbe

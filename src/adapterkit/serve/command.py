@@ -78,22 +78,12 @@ def config_from_args(args: argparse.Namespace):
     return ServeConfig(**given).with_token_from_env()
 
 
-def build_engine(config):
-    """Load the base model, its tokenizer and the start-up adapters."""
-    from ..loader import load_model, load_tokenizer
-    from .engine import Engine
-
-    model = load_model(config.model)
-    for name, directory in config.adapters.items():
-        model.load_adapter(directory, load_as=name)
-    return Engine(model, load_tokenizer(config.model), config)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
         from .app import create_app
+        from .engine import build_engine
     except ImportError as err:
         raise AdapterError(f"serve needs the serve extra ({err.name} is missing): pip install 'adapterkit[serve]'.") \
             from None

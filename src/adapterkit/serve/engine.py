@@ -17,6 +17,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from ..heads import HeadConfig
+from ..loader import load_model, load_tokenizer
 from ..model import AdapterModel
 from .config import ServeConfig
 
@@ -247,3 +248,12 @@ def _cut(text: str, stop: list[str], tokens: int) -> dict[str, Any]:
 
 
 __all__ = ["Engine", "Encoded", "ClassifyJob", "ClassifyKey", "GenerateJob", "GenerateKey"]
+
+
+def build_engine(config: ServeConfig) -> Engine:
+    """Load the base model, its tokenizer and the start-up adapters (``adapterkit serve`` and
+    each Ray replica start here)."""
+    model = load_model(config.model)
+    for name, directory in config.adapters.items():
+        model.load_adapter(directory, load_as=name)
+    return Engine(model, load_tokenizer(config.model), config)

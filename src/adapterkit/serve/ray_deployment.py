@@ -102,7 +102,7 @@ class ReplicaServer:
         import torch
 
         from .app import create_app
-        from .command import build_engine
+        from .engine import build_engine
         from .registry import Registry
 
         torch.set_num_threads(config.threads)

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..heads import Head, HeadConfig, build_head
-from ..io import check_tensors, temp_dir
+from ..checkpoint_format import check_tensors, temp_dir
 from .optim import load_optimizer_state, optimizer_state
 
 RUN_FILE = "run.json"

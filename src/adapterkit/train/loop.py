@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..adapterdrop import AdapterDrop
+from ..composition.adapterdrop import AdapterDrop
 from ..artifacts import write_base_ref
 from ..config import AdapterConfig, resolve_config
 from ..data.audio import is_audio_folder
@@ -49,7 +49,7 @@ from ..data import (
 from ..errors import AdapterError, CheckpointError
 from ..fingerprint import base_identity
 from ..heads import HeadConfig, build_head
-from ..io import adapter_size_bytes, temp_dir
+from ..checkpoint_format import adapter_size_bytes, temp_dir
 from ..loader import check_max_length, load_model, load_tokenizer, max_positions, model_is_decoder
 from ..model import AdapterModel
 from . import checkpoint as ckpt
