@@ -10,7 +10,7 @@ multiplication). Named methods are presets of these choices. Start with ``Adapte
     model.train_adapter("sst2")
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402,F401
 
 from .composition.blocks import Average, BatchSplit, Fuse, Parallel, Stack  # noqa: E402
 from .config import (  # noqa: E402

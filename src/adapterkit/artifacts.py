@@ -114,13 +114,13 @@ def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_ot
     and in the adapter's config; ``allow_other_base=True`` (``--allow-other-base``) skips that."""
     from .train.checkpoint import load_head
     from .fingerprint import base_fingerprint
-    from .loader import load_model, load_tokenizer, model_is_decoder
+    from .loader import load_tokenizer, model_is_decoder
 
     artifact = locate(adapter)
     base = base_model_of(artifact, model)
     decoder = model_is_decoder(base)
     tokenizer = load_tokenizer(base)
-    net = load_model(base)
+    net = AdapterModel.from_pretrained(base)
     if artifact.kind == "model":
         head = load_head(artifact.path, net.layout, next(iter(net.model.parameters()), None))
         name = None
@@ -152,7 +152,7 @@ def load_bare(model: Optional[str], table: Any, *, task: Optional[str] = None, t
     comes from the flags and the data ``table``, and must be one the LM scores by itself
     (``lm-classification``: zero-shot accuracy; ``causal-lm``: perplexity), since there is no head."""
     from .data import LM_TASKS, build_task, detect_columns
-    from .loader import load_model, load_tokenizer, model_is_decoder
+    from .loader import load_tokenizer, model_is_decoder
 
     if not model:
         raise AdapterError("adapterkit eval without --adapter scores the bare model: pass --model (e.g. smollm2), or "
@@ -165,7 +165,7 @@ def load_bare(model: Optional[str], table: Any, *, task: Optional[str] = None, t
                            "--adapter, or score a causal LM's own answers with --template and --verbalizer "
                            "(lm-classification).")
     tokenizer = load_tokenizer(model)
-    net = load_model(model)
+    net = AdapterModel.from_pretrained(model)
     net.eval()
     return Loaded(net, tokenizer, spec, None, None, model)
 

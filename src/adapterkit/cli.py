@@ -151,7 +151,7 @@ def _add_common_model(p: argparse.ArgumentParser, adapter_required: bool = True)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="adapterkit", description="Train, evaluate and use small adapters on frozen models.")
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"adapterkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -498,7 +498,7 @@ def _fail(command: str, message: str) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .interop.convert import convert
+    from .convert import convert
 
     print(convert(args.src, args.dst, args.to, model=args.model, allow_pickle=args.allow_pickle))
     return 0

@@ -9,16 +9,13 @@ last token by it. Every failure is an ``AdapterError`` naming the model and the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from torch import nn
 
 from .errors import AdapterError
 from .layouts import is_decoder_config
 from .packaged import resolve_model
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .model import AdapterModel
 
 #: config fields that bound the sequence length of models with learned position embeddings
 _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len")
@@ -87,19 +84,6 @@ def load_base_model(name_or_path: str, *, causal_lm: Optional[bool] = None, **kw
         raise AdapterError(f"Could not load a model from '{name_or_path}': {err}") from None
 
 
-def load_model(name_or_path: str, **kwargs: Any) -> "AdapterModel":
-    """The base model wrapped in an ``AdapterModel``; any failure is one ``AdapterError``."""
-    from .model import AdapterModel
-
-    try:
-        return AdapterModel(load_base_model(name_or_path, **kwargs))
-    except AdapterError:
-        raise
-    except Exception as err:  # transformers raises many types for damaged folders
-        raise AdapterError(f"'{name_or_path}': cannot load the model ({type(err).__name__}: {err}); pass a "
-                           "transformers model folder (config.json + weights) or an alias (minilm, smollm2).") from None
-
-
 def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
     """The model's tokenizer, offline; decoder tokenizers get a pad token (their EOS)."""
     import transformers
@@ -118,5 +102,4 @@ def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
     return tokenizer
 
 
-__all__ = ["load_config", "model_is_decoder", "max_positions", "check_max_length", "load_base_model", "load_model",
-           "load_tokenizer"]
+__all__ = ["load_config", "model_is_decoder", "max_positions", "check_max_length", "load_base_model", "load_tokenizer"]

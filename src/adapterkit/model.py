@@ -37,7 +37,8 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import __version__, context
+from . import context
+from ._version import __version__
 from .composition.adapterdrop import GradFreeBelow, block_owners, check_skip_layers
 from .composition.blocks import Block, Fuse, as_setup, compile_plan
 from .config import AdapterConfig, config_from_dict, resolve_config
@@ -48,15 +49,15 @@ from .heads import (AdapterModelOutput, Head, HeadConfig, RoutedHeadsOutput, bui
 from .interop import foreign_format, read_foreign, write_foreign
 from .checkpoint_format import check_base_shape, load_exact, read_checkpoint, write_checkpoint
 from .layouts import Layout
+from .loader import load_base_model
+from .layouts.inputs import INPUT_KINDS
 from .composition.fuse import FusionConfig, build_fusion
 from .folding import Merges
 from .composition.parallel import Replicator, find_parallel, first_block, generate_parallel, replicated_modules, run_parallel
-from .composition.routing import Routing
+from .composition.routing import Routing, routed_plan
 from .places.slots import Site, Slot, make_slot
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
-#: inputs a batch can arrive as; the first one present gives the batch size and device for routing
-_INPUT_KINDS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
 
 
 @dataclass
@@ -107,10 +108,16 @@ class AdapterModel(nn.Module):
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, causal_lm: Optional[bool] = None, **kwargs: Any) -> "AdapterModel":
-        """Load a ``transformers`` model (a folder, or the alias ``minilm`` / ``smollm2``) and wrap it."""
-        from .packaged import load_base_model
-
-        return cls(load_base_model(name_or_path, causal_lm=causal_lm, **kwargs))
+        """Load a ``transformers`` model (a folder, or the alias ``minilm`` / ``smollm2``) and wrap it;
+        any failure is one ``AdapterError``."""
+        try:
+            return cls(load_base_model(name_or_path, causal_lm=causal_lm, **kwargs))
+        except AdapterError:
+            raise
+        except Exception as err:  # transformers raises many types for damaged folders
+            raise AdapterError(f"'{name_or_path}': cannot load the model ({type(err).__name__}: {err}); pass a "
+                               "transformers model folder (config.json + weights) or an alias (minilm, smollm2).") \
+                from None
 
     @property
     def config(self):
@@ -428,7 +435,7 @@ class AdapterModel(nn.Module):
             slot.bind(units, self._skip_layers)
             skipped = owners.get(id(slot.site.host), (None, None))[1] in self._skip_layers
             plan = compile_plan(setup, {**units, **self._fusions_at(slot)}) if setup is not None and not skipped else None
-            slot.set_plans(plan, None if self._disabled else slot.compile_routed(units))
+            slot.set_plans(plan, None if self._disabled else slot.compile_routed(units, routed_plan))
         self._grad_free.update(self.layout, owners, [s.site for s in self._slots.values() if s.plan is not None])
         parallel = find_parallel(setup)
         if parallel is None:
@@ -694,7 +701,7 @@ class AdapterModel(nn.Module):
             raise AdapterError("adapter_names takes one adapter name (or None) per example, e.g. ['a', None, 'b'].")
         names = list(adapter_names)
         self._require(sorted({n for n in names if n is not None}))
-        inputs = [positional] + [kwargs.get(k) for k in _INPUT_KINDS]
+        inputs = [positional] + [kwargs.get(k) for k in INPUT_KINDS]
         batch = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
         if batch is not None and len(names) != batch.shape[0]:
             raise AdapterError(f"adapter_names has {len(names)} entries but the batch has {batch.shape[0]} examples.")

@@ -42,6 +42,7 @@ from transformers.modeling_outputs import ModelOutput
 from .. import context
 from .blocks import Block, Parallel, Stack
 from ..errors import AdapterError
+from ..layouts.inputs import INPUT_KINDS
 from ..heads import AdapterModelOutput, last_hidden, run_heads
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -180,9 +181,7 @@ def head_of(child: Any, heads: Mapping[str, nn.Module]) -> Optional[str]:
 
 def batch_rows(args: tuple, kwargs: Mapping[str, Any]) -> int:
     """The number of examples of a call (its first batch-shaped input)."""
-    from ..model import _INPUT_KINDS
-
-    inputs = [*args, *(kwargs.get(k) for k in (*_INPUT_KINDS, "decoder_input_ids", "attention_mask"))]
+    inputs = [*args, *(kwargs.get(k) for k in (*INPUT_KINDS, "decoder_input_ids", "attention_mask"))]
     batch = next((t for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), None)
     if batch is None:
         raise AdapterError("A Parallel setup needs the batch as a tensor (input_ids=, inputs_embeds=, ...).")

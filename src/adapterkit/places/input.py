@@ -183,8 +183,8 @@ class InputSlot(Slot):
         super().__init__(site)
         self._signatures: dict[type, inspect.Signature] = {}  # by host class
 
-    def compile_routed(self, units: Mapping[str, nn.Module]):
-        return routed_rows(units)
+    def compile_routed(self, units: Mapping[str, nn.Module], routed_plan: Callable):
+        return routed_rows(units)  # rows prepended per example, not a per-example plan
 
     def _install(self) -> None:
         host = self.site.input_host

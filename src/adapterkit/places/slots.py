@@ -246,10 +246,9 @@ class Slot:
         prepend = site.place == "weight"
         self._handles.append(site.host.register_forward_hook(self._run, with_kwargs=True, prepend=prepend))
 
-    def compile_routed(self, units):
-        """The plan for per-example routing over ``units`` (name -> module) at this slot."""
-        from ..composition.routing import routed_plan
-
+    def compile_routed(self, units, routed_plan: Callable):
+        """The plan for per-example routing over ``units`` (name -> module) at this slot:
+        ``routed_plan(units)`` (``composition.routing``, handed down by the handle)."""
         return routed_plan(units)
 
     def _current_plan(self) -> Optional[Plan]:

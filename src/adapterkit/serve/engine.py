@@ -17,7 +17,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from ..heads import HeadConfig
-from ..loader import load_model, load_tokenizer
+from ..loader import load_tokenizer
 from ..model import AdapterModel
 from .config import ServeConfig
 
@@ -253,7 +253,7 @@ __all__ = ["Engine", "Encoded", "ClassifyJob", "ClassifyKey", "GenerateJob", "Ge
 def build_engine(config: ServeConfig) -> Engine:
     """Load the base model, its tokenizer and the start-up adapters (``adapterkit serve`` and
     each Ray replica start here)."""
-    model = load_model(config.model)
+    model = AdapterModel.from_pretrained(config.model)
     for name, directory in config.adapters.items():
         model.load_adapter(directory, load_as=name)
     return Engine(model, load_tokenizer(config.model), config)

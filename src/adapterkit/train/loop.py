@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..composition.adapterdrop import AdapterDrop
 from ..artifacts import write_base_ref
 from ..config import AdapterConfig, resolve_config
@@ -50,7 +50,7 @@ from ..errors import AdapterError, CheckpointError
 from ..fingerprint import base_identity
 from ..heads import HeadConfig, build_head
 from ..checkpoint_format import adapter_size_bytes, temp_dir
-from ..loader import check_max_length, load_model, load_tokenizer, max_positions, model_is_decoder
+from ..loader import check_max_length, load_tokenizer, max_positions, model_is_decoder
 from ..model import AdapterModel
 from . import checkpoint as ckpt
 from . import distributed as D
@@ -151,7 +151,7 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
     if train_enc.dropped:
         echo(f"note: {train_enc.dropped} training rows have no target token within --max-length {config.max_length}; skipped.")
     torch.manual_seed(config.seed)
-    model = load_model(config.model)
+    model = AdapterModel.from_pretrained(config.model)
     _check_bottleneck_width(adapter_config, model.layout.hidden_size)
     _check_prompt_room(adapter_config, config.max_length, config.model, model.config)
     setup_model(model, spec, name, config, adapter_config)
@@ -181,7 +181,7 @@ def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
                            "speech model folder (wav2vec2, HuBERT, WavLM) with its preprocessor_config.json.")
     extractor = load_feature_extractor(config.model)
     torch.manual_seed(config.seed)
-    model = load_model(config.model)
+    model = AdapterModel.from_pretrained(config.model)
     shortest = min_samples(model.model)
     train, labels = read_split(config.train, None, extractor, shortest)
     splits = {k: read_split(getattr(config, k), labels, extractor, shortest)[0] if getattr(config, k) else None
