@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .artifacts import base_model_of, locate
 from .errors import AdapterError
 from .interop import FORMATS
 from .loader import load_base_model
 from .model import AdapterModel
+from .train.artifacts import base_model_of, locate
 
 
 def convert(src: "str | Path", dst: "str | Path", to: str, *, model: Optional[str] = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import transformers
 from torch import nn
 
 from .errors import AdapterError
@@ -25,8 +26,6 @@ _OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
 
 def load_config(name_or_path: str) -> Any:
     """The ``transformers`` config of a model (fast: reads no weights; checks the path is a model)."""
-    import transformers
-
     folder, gguf = resolve_model(name_or_path)
     options: dict[str, Any] = {"local_files_only": True}
     if gguf:
@@ -69,8 +68,6 @@ def check_max_length(name_or_path: str, max_length: int, config: Any = None) -> 
 def load_base_model(name_or_path: str, *, causal_lm: Optional[bool] = None, **kwargs: Any) -> nn.Module:
     """Load a base model offline. ``causal_lm=None`` picks ``AutoModelForCausalLM`` for decoders
     (``is_decoder_config``; GGUF files) and ``AutoModel`` (the bare encoder) otherwise."""
-    import transformers
-
     folder, gguf = resolve_model(name_or_path)
     options: dict[str, Any] = {"local_files_only": True, **kwargs}
     if gguf:
@@ -86,8 +83,6 @@ def load_base_model(name_or_path: str, *, causal_lm: Optional[bool] = None, **kw
 
 def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
     """The model's tokenizer, offline; decoder tokenizers get a pad token (their EOS)."""
-    import transformers
-
     folder, gguf = resolve_model(name_or_path)
     options: dict[str, Any] = {"local_files_only": True, **kwargs}
     if gguf:

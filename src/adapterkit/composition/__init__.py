@@ -8,8 +8,8 @@
 * ``routing``: per-example routing (``adapter_names=``).
 """
 
-from .blocks import ALLOWED_NESTINGS, BLOCKS, Average, BatchSplit, Block, Fuse, Parallel, Setup, Stack, as_setup, \
+from .blocks import ALLOWED_NESTINGS, BLOCKS, Average, BatchSplit, Block, Fuse, Parallel, Setup, Stack, as_fuse, as_setup, \
     compile_plan, setup_from_dict
 
 __all__ = ["ALLOWED_NESTINGS", "BLOCKS", "Average", "BatchSplit", "Block", "Fuse", "Parallel", "Setup", "Stack",
-           "as_setup", "compile_plan", "setup_from_dict"]
+           "as_fuse", "as_setup", "compile_plan", "setup_from_dict"]

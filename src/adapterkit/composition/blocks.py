@@ -223,6 +223,11 @@ def as_setup(setup: Union[None, Setup, Sequence[Setup]]) -> Optional[Block]:
     raise AdapterError(f"An adapter setup is a name, a list of names or a block such as Stack(...), not {setup!r}.")
 
 
+def as_fuse(fuse: Union["Fuse", Sequence[str]]) -> "Fuse":
+    """What the fusion methods take: a ``Fuse`` block, or the names of the adapters it fuses."""
+    return fuse if isinstance(fuse, Fuse) else Fuse(*fuse)
+
+
 def setup_from_dict(data: Union[str, Mapping]) -> Setup:
     if isinstance(data, str):
         return data

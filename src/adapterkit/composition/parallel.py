@@ -47,7 +47,8 @@ from ..heads import AdapterModelOutput, last_hidden, run_heads
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..layouts import Layout
-    from ..model import AdapterModel, AdapterRecord
+    from ..model import AdapterModel
+    from ..records import AdapterRecord
 
 
 def find_parallel(setup: Optional[Block]) -> Optional[Parallel]:

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
+from ..loader import load_tokenizer
 from ..places.input import InputSite, input_site
 from ..strategies import Strategy
 from .base import AdapterModule
@@ -130,8 +131,6 @@ class PromptTuningConfig(AdapterConfig):
         self._copy_tokens(module, embedding, ids)
 
     def _init_string(self, module: "PromptTuning", site: InputSite) -> None:
-        from ..loader import load_tokenizer
-
         embedding = self._embedding(site)
         name = self.tokenizer_name_or_path or getattr(getattr(site.host, "config", None), "_name_or_path", "")
         if not name:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..heads import HeadConfig
 from ..loader import load_tokenizer
@@ -152,8 +153,6 @@ class Engine:
     def generate(self, key: GenerateKey, jobs: list[GenerateJob]) -> list[dict[str, Any]]:
         """The jobs' prompts in one ``generate`` with per-prompt adapters; stops early when every
         job's client has gone."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
         class _AllGone(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
                 return torch.full((input_ids.shape[0],), all(j.cancelled() for j in jobs), dtype=torch.bool)
