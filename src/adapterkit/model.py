@@ -1,11 +1,14 @@
 """``AdapterModel``: the handle users hold around a frozen model.
 
-It keeps one ``AdapterRecord`` per adapter (its config, its sites and its modules, which are also
-registered under ``self.adapters[name][site_key]``), the heads (``self.heads[name]``), one
-``Slot`` per occupied place, and the merges (``merging.Merges``). Changing the setup (add,
-delete, activate, merge, disable) recompiles the plans of every slot once; a forward pass only
-runs them, with its per-call state (per-example routing, auxiliary losses) in a forward context
-(``context.py``), so one model can serve several threads at once.
+It is a façade over parts, one file each: the adapters' records and modules (``records.py``,
+``self.adapters``), the heads (``head_methods.py``, ``self.heads``), the fusion layers
+(``fusions.py``, ``self.fusions``), averaging (``averaging.py``), saving and loading
+(``saving.py``), the forward modes (``running.py``) and the merges (``folding.Merges``). What it
+keeps itself is what must change together: the active setup, one ``Slot`` per occupied place,
+and their plans. Changing the setup (add, delete, activate, merge, disable) recompiles the plans
+of every slot once (``_refresh``); a forward pass only runs them, with its per-call state
+(per-example routing, auxiliary losses) in a forward context (``context.py``), so one model can
+serve several threads at once.
 
 >>> import torch, transformers
 >>> from adapterkit import AdapterModel
@@ -35,11 +38,9 @@ import torch
 from torch import nn
 
 from . import running, saving
-from .averaging import combine
-from .checkpoint_format import load_exact
+from .averaging import AveragingMethods
 from .composition.adapterdrop import GradFreeBelow, block_owners, check_skip_layers
-from .composition.blocks import Block, Fuse, as_fuse, as_setup, compile_plan
-from .composition.fuse import FusionConfig
+from .composition.blocks import Block, as_setup, compile_plan
 from .composition.parallel import (
     Replicator,
     find_parallel,
@@ -50,7 +51,7 @@ from .composition.routing import RoutedCalls, routed_plan
 from .config import AdapterConfig, resolve_config
 from .errors import AdapterError
 from .folding import Merges
-from .fusions import Fusions
+from .fusions import FusionMethods, Fusions
 from .head_methods import HeadMethods
 from .layouts import Layout
 from .loader import load_base_model
@@ -60,7 +61,7 @@ from .records import AdapterRecord, Adapters, summary
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
-class AdapterModel(HeadMethods, nn.Module):
+class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
     """Adds, trains, composes, saves and loads adapters on a frozen ``model``."""
 
     # Read by ``transformers.Trainer``. Without it, the ``**kwargs`` of ``forward`` make Trainer
@@ -376,89 +377,6 @@ class AdapterModel(HeadMethods, nn.Module):
         self._merges.unmerge(name)
         self._merges.apply(self.records, disabled=bool(self._disabled))
         self._refresh()
-
-    def average_adapter(
-        self,
-        name: str,
-        adapter_list: Sequence[str],
-        weights: Optional[Sequence[float]] = None,
-        *,
-        combine_strategy: str = "linear",
-        normalize_weights: bool = True,
-        svd_rank: Optional[int] = None,
-        density: float = 0.2,
-        overwrite: bool = False,
-        set_active: bool = False,
-    ) -> None:
-        """Add adapter ``name`` made by merging the weights of ``adapter_list`` (AdapterHub's
-        ``average_adapter``): ``combine_strategy`` ``"linear"``, ``"lora_svd"`` (rank
-        ``svd_rank``) or ``"ties"`` (keeping the top ``density`` fraction); weights default to
-        ``1 / N`` and are divided by their sum once (``normalize_weights``). Formulas:
-        ``averaging.py``. On any error the model is left as it was."""
-        self._check_name(name)
-        if name in self.adapters and (not overwrite or name in adapter_list):
-            raise AdapterError(
-                f"An adapter named '{name}' already exists; choose another name"
-                + ("." if name in adapter_list else " or pass overwrite=True.")
-            )
-        if isinstance(adapter_list, str):
-            raise AdapterError("average_adapter takes a list of adapter names, e.g. ['a', 'b'].")
-        self._require(list(adapter_list))
-        config, state = combine([self.records[n] for n in adapter_list], weights, combine_strategy,
-                                normalize_weights=normalize_weights, svd_rank=svd_rank, density=density)
-        record = self._build(name, config)  # may raise: nothing changed yet
-        load_exact(record.modules, state, "", f"average_adapter('{name}')")
-        self._replace(record, set_active)
-
-    # -- AdapterFusion (fusion.py) ----------------------------------------------------------------
-    def add_adapter_fusion(self, fuse: Union[Fuse, Sequence[str]], config: "FusionConfig | dict | None" = None, *,
-                           overwrite: bool = False, set_active: bool = False) -> None:
-        """Add fusion layers attending over the adapters of ``fuse`` (AdapterHub's
-        ``add_adapter_fusion``); ``config``: a ``FusionConfig`` or its fields as a dict."""
-        fuse = as_fuse(fuse)
-        self._require(fuse.names())
-        if fuse.key in self.fusions and not overwrite:
-            raise AdapterError(f"{fuse!r} already has fusion layers; pass overwrite=True to start them afresh.")
-        self._add_fusion(fuse, self.fusions.build(fuse, self.records, config, self._ref_param(), self.training),
-                         set_active)
-
-    def _add_fusion(self, fuse: Fuse, units: nn.ModuleDict, set_active: bool) -> None:
-        self.fusions[fuse.key] = units
-        if set_active:
-            self.set_active_adapters(fuse)
-        else:
-            self._refresh()
-
-    def train_adapter_fusion(self, fuse: Union[Fuse, Sequence[str]], *, unfreeze_adapters: bool = False,
-                             head: Optional[str] = None) -> None:
-        """Train the fusion layers of ``fuse`` (and the adapters too with ``unfreeze_adapters``),
-        with ``head`` (default: the active head) trained and made active; everything else frozen."""
-        fuse = as_fuse(fuse)
-        head = head if head is not None else self._active_head
-        self._require_head(head)
-        self.set_active_adapters(fuse)  # checks names and fusion layers before anything changes
-        self._active_head = head
-        self._train_only(set(fuse.names()) if unfreeze_adapters else set(), {head}, fuse.key)
-
-    def fusion_scores(self, fuse: Union[Fuse, Sequence[str]]) -> dict[str, torch.Tensor]:
-        """The attention scores of the last forward at each fusion layer, by place id:
-        (batch, tokens, adapters), detached."""
-        return self.fusions.scores(fuse)
-
-    def save_adapter_fusion(self, directory: "str | os.PathLike", fuse: Union[Fuse, Sequence[str]], *,
-                            format: str = "adapterkit") -> None:
-        """Write the fusion layers of ``fuse`` (safetensors + JSON, atomically); the adapters are
-        saved on their own with ``save_adapter``. ``format="adapterhub"`` writes AdapterHub's
-        fusion folder instead (``interop.fusion``)."""
-        self.fusions.save(directory, fuse, self, format=format)
-
-    def load_adapter_fusion(self, directory: "str | os.PathLike", *, set_active: bool = False) -> Fuse:
-        """Load fusion layers saved by ``save_adapter_fusion``, or by AdapterHub's (recognised by
-        ``adapter_fusion_config.json``), over adapters already in the model (same names); returns
-        the ``Fuse`` block. On any error the model is left as it was."""
-        fuse, units = self.fusions.read(directory, self)
-        self._add_fusion(fuse, units, set_active)
-        return fuse
 
     # -- forward -------------------------------------------------------------------------------
     def forward(
