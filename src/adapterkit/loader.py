@@ -9,6 +9,7 @@ last token by it. Every failure is an ``AdapterError`` naming the model and the 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import transformers
@@ -24,12 +25,19 @@ _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_
 _OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
 
 
-def load_config(name_or_path: str) -> Any:
-    """The ``transformers`` config of a model (fast: reads no weights; checks the path is a model)."""
+def _source(name_or_path: str, **kwargs: Any) -> tuple[Path, Optional[str], dict[str, Any]]:
+    """Where a model's files are (``packaged.resolve_model``: a folder, or an alias) and the
+    ``from_pretrained`` options that read them offline (the GGUF file, when there is one)."""
     folder, gguf = resolve_model(name_or_path)
-    options: dict[str, Any] = {"local_files_only": True}
+    options: dict[str, Any] = {"local_files_only": True, **kwargs}
     if gguf:
         options["gguf_file"] = gguf
+    return folder, gguf, options
+
+
+def load_config(name_or_path: str) -> Any:
+    """The ``transformers`` config of a model (fast: reads no weights; checks the path is a model)."""
+    folder, gguf, options = _source(name_or_path)
     try:
         return transformers.AutoConfig.from_pretrained(folder, **options)
     except Exception as err:  # OSError, ValueError, KeyError, ... for a bad folder or file
@@ -68,10 +76,7 @@ def check_max_length(name_or_path: str, max_length: int, config: Any = None) -> 
 def load_base_model(name_or_path: str, *, causal_lm: Optional[bool] = None, **kwargs: Any) -> nn.Module:
     """Load a base model offline. ``causal_lm=None`` picks ``AutoModelForCausalLM`` for decoders
     (``is_decoder_config``; GGUF files) and ``AutoModel`` (the bare encoder) otherwise."""
-    folder, gguf = resolve_model(name_or_path)
-    options: dict[str, Any] = {"local_files_only": True, **kwargs}
-    if gguf:
-        options["gguf_file"] = gguf
+    folder, gguf, options = _source(name_or_path, **kwargs)
     if causal_lm is None:
         causal_lm = model_is_decoder(name_or_path)
     cls = transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
@@ -83,10 +88,7 @@ def load_base_model(name_or_path: str, *, causal_lm: Optional[bool] = None, **kw
 
 def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
     """The model's tokenizer, offline; decoder tokenizers get a pad token (their EOS)."""
-    folder, gguf = resolve_model(name_or_path)
-    options: dict[str, Any] = {"local_files_only": True, **kwargs}
-    if gguf:
-        options["gguf_file"] = gguf
+    folder, gguf, options = _source(name_or_path, **kwargs)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **options)
     except Exception as err:  # OSError, ValueError, TypeError, ... for bad folders

@@ -87,9 +87,9 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
         self._disabled = 0
         self._base_frozen = False
         self._base_dropout = True
-        self._skip_layers: frozenset[int] = frozenset()  # AdapterDrop (adapterdrop.py)
+        self._skip_layers: frozenset[int] = frozenset()  # AdapterDrop (composition/adapterdrop.py)
         self._grad_free = GradFreeBelow()
-        self._replicator = Replicator()  # the Parallel block's batch copies (parallel.py)
+        self._replicator = Replicator()  # the Parallel block's batch copies (composition/parallel.py)
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
