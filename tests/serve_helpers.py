@@ -12,7 +12,7 @@ import transformers
 
 from adapterkit import AdapterModel
 from adapterkit.loader import load_tokenizer
-from adapterkit.serve.command import build_engine
+from adapterkit.serve.engine import build_engine
 from adapterkit.serve.config import ServeConfig
 
 VOCAB = 30522  # the minilm tokenizer's

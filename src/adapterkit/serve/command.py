@@ -6,7 +6,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import torch
+
 from ..errors import AdapterError
+from .config import ServeConfig
+from .engine import build_engine
 
 #: flag -> (ServeConfig field, type, help)
 _FLAGS = {
@@ -59,8 +63,6 @@ def add_parser(sub: Any) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from .config import ServeConfig
-
     given: dict[str, Any] = {dest: getattr(args, dest) for dest, _, _ in _FLAGS.values()
                              if getattr(args, dest) is not None}
     if args.ray:
@@ -78,35 +80,23 @@ def config_from_args(args: argparse.Namespace):
     return ServeConfig(**given).with_token_from_env()
 
 
-def build_engine(config):
-    """Load the base model, its tokenizer and the start-up adapters."""
-    from ..loader import load_model, load_tokenizer
-    from .engine import Engine
-
-    model = load_model(config.model)
-    for name, directory in config.adapters.items():
-        model.load_adapter(directory, load_as=name)
-    return Engine(model, load_tokenizer(config.model), config)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: PLC0415 - optional dependency: the serve extra
 
-        from .app import create_app
+        from .app import create_app  # noqa: PLC0415 - optional dependency: the serve extra (fastapi)
     except ImportError as err:
         raise AdapterError(f"serve needs the serve extra ({err.name} is missing): pip install 'adapterkit[serve]'.") \
             from None
     config = config_from_args(args)
     if config.ray:
         try:
-            from . import ray_deployment
+            from . import ray_deployment  # noqa: PLC0415 - optional dependency: the ray extra
         except ImportError as err:
             raise AdapterError(f"serve --ray needs Ray Serve ({err.name} is missing): pip install "
                                "'adapterkit[ray]'.") from None
         ray_deployment.run(config)
         return 0
-    import torch
 
     torch.set_num_threads(config.threads)  # the process's: a server owns its process
     app = create_app(build_engine(config))

@@ -15,8 +15,10 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..heads import HeadConfig
+from ..loader import load_tokenizer
 from ..model import AdapterModel
 from .config import ServeConfig
 
@@ -151,8 +153,6 @@ class Engine:
     def generate(self, key: GenerateKey, jobs: list[GenerateJob]) -> list[dict[str, Any]]:
         """The jobs' prompts in one ``generate`` with per-prompt adapters; stops early when every
         job's client has gone."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
         class _AllGone(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
                 return torch.full((input_ids.shape[0],), all(j.cancelled() for j in jobs), dtype=torch.bool)
@@ -247,3 +247,12 @@ def _cut(text: str, stop: list[str], tokens: int) -> dict[str, Any]:
 
 
 __all__ = ["Engine", "Encoded", "ClassifyJob", "ClassifyKey", "GenerateJob", "GenerateKey"]
+
+
+def build_engine(config: ServeConfig) -> Engine:
+    """Load the base model, its tokenizer and the start-up adapters (``adapterkit serve`` and
+    each Ray replica start here)."""
+    model = AdapterModel.from_pretrained(config.model)
+    for name, directory in config.adapters.items():
+        model.load_adapter(directory, load_as=name)
+    return Engine(model, load_tokenizer(config.model), config)

@@ -75,7 +75,7 @@ class BodyLimit:
 
 
 async def _reject(send, max_bytes: int) -> None:
-    from starlette.responses import JSONResponse
+    from starlette.responses import JSONResponse  # noqa: PLC0415 - optional dependency: the serve extra (fastapi)
 
     response = JSONResponse({"detail": f"The request body is over {max_bytes} bytes; send fewer or shorter "
                                        "texts."}, status_code=413)

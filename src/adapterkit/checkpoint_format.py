@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -192,3 +192,32 @@ def adapter_size_bytes(directory: "str | os.PathLike") -> int:
     """Size on disk of a saved adapter (both files)."""
     path = Path(directory)
     return sum((path / name).stat().st_size for name in (CONFIG_NAME, WEIGHTS_NAME) if (path / name).exists())
+
+
+def write_dir_atomic(target: "str | Path", fill: Callable[[Path], None]) -> Path:
+    """Call ``fill(tmp)`` on a fresh folder beside ``target``, then swap it in."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(f".{target.name}.tmp-", target.parent)
+    try:
+        fill(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            # renamed before deleting, so a half-deleted folder never looks like a usable ".old"
+            trash = target.with_name(f".{target.name}.trash-{os.getpid()}")
+            os.replace(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
