@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import socket
 import time
@@ -13,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 
 from adapterkit import AdapterModel
 from adapterkit.errors import AdapterError, CheckpointError
@@ -156,10 +154,14 @@ def test_max_length_over_the_model_is_refused_at_start(encoder):
     assert Engine(model, load_tokenizer(str(base)), ServeConfig(model=str(base))).max_length == 512
 
 
-def test_max_length_over_the_model_fails_the_serve_command(encoder, capsys):
+def test_max_length_over_the_model_fails_the_serve_command(encoder, capsys, monkeypatch):
+    import uvicorn
+
     from adapterkit.cli import main
 
     base, _ = encoder
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)  # were it to start, return at once
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **k: None)
     assert main(["serve", "--model", str(base), "--max-length", "2048", "--port", "1"]) == 2
     assert "--max-length 2048 is more than" in capsys.readouterr().err
 

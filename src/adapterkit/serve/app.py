@@ -137,6 +137,11 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
             headers["Allow"] = ", ".join(sorted(methods))
         return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
 
+    @app.exception_handler(RecursionError)
+    async def _deep(request: Request, exc: RecursionError):  # json.loads of a body like [[[[...]]]]
+        return JSONResponse({"detail": "The body is nested too deeply to be a request; send a flat JSON object."},
+                            400)
+
     @app.exception_handler(AdapterError)
     async def _refused(request: Request, exc: AdapterError):
         return JSONResponse({"detail": str(exc)}, 422)
@@ -237,7 +242,7 @@ def _printable(value: Any) -> Any:
     """Field errors made safe for a JSON answer: the ``input`` they echo may hold NaN or
     infinity (not JSON) or a lone surrogate (not UTF-8), which are shown as text instead."""
     if isinstance(value, dict):
-        return {k: _printable(v) for k, v in value.items()}
+        return {_printable(k): _printable(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_printable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
