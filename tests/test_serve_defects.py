@@ -344,3 +344,44 @@ def test_slow_clients_are_timed_out_and_do_not_block_others(encoder, cap):
                 s.close()
         metrics = httpx.get(running.url + "/metrics").text
         assert 'status="500"' not in metrics
+
+
+def test_stalled_clients_do_not_exhaust_a_low_descriptor_limit(encoder, tmp_path):
+    """``adapterkit serve`` as a process under ``ulimit -n 160`` (the cap then is 96 connections):
+    200 stalled connections do not make normal requests fail (they used to: every accept failed)."""
+    import resource
+    import subprocess
+    import sys
+
+    from serve_helpers import free_port
+
+    base, dirs = encoder
+    port = free_port()
+    (tmp_path / "serve.json").write_text(json.dumps({"model": str(base), "adapters": {"sent": str(dirs["sent"])}}))
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
+
+    proc = subprocess.Popen([sys.executable, "-m", "adapterkit", "serve", "--config", str(tmp_path / "serve.json"),
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=low_limit)
+    stalled: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        stalled = [_stall(port, ("header", "body", "idle")[i % 3]) for i in range(200)]
+        for _ in range(3):
+            answer = httpx.post(f"http://127.0.0.1:{port}/v1/classify", json={"adapter": "sent", "texts": ["fine"]},
+                                timeout=10)
+            assert answer.status_code == 200, answer.text
+    finally:
+        for s in stalled:
+            s.close()
+        proc.terminate()
+        proc.wait(30)
