@@ -323,10 +323,10 @@ def _closed_by(sock: socket.socket, deadline: float) -> bool:
 @pytest.mark.parametrize("cap", [0, 60])
 def test_slow_clients_are_timed_out_and_do_not_block_others(encoder, cap):
     """300 connections that stall mid-header, mid-body or before a byte: normal requests are
-    still answered while they hang, and each is closed within the read timeout (2 s); with a
+    still answered while they hang, and each is closed within the read timeout (3 s); with a
     cap of 60 connections the oldest stalled ones make room for the normal requests."""
     base, dirs = encoder
-    config = ServeConfig(model=str(base), adapters={"sent": str(dirs["sent"])}, read_timeout=2.0,
+    config = ServeConfig(model=str(base), adapters={"sent": str(dirs["sent"])}, read_timeout=3.0,
                          max_connections=cap)
     with Running(config) as running:
         start = time.monotonic()
@@ -336,8 +336,8 @@ def test_slow_clients_are_timed_out_and_do_not_block_others(encoder, cap):
                 for _ in range(3):
                     answer = client.post("/v1/classify", json={"adapter": "sent", "texts": ["fine"]})
                     assert answer.status_code == 200, answer.text
-            assert time.monotonic() - start < 2.0  # answered while the stalled connections were open
-            deadline = start + 2.0 + 1.5
+            assert time.monotonic() - start < 3.0  # answered while the stalled connections were open
+            deadline = start + 3.0 + 1.5
             assert all(_closed_by(s, deadline) for s in stalled)
         finally:
             for s in stalled:
