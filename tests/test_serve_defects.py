@@ -15,6 +15,7 @@ import pytest
 
 from adapterkit import AdapterModel
 from adapterkit.errors import AdapterError, CheckpointError
+from adapterkit.io import read_meta
 from adapterkit.serve.config import ServeConfig
 
 from serve_helpers import Running, make_decoder, make_encoder
@@ -75,6 +76,7 @@ def test_an_empty_admin_token_turns_admin_off(encoder, token, monkeypatch):
         assert [a["name"] for a in httpx.get(running.url + "/v1/adapters").json()] == ["sent"]
     monkeypatch.setenv("ADAPTERKIT_ADMIN_TOKEN", " ")
     assert ServeConfig(model="m").with_token_from_env().admin_token is None
+    assert ServeConfig(model="m", admin_token=" t ").admin_token == "t"  # a header's value arrives stripped
 
 
 def test_symlinked_files_inside_an_allowed_root_are_refused(server, encoder):
@@ -215,6 +217,8 @@ def test_a_malformed_adapter_folder_is_a_checkpoint_error_and_a_422(server, enco
     model = AdapterModel.from_pretrained(str(base))
     with pytest.raises(CheckpointError, match="adapter_config.json"):
         model.load_adapter(folder)
+    with pytest.raises(CheckpointError, match="adapter_config.json"):  # what inspect reads
+        read_meta(f"{folder}/adapter_config.json")
     assert not model.adapters and not model.heads  # nothing half done
     answer = httpx.post(server.url + "/v1/adapters", json={"name": f"bad_{case}", "path": folder}, headers=GOOD)
     assert answer.status_code == 422, answer.text

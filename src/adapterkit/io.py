@@ -17,6 +17,7 @@ to the model's dtype when they are copied into its parameters (``load_state_dict
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -118,14 +119,7 @@ def read_checkpoint(directory: "str | os.PathLike") -> tuple[dict[str, Any], dic
                 f"'{f}' is missing: an adapter checkpoint holds {CONFIG_NAME} and {WEIGHTS_NAME}. "
                 "Save it again with save_adapter()."
             )
-    try:
-        meta = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"'{config_file}' is not valid JSON ({err}); the file is corrupt: save the adapter again.") from None
-    except RecursionError:
-        raise CheckpointError(f"'{config_file}' is nested too deeply to be an adapter config; the file is corrupt: "
-                              "save the adapter again.") from None
-    check_meta(meta, config_file)
+    meta = read_meta(config_file)
     try:
         tensors = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError) as err:
@@ -133,8 +127,40 @@ def read_checkpoint(directory: "str | os.PathLike") -> tuple[dict[str, Any], dic
             f"'{weights_file}' cannot be read ({err}); it is truncated or corrupt: save the adapter again."
         ) from None
     check_tensors(tensors, weights_file)
-    check_head_size(meta, tensors, config_file)
+    check_head_size(meta, sum(t.numel() for k, t in tensors.items() if k.startswith("head.")), config_file)
     return meta, tensors
+
+
+def read_meta(config_file: "str | os.PathLike") -> dict[str, Any]:
+    """``adapter_config.json`` parsed and checked (``check_meta``), without the weights: what
+    ``inspect`` and the other readers of a checkpoint's description should use."""
+    config_file = Path(config_file)
+    try:
+        meta = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"'{config_file}' is not valid JSON ({err}); the file is corrupt: save the adapter again.") from None
+    except RecursionError:
+        raise CheckpointError(f"'{config_file}' is nested too deeply to be an adapter config; the file is corrupt: "
+                              "save the adapter again.") from None
+    except OSError as err:
+        raise CheckpointError(f"'{config_file}' cannot be read ({err.strerror or err}); check the path.") from None
+    check_meta(meta, config_file)
+    held = _head_numbers_on_disk(config_file.parent / WEIGHTS_NAME)
+    if held is not None:
+        check_head_size(meta, held, config_file)
+    return meta
+
+
+def _head_numbers_on_disk(weights_file: Path) -> "int | None":
+    """How many numbers the ``head.*`` tensors of a safetensors file hold, read from its header
+    only (no tensor is loaded); ``None`` when the file cannot be read (its reader says why)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights_file), framework="pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("head."))
+    except Exception:  # noqa: BLE001 - missing or corrupt: read_checkpoint names the problem when it loads the file
+        return None
 
 
 def check_meta(meta: Any, config_file: "str | os.PathLike") -> None:
@@ -181,15 +207,14 @@ def check_meta(meta: Any, config_file: "str | os.PathLike") -> None:
         raise wrong("name", "a string")
 
 
-def check_head_size(meta: dict[str, Any], tensors: dict[str, torch.Tensor], config_file: "str | os.PathLike") -> None:
-    """A head's ``num_labels`` must be a whole number its saved weights can hold (its output layer
-    has at least ``num_labels`` numbers): refused before the head is built, so an edited
-    ``num_labels: 1000000000000`` never allocates."""
+def check_head_size(meta: dict[str, Any], held: int, config_file: "str | os.PathLike") -> None:
+    """A head's ``num_labels`` must be a whole number its saved weights (``held`` numbers in the
+    ``head.*`` tensors) can hold, as its output layer has at least ``num_labels`` numbers: refused
+    before the head is built, so an edited ``num_labels: 1000000000000`` never allocates."""
     head = meta.get("head")
     if not isinstance(head, dict) or "num_labels" not in head:
         return
     labels = head["num_labels"]
-    held = sum(t.numel() for k, t in tensors.items() if k.startswith("head."))
     if not isinstance(labels, int) or isinstance(labels, bool) or not 1 <= labels <= max(held, 1):
         raise CheckpointError(f"'{config_file}': the head's num_labels is {_short(labels)}, which its saved weights "
                               f"({held} numbers) cannot hold; the file was edited or is corrupt: save the adapter again.")

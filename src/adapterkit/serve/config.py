@@ -50,8 +50,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapters", dict(self.adapters))
         object.__setattr__(self, "allowed_roots", tuple(str(r) for r in self.allowed_roots))
-        if isinstance(self.admin_token, str) and not self.admin_token.strip():
-            object.__setattr__(self, "admin_token", None)  # an empty token is no token (as ADAPTERKIT_ADMIN_TOKEN="")
+        if isinstance(self.admin_token, str):  # an empty token is no token (as ADAPTERKIT_ADMIN_TOKEN=""); the
+            object.__setattr__(self, "admin_token", self.admin_token.strip() or None)  # header's value is stripped too
         try:
             check_field_types(self)
         except TypeError as err:
