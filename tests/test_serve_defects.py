@@ -145,6 +145,14 @@ def test_bad_temperatures_are_a_422(gen_server, temperature):
     assert answer.status_code == 422, answer.text
 
 
+def test_a_tiny_but_valid_temperature_samples_like_greedy(gen_server):
+    greedy = httpx.post(gen_server.url + "/v1/generate", json={"prompt": "the sea", "max_new_tokens": 4})
+    tiny = httpx.post(gen_server.url + "/v1/generate", json={"prompt": "the sea", "max_new_tokens": 4,
+                                                            "temperature": 1e-5})
+    assert greedy.status_code == tiny.status_code == 200, tiny.text
+    assert tiny.json()["text"] == greedy.json()["text"]
+
+
 def test_max_length_over_the_model_is_refused_at_start(encoder):
     from adapterkit.loader import load_tokenizer
     from adapterkit.serve.engine import Engine

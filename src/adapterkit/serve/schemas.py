@@ -9,8 +9,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 #: adapter names: no path separators, no dots (the registry and the admin endpoints check it too)
 NAME_PATTERN = r"^[A-Za-z0-9_\-]{1,64}$"
-#: the smallest sampling temperature: below it the logits / temperature overflow float32
-MIN_TEMPERATURE = 1e-3
+#: the smallest sampling temperature: far below it ``logits / temperature`` overflows float32 (1e-45
+#: is a denormal, 1e-300 rounds to 0); at it sampling is already as good as greedy
+MIN_TEMPERATURE = 1e-6
 
 
 def _no_surrogates(text: str) -> str:
