@@ -31,6 +31,8 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"'{path}' is not valid JSON ({err}); the file is corrupt.") from None
+    except RecursionError:
+        raise CheckpointError(f"'{path}' is nested too deeply to be an adapter file; the file is corrupt.") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"'{path}' holds a {type(data).__name__}, not a JSON object; the file is corrupt.")
     return data

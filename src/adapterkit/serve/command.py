@@ -22,10 +22,11 @@ _FLAGS = {
     "--queue-size": ("queue_size", int, "requests waiting; one more answers 429 (default 256)"),
     "--timeout": ("timeout", float, "seconds per request, queueing included; then 504 (default 30)"),
     "--admin-token": ("admin_token", str, "bearer token for loading / unloading adapters (default: "
-                                          "$ADAPTERKIT_ADMIN_TOKEN; none: those endpoints are off)"),
+                                          "$ADAPTERKIT_ADMIN_TOKEN; none or empty: those endpoints are off)"),
     "--max-texts": ("max_texts", int, "texts per request (default 64; more: 413)"),
     "--max-chars": ("max_chars", int, "characters per text (default 10000; more: 413)"),
-    "--max-length": ("max_length", int, "tokens per text after truncation (default 512)"),
+    "--max-length": ("max_length", int, "tokens per text after truncation, and per generate prompt (default 512, or "
+                                        "the model's positions if fewer; more than the model's: refused at start)"),
     "--max-new-tokens": ("max_new_tokens", int, "generate's upper bound (default 256; more: 422)"),
     "--ray-address": ("ray_address", str, "with --ray: the Ray cluster to join ('auto', or HEAD:6379; default: "
                                           "$RAY_ADDRESS, else a local cluster)"),
@@ -35,6 +36,11 @@ _FLAGS = {
     "--replica-cpus": ("replica_cpus", float, "with --ray: CPUs Ray reserves per replica (default 1)"),
     "--torch-threads": ("torch_threads", int, "intra-op threads of the forward (default 0: cores - 1, one core "
                                               "is left for HTTP; under --ray: the replica's CPUs)"),
+    "--read-timeout": ("read_timeout", float, "seconds a client has to send a whole request, headers and body; "
+                                              "then its connection is closed (default 10)"),
+    "--max-connections": ("max_connections", int, "open connections at most; past it the oldest connection still "
+                                                  "sending its request is closed (default: the descriptor limit "
+                                                  "- 64, at most 1000)"),
 }
 
 
@@ -98,7 +104,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ray_deployment.run(config)
         return 0
 
+    from .connections import uvicorn_config  # noqa: PLC0415 - optional dependency: the serve extra (uvicorn)
+
     torch.set_num_threads(config.threads)  # the process's: a server owns its process
     app = create_app(build_engine(config))
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    uvicorn.Server(uvicorn_config(app, config)).run()
     return 0

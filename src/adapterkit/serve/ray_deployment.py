@@ -47,7 +47,7 @@ def _adapter_of(path: str, body: bytes) -> str:
         return ""
     try:
         adapter = json.loads(body).get("adapter")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: [[[[...]]]]; the replica answers 400
         return ""
     return adapter if isinstance(adapter, str) else ""
 
