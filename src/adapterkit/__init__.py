@@ -10,6 +10,16 @@ multiplication). Named methods are presets of these choices. Start with ``Adapte
     model.train_adapter("sst2")
 """
 
+import logging as _logging
+
+# torchao (the `quant` extra), once installed, is imported by transformers at start-up; on a CPU build
+# it logs that its CUDA kernels cannot load, and torch warns about torchao's enums. Neither concerns
+# a user of adapterkit, and on every command they would bury the one-line answers, so those two
+# loggers are quieted to errors unless the application set a level for them itself.
+for _name in ("torchao", "torch.utils._pytree"):
+    if _logging.getLogger(_name).level == _logging.NOTSET:
+        _logging.getLogger(_name).setLevel(_logging.ERROR)
+
 from ._version import __version__  # noqa: E402,F401
 
 from .composition.blocks import Average, BatchSplit, Fuse, Parallel, Stack  # noqa: E402
