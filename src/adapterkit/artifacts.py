@@ -38,8 +38,11 @@ class Artifact:
 
 
 def locate(path: "str | Path", what: str = "--adapter") -> Artifact:
-    """Find the adapter or model in ``path``; errors name the argument as ``what`` (e.g. ``--adapter``)."""
-    path = Path(path)
+    """Find the adapter or model in ``path``; errors name the argument as ``what`` (e.g. ``--adapter``).
+    A remote location (``s3://``, ``http(s)://``, ``hf://``) is fetched into the cache first."""
+    from .sharing import local_folder
+
+    path = Path(local_folder(path))
     if not path.exists():
         raise AdapterError(f"{what} {path}: no such folder; pass a run folder (--out of adapterkit train) or an adapter folder.")
     if not path.is_dir():

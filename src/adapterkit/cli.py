@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 
 from .errors import AdapterError
 from .serve import command as serve_command
+from . import cli_sharing
 
 EXIT_BAD_INPUT = 2
 
@@ -200,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickled *.bin weights (torch.load with weights_only=True); refused otherwise")
     serve_command.add_parser(sub)
+    cli_sharing.add_parsers(sub)
     return parser
 
 
@@ -505,7 +507,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "inspect": cmd_inspect, "merge": cmd_merge,
-            "convert": cmd_convert, "serve": serve_command.cmd_serve}
+            "convert": cmd_convert, "serve": serve_command.cmd_serve, **cli_sharing.COMMANDS}
 
 
 def _quiet_libraries() -> None:

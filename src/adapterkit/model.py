@@ -819,6 +819,14 @@ class AdapterModel(nn.Module):
             return
         write_checkpoint(directory, meta, tensors)
 
+    def push_adapter(self, name: str, location: str, *, overwrite: bool = False, with_head: bool = True,
+                     format: str = "adapterkit") -> dict:
+        """Publish adapter ``name`` at ``location`` (a folder, ``s3://``, ``hf://``) with a manifest and a
+        model card (``adapterkit.sharing.publish``); ``overwrite=True`` replaces a published one."""
+        from .sharing import push_adapter
+
+        return push_adapter(self, name, location, overwrite=overwrite, with_head=with_head, format=format)
+
     def save_all_adapters(self, directory: "str | os.PathLike", *, with_head: bool = True) -> None:
         """Each adapter into ``directory/<name>``."""
         for name in self.adapters:
@@ -832,7 +840,12 @@ class AdapterModel(nn.Module):
         (recognised by their files); returns its name. Checks that the checkpoint fits this base
         model, and (``strict_base``) that it was trained on this very base (``fingerprint.py``);
         on any error the model is left as it was. ``allow_pickle=True`` reads a foreign folder's
-        pickled ``*.bin`` weights (``torch.load(weights_only=True)``); they are refused otherwise."""
+        pickled ``*.bin`` weights (``torch.load(weights_only=True)``); they are refused otherwise.
+        ``directory`` may also be a location (``file://``, ``s3://``, ``http(s)://``, ``hf://``): it is
+        fetched into the verified cache first (``adapterkit.sharing``)."""
+        from .sharing import local_folder
+
+        directory = local_folder(directory)
         if foreign_format(directory):
             meta, tensors = read_foreign(directory, self, allow_pickle=allow_pickle)
         else:

@@ -1,0 +1,15 @@
+"""Sharing adapters: locations (local, ``file://``, ``s3://``, ``http(s)://``, ``hf://``), a
+verified local cache, publishing with a manifest and a model card, and listing.
+
+* ``locations.local_folder`` -- what every "adapter folder" argument goes through;
+* ``cache`` -- the content-addressed cache (``adapterkit cache ls / rm / prune``);
+* ``publish`` -- ``adapterkit push`` / ``AdapterModel.push_adapter`` and ``adapterkit ls``;
+* ``manifest``, ``card``, ``stores`` -- the pieces they are made of.
+"""
+
+from .cache import cache_root
+from .locations import local_folder, pull
+from .publish import ls, push, push_adapter
+from .stores import is_remote
+
+__all__ = ["cache_root", "is_remote", "local_folder", "ls", "pull", "push", "push_adapter"]

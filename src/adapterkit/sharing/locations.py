@@ -1,0 +1,49 @@
+"""Adapter locations: turn what a user typed into a local, verified adapter folder.
+
+``local_folder(location)`` is the one call every place that accepts an adapter folder makes
+(``AdapterModel.load_adapter``, the CLI's ``--adapter``, ``serve --adapter`` and the load
+endpoint). A local path or ``file://`` URL comes back as the path (a folder holding a manifest is
+checked against it); ``s3://``, ``http(s)://`` and ``hf://`` locations are fetched into the cache
+(``cache.py``) and the cached folder comes back. With ``HF_HUB_OFFLINE`` set, an ``hf://`` location
+is answered from the cache alone.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from pathlib import Path
+
+from .cache import Fetched, cache_root, fetch, lookup
+from .manifest import read_local_manifest
+from .stores import hf_offline, is_remote, open_store, scheme_of
+
+
+def local_path(location: str | os.PathLike) -> Path:
+    """A local path or ``file://`` URL as a ``Path`` (no check that it exists)."""
+    text = os.fspath(location)
+    if scheme_of(text) == "file":
+        return Path(urllib.parse.unquote(urllib.parse.urlparse(text).path))
+    return Path(text).expanduser() if text.startswith("~") else Path(text)
+
+
+def pull(location: str, root: Path | None = None) -> Fetched:
+    """Fetch a remote ``location`` into the cache (or find it there); see ``cache.fetch``."""
+    if scheme_of(location) == "hf" and hf_offline():
+        found = lookup(location, root)
+        if found is not None:
+            return Fetched(found, found.name, True)
+    return fetch(open_store(location), root or cache_root())
+
+
+def local_folder(location: str | os.PathLike) -> str | os.PathLike | Path:
+    """What to read an adapter from: the path itself for local input (unchanged, so error messages
+    name what the user typed), or the verified cache folder of a remote location."""
+    if is_remote(location):
+        return pull(str(location)).folder
+    path = local_path(location)
+    if path.is_dir():
+        manifest = read_local_manifest(path)
+        if manifest is not None:
+            manifest.check_folder(path, str(location))
+    return path if scheme_of(os.fspath(location)) == "file" else location
