@@ -7,9 +7,10 @@ verified local cache, publishing with a manifest and a model card, and listing.
 * ``manifest``, ``card``, ``stores`` -- the pieces they are made of.
 """
 
-from .cache import cache_root
-from .locations import local_folder, pull
+from .cache import AdapterNotFound, cache_root
+from .locations import local_folder, local_model, pull
 from .publish import ls, push, push_adapter
 from .stores import is_remote
 
-__all__ = ["cache_root", "is_remote", "local_folder", "ls", "pull", "push", "push_adapter"]
+__all__ = ["AdapterNotFound", "cache_root", "is_remote", "local_folder", "local_model", "ls", "pull", "push",
+           "push_adapter"]

@@ -52,6 +52,10 @@ def cache_root() -> Path:
     return Path(base) / "adapterkit"
 
 
+class AdapterNotFound(AdapterError):
+    """Nothing is published at a location (the server then tries its next source, or answers 404)."""
+
+
 @dataclass
 class Fetched:
     folder: Path
@@ -119,24 +123,29 @@ def _remote_path(manifest: Manifest, name: str) -> str:
     return name
 
 
-def _unlisted_manifest(store: Store, tmp: Path) -> Manifest:
-    """A folder published without a manifest (a plain PEFT / AdapterHub folder): take its files as
-    they are (the top level only) and hash them here, so the cache copy is checked from now on."""
+def _unlisted_manifest(store: Store, tmp: Path, required: str) -> Manifest:
+    """A folder published without a manifest (a plain PEFT / AdapterHub folder, a model folder):
+    take its files as they are (the top level only) and hash them here, so the cache copy is
+    checked from now on. ``required``: the file that says it is what the caller wants."""
     names = [n for n, is_dir in store.list() if not is_dir] if store.can_list else list(KNOWN_FILES)
+    if required not in names:
+        names.append(required)
     for name in names:
         if name.startswith("."):
             continue
         data = store.read(name)
         if data is not None:
             (tmp / name).write_bytes(data)
-    if not (tmp / "adapter_config.json").is_file():
-        raise AdapterError(f"{store.location}: no adapter there (neither {MANIFEST_NAME} nor adapter_config.json); "
-                           "check the location, or list what it holds with adapterkit ls.")
+    if not (tmp / required).is_file():
+        what = "adapter" if required == "adapter_config.json" else "model"
+        raise AdapterNotFound(f"{store.location}: no {what} there (neither {MANIFEST_NAME} nor {required}); check the "
+                              "location, or list what it holds with adapterkit ls.")
     return build_manifest(tmp, {"verified": False})
 
 
-def fetch(store: Store, root: Path | None = None) -> Fetched:
-    """The adapter at ``store`` as a verified local folder, downloading it unless it is cached."""
+def fetch(store: Store, root: Path | None = None, *, required: str = "adapter_config.json") -> Fetched:
+    """The adapter (or, ``required="config.json"``, the model) at ``store`` as a verified local
+    folder, downloading it unless it is cached."""
     root = root or cache_root()
     location = store.location
     raw = store.read(MANIFEST_NAME)
@@ -154,7 +163,7 @@ def fetch(store: Store, root: Path | None = None) -> Fetched:
     tmp.mkdir()
     try:
         if manifest is None:
-            manifest = _unlisted_manifest(store, tmp)
+            manifest = _unlisted_manifest(store, tmp, required)
         else:
             for name in sorted(manifest.files):
                 check_file_name(name, location)

@@ -27,13 +27,21 @@ def local_path(location: str | os.PathLike) -> Path:
     return Path(text).expanduser() if text.startswith("~") else Path(text)
 
 
-def pull(location: str, root: Path | None = None) -> Fetched:
+def pull(location: str, root: Path | None = None, *, required: str = "adapter_config.json") -> Fetched:
     """Fetch a remote ``location`` into the cache (or find it there); see ``cache.fetch``."""
     if scheme_of(location) == "hf" and hf_offline():
         found = lookup(location, root)
         if found is not None:
-            return Fetched(found, found.name, True)
-    return fetch(open_store(location), root or cache_root())
+            return Fetched(found, found.parent.name, True)
+    return fetch(open_store(location), root or cache_root(), required=required)
+
+
+def local_model(location: str) -> str:
+    """A base model given as a location (``serve --model s3://...``, each Ray replica) fetched into
+    the cache: its local folder; anything else (a folder, an alias) is returned as it is."""
+    if not is_remote(location):
+        return str(local_path(location)) if scheme_of(location) == "file" else location
+    return str(pull(location, required="config.json").folder)
 
 
 def local_folder(location: str | os.PathLike) -> str | os.PathLike | Path:
