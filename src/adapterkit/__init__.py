@@ -26,6 +26,21 @@ from .errors import AdapterError, CheckpointError  # noqa: E402
 from .heads import HeadConfig  # noqa: E402
 from .methods import BottleneckConfig, IA3Config, LoRAConfig, PrefixTuningConfig, PromptTuningConfig  # noqa: E402
 from .model import AdapterModel  # noqa: E402
+from .adapterhub_api import (  # noqa: E402  AdapterHub's entry points: `import adapterkit as adapters`
+    AutoAdapterModel,
+    DoubleSeqBnConfig,
+    ParBnConfig,
+    SeqBnConfig,
+    init,
+)
+
+
+def __getattr__(name: str):
+    if name == "AdapterTrainer":  # imports transformers.Trainer only when asked for
+        from . import adapterhub_api
+
+        return adapterhub_api.AdapterTrainer
+    raise AttributeError(f"module 'adapterkit' has no attribute {name!r}")
 
 __all__ = [
     "AdapterModel",
@@ -49,5 +64,10 @@ __all__ = [
     "config_from_dict",
     "available_methods",
     "available_presets",
+    "AutoAdapterModel",
+    "init",
+    "SeqBnConfig",
+    "DoubleSeqBnConfig",
+    "ParBnConfig",
     "__version__",
 ]

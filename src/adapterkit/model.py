@@ -834,7 +834,7 @@ class AdapterModel(nn.Module):
 
     def load_adapter(
         self, directory: "str | os.PathLike", *, load_as: Optional[str] = None, set_active: bool = False,
-        with_head: bool = True, allow_pickle: bool = False, strict_base: bool = True,
+        with_head: bool = True, allow_pickle: bool = False, strict_base: bool = True, source: Optional[str] = None,
     ) -> str:
         """Load an adapter (and its head) saved by ``save_adapter``, or by PEFT or AdapterHub
         (recognised by their files); returns its name. Checks that the checkpoint fits this base
@@ -842,10 +842,11 @@ class AdapterModel(nn.Module):
         on any error the model is left as it was. ``allow_pickle=True`` reads a foreign folder's
         pickled ``*.bin`` weights (``torch.load(weights_only=True)``); they are refused otherwise.
         ``directory`` may also be a location (``file://``, ``s3://``, ``http(s)://``, ``hf://``): it is
-        fetched into the verified cache first (``adapterkit.sharing``)."""
+        fetched into the verified cache first (``adapterkit.sharing``); AdapterHub's
+        ``load_adapter("org/name", source="hf")`` means ``"hf://org/name"``."""
         from .sharing import local_folder
 
-        directory = local_folder(directory)
+        directory = local_folder(directory, source=source)
         if foreign_format(directory):
             meta, tensors = read_foreign(directory, self, allow_pickle=allow_pickle)
         else:
