@@ -165,6 +165,14 @@ CASES: list[tuple[str, list[str], str]] = [
      ["train", "--model", "speech-bare", "--train", "clips", "--out", "new", *FAST], "preprocessor_config.json"),
     ("audio clips for a text model", ["train", "--model", "bert", "--train", "clips", "--out", "new", *FAST],
      "reads text"),
+    ("push: not an adapter", ["push", "notes", "pub"], "not an adapter folder"),
+    ("push: into a folder of other files", ["push", "run", "notes"], "holds other files"),
+    ("push: to a static web server", ["push", "run", "http://127.0.0.1:9/pub"], "read only"),
+    ("pull: a local folder", ["pull", "notes"], "is local already"),
+    ("ls: no such folder", ["ls", "nope"], "no such folder"),
+    ("cache rm: not in the cache", ["cache", "rm", "nope"], "adapterkit cache ls"),
+    ("eval: an AdapterHub hub name", ["eval", "--adapter", "nli/multinli@ukp", "--data", "dev.tsv"],
+     "hf://nli/multinli"),
 ]
 STDIN = {"predict: nothing on stdin": b"\n\n", "predict: stdin not in UTF-8": "na\xefve\n".encode("latin-1")}
 

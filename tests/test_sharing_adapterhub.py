@@ -50,7 +50,7 @@ def test_adapterhub_quickstart_runs_with_one_import_changed(base, tmp_path, monk
     namespace = {"BASE": str(base)}
     with hub_server(hub) as (url, seen):
         monkeypatch.setenv("HF_ENDPOINT", url)
-        exec(compile(doc_block(0), "docs/sharing.md quickstart", "exec"), namespace)
+        exec(compile(doc_block(0), "docs/sharing.md quickstart", "exec"), namespace)  # noqa: S102 - the doc example
     assert any("/AdapterHub/bert-tiny-pf-sst2/resolve/main/" in path for path, _ in seen)
     # the same logits as the adapter loaded from its folder
     local = AdapterModel.from_pretrained(str(base))
@@ -68,7 +68,7 @@ def test_adapterhub_training_example_runs_with_one_import_changed(base, tmp_path
              [("a fine film", 1), ("dull and long", 0), ("this works great !", 1), ("long and dull", 0)] * 4]
     namespace = {"BASE": str(base), "OUT": str(tmp_path / "out"), "TRAIN": train}
     torch.manual_seed(0)
-    exec(compile(doc_block(1), "docs/sharing.md training", "exec"), namespace)
+    exec(compile(doc_block(1), "docs/sharing.md training", "exec"), namespace)  # noqa: S102 - the doc example
     model = namespace["model"]
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(n.startswith("adapterkit_adapters.rotten_tomatoes.") for n in trained)

@@ -96,6 +96,7 @@ def stage(source: Path, location: str, into: Path) -> Manifest:
 def push(source: str | os.PathLike, location: str, *, overwrite: bool = False) -> dict[str, Any]:
     """Publish the adapter (or run) folder ``source`` at ``location``; returns the manifest's info."""
     source = local_path(source)
+    _adapter_and_run(source)  # a bad source is refused before anything is written
     if not is_remote(location):
         return _push_local(source, local_path(location), location, overwrite)
     store = open_store(location)
