@@ -1,7 +1,7 @@
 """Cold loads of ``adapterkit serve --adapter-source``: time to the first answer for an adapter not
 yet loaded (fetched from S3), and what loads cost the requests in flight.
 
-    python bench/serve_cold_load.py                       # tiny BERT, 12 cold adapters, 4 clients, 6 s
+    python bench/serve_cold_load.py                       # tiny BERT, 12 + 24 cold adapters, 4 clients
     python bench/serve_cold_load.py --model minilm        # all-MiniLM-L6-v2 and MiniLM-sized adapters
 
 Everything runs on 127.0.0.1 in this process: moto's S3 API (``ThreadedMotoServer``), the server
@@ -10,9 +10,9 @@ with ``urllib``). It publishes ``--cold`` + 1 LoRA adapters with a head, then:
 
 1. *cold*: for each cold adapter in turn, the first request (fetch from S3 into an empty cache,
    verify, load) and a second one (loaded): time to answer, median and max;
-2. *in flight*: ``--clients`` threads send one-text requests to the one warm adapter for
-   ``--seconds`` -- once alone, once while another thread requests the cold adapters of a second
-   set one after another; p50 / p99 of the warm requests in both phases, and the loads done.
+2. *in flight*: ``--clients`` threads send one-text requests to the one warm adapter -- while
+   another thread requests ``--loads`` further cold adapters one after another, and, before and
+   after, as long again without loads; p50 / p99 of the warm requests in each phase.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help="tiny (a random 2-layer BERT) or a model folder / alias")
     parser.add_argument("--cold", type=int, default=12, help="cold adapters per phase")
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--loads", type=int, default=24, help="cold loads during the in-flight phase")
     args = parser.parse_args()
 
     import torch
@@ -71,7 +71,7 @@ def main() -> None:
     else:
         base = args.model
     model = AdapterModel.from_pretrained(base)
-    names = ["warm"] + [f"c{i}" for i in range(2 * args.cold)]
+    names = ["warm"] + [f"c{i}" for i in range(args.cold + args.loads)]
     torch.manual_seed(0)
     with s3_server():
         for name in names:
@@ -93,7 +93,7 @@ def main() -> None:
                   f"max {max(cold) * 1000:.1f} ms over {len(cold)} adapters; the next answer: median "
                   f"{statistics.median(warm) * 1000:.1f} ms")
 
-            def phase(with_loads: bool) -> tuple[list[float], int]:
+            def phase(with_loads: bool, seconds: float = 0.0) -> tuple[list[float], float]:
                 stop, times, loads = threading.Event(), [], []
 
                 def client() -> None:
@@ -109,20 +109,23 @@ def main() -> None:
 
                 threads = [threading.Thread(target=client) for _ in range(args.clients)]
                 threads += [threading.Thread(target=loader)] if with_loads else []
+                start = time.perf_counter()
                 for t in threads:
                     t.start()
-                time.sleep(args.seconds)
+                if with_loads:
+                    threads[-1].join()
+                else:
+                    time.sleep(seconds)
                 stop.set()
                 for t in threads:
                     t.join()
-                return times, len(loads)
+                return times, time.perf_counter() - start
 
-            alone, _ = phase(False)
-            mixed, loaded = phase(True)
-            print(f"in flight, alone:        {len(alone)} requests, p50 {pct(alone, 0.5):.1f} ms, "
-                  f"p99 {pct(alone, 0.99):.1f} ms")
-            print(f"in flight, during loads: {len(mixed)} requests, p50 {pct(mixed, 0.5):.1f} ms, "
-                  f"p99 {pct(mixed, 0.99):.1f} ms ({loaded} cold loads in {args.seconds:g} s)")
+            mixed, seconds = phase(True)
+            for label, times in (("during loads", mixed), ("alone, after", phase(False, seconds)[0]),
+                                 ("alone, again", phase(False, seconds)[0])):
+                print(f"in flight, {label:<13} {len(times):>5} requests in {seconds:.1f} s: p50 {pct(times, 0.5):.1f} "
+                      f"ms, p99 {pct(times, 0.99):.1f} ms" + (f" ({args.loads} cold loads)" if times is mixed else ""))
 
 
 if __name__ == "__main__":

@@ -187,7 +187,8 @@ def ls(location: str) -> list[dict[str, Any]]:
     if not is_remote(location):
         root = local_path(location)
         if not root.is_dir():
-            raise AdapterError(f"{location}: no such folder.")
+            raise AdapterError(f"{location}: no such folder; pass a folder of published adapters or a location "
+                               "(s3://BUCKET/PREFIX, hf://OWNER/REPO).")
         folders = [root] + sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         rows = []
         for folder in folders:
