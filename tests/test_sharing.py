@@ -264,6 +264,11 @@ def test_cli_push_ls_pull_cache(tmp_path, capsys):
         assert cli.main(["pull", "s3://adapters/a"]) == 0
         folder = Path(capsys.readouterr().out.strip())
         assert (folder / "adapter_config.json").is_file()
+        assert cli.main(["inspect", "s3://adapters/a"]) == 0  # --adapter / PATH arguments take locations
+        assert "bottleneck" in capsys.readouterr().out
+        assert cli.main(["convert", "s3://adapters/a", str(tmp_path / "copy"), "--to", "adapterkit",
+                         "--model", str(BASE)]) == 0
+        assert "converted bottleneck adapter 'sent'" in capsys.readouterr().out
         assert cli.main(["cache", "ls"]) == 0
         assert "s3://adapters/a" in capsys.readouterr().out
         assert cli.main(["cache", "rm", "s3://adapters/a"]) == 0

@@ -1,6 +1,8 @@
 """``serve --ray`` without a shared file system: a 2-replica deployment whose base model and
-adapters are locations on the S3 server (moto, 127.0.0.1); each replica fetches them into its
-cache, and answers like the single-process server on the local folders."""
+adapters are locations on the S3 server (moto, 127.0.0.1) -- one given with ``--adapter``, the
+others found under ``--adapter-source`` on first use; each replica fetches them into its cache,
+Ray's multiplexing routes by adapter, and the answers equal the single-process server's on the
+local folders."""
 
 from __future__ import annotations
 
@@ -37,8 +39,8 @@ def test_ray_replicas_load_base_and_adapters_from_the_object_store(tmp_path, mon
         for name in ADAPTERS:
             push(dirs[name], f"s3://adapters/pool/{name}")
         shutil.rmtree(tmp_path / "local")  # nothing on the local disk: only the object store
-        scaled = ServeConfig(model="s3://adapters/bases/bert", adapters={n: f"s3://adapters/pool/{n}" for n in ADAPTERS},
-                             batch_window=0.0, host="127.0.0.1", port=free_port(), ray=True, replicas=2,
+        scaled = ServeConfig(model="s3://adapters/bases/bert", adapters={"sent": "s3://adapters/pool/sent"},
+                             adapter_sources=("s3://adapters/pool",), batch_window=0.0, host="127.0.0.1", port=free_port(), ray=True, replicas=2,
                              max_num_models_per_replica=2, replica_cpus=0.5, torch_threads=1)
         env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == "ADAPTERKIT_CACHE"}
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -59,6 +61,8 @@ def test_ray_replicas_load_base_and_adapters_from_the_object_store(tmp_path, mon
                             assert a[key] == (pytest.approx(b[key], abs=1e-5) if key in ("probability", "values")
                                               else b[key])
             assert len(replicas) == 2  # both replicas fetched the base and adapters themselves
+            missing = httpx.post(url + "/v1/classify", json={"adapter": "nope", "texts": ["x"]}, timeout=60)
+            assert missing.status_code == 404 and "adapter sources" in missing.json()["detail"]
         finally:
             serve.shutdown()
             ray.shutdown()

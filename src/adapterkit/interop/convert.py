@@ -24,8 +24,11 @@ def convert(src: "str | Path", dst: "str | Path", to: str, *, model: Optional[st
 
     if to not in FORMATS:
         raise AdapterError(f"--to {to!r}: choose one of {', '.join(FORMATS)}.")
-    src, dst = Path(src), Path(dst)
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+    from ..sharing import is_remote
+
+    dst = Path(dst)
+    src = src if is_remote(src) else Path(src)  # a location (s3://, hf://, ...) is fetched by locate
+    if isinstance(src, Path) and (dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents):
         raise AdapterError(f"{dst}: converting into the source folder would replace it; choose another folder.")
     artifact = locate(src)
     if artifact.kind != "adapter":

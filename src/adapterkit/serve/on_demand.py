@@ -58,7 +58,10 @@ class OnDemand:
     @classmethod
     def for_config(cls, server: Any) -> OnDemand | None:
         sources = getattr(server.config, "adapter_sources", ())
-        return cls(server, tuple(sources), server.config.max_loaded_adapters) if sources else None
+        if not sources:
+            return None
+        # under Ray, Ray's multiplexing keeps the LRU (max_num_models_per_replica) and calls drop()
+        return cls(server, tuple(sources), 1 << 30 if server.config.ray else server.config.max_loaded_adapters)
 
     def find(self, name: str) -> tuple[Path, bool]:
         """The verified local folder of ``name`` from the first source that has it; whether it
@@ -127,6 +130,17 @@ class OnDemand:
             except HTTPException:
                 await asyncio.sleep(0.01)
         self.server.registry.reserve(name)  # still taken: the 409 names it
+
+    def loaded(self, name: str) -> bool:
+        return name in self.lru
+
+    async def drop(self, name: str) -> None:
+        """Take ``name`` out (Ray evicted it): hidden at once, removed when no request holds it."""
+        if name in self.lru:
+            del self.lru[name]
+            if self.server.registry.hide(name):
+                await self.server.remove(name)
+            self.server.metrics.adapters_loaded.set(len(self.server.registry))
 
     async def _evict(self, keep: str) -> None:
         """Down to ``max_loaded``: drop the least recently used adapters that no request holds."""
