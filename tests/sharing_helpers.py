@@ -112,6 +112,39 @@ class HubHandler(SimpleHTTPRequestHandler):
         return self._send(404, b'{"error": "Entry not found"}', "application/json",
                           {"X-Error-Code": "EntryNotFound"})
 
+    def do_POST(self) -> None:
+        """Enough of the Hub's write API for ``HfApi.create_repo`` / ``create_commit`` with small
+        files (all "regular" uploads, committed as base64 in the NDJSON commit body)."""
+        url = urllib.parse.urlparse(self.path)
+        parts = [urllib.parse.unquote(p) for p in url.path.strip("/").split("/")]
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.seen.append((url.path, self.headers.get("Authorization")))
+        if parts == ["api", "repos", "create"]:
+            data = json.loads(body)
+            name = data["name"] if "/" in data["name"] else f"{data.get('organization')}/{data['name']}"
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+            return self._send(200, json.dumps({"url": f"http://{self.headers['Host']}/{name}"}).encode())
+        if parts[:2] == ["api", "validate-yaml"]:
+            return self._send(200, b"{}")
+        if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "preupload":
+            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                     for f in json.loads(body)["files"]]
+            return self._send(200, json.dumps({"files": files}).encode())
+        if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "commit":
+            import base64
+
+            repo = self.root / parts[2] / parts[3]
+            for line in body.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    target = repo / item["value"]["path"]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(base64.b64decode(item["value"]["content"]))
+            answer = {"commitUrl": f"http://{self.headers['Host']}/{parts[2]}/{parts[3]}/commit/{'1' * 40}",
+                      "commitOid": "1" * 40, "success": True}
+            return self._send(200, json.dumps(answer).encode())
+        return self._send(404, b'{"error": "not found"}')
+
     def _send(self, code: int, body: bytes, kind: str = "application/json", extra: dict | None = None) -> None:
         self.send_response(code)
         self.send_header("Content-Type", kind)

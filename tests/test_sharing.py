@@ -115,6 +115,11 @@ def test_http_file_and_hub_locations_load_identically(tmp_path, monkeypatch):
         assert_identical(loaded("hf://org/peft-lora"), loaded(FOREIGN["peft"]))
         with pytest.raises(AdapterError, match="no adapter there"):
             pull("hf://org/adapters@main/missing")
+        push(src, "hf://org/pushed/sst2")  # through huggingface_hub's create_repo + create_commit
+        assert (hub / "org" / "pushed" / "sst2" / "adapterkit_manifest.json").is_file()
+        assert_identical(loaded("hf://org/pushed/sst2"), local)
+        with pytest.raises(AdapterError, match="--overwrite"):
+            push(src, "hf://org/pushed/sst2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # server gone: the cache answers, or a clear error
     assert_identical(loaded("hf://org/adapters@main/sst2"), local)
     with pytest.raises(AdapterError, match="HF_HUB_OFFLINE"):

@@ -123,3 +123,15 @@ def test_refusals_answer_4xx_with_the_reason(published, tmp_path, monkeypatch):
         status, body = post(f"{server.url}/v1/classify", {"adapter": "a2", "texts": ["x"]})
         assert status == 422 and "base" in body["detail"]
         assert metric(server.url, 'adapterkit_adapter_load_failures_total') == 1
+
+
+def test_serve_flags_reach_the_config():
+    from adapterkit.cli import build_parser
+    from adapterkit.serve.command import config_from_args
+
+    args = build_parser().parse_args(["serve", "--model", "minilm", "--adapter-source", "s3://a/pool",
+                                      "--adapter-source", "hf://org/adapters", "--max-loaded-adapters", "3"])
+    config = config_from_args(args)
+    assert config.adapter_sources == ("s3://a/pool", "hf://org/adapters") and config.max_loaded_adapters == 3
+    with pytest.raises(Exception, match="max_loaded_adapters must be >= 1"):
+        ServeConfig(model="minilm", max_loaded_adapters=0)
