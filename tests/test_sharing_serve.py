@@ -135,3 +135,28 @@ def test_serve_flags_reach_the_config():
     assert config.adapter_sources == ("s3://a/pool", "hf://org/adapters") and config.max_loaded_adapters == 3
     with pytest.raises(Exception, match="max_loaded_adapters must be >= 1"):
         ServeConfig(model="minilm", max_loaded_adapters=0)
+
+
+def test_load_endpoint_takes_a_location_under_a_source(published, tmp_path, monkeypatch):
+    _root, base, expected = published
+    monkeypatch.setenv("ADAPTERKIT_CACHE", str(tmp_path / "cache"))
+    config = ServeConfig(model=str(base), adapter_sources=("s3://adapters/pool",), admin_token="secret",
+                         torch_threads=1)
+
+    def load(server, body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(f"{server.url}/v1/adapters", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json", "Authorization": "Bearer secret"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    with Running(config) as server:
+        status, body = load(server, {"name": "mine", "path": "s3://adapters/pool/a5"})
+        assert status == 201, body
+        status, body = post(f"{server.url}/v1/classify", {"adapter": "mine", "texts": [TEXTS[0]]})
+        got = body["results"][0]["probabilities"]
+        assert status == 200 and [got["neg"], got["pos"]] == pytest.approx(expected["a5", TEXTS[0]], abs=1e-5)
+        status, body = load(server, {"name": "other", "path": "s3://adapters/elsewhere/a5"})
+        assert status == 403 and "--adapter-source" in body["detail"]

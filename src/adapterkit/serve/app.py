@@ -25,6 +25,7 @@ from ..errors import AdapterError
 from .batcher import Batcher, Job, QueueFull
 from .engine import ClassifyJob, ClassifyKey, Engine, GenerateJob, GenerateKey
 from .metrics import Metrics
+from ..sharing import local_folder
 from .on_demand import OnDemand, source_location
 from .registry import Registry
 from .schemas import (NAME_PATTERN, AdapterInfo, ClassifyRequest, ClassifyResponse, Error, GenerateRequest,
@@ -198,7 +199,8 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
         _check_hot_load(hot_load)
         check_admin(authorization, config.admin_token)
         name = check_name(body.name)
-        path = source_location(body.path, config) or check_path(body.path, config.allowed_roots)
+        remote = source_location(body.path, config)  # under an --adapter-source: fetched off the worker thread
+        path = await asyncio.to_thread(local_folder, remote) if remote else check_path(body.path, config.allowed_roots)
         server.registry.reserve(name)
         try:
             described = await server.on_worker(engine.load, name, str(path))
