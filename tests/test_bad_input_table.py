@@ -173,6 +173,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("cache rm: not in the cache", ["cache", "rm", "nope"], "adapterkit cache ls"),
     ("eval: an AdapterHub hub name", ["eval", "--adapter", "nli/multinli@ukp", "--data", "dev.tsv"],
      "hf://nli/multinli"),
+    ("serve: --max-length above the model's positions", ["serve", "--model", "bert", "--max-length", "4096"],
+     "position embeddings hold 128"),
 ]
 STDIN = {"predict: nothing on stdin": b"\n\n", "predict: stdin not in UTF-8": "na\xefve\n".encode("latin-1")}
 

@@ -10,9 +10,11 @@ multiplication). Named methods are presets of these choices. Start with ``Adapte
     model.train_adapter("sst2")
 """
 
-__version__ = "0.1.0"
+import importlib  # noqa: E402
 
-from .composition import Average, BatchSplit, Fuse, Parallel, Stack  # noqa: E402
+from ._version import __version__  # noqa: E402,F401
+
+from .composition.blocks import Average, BatchSplit, Fuse, Parallel, Stack  # noqa: E402
 from .config import (  # noqa: E402
     AdapterConfig,
     available_methods,
@@ -33,13 +35,16 @@ from .adapterhub_api import (  # noqa: E402  AdapterHub's entry points: `import 
     SeqBnConfig,
     init,
 )
+from . import _moved  # noqa: E402
+
+_moved.install()
 
 
 def __getattr__(name: str):
-    if name == "AdapterTrainer":  # imports transformers.Trainer only when asked for
-        from . import adapterhub_api
-
-        return adapterhub_api.AdapterTrainer
+    """``AdapterTrainer`` (``train/adapterhub.py``) is imported on first use: importing adapterkit
+    does not import ``transformers.Trainer``."""
+    if name == "AdapterTrainer":
+        return importlib.import_module("adapterkit.train.adapterhub").AdapterTrainer
     raise AttributeError(f"module 'adapterkit' has no attribute {name!r}")
 
 __all__ = [

@@ -10,7 +10,8 @@
   methods are the instance's attributes, bound to an ``AdapterModel`` kept beside it;
 * ``load_adapter("org/name", source="hf")`` -- the Hub form (``AdapterModel.load_adapter``);
 * the config names ``SeqBnConfig``, ``DoubleSeqBnConfig``, ``ParBnConfig``, ``SeqBnInvConfig``-free
-  presets and ``AdapterTrainer`` (``transformers.Trainer`` that saves the adapters, not the base).
+  presets; ``AdapterTrainer`` (``transformers.Trainer`` that saves the adapters, not the base) is
+  ``train/adapterhub.py``, reached as ``adapterkit.AdapterTrainer``.
 """
 
 from __future__ import annotations
@@ -68,29 +69,3 @@ def _preset(preset: str):
 SeqBnConfig = _preset("seq_bn")
 DoubleSeqBnConfig = _preset("double_seq_bn")
 ParBnConfig = _preset("par_bn")
-
-
-def _adapter_trainer():
-    import transformers
-
-    class AdapterTrainer(transformers.Trainer):
-        """AdapterHub's ``AdapterTrainer``: ``transformers.Trainer`` whose saves write the model's
-        adapters (``save_all_adapters``) instead of the whole base model."""
-
-        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-            import os
-
-            output_dir = output_dir or self.args.output_dir
-            handle = self.model if isinstance(self.model, AdapterModel) else self.model.__dict__.get(HANDLE)
-            if handle is None:
-                return super()._save(output_dir, state_dict)
-            os.makedirs(output_dir, exist_ok=True)
-            handle.save_all_adapters(output_dir)
-
-    return AdapterTrainer
-
-
-def __getattr__(name: str) -> Any:  # AdapterTrainer imports transformers' Trainer only when used
-    if name == "AdapterTrainer":
-        return _adapter_trainer()
-    raise AttributeError(name)

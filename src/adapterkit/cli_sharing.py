@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from .errors import AdapterError
+from .sharing import cache, is_remote, ls, pull, push
 
 LOCATIONS = "a folder, file://, s3://BUCKET/PREFIX, http(s)://... (read only) or hf://OWNER/REPO[@REV][/SUBFOLDER]"
 
@@ -44,8 +45,6 @@ def _size(n: int) -> str:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .sharing import push
-
     info = push(args.dir, args.location, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -56,8 +55,6 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from .sharing import is_remote, pull
-
     if not is_remote(args.location):
         raise AdapterError(f"{args.location} is local already; pull fetches s3://, http(s):// and hf:// locations.")
     fetched = pull(args.location)
@@ -70,8 +67,6 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from .sharing import ls
-
     rows = ls(args.location)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -85,8 +80,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from .sharing import cache
-
     if args.cache_command == "ls":
         rows = cache.entries()
         if args.json:

@@ -21,7 +21,6 @@ from typing import Any
 from fastapi import HTTPException
 from prometheus_client import Counter
 
-from ..errors import AdapterError
 from ..sharing import AdapterNotFound, is_remote, local_folder, pull
 from ..sharing.locations import local_path
 
@@ -104,14 +103,17 @@ class OnDemand:
         try:
             try:
                 folder, hit = await asyncio.to_thread(self.find, name)
-                await self._reserve(name)
-                described = await server.on_worker(server.engine.load, name, str(folder))
             except AdapterNotFound as err:
                 self.failures.labels("unknown").inc()
                 raise HTTPException(404, str(err)) from None
-            except (AdapterError, OSError, ValueError) as err:
-                self.failures.labels("refused").inc()
-                raise HTTPException(422, f"Cannot load adapter '{name}' from the adapter sources: {err}") from None
+            except Exception as err:  # the source's fault (damaged copy, unreachable store): never a 500
+                raise self._refused(name, err) from None
+            await self._reserve(name)
+            try:
+                described = await server.on_worker(server.engine.load, name, str(folder))
+            except Exception as err:  # the folder's fault (the model is left as it was): the name is free again
+                server.registry.unreserve(name)
+                raise self._refused(name, err) from None
             server.registry.add(name, described)
             self.lru[name] = None
             self.loads.inc()
@@ -121,6 +123,10 @@ class OnDemand:
             await self._evict(keep=name)
         finally:
             del self.pending[name]
+
+    def _refused(self, name: str, err: Exception) -> HTTPException:
+        self.failures.labels("refused").inc()
+        return HTTPException(422, f"Cannot load adapter '{name}' from the adapter sources: {err}")
 
     async def _reserve(self, name: str, patience: float = 10.0) -> None:
         """Claim the name; an evicted adapter still leaving the model frees it within moments."""

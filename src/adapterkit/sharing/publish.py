@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError, CheckpointError
+from ..interop import detect_format
 from . import card
 from .locations import local_path
 from .manifest import MANIFEST_NAME, Manifest, build_manifest, read_local_manifest
@@ -45,8 +46,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def describe_adapter(folder: Path) -> dict[str, Any]:
     """name, format, method and base of an adapter folder of any format (from its JSON files)."""
-    from ..interop import detect_format
-
     fmt = detect_format(folder)
     config = _read_json(folder / "adapter_config.json") or {}
     recorded = _read_json(folder / "adapterkit_base.json") or {}

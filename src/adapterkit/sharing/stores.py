@@ -71,7 +71,7 @@ class Store:
 # -- S3 ------------------------------------------------------------------------------------------
 def _s3_filesystem():
     try:
-        import s3fs
+        import s3fs  # noqa: PLC0415 - optional dependency: the sharing extra
     except ImportError:  # pragma: no cover - an extra
         raise AdapterError("s3:// locations need s3fs: pip install 'adapterkit[sharing]'.") from None
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -177,13 +177,13 @@ class HfStore(Store):
 
     @staticmethod
     def endpoint() -> str:
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # noqa: PLC0415 - optional dependency: the sharing extra
 
         return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
     @staticmethod
     def token() -> str | None:
-        from huggingface_hub import get_token
+        from huggingface_hub import get_token  # noqa: PLC0415 - optional dependency: the sharing extra
 
         return os.environ.get("HF_TOKEN") or get_token()
 
@@ -191,14 +191,14 @@ class HfStore(Store):
         return posixpath.join(self.name.subfolder, path) if self.name.subfolder else path
 
     def read(self, path: str) -> bytes | None:
-        from huggingface_hub import hf_hub_url
-        from huggingface_hub.utils import build_hf_headers
+        from huggingface_hub import hf_hub_url  # noqa: PLC0415 - optional dependency: the sharing extra
+        from huggingface_hub.utils import build_hf_headers  # noqa: PLC0415 - optional dependency: the sharing extra
 
         url = hf_hub_url(self.name.repo, self._file(path), revision=self.name.revision, endpoint=self.endpoint())
         return http_get(url, build_hf_headers(token=self.token()), where=self.location)
 
     def _api(self):
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi  # noqa: PLC0415 - optional dependency: the sharing extra
 
         return HfApi(endpoint=self.endpoint(), token=self.token())
 
@@ -224,7 +224,7 @@ class HfStore(Store):
 
     def commit(self, files: dict[str, bytes], message: str) -> None:
         """All files in one Hub commit (a reader sees the old adapter or the new one, never a mix)."""
-        from huggingface_hub import CommitOperationAdd
+        from huggingface_hub import CommitOperationAdd  # noqa: PLC0415 - optional dependency: the sharing extra
 
         api = self._api()
         ops = [CommitOperationAdd(path_in_repo=self._file(n), path_or_fileobj=data) for n, data in files.items()]
