@@ -10,6 +10,7 @@ multiplication). Named methods are presets of these choices. Start with ``Adapte
     model.train_adapter("sst2")
 """
 
+import importlib  # noqa: E402
 import logging as _logging
 
 # torchao (the `quant` extra), once installed, is imported by transformers at start-up; on a CPU build
@@ -36,9 +37,24 @@ from .errors import AdapterError, CheckpointError  # noqa: E402
 from .heads import HeadConfig  # noqa: E402
 from .methods import BottleneckConfig, IA3Config, LoRAConfig, PrefixTuningConfig, PromptTuningConfig  # noqa: E402
 from .model import AdapterModel  # noqa: E402
+from .adapterhub_api import (  # noqa: E402  AdapterHub's entry points: `import adapterkit as adapters`
+    AutoAdapterModel,
+    DoubleSeqBnConfig,
+    ParBnConfig,
+    SeqBnConfig,
+    init,
+)
 from . import _moved  # noqa: E402
 
 _moved.install()
+
+
+def __getattr__(name: str):
+    """``AdapterTrainer`` (``train/adapterhub.py``) is imported on first use: importing adapterkit
+    does not import ``transformers.Trainer``."""
+    if name == "AdapterTrainer":
+        return importlib.import_module("adapterkit.train.adapterhub").AdapterTrainer
+    raise AttributeError(f"module 'adapterkit' has no attribute {name!r}")
 
 __all__ = [
     "AdapterModel",
@@ -62,5 +78,10 @@ __all__ = [
     "config_from_dict",
     "available_methods",
     "available_presets",
+    "AutoAdapterModel",
+    "init",
+    "SeqBnConfig",
+    "DoubleSeqBnConfig",
+    "ParBnConfig",
     "__version__",
 ]

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 
 from transformers.utils import logging as hf_logging
 
+from . import cli_sharing
 from ._version import __version__
 from .config import config_from_dict
 from .convert import convert
@@ -227,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickled *.bin weights (torch.load with weights_only=True); refused otherwise")
     serve_command.add_parser(sub)
+    cli_sharing.add_parsers(sub)
     return parser
 
 
@@ -504,7 +506,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "inspect": cmd_inspect, "merge": cmd_merge,
-            "convert": cmd_convert, "serve": serve_command.cmd_serve}
+            "convert": cmd_convert, "serve": serve_command.cmd_serve, **cli_sharing.COMMANDS}
 
 
 def _quiet_libraries() -> None:

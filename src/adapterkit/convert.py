@@ -14,6 +14,7 @@ from .errors import AdapterError
 from .interop import FORMATS
 from .loader import load_base_model
 from .model import AdapterModel
+from .sharing import is_remote
 from .train.artifacts import base_model_of, locate
 
 
@@ -23,8 +24,9 @@ def convert(src: "str | Path", dst: "str | Path", to: str, *, model: Optional[st
     ``model`` is the base model (a folder or alias), by default the one recorded beside ``src``."""
     if to not in FORMATS:
         raise AdapterError(f"--to {to!r}: choose one of {', '.join(FORMATS)}.")
-    src, dst = Path(src), Path(dst)
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+    dst = Path(dst)
+    src = src if is_remote(src) else Path(src)  # a location (s3://, hf://, ...) is fetched by locate
+    if isinstance(src, Path) and (dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents):
         raise AdapterError(f"{dst}: converting into the source folder would replace it; choose another folder.")
     artifact = locate(src)
     if artifact.kind != "adapter":

@@ -57,6 +57,8 @@ from .layouts import Layout
 from .loader import load_base_model
 from .places.slots import Slot, make_slot
 from .records import AdapterRecord, Adapters, summary
+from .sharing import local_folder
+from .sharing import push_adapter as publish_adapter
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -449,6 +451,12 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
         or ``"adapterhub"`` writes that library's folder instead (``adapterkit.interop``)."""
         saving.save_adapter(self, directory, name, with_head=with_head, format=format)
 
+    def push_adapter(self, name: str, location: str, *, overwrite: bool = False, with_head: bool = True,
+                     format: str = "adapterkit") -> dict:
+        """Publish adapter ``name`` at ``location`` (a folder, ``s3://``, ``hf://``) with a manifest and a
+        model card (``adapterkit.sharing.publish``); ``overwrite=True`` replaces a published one."""
+        return publish_adapter(self, name, location, overwrite=overwrite, with_head=with_head, format=format)
+
     def save_all_adapters(self, directory: "str | os.PathLike", *, with_head: bool = True) -> None:
         """Each adapter into ``directory/<name>``."""
         for name in self.adapters:
@@ -456,15 +464,18 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
 
     def load_adapter(
         self, directory: "str | os.PathLike", *, load_as: Optional[str] = None, set_active: bool = False,
-        with_head: bool = True, allow_pickle: bool = False, strict_base: bool = True,
+        with_head: bool = True, allow_pickle: bool = False, strict_base: bool = True, source: Optional[str] = None,
     ) -> str:
         """Load an adapter (and its head) saved by ``save_adapter``, or by PEFT or AdapterHub
         (recognised by their files); returns its name. Checks that the checkpoint fits this base
         model, and (``strict_base``) that it was trained on this very base (``fingerprint.py``);
         on any error the model is left as it was. ``allow_pickle=True`` reads a foreign folder's
-        pickled ``*.bin`` weights (``torch.load(weights_only=True)``); they are refused otherwise."""
-        record, head = saving.read_adapter(self, directory, load_as=load_as, with_head=with_head,
-                                           allow_pickle=allow_pickle, strict_base=strict_base)
+        pickled ``*.bin`` weights (``torch.load(weights_only=True)``); they are refused otherwise.
+        ``directory`` may also be a location (``file://``, ``s3://``, ``http(s)://``, ``hf://``): it is
+        fetched into the verified cache first (``adapterkit.sharing``); AdapterHub's
+        ``load_adapter("org/name", source="hf")`` means ``"hf://org/name"``."""
+        record, head = saving.read_adapter(self, local_folder(directory, source=source), load_as=load_as,
+                                           with_head=with_head, allow_pickle=allow_pickle, strict_base=strict_base)
         name = record.name
         self._attach(record)
         if head is not None:

@@ -27,6 +27,8 @@ from ..errors import AdapterError
 from .batcher import Batcher, Job, QueueFull
 from .engine import ClassifyJob, ClassifyKey, Engine, GenerateJob, GenerateKey
 from .metrics import Metrics
+from ..sharing import local_folder
+from .on_demand import OnDemand, source_location
 from .registry import Registry
 from .schemas import (NAME_PATTERN, AdapterInfo, ClassifyRequest, ClassifyResponse, Error, GenerateRequest,
                       GenerateResponse, Health, LoadRequest)
@@ -47,6 +49,13 @@ class _Server:
         self.metrics.adapters_loaded.set(len(self.registry))
         self.executor: Optional[ThreadPoolExecutor] = None
         self.batcher: Optional[Batcher] = None
+        self.on_demand = OnDemand.for_config(self)  # serve --adapter-source: load on first use
+
+    async def acquire(self, name: Optional[str]) -> dict[str, Any]:
+        """Hold ``name`` for a request, loading it from an adapter source first if need be."""
+        if self.on_demand is not None and name is not None:
+            await self.on_demand.ensure(name)
+        return self.registry.acquire(name)
 
     async def on_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -153,7 +162,7 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
         if body.text_pairs is not None and len(body.text_pairs) != len(body.texts):
             raise HTTPException(422, f"text_pairs has {len(body.text_pairs)} entries for {len(body.texts)} texts; "
                                      "send one second text per text.")
-        described = server.registry.acquire(body.adapter)
+        described = await server.acquire(body.adapter)
         try:
             if described.get("head") is None:
                 raise HTTPException(422, f"Adapter '{body.adapter}' has no head, so it cannot classify; use an "
@@ -177,7 +186,7 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
                                      f"{config.max_new_tokens}.")
         _check_texts([body.prompt], 1, config.max_chars)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        server.registry.acquire(body.adapter)
+        await server.acquire(body.adapter)
         try:
             prompt = engine.encode_prompt(body.prompt)
             if not prompt.length:
@@ -205,7 +214,14 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
         _check_hot_load(hot_load)
         check_admin(authorization, config.admin_token)
         name = check_name(body.name)
-        path = check_path(body.path, config.allowed_roots)
+        remote = source_location(body.path, config)  # under an --adapter-source: fetched off the worker thread
+        if remote:
+            try:
+                path = await asyncio.to_thread(local_folder, remote)
+            except Exception as err:  # the location's fault (missing, damaged, unreachable); never a 500
+                raise HTTPException(422, f"Cannot load '{body.path}': {_one_line(err)}") from None
+        else:
+            path = check_path(body.path, config.allowed_roots)
         server.registry.reserve(name)  # a second load under this name now answers 409
         try:
             described = await server.on_worker(engine.load, name, str(path))

@@ -34,6 +34,8 @@ _FLAGS = {
     "--max-num-models-per-replica": ("max_num_models_per_replica", int, "with --ray: adapters one replica holds at "
                                                                         "once; the least recently used leaves (default 8)"),
     "--replica-cpus": ("replica_cpus", float, "with --ray: CPUs Ray reserves per replica (default 1)"),
+    "--max-loaded-adapters": ("max_loaded_adapters", int, "adapters loaded from --adapter-source kept at once; the "
+                                                          "least recently used idle one leaves (default 8)"),
     "--torch-threads": ("torch_threads", int, "intra-op threads of the forward (default 0: cores - 1, one core "
                                               "is left for HTTP; under --ray: the replica's CPUs)"),
     "--read-timeout": ("read_timeout", float, "seconds a client has to send a whole request, headers and body; "
@@ -61,6 +63,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--config", help="a JSON or .toml file of the same settings (flags win)")
     p.add_argument("--allowed-root", dest="allowed_roots", action="append", default=[], metavar="DIR",
                    help="POST /v1/adapters may load from under this folder (repeat for more; default: none)")
+    p.add_argument("--adapter-source", dest="adapter_sources", action="append", default=[], metavar="LOCATION",
+                   help="load an adapter a request names from LOCATION/NAME on first use (a folder, s3://, http(s)://, "
+                        "hf://; repeat for more, tried in order)")
     p.add_argument("--ray", action="store_true", default=None,
                    help="run as a Ray Serve application: replicas across a Ray cluster, requests routed to "
                         "replicas holding their adapter (needs adapterkit[ray])")
@@ -79,6 +84,8 @@ def config_from_args(args: argparse.Namespace):
         given["adapters"] = dict(args.adapters)
     if args.allowed_roots:
         given["allowed_roots"] = tuple(args.allowed_roots)
+    if getattr(args, "adapter_sources", None):
+        given["adapter_sources"] = tuple(args.adapter_sources)
     if args.config:
         return ServeConfig.from_file(args.config, **given).with_token_from_env()
     if "model" not in given:

@@ -43,6 +43,8 @@ class ServeConfig:
     replicas: int = 1  # Ray Serve model replicas
     max_num_models_per_replica: int = 8  # adapters a replica holds at once (Ray's multiplexing; LRU eviction)
     replica_cpus: float = 1.0  # CPUs Ray reserves for each replica
+    adapter_sources: tuple[str, ...] = ()  # locations whose adapters load on first use (on_demand.py)
+    max_loaded_adapters: int = 8  # adapters loaded from adapter_sources kept at once (LRU eviction)
     torch_threads: int = 0  # intra-op threads of the forward; 0: cores - 1 (one is left for HTTP), under Ray replica_cpus
     read_timeout: float = 10.0  # seconds a client has to send a whole request (headers and body); then closed
     max_connections: int = 0  # open connections; 0: from the descriptor limit (RLIMIT_NOFILE - 64, at most 1000)
@@ -50,6 +52,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapters", dict(self.adapters))
         object.__setattr__(self, "allowed_roots", tuple(str(r) for r in self.allowed_roots))
+        object.__setattr__(self, "adapter_sources", tuple(str(r) for r in self.adapter_sources))
         if isinstance(self.admin_token, str):  # an empty token is no token (as ADAPTERKIT_ADMIN_TOKEN=""); the
             object.__setattr__(self, "admin_token", self.admin_token.strip() or None)  # header's value is stripped too
         try:
@@ -57,7 +60,8 @@ class ServeConfig:
         except TypeError as err:
             raise AdapterError(f"Invalid serve setting: {err}.") from None
         for name in ("max_batch", "max_batch_tokens", "queue_size", "max_texts", "max_chars", "max_length",
-                     "max_new_tokens", "max_body_bytes", "replicas", "max_num_models_per_replica"):
+                     "max_new_tokens", "max_body_bytes", "replicas", "max_num_models_per_replica",
+                     "max_loaded_adapters"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise AdapterError(f"serve setting {name} must be >= 1, got {getattr(self, name)}.")
         if self.replica_cpus < 0:

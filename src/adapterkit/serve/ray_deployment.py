@@ -29,6 +29,7 @@ import time
 from typing import Any, Optional
 
 import torch
+from fastapi import HTTPException
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
@@ -137,7 +138,10 @@ class ReplicaServer:
         await self.start()
         self.evicting.discard(name)
         if name not in self.resident:
-            await self.server.on_worker(self.engine.load, name, self.config.adapters[name])
+            if name in self.config.adapters:
+                await self.server.on_worker(self.engine.load, name, self.config.adapters[name])
+            else:  # --adapter-source: fetched into this replica's cache (HTTPException 404 / 422 if refused)
+                await self.server.on_demand.ensure(name)
             self.resident.add(name)
         return _Resident(name, self)
 
@@ -151,22 +155,35 @@ class ReplicaServer:
             if name in self.resident and not self.server.registry.held(name):
                 self.evicting.discard(name)
                 self.resident.discard(name)  # before the unload: a new load queues behind it
-                await self.server.on_worker(self.engine.unload, name)
+                if name in self.config.adapters:
+                    await self.server.on_worker(self.engine.unload, name)
+                else:
+                    await self.server.on_demand.drop(name)
 
     async def handle(self, adapter: str, ensure, method: str, path: str, query: bytes,
                      headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, list, bytes]:
         """One request: the adapter made resident (``ensure``: Ray's multiplexed loader) and held
         while the app answers."""
         await self.start()
-        held = adapter if adapter in self.config.adapters else None
-        if held is not None:
+        sourced = bool(adapter) and adapter not in self.config.adapters and self.server.on_demand is not None
+        held = adapter if adapter in self.config.adapters or sourced else None
+        acquired = False
+        if held is not None and not sourced:
             self.server.registry.acquire(held)  # the app's own hold comes later: no eviction in between
+            acquired = True
         try:
             if held is not None:
-                await ensure(held)
+                try:
+                    await ensure(held)
+                except HTTPException as err:  # an adapter source refused it: 404 / 422 with the reason
+                    return err.status_code, [(b"content-type", b"application/json")], \
+                        json.dumps({"detail": err.detail}).encode()
+                if not acquired:
+                    self.server.registry.acquire(held)  # no await since ensure: nothing evicted it
+                    acquired = True
             status, out, content = await call_asgi(self.app, method, path, query, headers, body)
         finally:
-            if held is not None:
+            if acquired:
                 self.server.registry.release(held)
             await self._remove_idle()
         replica = serve.get_replica_context().replica_id.unique_id

@@ -27,6 +27,7 @@ from ..fingerprint import base_fingerprint
 from ..loader import load_tokenizer, model_is_decoder
 from ..model import AdapterModel
 from ..packaged import ALIASES
+from ..sharing import local_folder
 from .checkpoint import load_head
 
 BASE_FILE = "adapterkit_base.json"
@@ -42,8 +43,9 @@ class Artifact:
 
 
 def locate(path: "str | Path", what: str = "--adapter") -> Artifact:
-    """Find the adapter or model in ``path``; errors name the argument as ``what`` (e.g. ``--adapter``)."""
-    path = Path(path)
+    """Find the adapter or model in ``path``; errors name the argument as ``what`` (e.g. ``--adapter``).
+    A remote location (``s3://``, ``http(s)://``, ``hf://``) is fetched into the cache first."""
+    path = Path(local_folder(path))
     if not path.exists():
         raise AdapterError(f"{what} {path}: no such folder; pass a run folder (--out of adapterkit train) or an adapter folder.")
     if not path.is_dir():
