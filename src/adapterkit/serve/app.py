@@ -25,6 +25,7 @@ from ..errors import AdapterError
 from .batcher import Batcher, Job, QueueFull
 from .engine import ClassifyJob, ClassifyKey, Engine, GenerateJob, GenerateKey
 from .metrics import Metrics
+from .openai_api import http_error, install, is_openai_path, validation_error
 from .registry import Registry
 from .schemas import (NAME_PATTERN, AdapterInfo, ClassifyRequest, ClassifyResponse, Error, GenerateRequest,
                       GenerateResponse, Health, LoadRequest)
@@ -108,7 +109,9 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
                                  max_batch_tokens=config.max_batch_tokens, queue_size=config.queue_size,
                                  metrics=server.metrics)
         server.batcher.start()
+        openai.start()
         yield
+        await openai.stop()
         await server.batcher.stop()
         server.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -120,6 +123,8 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
+        if is_openai_path(request.url.path):  # OpenAI's error object (openai_api.py)
+            return validation_error(request, exc)
         errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str})
         if any(e.get("type") == "json_invalid" for e in errors):
             return JSONResponse({"detail": "The body is not valid JSON; send a JSON object.", "errors": errors}, 400)
@@ -127,6 +132,8 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if is_openai_path(request.url.path) and exc.status_code != 405:
+            return http_error(request, exc)
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # every method the path takes, not only those of the first route matched
             methods = {m for r in app.routes if getattr(r, "methods", None) and r.path_regex.match(request.url.path)
@@ -219,6 +226,7 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=server.metrics.content_type)
 
+    openai = install(app, server, hot_load=hot_load)  # /v1/completions, /v1/chat/completions, /v1/models, ...
     return _Observed(BodyLimit(app, config.max_body_bytes), server.metrics, app)
 
 
