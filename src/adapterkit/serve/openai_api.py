@@ -423,6 +423,7 @@ def install(app: FastAPI, server: Any, *, hot_load: bool = True) -> OpenAIServer
         return await api.unload(body, authorization)
 
     app.include_router(router)
+    app.state.openai = api
     app.add_exception_handler(OpenAIError, lambda request, exc: exc.response())
     return api
 
