@@ -26,7 +26,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..errors import AdapterError
 from .decode_loop import DecodeBatch, DecodeLoop, QueueFull, Row, TokenInfo, Update
-from .openai_schemas import ChatRequest, CompletionRequest, LoadLoraRequest, OpenAIError, UnloadLoraRequest, error_body
+from .openai_schemas import (ERROR_RESPONSES, STREAM_RESPONSES, TEXT_RESPONSES, ChatRequest, CompletionRequest, LoadLoraRequest,
+                             OpenAIError, UnloadLoraRequest, error_body)
 from .sampling import SamplingParams
 from .security import check_admin, check_name, check_path
 
@@ -393,20 +394,20 @@ def install(app: FastAPI, server: Any, *, hot_load: bool = True) -> OpenAIServer
     """Add the OpenAI endpoints to ``app``; the returned ``OpenAIServer`` is started and stopped
     by the app's lifespan (``start()`` once the worker exists)."""
     api = OpenAIServer(server, hot_load)
-    router = APIRouter(tags=["OpenAI API"])
+    router = APIRouter(tags=["OpenAI API"], responses=ERROR_RESPONSES)
 
     @router.get("/v1/models")
     async def models() -> Any:
         return api.models()
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", responses=STREAM_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         api.check_causal()
         prompts = api.completion_prompts(body.prompt)
         params = api.params(prompts, body.max_tokens, body, body.logprobs)
         return await api.run(request, body, prompts, params, chat=False)
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", responses=STREAM_RESPONSES)
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         api.check_causal()
         prompts = [api.chat_prompt(body)]
@@ -414,11 +415,11 @@ def install(app: FastAPI, server: Any, *, hot_load: bool = True) -> OpenAIServer
         params = api.params(prompts, body.max_completion_tokens or body.max_tokens, body, top)
         return await api.run(request, body, prompts, params, chat=True)
 
-    @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+    @router.post("/v1/load_lora_adapter", responses=TEXT_RESPONSES)
     async def load_lora_adapter(body: LoadLoraRequest, authorization: Optional[str] = Header(None)) -> Any:
         return await api.load(body, authorization)
 
-    @router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+    @router.post("/v1/unload_lora_adapter", responses=TEXT_RESPONSES)
     async def unload_lora_adapter(body: UnloadLoraRequest, authorization: Optional[str] = Header(None)) -> Any:
         return await api.unload(body, authorization)
 

@@ -43,6 +43,30 @@ def error_body(status: int, message: str, *, param: Optional[str] = None, code: 
                       "param": param, "code": code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error object: every 4xx / 5xx answer of these endpoints."""
+
+    error: ErrorDetail
+
+
+#: the OpenAPI ``responses`` of every OpenAI endpoint (errors), and of the generating ones (JSON or a stream)
+ERROR_RESPONSES: dict[Any, dict[str, Any]] = {code: {"model": ErrorResponse} for code in ("4XX", "5XX", 422)}
+STREAM_RESPONSES: dict[Any, dict[str, Any]] = {**ERROR_RESPONSES, 200: {"content": {
+    "application/json": {"schema": {"type": "object"}},
+    "text/event-stream": {"schema": {"type": "string"}, "description": "with stream=true: chunk objects, then "
+                                                                       "data: [DONE]"}}}}
+
+TEXT_RESPONSES: dict[Any, dict[str, Any]] = {**ERROR_RESPONSES, 200: {"content": {
+    "text/plain": {"schema": {"type": "string"}}}, "description": "vLLM's 'Success: ...' line"}}
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -135,5 +159,5 @@ class UnloadLoraRequest(BaseModel):
     lora_int_id: Optional[int] = None
 
 
-__all__ = ["OpenAIError", "error_body", "CompletionRequest", "ChatRequest", "ChatMessage", "LoadLoraRequest",
+__all__ = ["ErrorResponse", "ERROR_RESPONSES", "STREAM_RESPONSES", "TEXT_RESPONSES", "OpenAIError", "error_body", "CompletionRequest", "ChatRequest", "ChatMessage", "LoadLoraRequest",
            "UnloadLoraRequest", "StreamOptions"]

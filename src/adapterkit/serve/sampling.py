@@ -1,7 +1,7 @@
 """Choosing the next token of one row: greedy (``temperature == 0``) or sampled with temperature
 and nucleus (``top_p``) filtering from the row's own seeded generator; and the row's log-probabilities.
 
-Greedy is ``argmax`` of the raw logits, as ``generate(do_sample=False)``, so a greedy row of a
+Greedy is ``argmax`` of the raw logits (below a temperature of ``GREEDY_BELOW``, as vLLM), as ``generate(do_sample=False)``, so a greedy row of a
 continuous batch picks what the same request picks alone. Log-probabilities are those of the
 model's distribution (``log_softmax`` of the raw logits), as vLLM reports them.
 """
@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+#: temperatures below this are greedy (dividing by them would overflow the logits)
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -28,11 +31,11 @@ class SamplingParams:
 
     def generator(self) -> Optional[torch.Generator]:
         """The row's own random stream (seeded when ``seed`` is given); ``None`` for greedy rows."""
-        if self.temperature == 0:
+        if self.temperature < GREEDY_BELOW:
             return None
         generator = torch.Generator()
         if self.seed is not None:
-            generator.manual_seed(self.seed)
+            generator.manual_seed(self.seed % 2**63)
         else:
             generator.seed()
         return generator
@@ -40,7 +43,7 @@ class SamplingParams:
 
 def choose(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> int:
     """The next token from one row's logits (V,)."""
-    if params.temperature == 0 or generator is None:
+    if params.temperature < GREEDY_BELOW or generator is None:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
