@@ -2,7 +2,7 @@
 batching, on SmolLM2-135M (``adapterkit.packaged`` alias "smollm2").
 
     python bench/serve_generate.py                                   # 64 requests, max_tokens 8-128
-    python bench/serve_generate.py --requests 24 --max-tokens 32 --rate 12   # a short run (a few minutes)
+    python bench/serve_generate.py --requests 24 --max-tokens 32 --rate 8   # a short run (a few minutes)
     python bench/serve_generate.py --model tiny --requests 16        # a tiny random Llama: a smoke run
 
 It adds 8 adapters of mixed methods (LoRA, bottleneck, IA3, prefix tuning, prompt tuning, in turn)
@@ -25,8 +25,9 @@ shared cores nothing):
 Printed per scheduler: output tokens/s (tokens within each request's ``max_tokens`` / the time
 from the first arrival to the last token), time to first token p50 / p99 (from arrival) and
 inter-token latency p50 / p99. Before that, the step profile re-measured here: one decode step of
-the bare model with a 64-token cache for 1 / 8 / 16 / 32 / 64 rows, and a step of the decode loop
-at 64 rows bare and routed over the 8 adapters (the routing overhead; target <= 1.10 x). The
+the bare model with a 64-token cache for 1 / 8 / 16 / 32 / 64 rows, and a step of the
+``AdapterModel`` at 64 rows bare and routed over the 8 adapters (the routing overhead; target
+<= 1.10 x). The
 ceiling of (a) against (c) is ``8 * step(8) / step(64)`` (the same tokens in one batch of 64 instead
 of eight of 8), shown beside the result. On a shared machine only the ratios mean something.
 """
@@ -109,21 +110,25 @@ def bare_step(model, rows: int, cache_len: int = 64, repeats: int = 3) -> float:
 
 
 @torch.inference_mode()
-def loop_step(model, tokenizer, names: list[Optional[str]], rows: int = 64, repeats: int = 3) -> float:
-    """One step of the decode loop at ``rows`` rows of 64-token prompts, adapters ``names`` in turn."""
-    from adapterkit.serve.decode_loop import DecodeBatch, Row
-    from adapterkit.serve.sampling import SamplingParams
+def routed_step(model, names: list[str], rows: int = 64, cache_len: int = 64, repeats: int = 3) -> tuple[float, float]:
+    """One decode step of the ``AdapterModel`` at ``rows`` rows with a ``cache_len``-token cache:
+    bare (no adapter), and routed over ``names`` in turn (explicit mask and positions, as the
+    decode loop calls it)."""
+    from transformers import DynamicCache
 
-    batch = DecodeBatch(model, tokenizer, max_rows=rows, max_prefill_tokens=10 ** 9)
-    batch.submit([Row(list(range(100, 164)), names[i % len(names)], SamplingParams(max_tokens=200))
-                  for i in range(rows)], 10 ** 6)
-    batch.tick()
-    best = float("inf")
+    ids = torch.randint(100, 1000, (rows, cache_len))
+    cache = DynamicCache(config=model.model.config)
+    model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    step = {"input_ids": ids[:, :1], "attention_mask": torch.ones(rows, cache_len + 1, dtype=torch.long),
+            "position_ids": torch.full((rows, 1), cache_len), "cache": cache, "use_cache": True, "logits_to_keep": 1}
+    best = {None: float("inf"), "routed": float("inf")}
     for _ in range(repeats):
-        start = time.perf_counter()
-        batch.tick()
-        best = min(best, time.perf_counter() - start)
-    return best
+        for key in best:
+            start = time.perf_counter()
+            model(**step, adapter_names=[names[i % len(names)] for i in range(rows)] if key else None)
+            best[key] = min(best[key], time.perf_counter() - start)
+            cache.crop(cache_len - cache.get_seq_length())
+    return best[None], best["routed"]
 
 
 # -- the schedulers ---------------------------------------------------------------------------------
@@ -217,8 +222,8 @@ def main() -> None:
 
     profile = {b: bare_step(model, b) for b in (1, 8, 16, 32, 64)}
     print("bare step, 64-token cache: " + " / ".join(f"{b}: {t * 1000:.0f} ms" for b, t in profile.items()))
-    plain, routed = loop_step(model, tokenizer, [None]), loop_step(model, tokenizer, names)
-    print(f"decode-loop step, 64 rows: bare {plain * 1000:.0f} ms, routed over 8 adapters {routed * 1000:.0f} ms "
+    plain, routed = routed_step(model, names)
+    print(f"AdapterModel step, 64 rows: bare {plain * 1000:.0f} ms, routed over 8 adapters {routed * 1000:.0f} ms "
           f"= {routed / plain:.2f} x (target <= 1.10)")
     ceiling = 8 * profile[8] / profile[64]
     print(f"ceiling of (a) / (c), 64 rows against eight batches of 8: 8 x {profile[8] * 1000:.0f} / "

@@ -3,7 +3,7 @@
 Two deployments (``build_application``):
 
 * ``AdapterIngress`` takes every HTTP request from Ray's proxy, reads the ``adapter`` of a JSON
-  body, and hands the request unchanged to the model deployment through a handle with
+  body (the ``model`` of an OpenAI ``/v1/completions`` or ``/v1/chat/completions`` body), and hands the request unchanged to the model deployment through a handle with
   ``multiplexed_model_id=adapter``: Ray's model multiplexing routes it to a replica that already
   holds that adapter (or, when none does, to the least loaded one). Requests without an adapter
   (``GET /v1/adapters``, ``/health``, ``/metrics``, ``/openapi.json``, generate with the bare base)
@@ -15,6 +15,10 @@ Two deployments (``build_application``):
   recently used (removed from the model once no request in this replica holds it). Every answer
   names its replica and the adapters it holds (``x-adapterkit-replica``,
   ``x-adapterkit-resident``), so the multiplexing can be watched.
+
+The OpenAI endpoints (``openai_api.py``) run in every replica like the rest of the app: each
+replica's ``/v1/models`` lists the configuration's adapters, i.e. the whole deployment's; a stream
+reaches the client whole (the ingress answers once the replica's answer is complete).
 
 The adapters are the configuration's (their folders must be readable on every node, e.g. a
 shared file system); loading and unloading over HTTP is off under Ray (a POST or DELETE on
@@ -35,15 +39,18 @@ from starlette.responses import Response
 from .config import ServeConfig
 
 _ADAPTER_PATHS = ("/v1/classify", "/v1/generate")
+_MODEL_PATHS = ("/v1/completions", "/v1/chat/completions")  # OpenAI's: the adapter is "model" (openai_api.py)
 
 
 def _adapter_of(path: str, body: bytes) -> str:
-    """The ``adapter`` field of a classify / generate body ('' when absent or unreadable: the
-    replica's app then answers the request, 400 or 422 included)."""
-    if path not in _ADAPTER_PATHS:
+    """The ``adapter`` field of a classify / generate body, the ``model`` field of an OpenAI
+    completion ('' when absent or unreadable: the replica's app then answers the request, 400 or
+    422 included)."""
+    key = "adapter" if path in _ADAPTER_PATHS else "model" if path.rstrip("/") in _MODEL_PATHS else None
+    if key is None:
         return ""
     try:
-        adapter = json.loads(body).get("adapter")
+        adapter = json.loads(body).get(key)
     except (ValueError, AttributeError):
         return ""
     return adapter if isinstance(adapter, str) else ""
@@ -200,8 +207,8 @@ def build_application(config: ServeConfig):
     @serve.deployment(name="AdapterIngress", ray_actor_options={"num_cpus": 0},
                       max_ongoing_requests=max(4 * config.queue_size, 1))
     class AdapterIngress:
-        def __init__(self, replicas, max_body_bytes: int):
-            self.replicas, self.max_body_bytes = replicas, max_body_bytes
+        def __init__(self, replicas, max_body_bytes: int, adapters: tuple[str, ...] = ()):
+            self.replicas, self.max_body_bytes, self.adapters = replicas, max_body_bytes, set(adapters)
 
         async def __call__(self, request: Request) -> Response:
             body = bytearray()
@@ -209,15 +216,15 @@ def build_application(config: ServeConfig):
                 body += chunk
                 if len(body) > self.max_body_bytes:
                     break
-            adapter = _adapter_of(request.url.path, bytes(body))
-            handle = self.replicas.options(multiplexed_model_id=adapter) if adapter else self.replicas
+            adapter = _adapter_of(request.url.path, bytes(body))  # the base's id or an unknown name: any replica
+            handle = self.replicas.options(multiplexed_model_id=adapter) if adapter in self.adapters else self.replicas
             status, headers, content = await handle.handle.remote(
                 request.method, request.url.path, request.url.query.encode(), list(request.headers.raw), bytes(body))
             response = Response(content, status)
             response.raw_headers = [(k, v) for k, v in headers]
             return response
 
-    return AdapterIngress.bind(AdapterReplica.bind(config), config.max_body_bytes)
+    return AdapterIngress.bind(AdapterReplica.bind(config), config.max_body_bytes, tuple(config.adapters))
 
 
 def run(config: ServeConfig, *, blocking: bool = True) -> str:
