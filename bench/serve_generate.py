@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -84,8 +83,8 @@ def workload(names: list[str], count: int, max_tokens: int, rate: float, vocab: 
     rng = random.Random(seed)
     t, out = 0.0, []
     for i in range(count):
-        out.append(Request(t, names[i % len(names)], [rng.randrange(100, vocab - 100) for _ in range(rng.randint(5, 200))],
-                           rng.randint(8, max_tokens)))
+        prompt = [rng.randrange(100, vocab - 100) for _ in range(rng.randint(5, 200))]
+        out.append(Request(t, names[i % len(names)], prompt, rng.randint(8, max_tokens)))
         t += rng.expovariate(rate)
     return out
 
@@ -156,9 +155,20 @@ def run_continuous(model, tokenizer, requests: list[Request], max_rows: int = 64
             of[id(row)].times.extend(now for _ in update.tokens)
 
 
+class _Clock:
+    """A stopping criterion that never stops: it notes when each step's tokens were produced."""
+
+    def __init__(self, steps: list[float], start: float):
+        self.steps, self.start = steps, start
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.steps.append(time.perf_counter() - self.start)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
 @torch.inference_mode()
 def run_static(model, tokenizer, requests: list[Request], one_adapter: bool, max_batch: int) -> None:
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import StoppingCriteriaList
 
     waiting, queue, start = list(requests), [], time.perf_counter()
     eos = model.model.generation_config.eos_token_id
@@ -174,17 +184,12 @@ def run_static(model, tokenizer, requests: list[Request], one_adapter: bool, max
         queue = [r for r in queue if all(r is not c for c in chosen)]
         steps: list[float] = []
 
-        class Clock(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                steps.append(time.perf_counter() - start)
-                return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
         longest = max(len(r.prompt) for r in chosen)
         ids = torch.tensor([[0] * (longest - len(r.prompt)) + r.prompt for r in chosen])
         mask = torch.tensor([[0] * (longest - len(r.prompt)) + [1] * len(r.prompt) for r in chosen])
         out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=[r.adapter for r in chosen],
                              max_new_tokens=max(r.max_tokens for r in chosen), do_sample=False, pad_token_id=0,
-                             stopping_criteria=StoppingCriteriaList([Clock()]))[:, longest:]
+                             stopping_criteria=StoppingCriteriaList([_Clock(steps, start)]))[:, longest:]
         for r, row in zip(chosen, out.tolist()):
             count = r.max_tokens
             for i, token in enumerate(row[:r.max_tokens]):

@@ -8,6 +8,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+import threading
 import time
 
 import httpx
@@ -139,6 +140,8 @@ def test_errors_are_the_packages_exceptions(setup, client):
     bad = openai.OpenAI(base_url=running.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError, match="admin token"):
         bad.post("/load_lora_adapter", body={"lora_name": "par", "lora_path": "x"}, cast_to=str)
+    with pytest.raises(openai.BadRequestError, match="5 prompt positions"):  # this row only; the server goes on
+        client.completions.create(model="prompt", prompt=[1000] * 450, max_tokens=60, temperature=0)
     raw = httpx.post(running.url + "/v1/chat/completions", content=b"{not json")
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
     raw = httpx.post(running.url + "/v1/completions", json={"model": "lora"})
@@ -195,8 +198,35 @@ def test_schemathesis_finds_no_500_on_the_openai_endpoints(setup, tmp_path):
     running = setup[0]
     exe = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
     done = subprocess.run([exe, "run", running.url + "/openapi.json", "--checks", "all", "--exclude-checks",
-                           "positive_data_acceptance", "--include-path-regex", "^/v1/(completions|chat|models|"
-                           "load_lora|unload_lora)", "--max-examples", "25", "--seed", "1",
+                           "positive_data_acceptance", "--include-path-regex",
+                           "^/v1/(completions|chat|models|load_lora|unload_lora)", "--max-examples", "25",
+                           "--seed", "1",
                            "-H", f"Authorization: Bearer {TOKEN}"], capture_output=True, text=True, timeout=600,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-4000:]
+
+
+def test_a_full_queue_answers_429(tmp_path):
+    base, dirs = make_chat_llama(tmp_path)
+    config = ServeConfig(model=str(base), adapters={"lora": str(dirs["lora"])}, queue_size=1)
+    with Running(config) as running:
+        api, server = running.app.app.state.openai, running.app.app.state.server
+        hold = threading.Event()
+        server.executor.submit(hold.wait)  # the model's thread is busy: nothing leaves the queue
+        body = {"model": "lora", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+        first: list = []
+        waiting = threading.Thread(target=lambda: first.append(httpx.post(running.url + "/v1/completions", json=body,
+                                                                          timeout=60)))
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while not api.batch.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+        try:
+            with pytest.raises(openai.RateLimitError, match="queue is full") as refused:
+                client.completions.create(**body)
+            assert refused.value.response.headers["retry-after"] == "1"
+        finally:
+            hold.set()
+        waiting.join(60)
+        assert first[0].status_code == 200  # the queued one is answered once the thread is free

@@ -9,7 +9,7 @@ import transformers
 
 from adapterkit import AdapterModel
 from adapterkit.loader import load_tokenizer
-from adapterkit.serve.decode_loop import DecodeBatch, Row
+from adapterkit.serve.decode_loop import DecodeBatch, QueueFull, Row
 from adapterkit.serve.sampling import SamplingParams
 
 METHODS = {"lora": ("lora", {"r": 4}), "bn": ("pfeiffer", {}), "ia3": ("ia3", {}),
@@ -117,3 +117,14 @@ def test_limits_stop_strings_and_logprobs(tokenizer):
     assert all(t.top[0][0] == t.text for t in info)  # greedy: the chosen token is the most likely
     assert rows[1].output == want and rows[1].finish_reason == "length"
     assert "".join(u.text for u in updates[1]) == text
+
+
+def test_the_queue_refuses_rows_past_its_size_and_forgets_cancelled_ones(tokenizer):
+    batch = DecodeBatch(_model("llama"), tokenizer)
+    rows = [Row([2000, 2001], None, SamplingParams(max_tokens=2)) for _ in range(3)]
+    batch.submit(rows[:2], 2)
+    with pytest.raises(QueueFull):
+        batch.submit(rows[2:], 2)
+    rows[0].cancelled = True  # its client left: its place is free
+    batch.submit(rows[2:], 2)
+    assert list(batch.pending) == rows[1:]

@@ -55,7 +55,8 @@ class ServeConfig:
         except TypeError as err:
             raise AdapterError(f"Invalid serve setting: {err}.") from None
         for name in ("max_batch", "max_batch_tokens", "queue_size", "max_texts", "max_chars", "max_length",
-                     "max_new_tokens", "max_body_bytes", "max_running_rows", "max_running_tokens", "replicas", "max_num_models_per_replica"):
+                     "max_new_tokens", "max_body_bytes", "max_running_rows", "max_running_tokens", "replicas",
+                     "max_num_models_per_replica"):
             if getattr(self, name) < 1:
                 raise AdapterError(f"serve setting {name} must be >= 1, got {getattr(self, name)}.")
         if self.replica_cpus < 0:

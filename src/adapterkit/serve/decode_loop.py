@@ -150,13 +150,13 @@ class DecodeBatch:
         """Drop rows that have gone, admit and prefill waiting rows, run one decode step; every
         row's update."""
         updates: list[tuple[Row, Update]] = []
-        gone = [i for i, r in enumerate(self.rows) if r.cancelled or (r.adapter is not None and
-                                                                     r.adapter not in self.model.records)]
-        for i in gone:
+        gone = {i for i, r in enumerate(self.rows)
+                if r.cancelled or (r.adapter is not None and r.adapter not in self.model.records)}
+        for i in sorted(gone):
             if not self.rows[i].cancelled:
-                updates.append((self.rows[i], Update(error=(404, f"Adapter '{self.rows[i].adapter}' was unloaded "
-                                                                 "while this request ran."))))
-        self._keep_rows([i for i in range(len(self.rows)) if i not in set(gone)])
+                message = f"Adapter '{self.rows[i].adapter}' was unloaded while this request ran."
+                updates.append((self.rows[i], Update(error=(404, message))))
+        self._keep_rows([i for i in range(len(self.rows)) if i not in gone])
         updates += self._admit()
         if self.rows:
             updates += self._step()
@@ -178,7 +178,7 @@ class DecodeBatch:
             try:
                 cache, logits = self._prefill(row)
             except AdapterError as err:
-                updates.append((row, Update(error=(400, str(err)))))
+                updates.append((row, Update(error=(400, str(err)))))  # this row only: the batch goes on
                 continue
             update = self._advance(row, logits)
             updates.append((row, update))
@@ -193,7 +193,7 @@ class DecodeBatch:
         width = max(self.P, self._guess_prompt(row)) + max(max(r.final_length for r in self.rows), row.final_length)
         if self.max_positions is not None and width > self.max_positions:
             return False
-        return (len(self.rows) + 1) * (max(self.P, 0) + max(self.U, len(row.prompt))) <= self.max_tokens
+        return (len(self.rows) + 1) * (self.P + max(self.U, len(row.prompt))) <= self.max_tokens
 
     def _guess_prompt(self, row: Row) -> int:
         return max((r.prompt_positions for r in self.rows if r.adapter == row.adapter), default=0)
@@ -296,15 +296,21 @@ class DecodeBatch:
             for attr in ("keys", "values"):
                 setattr(mine, attr, torch.cat([_relayout(getattr(mine, attr), self.P, P, U),
                                                _relayout(getattr(theirs, attr), p, P, U)], dim=0))
-        pad = lambda m: torch.cat([m.new_zeros(m.shape[0], U - m.shape[1]), m], dim=1)  # noqa: E731
-        self.mask = torch.cat([pad(self.mask), pad(torch.ones(1, u, dtype=torch.long))], dim=0)
+        self.mask = torch.cat([_pad_left(self.mask, U), _pad_left(torch.ones(1, u, dtype=torch.long), U)], dim=0)
         self.P, self.U = P, U
         self.rows.append(row)
         self.last = torch.cat([self.last, token])
 
+    def fail_all(self, status: int, message: str) -> list[tuple[Row, Update]]:
+        """End every running and waiting row with an error (a step failed); the batch is empty after."""
+        with self._pending_lock:
+            rows, self.pending = self.rows + list(self.pending), deque()
+        self._keep_rows([])
+        return [(row, Update(error=(status, message))) for row in rows]
+
     def _keep_rows(self, keep: list[int]) -> None:
         """Only rows ``keep`` stay; columns no remaining row uses are cut off."""
-        if len(keep) == len(self.rows):
+        if len(keep) == len(self.rows) and self.rows:
             return
         self.rows = [self.rows[i] for i in keep]
         if not self.rows:
@@ -331,6 +337,10 @@ def _layers(cache: Any) -> list[Any]:
         raise AdapterError("Continuous batching needs a plain key/value cache in every layer (no sliding window); "
                            "this model's cache has other layers.")
     return layers
+
+
+def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.cat([mask.new_zeros(mask.shape[0], width - mask.shape[1]), mask], dim=1)
 
 
 def _relayout(t: torch.Tensor, p: int, P: int, U: int) -> torch.Tensor:
@@ -379,15 +389,10 @@ class DecodeLoop:
                 continue
             try:
                 updates = await self.on_worker(self.batch.tick)
-            except Exception as err:  # a bug in a step: every row gets the error, the loop goes on
-                updates = [(row, Update(error=(500, f"Generation failed: {err}")))
-                           for row in self.batch.rows + list(self.batch.pending)]
-                self.batch.rows, self.batch.cache, self.batch.pending = [], None, deque()
-                self.batch.P = self.batch.U = 0
-                self.batch.mask = torch.zeros(0, 0, dtype=torch.long)
-                self.batch.last = torch.zeros(0, dtype=torch.long)
+            except Exception as err:  # noqa: BLE001 - a bug in a step: its rows get the error, the loop goes on
+                updates = self.batch.fail_all(500, f"Generation failed ({type(err).__name__}: {err}).")
             for row, update in updates:
                 row.sink(update)
 
 
-__all__ = ["DecodeBatch", "DecodeLoop", "Row", "Update", "TokenInfo", "QueueFull"]
+__all__ = ["DecodeBatch", "DecodeLoop", "QueueFull", "Row", "TokenInfo", "Update"]

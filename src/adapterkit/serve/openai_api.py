@@ -26,8 +26,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..errors import AdapterError
 from .decode_loop import DecodeBatch, DecodeLoop, QueueFull, Row, TokenInfo, Update
-from .openai_schemas import (ERROR_RESPONSES, STREAM_RESPONSES, TEXT_RESPONSES, ChatRequest, CompletionRequest, LoadLoraRequest,
-                             OpenAIError, UnloadLoraRequest, error_body)
+from .openai_schemas import (ERROR_RESPONSES, STREAM_RESPONSES, TEXT_RESPONSES, ChatRequest, CompletionRequest,
+                             LoadLoraRequest, OpenAIError, UnloadLoraRequest, error_body)
 from .sampling import SamplingParams
 from .security import check_admin, check_name, check_path
 
@@ -208,7 +208,7 @@ class OpenAIServer:
             for j in range(n):
                 seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + j)
                 row = Row(prompt, adapter, seeded)
-                row.sink = (lambda index: lambda update: queue.put_nowait((index, update)))(i * n + j)
+                row.sink = _sink(queue, i * n + j)
                 rows.append(row)
         try:
             self.loop.submit(rows)
@@ -376,6 +376,11 @@ class _Answer:
                 "created": self.created, "model": self.model, "choices": choices, "usage": self.usage()}
 
 
+def _sink(queue: asyncio.Queue, index: int):
+    """What the loop calls with each update of choice ``index`` (on the event loop)."""
+    return lambda update: queue.put_nowait((index, update))
+
+
 def _cancel(rows: list[Row]) -> None:
     for row in rows:
         row.cancelled = True
@@ -429,4 +434,4 @@ def install(app: FastAPI, server: Any, *, hot_load: bool = True) -> OpenAIServer
     return api
 
 
-__all__ = ["install", "OpenAIServer", "is_openai_path", "http_error", "validation_error", "PATHS"]
+__all__ = ["PATHS", "OpenAIServer", "http_error", "install", "is_openai_path", "validation_error"]

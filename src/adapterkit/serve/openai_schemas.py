@@ -159,5 +159,5 @@ class UnloadLoraRequest(BaseModel):
     lora_int_id: Optional[int] = None
 
 
-__all__ = ["ErrorResponse", "ERROR_RESPONSES", "STREAM_RESPONSES", "TEXT_RESPONSES", "OpenAIError", "error_body", "CompletionRequest", "ChatRequest", "ChatMessage", "LoadLoraRequest",
-           "UnloadLoraRequest", "StreamOptions"]
+__all__ = ["ERROR_RESPONSES", "STREAM_RESPONSES", "TEXT_RESPONSES", "ChatMessage", "ChatRequest", "CompletionRequest",
+           "ErrorResponse", "LoadLoraRequest", "OpenAIError", "StreamOptions", "UnloadLoraRequest", "error_body"]

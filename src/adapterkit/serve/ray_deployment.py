@@ -3,7 +3,8 @@
 Two deployments (``build_application``):
 
 * ``AdapterIngress`` takes every HTTP request from Ray's proxy, reads the ``adapter`` of a JSON
-  body (the ``model`` of an OpenAI ``/v1/completions`` or ``/v1/chat/completions`` body), and hands the request unchanged to the model deployment through a handle with
+  body (the ``model`` of an OpenAI ``/v1/completions`` or ``/v1/chat/completions`` body), and
+  hands the request unchanged to the model deployment through a handle with
   ``multiplexed_model_id=adapter``: Ray's model multiplexing routes it to a replica that already
   holds that adapter (or, when none does, to the least loaded one). Requests without an adapter
   (``GET /v1/adapters``, ``/health``, ``/metrics``, ``/openapi.json``, generate with the bare base)

@@ -1,9 +1,10 @@
-"""Choosing the next token of one row: greedy (``temperature == 0``) or sampled with temperature
-and nucleus (``top_p``) filtering from the row's own seeded generator; and the row's log-probabilities.
+"""Choosing the next token of one row: greedy, or sampled with temperature and nucleus
+(``top_p``) filtering from the row's own seeded generator; and the row's log-probabilities.
 
-Greedy is ``argmax`` of the raw logits (below a temperature of ``GREEDY_BELOW``, as vLLM), as ``generate(do_sample=False)``, so a greedy row of a
-continuous batch picks what the same request picks alone. Log-probabilities are those of the
-model's distribution (``log_softmax`` of the raw logits), as vLLM reports them.
+Greedy (a temperature below ``GREEDY_BELOW``, as vLLM) is ``argmax`` of the raw logits, as
+``generate(do_sample=False)``, so a greedy row of a continuous batch picks what the same request
+picks alone. Log-probabilities are those of the model's distribution (``log_softmax`` of the raw
+logits), as vLLM reports them.
 """
 
 from __future__ import annotations
