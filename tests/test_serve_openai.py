@@ -230,3 +230,15 @@ def test_a_full_queue_answers_429(tmp_path):
             hold.set()
         waiting.join(60)
         assert first[0].status_code == 200  # the queued one is answered once the thread is free
+
+
+def test_the_decode_loop_limits_are_serve_flags():
+    from adapterkit.cli import build_parser
+    from adapterkit.errors import AdapterError
+    from adapterkit.serve.command import config_from_args
+
+    args = build_parser().parse_args(["serve", "--model", "m", "--max-running-rows", "8", "--max-running-tokens", "999"])
+    config = config_from_args(args)
+    assert (config.max_running_rows, config.max_running_tokens) == (8, 999)
+    with pytest.raises(AdapterError, match="max_running_rows must be >= 1"):
+        config_from_args(build_parser().parse_args(["serve", "--model", "m", "--max-running-rows", "0"]))
