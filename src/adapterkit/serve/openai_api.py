@@ -181,21 +181,25 @@ class OpenAIServer:
         try:
             rows, queue = self._submit(adapter, prompts, params, body.n)
             answer = _Answer(self, body, prompts, rows, chat)
-            if body.stream:
-                first = await self._next(queue, rows)  # errors before any text are plain error answers
-                if first[1].error is not None and first[1].tokens == []:
-                    _cancel(rows)
-                    raise OpenAIError(first[1].error[0], first[1].error[1])
-                handed_off = True
-                return StreamingResponse(self._stream(answer, queue, first, adapter), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            gone = asyncio.ensure_future(_disconnected(request))
             try:
-                while not answer.done:
-                    answer.add(*await self._next(queue, rows, gone))
-            finally:
-                gone.cancel()
-            return answer.response()
+                if body.stream:
+                    first = await self._next(queue, rows)  # an error before any text is a plain error answer
+                    if first[1].error is not None:
+                        raise OpenAIError(*first[1].error)
+                    handed_off = True
+                    return StreamingResponse(self._stream(answer, queue, first, adapter),
+                                             media_type="text/event-stream",
+                                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                gone = asyncio.ensure_future(_disconnected(request))
+                try:
+                    while not answer.done:
+                        answer.add(*await self._next(queue, rows, gone))
+                finally:
+                    gone.cancel()
+                return answer.response()
+            except BaseException:
+                _cancel(rows)  # one choice failed (or the client left): the others stop too
+                raise
         finally:
             if not handed_off:
                 await self.server.release(adapter)
