@@ -211,6 +211,7 @@ class DecodeBatch:
         ids = torch.tensor([row.prompt])
         cache = DynamicCache(config=self.model.model.config)
         out = self._forward(ids, torch.ones_like(ids), torch.arange(n)[None], cache, [row.adapter])
+        _layers(cache)  # a cache the loop cannot re-lay out is refused here, for this row (400), not in a step
         row.prompt_positions = cache.get_seq_length() - n
         if self.max_positions is not None and row.prompt_positions + row.final_length > self.max_positions:
             raise AdapterError(f"The prompt ({n} tokens{self._with_prompt(row)}) and max_tokens="
