@@ -186,9 +186,10 @@ class OpenAIServer:
                     first = await self._next(queue, rows)  # an error before any text is a plain error answer
                     if first[1].error is not None:
                         raise OpenAIError(*first[1].error)
+                    stream = self._stream(answer, queue, first, adapter)
+                    await stream.__anext__()  # started: its ``finally`` runs even if the response never reads it
                     handed_off = True
-                    return StreamingResponse(self._stream(answer, queue, first, adapter),
-                                             media_type="text/event-stream",
+                    return StreamingResponse(stream, media_type="text/event-stream",
                                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
                 gone = asyncio.ensure_future(_disconnected(request))
                 try:
@@ -240,6 +241,7 @@ class OpenAIServer:
     async def _stream(self, answer: "_Answer", queue: asyncio.Queue, first: tuple[int, Update],
                       adapter: Optional[str]) -> AsyncIterator[bytes]:
         try:
+            yield b""  # taken by ``run``: a started generator is closed (its hold released) when dropped
             for chunk in answer.start_chunks():
                 yield _event(chunk)
             item: Optional[tuple[int, Update]] = first
