@@ -176,6 +176,9 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(setup):
     while api.batch.rows and time.monotonic() < deadline:
         time.sleep(0.01)
     assert api.batch.rows == [] and api.batch.steps - steps < 60  # it left long before its 64 tokens
+    while running.app.app.state.server.registry.held("lora") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not running.app.app.state.server.registry.held("lora")  # its hold on the adapter is released
 
 
 def test_chat_without_a_template_is_a_clear_400_and_old_endpoints_stay(tmp_path):
