@@ -1,5 +1,5 @@
 """Load benchmark of generation serving: continuous batching with mixed adapters against static
-batching, on SmolLM2-135M (``adapterkit.packaged`` alias "smollm2").
+batching, on SmolLM2-135M (``adapterkit.loader`` alias "smollm2").
 
     python bench/serve_generate.py                                   # 64 requests, max_tokens 8-128
     python bench/serve_generate.py --requests 24 --max-tokens 32 --rate 8   # a short run (a few minutes)

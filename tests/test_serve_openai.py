@@ -245,3 +245,55 @@ def test_the_decode_loop_limits_are_serve_flags():
     assert (config.max_running_rows, config.max_running_tokens) == (8, 999)
     with pytest.raises(AdapterError, match="max_running_rows must be >= 1"):
         config_from_args(build_parser().parse_args(["serve", "--model", "m", "--max-running-rows", "0"]))
+
+
+def test_the_input_rules_of_the_other_endpoints_apply_in_openais_shape(setup):
+    """Lone surrogates, NaN, tiny temperatures, deep JSON, a prompt longer than the server takes and
+    a folder that fails to load: each a 400 with OpenAI's error object (valid JSON), never a 500."""
+    running, _, _, dirs = setup
+    url = running.url + "/v1"
+
+    def post(path: str, raw: str, **headers) -> httpx.Response:
+        return httpx.post(url + path, content=raw.encode(), headers={"Content-Type": "application/json", **headers},
+                          timeout=60)
+
+    def refused(answer: httpx.Response, param=None, match: str = "") -> dict:
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]  # valid JSON: the surrogate / NaN is shown as text
+        assert error["type"] == "invalid_request_error" and match in error["message"], error
+        if param is not None:
+            assert error["param"] == param, error
+        return error
+
+    refused(post("/completions", '{"model": "lora", "prompt": "a \\ud800 b"}'), "prompt", "surrogate")
+    refused(post("/completions", '{"model": "lora", "prompt": ["ok", "\\udfff"]}'), "prompt", "surrogate")
+    refused(post("/completions", '{"model": "\\ud800", "prompt": "x"}'), "model", "surrogate")
+    refused(post("/completions", '{"model": "lora", "prompt": "x", "stop": ["\\ud800"]}'), "stop", "surrogate")
+    refused(post("/chat/completions", '{"model": "lora", "messages": [{"role": "user", "content": "\\ud800"}]}'),
+            "messages.0.content", "surrogate")
+    refused(post("/chat/completions", '{"model": "lora", "messages": [{"role": "user", "content": '
+                                      '[{"type": "text", "text": "\\udc00"}]}]}'), "messages.0.content", "surrogate")
+    refused(post("/completions", '{"model": "lora", "prompt": "x", "temperature": 1e-9}'), "temperature", "too small")
+    refused(post("/completions", '{"model": "lora", "prompt": "x", "temperature": NaN}'), "temperature")
+    refused(post("/completions", '{"model": "lora", "prompt": "x", "top_p": NaN}'), "top_p")
+    refused(post("/completions", "[" * 100_000 + "]" * 100_000))
+    refused(post("/completions", '{"model": "lora", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"))
+    limit = running.app.app.state.openai.engine.max_length
+    error = refused(post("/completions", json.dumps({"model": "lora", "prompt": [5] * (limit + 1), "max_tokens": 1})),
+                    "prompt", f"maximum prompt length is {limit}")
+    assert error["code"] == "context_length_exceeded"
+    tiny = httpx.post(url + "/completions", json={"model": "lora", "prompt": PROMPT, "max_tokens": 2,
+                                                  "temperature": 1e-6}, timeout=60)
+    assert tiny.status_code == 200  # the floor itself samples (as greedy)
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    refused(post("/load_lora_adapter", '{"lora_name": "x", "lora_path": "\\ud800"}', **admin), "lora_path",
+            "surrogate")
+    broken = dirs["par"].parent / "broken"
+    broken.mkdir(exist_ok=True)
+    for config in ("{not json", "[" * 100_000 + "]" * 100_000):
+        (broken / "adapter_config.json").write_text(config)
+        refused(post("/load_lora_adapter", json.dumps({"lora_name": "broken", "lora_path": str(broken)}), **admin),
+                "lora_path", "Cannot load")
+    again = post("/load_lora_adapter", json.dumps({"lora_name": "broken", "lora_path": str(dirs["par"])}), **admin)
+    assert again.status_code == 200, again.text  # the failed loads left the name free
+    assert post("/unload_lora_adapter", '{"lora_name": "broken"}', **admin).status_code == 200

@@ -7,7 +7,7 @@ row leaves at once.
 
 * ``P`` columns of *prompt region*: the prompt-tuning positions of the row's adapter, right-aligned
   (``p_r`` of them; ``P - p_r`` dead columns in front, masked). ``P`` is the largest ``p_r`` in
-  the batch, which is what the input place (``input_place.py``) assumes at a step with a filled
+  the batch, which is what the input place (``places/input.py``) assumes at a step with a filled
   cache: it extends the 2D mask by ``P`` prompt columns (live where the row has a prompt) and
   shifts each row's positions by ``p_r``;
 * ``U`` columns of *token region*: the row's prompt and generated tokens, left-padded (the pad
@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from ..errors import AdapterError
 from .sampling import SamplingParams, choose, logprobs
@@ -205,8 +207,6 @@ class DecodeBatch:
 
     def _prefill(self, row: Row) -> tuple[Any, torch.Tensor]:
         """The row alone: its cache and the logits of its next token."""
-        from transformers import DynamicCache
-
         n = len(row.prompt)
         ids = torch.tensor([row.prompt])
         cache = DynamicCache(config=self.model.model.config)
@@ -331,8 +331,6 @@ class DecodeBatch:
 
 
 def _layers(cache: Any) -> list[Any]:
-    from transformers.cache_utils import DynamicLayer
-
     layers = list(cache.layers)
     if any(type(layer) is not DynamicLayer for layer in layers):
         raise AdapterError("Continuous batching needs a plain key/value cache in every layer (no sliding window); "

@@ -24,11 +24,11 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from ..errors import AdapterError
 from .decode_loop import DecodeBatch, DecodeLoop, QueueFull, Row, TokenInfo, Update
 from .openai_schemas import (ERROR_RESPONSES, STREAM_RESPONSES, TEXT_RESPONSES, ChatRequest, CompletionRequest,
                              LoadLoraRequest, OpenAIError, UnloadLoraRequest, error_body)
 from .sampling import SamplingParams
+from .schemas import one_line, printable
 from .security import check_admin, check_name, check_path
 
 #: the paths whose errors are OpenAI error objects (app.py's handlers ask ``is_openai_path``)
@@ -41,13 +41,14 @@ def is_openai_path(path: str) -> bool:
 
 def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """An ``HTTPException`` raised under one of these paths, as an OpenAI error object."""
-    detail = exc.detail if isinstance(exc.detail, str) else json.dumps(jsonable_encoder(exc.detail))
+    detail = exc.detail if isinstance(exc.detail, str) else json.dumps(printable(jsonable_encoder(exc.detail)))
     return JSONResponse(error_body(exc.status_code, detail), exc.status_code, headers=dict(exc.headers or {}))
 
 
 def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """An invalid body, as OpenAI answers it: 400 naming the first bad field."""
-    errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str})
+    """An invalid body, as OpenAI answers it: 400 naming the first bad field (NaN, infinity and
+    lone surrogates in what it echoes shown as text: the answer is always valid JSON)."""
+    errors = printable(jsonable_encoder(exc.errors(), custom_encoder={Exception: str}))
     if any(e.get("type") == "json_invalid" for e in errors):
         return JSONResponse(error_body(400, "The body is not valid JSON; send a JSON object."), 400)
     first = errors[0] if errors else {}
@@ -149,11 +150,11 @@ class OpenAIServer:
         longest = max(len(p) for p in prompts)
         if min(len(p) for p in prompts) == 0:
             raise OpenAIError(400, "A prompt has no tokens; send some text.", param="prompt")
-        limit = self.config.max_length
+        limit = self.engine.max_length  # --max-length, or the model's positions if fewer (engine.py)
         if longest > limit:
             raise OpenAIError(400, f"This server's maximum prompt length is {limit} tokens, but a prompt has "
                                    f"{longest}; shorten it (or start the server with a larger --max-length).",
-                              param="prompt")
+                              param="prompt", code="context_length_exceeded")
         room = self.config.max_new_tokens
         if self.batch.max_positions is not None:
             room = min(room, self.batch.max_positions - longest)
@@ -165,7 +166,8 @@ class OpenAIServer:
         if self.batch.max_positions is not None and longest + max_tokens > self.batch.max_positions:
             raise OpenAIError(400, f"This model's maximum context length is {self.batch.max_positions} tokens, but "
                                    f"{longest} prompt tokens + max_tokens={max_tokens} need {longest + max_tokens}; "
-                                   "shorten the prompt or lower max_tokens.", param="max_tokens")
+                                   "shorten the prompt or lower max_tokens.", param="max_tokens",
+                              code="context_length_exceeded")
         best_of = getattr(body, "best_of", None)
         if best_of is not None and best_of != body.n:
             raise OpenAIError(400, "best_of is not supported (only best_of = n); drop it.", param="best_of")
@@ -274,11 +276,12 @@ class OpenAIServer:
         if name == self.base_id:
             raise OpenAIError(409, f"'{name}' is the base model's id; choose another name.", param="lora_name")
         path = check_path(body.lora_path, self.config.allowed_roots)
-        self.server.registry.reserve(name)
+        self.server.registry.reserve(name)  # a second load under this name now answers 409
         try:
             described = await self.server.on_worker(self.engine.load, name, str(path))
-        except (AdapterError, OSError, ValueError) as err:
-            raise OpenAIError(400, f"Cannot load '{body.lora_path}': {err}", param="lora_path") from None
+        except Exception as err:  # the folder's fault (the model is left as it was); never a 500
+            self.server.registry.unreserve(name)
+            raise OpenAIError(400, f"Cannot load '{body.lora_path}': {one_line(err)}", param="lora_path") from None
         self.server.registry.add(name, described)
         self.roots[name] = (str(path), int(time.time()))
         self.server.metrics.adapters_loaded.set(len(self.server.registry))

@@ -13,6 +13,8 @@ from typing import Any, Literal, Optional, Union
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .schemas import MIN_TEMPERATURE, _no_surrogates, printable
+
 #: ``n`` and ``logprobs`` bounds (OpenAI's: n <= 128, logprobs <= 5 for completions, top_logprobs <= 20 for chat)
 MAX_N, MAX_LOGPROBS, MAX_TOP_LOGPROBS = 16, 5, 20
 
@@ -38,7 +40,7 @@ class OpenAIError(Exception):
 
 
 def error_body(status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None) -> dict:
-    return {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500 else
+    return {"error": {"message": printable(message), "type": _TYPES.get(status, "server_error" if status >= 500 else
                                                               "invalid_request_error"),
                       "param": param, "code": code}}
 
@@ -67,6 +69,21 @@ TEXT_RESPONSES: dict[Any, dict[str, Any]] = {**ERROR_RESPONSES, 200: {"content":
     "text/plain": {"schema": {"type": "string"}}}, "description": "vLLM's 'Success: ...' line"}}
 
 
+def _texts(value: Any) -> Any:
+    """Refuse a lone surrogate in any string of ``value`` (a string, or lists / dicts of them):
+    the same rule as the other endpoints' ``Text`` (schemas.py); the error names the field."""
+    if isinstance(value, str):
+        _no_surrogates(value)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _texts(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _texts(key)
+            _texts(item)
+    return value
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -86,9 +103,23 @@ class _Sampling(BaseModel):
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
 
+    @field_validator("model", "user")
+    @classmethod
+    def _model_text(cls, value: Any) -> Any:
+        return _texts(value)
+
+    @field_validator("temperature")
+    @classmethod
+    def _samplable(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"a temperature of {value:g} is too small to sample with; send 0 for greedy decoding, "
+                             f"or at least {MIN_TEMPERATURE:g}")
+        return value
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, value: Any) -> Any:
+        _texts(value)
         stops = [value] if isinstance(value, str) else (value or [])
         if len(stops) > 4:
             raise ValueError("at most 4 stop strings")
@@ -116,6 +147,11 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     best_of: Optional[int] = Field(None, ge=1)
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, value: Any) -> Any:
+        return _texts(value)
+
     @field_validator("echo")
     @classmethod
     def _no_echo(cls, value: bool) -> bool:
@@ -129,6 +165,11 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Optional[Union[str, list[dict[str, Any]]]] = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_text(cls, value: Any) -> Any:
+        return _texts(value)
 
     def text(self) -> str:
         """The content as text (text parts of a list joined; other parts are refused)."""
@@ -153,9 +194,19 @@ class LoadLoraRequest(BaseModel):
     lora_name: str
     lora_path: str
 
+    @field_validator("lora_name", "lora_path")
+    @classmethod
+    def _text(cls, value: str) -> str:
+        return _texts(value)
+
 
 class UnloadLoraRequest(BaseModel):
     lora_name: str
+
+    @field_validator("lora_name")
+    @classmethod
+    def _text(cls, value: str) -> str:
+        return _texts(value)
     lora_int_id: Optional[int] = None
 
 
