@@ -28,6 +28,9 @@ _FLAGS = {
     "--max-length": ("max_length", int, "tokens per text after truncation, and per generate prompt (default 512, or "
                                         "the model's positions if fewer; more than the model's: refused at start)"),
     "--max-new-tokens": ("max_new_tokens", int, "generate's upper bound (default 256; more: 422)"),
+    "--max-running-rows": ("max_running_rows", int, "rows the OpenAI endpoints' continuous batch decodes at once "
+                                                     "(default 64)"),
+    "--max-running-tokens": ("max_running_tokens", int, "rows x cache width of that batch (default 65536)"),
     "--ray-address": ("ray_address", str, "with --ray: the Ray cluster to join ('auto', or HEAD:6379; default: "
                                           "$RAY_ADDRESS, else a local cluster)"),
     "--replicas": ("replicas", int, "with --ray: model replicas (default 1)"),
@@ -56,7 +59,9 @@ def _named_dir(value: str) -> tuple[str, str]:
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve a base model with many adapters over HTTP (needs adapterkit[serve])",
                        description="One frozen base model, many adapters, mixed batches: POST /v1/classify, "
-                                   "/v1/generate; GET/POST /v1/adapters, DELETE /v1/adapters/NAME; /health, /metrics.")
+                                   "/v1/generate; GET/POST /v1/adapters, DELETE /v1/adapters/NAME; /health, /metrics; "
+                                   "OpenAI's /v1/completions, /v1/chat/completions, /v1/models (streaming, "
+                                   "continuous batching) and vLLM's /v1/load_lora_adapter, /v1/unload_lora_adapter.")
     p.add_argument("--model", help="base model folder or alias (minilm, smollm2)")
     p.add_argument("--adapter", dest="adapters", action="append", type=_named_dir, default=[], metavar="NAME=DIR",
                    help="an adapter to load at start (repeat for more)")

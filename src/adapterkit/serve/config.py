@@ -37,6 +37,8 @@ class ServeConfig:
     max_length: Optional[int] = None  # tokens per text after truncation; None: 512, or the model's positions if fewer
     max_new_tokens: int = 256  # generate's upper bound (more: 422)
     max_body_bytes: int = 1_000_000  # request body (more: 413)
+    max_running_rows: int = 64  # rows the continuous-batching decode loop runs at once (OpenAI endpoints)
+    max_running_tokens: int = 65_536  # rows x cache width in the decode loop's batch
     mixed_batches: bool = True  # False: a classify batch holds one adapter's requests (the baseline of the bench)
     ray: bool = False  # run as a Ray Serve application (ray_deployment.py)
     ray_address: Optional[str] = None  # the Ray cluster ("auto", "HOST:6379"); None: RAY_ADDRESS or a local one
@@ -60,8 +62,8 @@ class ServeConfig:
         except TypeError as err:
             raise AdapterError(f"Invalid serve setting: {err}.") from None
         for name in ("max_batch", "max_batch_tokens", "queue_size", "max_texts", "max_chars", "max_length",
-                     "max_new_tokens", "max_body_bytes", "replicas", "max_num_models_per_replica",
-                     "max_loaded_adapters"):
+                     "max_new_tokens", "max_body_bytes", "max_running_rows", "max_running_tokens", "replicas",
+                     "max_num_models_per_replica", "max_loaded_adapters"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise AdapterError(f"serve setting {name} must be >= 1, got {getattr(self, name)}.")
         if self.replica_cpus < 0:
