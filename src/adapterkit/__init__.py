@@ -35,6 +35,7 @@ from .config import (  # noqa: E402
 )
 from .errors import AdapterError, CheckpointError  # noqa: E402
 from .heads import HeadConfig  # noqa: E402
+from .methods.base import AdapterModule  # noqa: E402,F401 - the base class of a user's own method
 from .methods import BottleneckConfig, IA3Config, LoRAConfig, PrefixTuningConfig, PromptTuningConfig  # noqa: E402
 from .model import AdapterModel  # noqa: E402
 from .adapterhub_api import (  # noqa: E402  AdapterHub's entry points: `import adapterkit as adapters`
