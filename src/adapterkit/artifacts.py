@@ -16,13 +16,14 @@ Python has neither: its head's label names are used, and ``--model`` is required
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from .data import Columns, TaskSpec
 from .errors import AdapterError, CheckpointError
-from .io import CONFIG_NAME
+from .io import CONFIG_NAME, WEIGHTS_NAME
 from .model import AdapterModel
 
 BASE_FILE = "adapterkit_base.json"
@@ -65,17 +66,82 @@ def base_model_of(artifact: Artifact, model: Optional[str]) -> str:
         return str(artifact.path)
     if model:
         return model
-    recorded = _recorded_base(artifact).get("model")
+    recorded = _recorded_base(artifact).get("model") or _saved_source(artifact)
     if recorded:
         return str(recorded)
     raise AdapterError(f"{artifact.path}: does not record its base model; pass --model PATH_OR_ALIAS.")
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def _saved_source(artifact: Artifact) -> Optional[str]:
+    """The base ``save_adapter`` recorded (``base_model.source``) for a handle made with
+    ``AdapterModel.from_pretrained``; the CLI's own ``adapterkit_base.json`` comes first."""
+    if not (artifact.path / CONFIG_NAME).is_file():
+        return None
+    source = read_meta(artifact.path).get("base_model", {}).get("source")
+    return source if isinstance(source, str) and source else None
+
+
+def read_json(path: Path, fix: str) -> Any:
+    """A JSON file the CLI reads beside an adapter or run; any problem is a ``CheckpointError``
+    naming the file and ``fix`` (Python's reader recurses per level: deep nesting is refused too)."""
     try:
-        return json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path / CONFIG_NAME}: cannot be read ({err}); the adapter is corrupt.") from None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: cannot be read ({err}); {fix}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply to read; {fix}") from None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """``adapter_config.json`` with the types of its top-level fields checked, so a hand-edited or
+    damaged file is one ``CheckpointError`` naming the field, not a traceback from deep inside."""
+    file = path / CONFIG_NAME
+    fix = "the adapter is damaged or was edited by hand; save it again (or restore the file)."
+    meta = read_json(file, fix)
+    expected = {"format_version": int, "name": str, "config": dict, "head": dict, "base_model": dict, "places": list}
+    problems = [] if isinstance(meta, dict) else [f"it holds a JSON {type(meta).__name__}, not an object"]
+    for key, kind in expected.items() if not problems else ():
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            problems.append(f"'{key}' is {json.dumps(value)[:40]}, not a JSON {_JSON_NAMES[kind]}")
+    if not problems and "config" not in meta:
+        problems.append("it has no 'config'")
+    head = meta.get("head") if not problems else None
+    if head:
+        problems += _head_problems(head, path)
+    if problems:
+        raise CheckpointError(f"{file}: {'; '.join(problems)}; {fix}")
+    return meta
+
+
+_JSON_NAMES = {int: "integer", str: "string", dict: "object", list: "array"}
+
+
+def tensor_shapes(path: Path) -> "OrderedDict[str, list[int]]":
+    """Name -> shape of every tensor in a safetensors file, read from its header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return OrderedDict((k, list(f.get_slice(k).get_shape())) for k in sorted(f.keys()))
+    except Exception as err:  # safetensors raises its own error types for truncated files
+        raise CheckpointError(f"{path}: cannot be read ({err}); the file is truncated or corrupt.") from None
+
+
+def _head_problems(head: dict[str, Any], path: Path) -> list[str]:
+    """``num_labels`` must be a whole number that the saved head weights hold (a false one would
+    build a head of that many outputs before the weights are read)."""
+    n = head.get("num_labels")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return [f"head 'num_labels' is {json.dumps(n)[:40]}, not a positive whole number"]
+    try:
+        shapes = tensor_shapes(path / WEIGHTS_NAME)
+    except CheckpointError:
+        return []  # the loader names the damaged weights file itself
+    head_dims = {d for k, shape in shapes.items() if k.startswith("head.") for d in shape}
+    if head_dims and n not in head_dims:
+        return [f"head 'num_labels' is {n}, but no head weight has {n} rows (the saved head has other sizes)"]
+    return []
 
 
 def task_of(artifact: Artifact, head_config: Optional[dict[str, Any]], decoder: bool) -> TaskSpec:
@@ -117,6 +183,7 @@ def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_ot
     from .loader import load_model, load_tokenizer, model_is_decoder
 
     artifact = locate(adapter)
+    meta = read_meta(artifact.path) if artifact.kind == "adapter" else {}  # a damaged file: one line, now
     base = base_model_of(artifact, model)
     decoder = model_is_decoder(base)
     tokenizer = load_tokenizer(base)
@@ -138,7 +205,6 @@ def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_ot
                     f"--model {model} is not the base {artifact.path} was trained on ({recorded.get('model')}, "
                     f"fingerprint {recorded['fingerprint']}; this one has {mine}): its scores would be wrong. Drop "
                     "--model to use the recorded base, or pass --allow-other-base to use this one anyway.")
-        meta = _read_meta(artifact.path)
         name = net.load_adapter(artifact.path, set_active=True, strict_base=not allow_other_base)
         spec = task_of(artifact, meta.get("head"), decoder)
     net.eval()
@@ -174,17 +240,13 @@ def _recorded_base(artifact: Artifact) -> dict[str, Any]:
     ref = artifact.path / BASE_FILE
     if not ref.is_file():
         return {}
-    try:
-        data = json.loads(ref.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{ref}: cannot be read ({err}); pass --model PATH_OR_ALIAS and delete the file.") from None
+    data = read_json(ref, "pass --model PATH_OR_ALIAS and delete the file.")
     return data if isinstance(data, dict) else {}
 
 
 def write_base_ref(directory: Path, model: str, identity: dict[str, Any]) -> None:
     """Record the base beside an adapter (``adapterkit_base.json``: path or alias, fingerprint,
     name), so ``eval`` / ``predict`` need no ``--model`` and can check one that is given."""
-    from .packaged import ALIASES
+    from .packaged import base_reference
 
-    ref = model if model.lower() in ALIASES else str(Path(model).resolve())
-    (directory / BASE_FILE).write_text(json.dumps({"model": ref, **identity}), encoding="utf-8")
+    (directory / BASE_FILE).write_text(json.dumps({"model": base_reference(model), **identity}), encoding="utf-8")

@@ -10,11 +10,14 @@ stderr and exits with code 2, before anything is written. Ctrl-C during training
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from safetensors import SafetensorError
 
 from .errors import AdapterError
 from .serve import command as serve_command
@@ -340,6 +343,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train.evaluate import evaluate
     from .train.metrics import metric_names
 
+    _check_sizes(args)
     table = read_table(args.data, args.format)  # before loading the model: fail fast
     from .artifacts import load_bare, load_trained
 
@@ -362,7 +366,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if spec.columns.label is None or spec.columns.label not in table.columns:
             raise AdapterError(f"{table.path}: no label column to score against (columns: {', '.join(table.columns)}); "
                                "pass --label-column NAME.")
-    if args.max_length:
+    if args.max_length is not None:
         from .loader import check_max_length
 
         check_max_length(loaded.base, args.max_length, loaded.model.config)
@@ -379,6 +383,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if name in scores:
                 print(f"  {name:<16}{scores[name]:.4f}")
     return 0
+
+
+def _check_sizes(args: argparse.Namespace) -> None:
+    """``--batch-size`` / ``--max-length`` of ``eval`` and ``predict``, as ``train`` checks them."""
+    if args.batch_size < 1:
+        raise AdapterError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    if getattr(args, "max_length", None) is not None and args.max_length < 2:
+        raise AdapterError(f"--max-length must be >= 2 tokens, got {args.max_length}.")
+    if getattr(args, "max_new_tokens", None) is not None and args.max_new_tokens < 1:
+        raise AdapterError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
+
+
+def _check_text(texts: list[Any]) -> None:
+    """A lone surrogate (bytes that were not UTF-8 in an argument, or ``\\udc80`` in JSON) is no text a
+    tokenizer can take: name it instead of failing inside the tokenizer."""
+    for i, text in enumerate(texts, start=1):
+        for part in text if isinstance(text, (list, tuple)) else [text]:
+            if not isinstance(part, str):
+                continue
+            try:
+                part.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise AdapterError(f"text {i} holds {part[err.start:err.end]!r} at character {err.start + 1}, which is "
+                                   "not valid Unicode text (a lone surrogate: bytes that were not UTF-8?); convert the "
+                                   "input to UTF-8, e.g. with iconv -f latin1 -t utf-8.") from None
 
 
 def _predict_source(args: argparse.Namespace) -> "list[str] | Any":
@@ -403,6 +432,7 @@ def _predict_source(args: argparse.Namespace) -> "list[str] | Any":
 def cmd_predict(args: argparse.Namespace) -> int:
     from .data import Table, prediction_inputs
 
+    _check_sizes(args)
     source = _predict_source(args)
     if not (source.rows if isinstance(source, Table) else source):
         raise AdapterError("No text to predict: pass texts as arguments, --input FILE, or lines on stdin.")
@@ -411,6 +441,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
     texts = prediction_inputs(loaded.spec, source, args.text_column) if isinstance(source, Table) else source
+    _check_text(texts)
     results = predict_texts(loaded.model, loaded.tokenizer, loaded.spec, texts, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens)
     for r in results:
@@ -439,9 +470,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _check_merge_out(out: Path, overwrite: bool) -> None:
     """``merge --out``: new or empty; ``--overwrite`` replaces only a model folder (``config.json``)."""
+    from .train.runlock import LOCK_NAME
+
     if out.exists() and not out.is_dir():
         raise AdapterError(f"--out {out} is a file; pass a folder path.")
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir() or not any(p.name != LOCK_NAME for p in out.iterdir()):
         return
     if not (out / "config.json").is_file():
         raise AdapterError(f"--out {out} is not empty and holds no model (no config.json); choose a new or empty "
@@ -451,9 +484,8 @@ def _check_merge_out(out: Path, overwrite: bool) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .artifacts import load_trained, locate
-    from .data import TaskSpec
-    from .train.checkpoint import save_head, write_dir_atomic
+    from .artifacts import locate
+    from .train.runlock import RunLock
 
     out = Path(args.out)
     _check_merge_out(out, args.overwrite)
@@ -466,6 +498,25 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if not config_from_dict(config).supports_merge:
         raise AdapterError(f"--adapter {args.adapter}: a {config['method']} adapter adds modules and cannot be folded "
                            "into the weights; only lora and ia3 adapters can be merged.")
+    # one merge per --out: a second one stops at the lock (or, once the first is done, at the check
+    # under it) instead of both printing "saved" while one result is lost
+    lock = RunLock(out, "merge").acquire()
+    try:
+        _check_merge_out(out, args.overwrite)
+        message = _merge_into(args, out)
+    except BaseException:
+        lock.release(discard=True)
+        raise
+    lock.release()
+    print(message)
+    return 0
+
+
+def _merge_into(args: argparse.Namespace, out: Path) -> str:
+    from .artifacts import load_trained
+    from .data import TaskSpec
+    from .train.checkpoint import save_head, write_dir_atomic
+
     loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
     loaded.model.merge_adapter(loaded.name)
     head = loaded.model.heads[loaded.name] if loaded.name in loaded.model.heads else None
@@ -480,12 +531,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     write_dir_atomic(out, fill)  # swaps the new folder in: a failed merge leaves the old one whole
     cls = type(loaded.model.model).__name__
-    print(f"merged adapter '{loaded.name}' into {loaded.base}; saved a plain transformers model ({cls}) to {out}")
-    print(f"load it without adapterkit: transformers.AutoModel{'ForCausalLM' if 'CausalLM' in cls else ''}"
-          f".from_pretrained('{out}')")
+    lines = [f"merged adapter '{loaded.name}' into {loaded.base}; saved a plain transformers model ({cls}) to {out}",
+             f"load it without adapterkit: transformers.AutoModel{'ForCausalLM' if 'CausalLM' in cls else ''}"
+             f".from_pretrained('{out}')"]
     if head is not None:
-        print(f"its task head is in {out}/adapterkit_head.*: adapterkit eval/predict --adapter {out}")
-    return 0
+        lines.append(f"its task head is in {out}/adapterkit_head.*: adapterkit eval/predict --adapter {out}")
+    return "\n".join(lines)
 
 
 # -- entry point ----------------------------------------------------------------------------------------
@@ -562,11 +613,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # e.g. adapterkit predict ... | head
         return 0
     except OSError as err:  # a read-only or full disk, a file that vanished: one line, not a traceback
-        if err.filename is None:
-            raise
-        _fail(args.command, f"{err.filename}: {err.strerror or err}; check that the path exists and that you may "
-                            "read and write there (and that the disk has room).")
+        _fail(args.command, _os_error(err))
         return EXIT_BAD_INPUT
+    except SafetensorError as err:  # safetensors reports a full disk as its own error type
+        _fail(args.command, f"{err}; {_KEPT}")
+        return EXIT_BAD_INPUT
+    except RecursionError:  # a file nested thousands deep that a reader did not name
+        _fail(args.command, "an input file is nested too deeply to read (thousands of levels of [ or {); check the "
+                            "files you passed.")
+        return EXIT_BAD_INPUT
+
+
+_KEPT = ("free some space (or check the path and that you may write there) and run the command again; folders are "
+         "written to a temporary name and swapped in whole, so nothing earlier was replaced (a train run continues "
+         "with adapterkit train --resume DIR).")
+
+
+def _os_error(err: OSError) -> str:
+    if err.errno == errno.ENOSPC:
+        return f"{err.filename + ': ' if err.filename else ''}no space left on device; {_KEPT}"
+    if err.filename is None:
+        return f"{err.strerror or err}; {_KEPT}"
+    return (f"{err.filename}: {err.strerror or err}; check that the path exists and that you may read and write there "
+            "(and that the disk has room).")
 
 
 def console_main() -> None:

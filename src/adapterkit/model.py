@@ -103,6 +103,7 @@ class AdapterModel(nn.Module):
         self._slots: dict[tuple[str, str], Slot] = {}  # (place id, place) -> slot
         self._setup: Optional[Block] = None
         self._active_head: Optional[str] = None
+        self.base_source: Optional[str] = None  # the alias or folder from_pretrained loaded, saved with adapters
         self._merges = Merges()
         self._routed_calls = _CallCounter()
         self._disabled = 0
@@ -116,9 +117,11 @@ class AdapterModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, causal_lm: Optional[bool] = None, **kwargs: Any) -> "AdapterModel":
         """Load a ``transformers`` model (a folder, or the alias ``minilm`` / ``smollm2``) and wrap it."""
-        from .packaged import load_base_model
+        from .packaged import base_reference, load_base_model
 
-        return cls(load_base_model(name_or_path, causal_lm=causal_lm, **kwargs))
+        handle = cls(load_base_model(name_or_path, causal_lm=causal_lm, **kwargs))
+        handle.base_source = base_reference(name_or_path)
+        return handle
 
     @property
     def config(self):
@@ -808,7 +811,8 @@ class AdapterModel(nn.Module):
             "config": record.config.as_saved().to_dict(),
             "places": [s.place_id for s in sites],
             "base_model": {**self.layout.fingerprint(), **base_identity(self),
-                           "host_shapes": {s.place_id: s.weight_shape() for s in sites}},
+                           "host_shapes": {s.place_id: s.weight_shape() for s in sites},
+                           **({"source": self.base_source} if self.base_source else {})},
             "head": head.config.to_dict() if head is not None else None,
         }
         tensors = {f"adapter.{key}.{k}": v for key, unit in record.modules.items() for k, v in unit.saved_state().items()}

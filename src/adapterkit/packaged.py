@@ -60,6 +60,13 @@ def resolve_model(name_or_path: str) -> tuple[Path, Optional[str]]:
     )
 
 
+def base_reference(name_or_path: "str | Path") -> str:
+    """How a base is recorded beside an adapter: an alias as typed (lower case), a folder as an
+    absolute path, so ``eval`` / ``merge`` find it again without ``--model``."""
+    text = str(name_or_path)
+    return text.lower() if text.lower() in ALIASES else str(Path(text).resolve())
+
+
 def load_base_model(name_or_path: str, *, causal_lm: Optional[bool] = None, **kwargs: Any) -> nn.Module:
     """``adapterkit.loader.load_base_model`` (the loader owns model loading; kept for existing imports)."""
     from .loader import load_base_model as load
