@@ -135,3 +135,73 @@ def test_adapter_saved_from_from_pretrained_records_its_base(ws, tmp_path, capsy
     assert "merged adapter 'a' into" in capsys.readouterr().out
     assert base_reference("MiniLM") == "minilm"
     assert AdapterModel(model.model).base_source is None  # a handle around a module records nothing
+
+
+# -- speech adapters through eval and predict ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory):
+    """A tiny wav2vec2 with its feature extractor, WAV folders (one subfolder per label), and a
+    speech adapter trained on them with ``adapterkit train``."""
+    import numpy as np
+    import soundfile
+    import transformers as T
+
+    from helpers import ARCHS
+
+    d = tmp_path_factory.mktemp("speech")
+    torch.manual_seed(0)
+    T.Wav2Vec2Model(ARCHS["wav2vec2"].config()).save_pretrained(d / "speech")
+    T.Wav2Vec2FeatureExtractor(sampling_rate=8000).save_pretrained(d / "speech")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("dev", 3)):
+        for label, scale in (("yes", 0.5), ("no", 0.05)):
+            (d / split / label).mkdir(parents=True)
+            for i in range(n):
+                clip = rng.normal(0, scale, 800 + 80 * i).astype("float32")
+                soundfile.write(str(d / split / label / f"{i}.wav"), clip, 8000)
+    assert main(["train", "--model", str(d / "speech"), "--train", str(d / "train"), "--eval", str(d / "dev"),
+                 "--out", str(d / "run"), "--epochs", "2", "--batch-size", "4", "--progress", "none"]) == 0
+    return d
+
+
+def test_eval_takes_an_audio_folder_and_reproduces_the_runs_scores(speech, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(speech / "run"), "--data", str(speech / "dev"), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    results = json.loads((speech / "run" / "results.json").read_text())
+    assert scores["rows"] == 6 and scores["task"] == "classification"
+    for name, value in results["eval"].items():
+        assert scores[name] == pytest.approx(value, abs=1e-5), name
+
+
+def test_predict_takes_audio_files_and_folders(speech, capsys):
+    one = speech / "dev" / "yes" / "1.wav"
+    capsys.readouterr()
+    assert main(["predict", "--adapter", str(speech / "run"), "--json", str(one)]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert main(["predict", "--adapter", str(speech / "run"), "--json", "--batch-size", "4", str(speech / "dev")]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [Path(r["path"]).relative_to(speech / "dev").as_posix() for r in rows] == [
+        f"{label}/{i}.wav" for label in ("no", "yes") for i in range(3)]
+    batched = next(r for r in rows if r["path"] == str(one))
+    assert batched["label"] == alone["label"] and set(alone["probabilities"]) == {"no", "yes"}
+    for label, p in alone["probabilities"].items():  # routed in a padded batch = alone
+        assert batched["probabilities"][label] == pytest.approx(p, abs=1e-5)
+    # the model's own output for that clip, read the way predict reads it
+    from adapterkit.artifacts import load_trained
+    from adapterkit.data.audio import prediction_clips
+
+    loaded = load_trained(speech / "run")
+    clips = prediction_clips([one], loaded.tokenizer)
+    with torch.no_grad():
+        probs = torch.softmax(loaded.model(**clips.collate([0], with_labels=False)).logits[0], -1)
+    assert alone["probability"] == pytest.approx(probs.max().item(), abs=1e-6)
+
+
+def test_audio_and_text_mixed_up_are_one_line(speech, ws, capsys):
+    err = one_line(capsys, main(["predict", "--adapter", str(speech / "run"), "good film"]))
+    assert "classifies audio" in err
+    err = one_line(capsys, main(["eval", "--adapter", str(ws / "lora"), "--data", str(speech / "dev")]))
+    assert "reads text" in err
+    err = one_line(capsys, main(["predict", "--adapter", str(ws / "lora"), str(speech / "dev" / "yes" / "0.wav")]))
+    assert "reads text" in err

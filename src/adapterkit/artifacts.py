@@ -170,6 +170,7 @@ class Loaded:
     name: Optional[str]
     artifact: Optional[Artifact]  # None: the bare base model (``load_bare``)
     base: str
+    audio: bool = False  # a speech model: ``tokenizer`` is its feature extractor
 
 
 def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_other_base: bool = False) -> Loaded:
@@ -186,7 +187,8 @@ def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_ot
     meta = read_meta(artifact.path) if artifact.kind == "adapter" else {}  # a damaged file: one line, now
     base = base_model_of(artifact, model)
     decoder = model_is_decoder(base)
-    tokenizer = load_tokenizer(base)
+    audio = reads_audio(base)
+    tokenizer = _processor(base) if audio else load_tokenizer(base)
     net = load_model(base)
     if artifact.kind == "model":
         head = load_head(artifact.path, net.layout, next(iter(net.model.parameters()), None))
@@ -208,7 +210,23 @@ def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_ot
         name = net.load_adapter(artifact.path, set_active=True, strict_base=not allow_other_base)
         spec = task_of(artifact, meta.get("head"), decoder)
     net.eval()
-    return Loaded(net, tokenizer, spec, name, artifact, base)
+    return Loaded(net, tokenizer, spec, name, artifact, base, audio)
+
+
+def reads_audio(model: str) -> bool:
+    """Whether ``model`` is a speech encoder (its inputs are audio samples, not tokens)."""
+    from .layouts import spec_for
+    from .loader import load_config
+
+    spec = spec_for(load_config(model))
+    return spec is not None and spec.modality == "audio"
+
+
+def _processor(model: str) -> Any:
+    """A speech model's feature extractor, which takes the tokenizer's place for audio."""
+    from .data.audio import load_feature_extractor
+
+    return load_feature_extractor(model)
 
 
 def load_bare(model: Optional[str], table: Any, *, task: Optional[str] = None, template: Optional[str] = None,

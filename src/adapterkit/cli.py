@@ -340,10 +340,12 @@ def _print_results(results: dict[str, Any], out: Path, seconds: float) -> None:
 # -- eval / predict / inspect / merge -------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import check_eval_labels, detect_columns, encode, read_table
+    from .data.audio import is_audio_folder
     from .train.evaluate import evaluate
-    from .train.metrics import metric_names
 
     _check_sizes(args)
+    if is_audio_folder(args.data):  # a folder of WAV files, one subfolder per label, as for train
+        return _eval_audio(args)
     table = read_table(args.data, args.format)  # before loading the model: fail fast
     from .artifacts import load_bare, load_trained
 
@@ -355,6 +357,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            "adapter is scored on the task it was trained on. Drop them.")
     else:
         loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
+    if loaded.audio:
+        raise AdapterError(f"--adapter {args.adapter} classifies audio, but --data {args.data} is a data file; pass a "
+                           "folder of WAV files with one subfolder per label, as for adapterkit train.")
     spec = loaded.spec
     if spec.task != "causal-lm" and args.adapter is not None:
         flags = {"text": args.text_column, "text_pair": args.text_pair_column, "label": args.label_column}
@@ -375,13 +380,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     enc = encode(spec, table, loaded.tokenizer)
     pad = loaded.tokenizer.pad_token_id or 0
     scores = evaluate(loaded.model, enc, spec, batch_size=args.batch_size, pad_id=pad)
+    _print_scores(args, spec, len(enc), scores)
+    return 0
+
+
+def _print_scores(args: argparse.Namespace, spec: Any, rows: int, scores: dict[str, float]) -> None:
+    from .train.metrics import metric_names
+
     if args.json:
-        print(json.dumps({"data": str(args.data), "rows": len(enc), "task": spec.task, **scores}))
-    else:
-        print(f"{args.data}: {len(enc):,} rows, task {spec.task}")
-        for name in metric_names(spec):
-            if name in scores:
-                print(f"  {name:<16}{scores[name]:.4f}")
+        print(json.dumps({"data": str(args.data), "rows": rows, "task": spec.task, **scores}))
+        return
+    print(f"{args.data}: {rows:,} rows, task {spec.task}")
+    for name in metric_names(spec):
+        if name in scores:
+            print(f"  {name:<16}{scores[name]:.4f}")
+
+
+def _eval_audio(args: argparse.Namespace) -> int:
+    """``eval --data DIR`` of a speech adapter: the clips of DIR/LABEL/*.wav, read as training did."""
+    from .artifacts import load_trained
+    from .data.audio import read_split
+    from .layouts.inputs import min_samples
+    from .train.evaluate import evaluate
+
+    if args.adapter is None:
+        raise AdapterError(f"--data {args.data} is a folder of audio clips, which only a trained speech adapter can "
+                           "score; pass --adapter.")
+    unused = [f"--{k.replace('_', '-')}" for k in ("format", "text_column", "text_pair_column", "label_column",
+                                                   "max_length", "task", "template", "verbalizer") if getattr(args, k)]
+    if unused:
+        raise AdapterError(f"{', '.join(unused)}: not used for audio data (the labels are the subfolder names); "
+                           "drop them.")
+    loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
+    if not loaded.audio:
+        raise AdapterError(f"--data {args.data} is a folder of audio clips, but the adapter in {args.adapter} reads "
+                           "text; pass a .tsv, .csv or .jsonl file.")
+    clips, _ = read_split(args.data, loaded.spec.labels, loaded.tokenizer, min_samples(loaded.model.model))
+    scores = evaluate(loaded.model, clips, loaded.spec, batch_size=args.batch_size, pad_id=0)
+    _print_scores(args, loaded.spec, len(clips), scores)
     return 0
 
 
@@ -429,10 +465,45 @@ def _predict_source(args: argparse.Namespace) -> "list[str] | Any":
     return read_prediction_input(sys.stdin.buffer.read())
 
 
+def _audio_sources(args: argparse.Namespace) -> Optional[list[str]]:
+    """The audio files and folders ``predict`` was given (as texts or ``--input``), or None for text."""
+    from .data.audio import is_audio_file
+
+    given = list(args.texts) + ([args.input] if args.input else [])
+    audio = [g for g in given if (is_audio_file(g) and Path(g).is_file())
+             or (Path(g).is_dir() and any(is_audio_file(f) for f in Path(g).rglob("*")))]
+    if not audio:
+        return None
+    if len(audio) != len(given):
+        others = [g for g in given if g not in audio]
+        raise AdapterError(f"predict got audio ({audio[0]}) and text ({others[0][:40]!r}) together; pass only audio "
+                           "files and folders for a speech adapter, or only texts.")
+    return audio
+
+
+def _predict_audio(args: argparse.Namespace, sources: list[str]) -> int:
+    from .artifacts import load_trained
+    from .data.audio import prediction_clips
+    from .inference import predict_audio
+    from .layouts.inputs import min_samples
+
+    loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
+    if not loaded.audio:
+        raise AdapterError(f"{sources[0]}: audio, but the adapter in {args.adapter} reads text; pass texts, --input "
+                           "FILE or lines on stdin.")
+    clips = prediction_clips(sources, loaded.tokenizer, min_samples(loaded.model.model))
+    for r in predict_audio(loaded.model, clips, loaded.spec, batch_size=args.batch_size):
+        print(json.dumps(r, ensure_ascii=False) if args.json else f"{r['label']}\t{r['probability']:.4f}\t{r['path']}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .data import Table, prediction_inputs
 
     _check_sizes(args)
+    audio = _audio_sources(args)
+    if audio is not None:  # WAV files or folders of them, for a speech adapter
+        return _predict_audio(args, audio)
     source = _predict_source(args)
     if not (source.rows if isinstance(source, Table) else source):
         raise AdapterError("No text to predict: pass texts as arguments, --input FILE, or lines on stdin.")
@@ -440,6 +511,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import predict_texts
 
     loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
+    if loaded.audio:
+        raise AdapterError(f"--adapter {args.adapter} classifies audio; pass WAV files or folders of them (as "
+                           "arguments or --input), not text.")
     texts = prediction_inputs(loaded.spec, source, args.text_column) if isinstance(source, Table) else source
     _check_text(texts)
     results = predict_texts(loaded.model, loaded.tokenizer, loaded.spec, texts, batch_size=args.batch_size,
