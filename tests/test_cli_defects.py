@@ -205,3 +205,42 @@ def test_audio_and_text_mixed_up_are_one_line(speech, ws, capsys):
     assert "reads text" in err
     err = one_line(capsys, main(["predict", "--adapter", str(ws / "lora"), str(speech / "dev" / "yes" / "0.wav")]))
     assert "reads text" in err
+
+
+# -- convert a CLI-trained classifier ------------------------------------------------------------------
+def test_a_default_classifier_converts_without_its_head_and_training_said_so(ws, tmp_path, capsys):
+    """Encoder heads default to mean pooling, which neither PEFT nor AdapterHub holds: ``convert``
+    used to fail for every CLI classifier, suggesting ``with_head=False``, which it did not offer."""
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", "--model", str(ws / "bert"), "--train", str(ws / "train.tsv"), "--out", str(run),
+                 "--method", "lora", "--lora-r", "2", *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "note: this head (2 layer(s), pooling auto) cannot be converted to PEFT or AdapterHub" in err, err
+    err = one_line(capsys, main(["convert", str(run), str(tmp_path / "peft"), "--to", "peft"]))
+    assert "pass --without-head to convert the adapter alone" in err and "with_head=False" not in err, err
+    assert not (tmp_path / "peft").exists()
+    for fmt in ("peft", "adapterhub"):
+        assert main(["convert", str(run), str(tmp_path / fmt), "--to", fmt, "--without-head"]) == 0
+        out = capsys.readouterr().out
+        assert "left behind: its classification head (2 layer(s), pooling auto, 2 outputs)" in out, out
+    # the converted adapter computes what the trained one does
+    from adapterkit.artifacts import load_trained
+
+    trained = load_trained(run)
+    ids = torch.tensor([[2, 5, 6, 30, 3]])
+    with torch.no_grad():
+        want = trained.model.model(input_ids=ids).last_hidden_state
+        for fmt in ("peft", "adapterhub"):
+            model = AdapterModel.from_pretrained(str(ws / "bert"))
+            model.load_adapter(tmp_path / fmt, set_active=True)
+            model.eval()
+            got = model(input_ids=ids).last_hidden_state
+            assert (got - want).abs().max().item() <= 1e-5, fmt
+
+
+def test_a_head_that_converts_gets_no_note(ws, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["train", "--model", str(ws / "bert"), "--train", str(ws / "train.tsv"), "--out", str(tmp_path / "r"),
+                 "--method", "lora", "--lora-r", "2", "--pooling", "cls", *FAST]) == 0
+    assert "cannot be converted" not in capsys.readouterr().err

@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model folder or alias (default: the one recorded beside SRC)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickled *.bin weights (torch.load with weights_only=True); refused otherwise")
+    p.add_argument("--without-head", action="store_true",
+                   help="convert the adapter alone, leaving its task head behind (e.g. a mean-pooling head, which "
+                        "neither PEFT nor AdapterHub can hold)")
     serve_command.add_parser(sub)
     return parser
 
@@ -280,6 +283,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"({len(prep.train):,} training rows{_rows_note(prep)}), {env.world_size} process(es)")
         print(f"trainable parameters: {counts['trainable']:,} of {counts['total']:,} "
               f"({100 * counts['trainable'] / counts['total']:.2f} %), head {counts['head']:,}", flush=True)
+        _head_note(prep)
     try:
         results = loop.fit(prep, out, resume=bool(args.resume), overwrite=args.overwrite, echo=_note,
                            lock=lock if env.is_main else None)
@@ -297,6 +301,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if env.is_main:
         _print_results(results, out, time.perf_counter() - started)
     return 0
+
+
+def _head_note(prep: Any) -> None:
+    """Say now, not at ``convert`` time, when the head chosen will not go to PEFT / AdapterHub."""
+    from .interop.convert import heads_left_behind
+
+    if prep.config.full_finetune:
+        return
+    formats = heads_left_behind(prep.model, prep.name)
+    if formats:
+        head = prep.model.heads[prep.name].config
+        names = " or ".join({"peft": "PEFT", "adapterhub": "AdapterHub"}[f] for f in formats)
+        _note(f"note: this head ({head.layers} layer(s), pooling {head.pooling}) cannot be converted to {names}; "
+              "adapterkit convert --without-head converts the adapter alone. Their heads read one token: train with "
+              "--pooling cls (encoders) or last (decoders) to convert the head too.")
 
 
 def _rows_note(prep: Any) -> str:
@@ -625,7 +644,8 @@ def _fail(command: str, message: str) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .interop.convert import convert
 
-    print(convert(args.src, args.dst, args.to, model=args.model, allow_pickle=args.allow_pickle))
+    print(convert(args.src, args.dst, args.to, model=args.model, allow_pickle=args.allow_pickle,
+                  with_head=not args.without_head))
     return 0
 
 

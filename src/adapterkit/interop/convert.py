@@ -7,16 +7,24 @@ before anything is written; the source is never modified.
 
 from __future__ import annotations
 
+import re
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..errors import AdapterError
 
+#: the library's advice, in the command's words
+_CLI_WORDS = {r"[Ss]ave with with_head=False": "pass --without-head to convert the adapter alone",
+              r"with_head=False": "--without-head", r"format='adapterkit'": "--to adapterkit"}
+
 
 def convert(src: "str | Path", dst: "str | Path", to: str, *, model: Optional[str] = None,
-            allow_pickle: bool = False) -> str:
+            allow_pickle: bool = False, with_head: bool = True) -> str:
     """Convert the adapter in ``src`` (any format) to ``to`` in ``dst``; returns a summary line.
-    ``model`` is the base model (a folder or alias), by default the one recorded beside ``src``."""
+    ``model`` is the base model (a folder or alias), by default the one recorded beside ``src``;
+    ``with_head=False`` (``--without-head``) converts the adapter alone, saying what stays behind."""
     from ..artifacts import base_model_of, locate
     from ..model import AdapterModel
     from ..packaged import load_base_model
@@ -33,7 +41,47 @@ def convert(src: "str | Path", dst: "str | Path", to: str, *, model: Optional[st
     base = base_model_of(artifact, model)
     net = AdapterModel(load_base_model(base))
     name = net.load_adapter(artifact.path, allow_pickle=allow_pickle)
-    net.save_adapter(dst, name, format=to)
+    try:
+        net.save_adapter(dst, name, format=to, with_head=with_head)
+    except AdapterError as err:
+        message = str(err)
+        for pattern, words in _CLI_WORDS.items():
+            message = re.sub(pattern, words, message)
+        raise AdapterError(message) from None
     method = net.adapter_summary(as_dict=True)[0]["method"]
-    head = " with its head" if name in net.heads else ""
-    return f"converted {method} adapter '{name}'{head} from {artifact.path} to {to} format in {dst}"
+    line = f"converted {method} adapter '{name}'{' with its head' if with_head and name in net.heads else ''} from " \
+           f"{artifact.path} to {to} format in {dst}"
+    if not with_head and name in net.heads:
+        line += (f"\nleft behind: its {_describe_head(net.heads[name])}, which stays in {artifact.path} (adapterkit "
+                 f"eval / predict --adapter {src} use it); the {to} folder holds the adapter alone")
+    return line
+
+
+def _describe_head(head: Any) -> str:
+    cfg = head.config
+    labels = f", {cfg.num_labels} outputs" if cfg.type != "regression" else ""
+    return f"{cfg.type} head ({cfg.layers} layer(s), pooling {cfg.pooling}{labels})"
+
+
+def heads_left_behind(model: Any, name: str) -> list[str]:
+    """The formats (``peft``, ``adapterhub``) that take adapter ``name`` but not its head, found by
+    writing both into a temporary folder (removed); ``adapterkit train`` names them at the start."""
+    from . import FORMATS
+
+    if name not in model.heads:
+        return []
+    found = []
+    scratch = Path(tempfile.mkdtemp(prefix="adapterkit-head-check-"))
+    try:
+        for fmt in (f for f in FORMATS if f != "adapterkit"):
+            try:
+                model.save_adapter(scratch / f"{fmt}-head", name, format=fmt)
+            except AdapterError:
+                try:
+                    model.save_adapter(scratch / fmt, name, format=fmt, with_head=False)
+                except AdapterError:
+                    continue  # the adapter itself has no counterpart there: not the head's doing
+                found.append(fmt)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return found
