@@ -220,6 +220,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("eval: num_labels 10**12", ["eval", "--adapter", "huge-head", "--data", "dev.tsv"],
      "no head weight has 1000000000000 rows"),
     ("inspect: num_labels 1e12", ["inspect", "float-head"], "not a positive whole number"),
+    ("merge: adapter_config.json nested 100,000 deep", ["merge", "--adapter", "deep-config", "--out", "m"],
+     "nested too deeply"),
 ]
 STDIN = {"predict: nothing on stdin": b"\n\n", "predict: stdin not in UTF-8": "na\xefve\n".encode("latin-1")}
 

@@ -37,10 +37,12 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 
 def one_line(capsys, code: int) -> str:
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "\n" not in err and "Traceback" not in err, err
-    return err
+    """The error line of a command that exited 2 (after at most ``note:`` lines, e.g. train's)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, lines
+    assert all(line.startswith("note: ") for line in lines[:-1]), lines
+    assert lines[-1].startswith("adapterkit ") and ": error: " in lines[-1], lines
+    return lines[-1]
 
 
 # -- merge takes the run lock ------------------------------------------------------------------------
@@ -56,7 +58,9 @@ def test_two_merges_into_one_new_out_one_wins_the_other_says_why(ws, tmp_path):
     codes = sorted(code for code, _, _ in results)
     assert codes == [0, 2], results
     err = next(e for c, _, e in results if c == 2).strip()
-    assert "\n" not in err and ("in use by another adapterkit merge" in err or "holds a model already" in err), err
+    last = err.splitlines()[-1]  # (libraries may warn on stderr before adapterkit starts)
+    assert "Traceback" not in err and last.startswith("adapterkit merge: error: "), err
+    assert "in use by another adapterkit merge" in last or "holds a model already" in last, err
     assert (out / "config.json").is_file() and not (out / ".adapterkit.lock").exists()
 
 

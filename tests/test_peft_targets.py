@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from adapterkit import AdapterModel, CheckpointError
 from adapterkit.interop.peft_targets import targeted

@@ -577,7 +577,7 @@ def _check_merge_out(out: Path, overwrite: bool) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .artifacts import locate
+    from .artifacts import locate, read_meta
     from .train.runlock import RunLock
 
     out = Path(args.out)
@@ -585,7 +585,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     artifact = locate(args.adapter)
     if artifact.kind != "adapter":
         raise AdapterError(f"--adapter {args.adapter}: is a full model already (nothing to merge); use it as --model.")
-    config = json.loads((artifact.path / "adapter_config.json").read_text(encoding="utf-8"))["config"]
+    config = read_meta(artifact.path)["config"]  # a damaged file: one line naming it
     from .config import config_from_dict
 
     if not config_from_dict(config).supports_merge:
