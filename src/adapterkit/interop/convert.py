@@ -2,7 +2,9 @@
 format, through the one checked path: the base model is loaded, the adapter is loaded into it
 (``load_adapter``: every check of a normal load), and saved in the target format
 (``save_adapter(..., format=...)``), safetensors only. What the target cannot express is refused
-before anything is written; the source is never modified.
+before anything is written; the source is never modified. ``--without-head`` converts the
+adapter alone and names the head it left behind; ``heads_left_behind`` tells ``adapterkit train``
+up front which formats will not take its head.
 """
 
 from __future__ import annotations
@@ -75,13 +77,24 @@ def heads_left_behind(model: Any, name: str) -> list[str]:
     try:
         for fmt in (f for f in FORMATS if f != "adapterkit"):
             try:
-                model.save_adapter(scratch / f"{fmt}-head", name, format=fmt)
-            except AdapterError:
-                try:
-                    model.save_adapter(scratch / fmt, name, format=fmt, with_head=False)
-                except AdapterError:
-                    continue  # the adapter itself has no counterpart there: not the head's doing
-                found.append(fmt)
+                if _head_refused(model, name, fmt, scratch):
+                    found.append(fmt)
+            except Exception:  # noqa: BLE001 - an advisory note must never stop a run; convert reports it
+                continue
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return found
+
+
+def _head_refused(model: Any, name: str, fmt: str, scratch: Path) -> bool:
+    """``fmt`` refuses the adapter with its head but takes it without (the head is the reason)."""
+    try:
+        model.save_adapter(scratch / f"{fmt}-head", name, format=fmt)
+        return False
+    except AdapterError:
+        pass
+    try:
+        model.save_adapter(scratch / fmt, name, format=fmt, with_head=False)
+    except AdapterError:
+        return False  # the adapter itself has no counterpart there: not the head's doing
+    return True
