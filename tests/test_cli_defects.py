@@ -192,7 +192,7 @@ def test_predict_takes_audio_files_and_folders(speech, capsys):
     for label, p in alone["probabilities"].items():  # routed in a padded batch = alone
         assert batched["probabilities"][label] == pytest.approx(p, abs=1e-5)
     # the model's own output for that clip, read the way predict reads it
-    from adapterkit.artifacts import load_trained
+    from adapterkit.train.artifacts import load_trained
     from adapterkit.data.audio import prediction_clips
 
     loaded = load_trained(speech / "run")
@@ -229,7 +229,7 @@ def test_a_default_classifier_converts_without_its_head_and_training_said_so(ws,
         out = capsys.readouterr().out
         assert "left behind: its classification head (2 layer(s), pooling auto, 2 outputs)" in out, out
     # the converted adapter computes what the trained one does
-    from adapterkit.artifacts import load_trained
+    from adapterkit.train.artifacts import load_trained
 
     trained = load_trained(run)
     ids = torch.tensor([[2, 5, 6, 30, 3]])

@@ -12,15 +12,45 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from safetensors import SafetensorError
+from transformers.utils import logging as hf_logging
 
+from ._version import __version__
+from .checkpoint_format import CONFIG_NAME, read_meta
+from .config import config_from_dict
+from .convert import convert, heads_left_behind
+from .data import (
+    SUFFIXES,
+    Table,
+    TaskSpec,
+    check_eval_labels,
+    detect_columns,
+    encode,
+    prediction_inputs,
+    read_prediction_input,
+    read_table,
+)
+from .data.audio import is_audio_file, is_audio_folder, prediction_clips, read_split
 from .errors import AdapterError
+from .inference import predict_audio, predict_texts
+from .inspection import describe
+from .layouts.inputs import min_samples
+from .loader import check_max_length
 from .serve import command as serve_command
+from .train import distributed as D
+from .train import loop
+from .train.artifacts import load_bare, load_trained, locate
+from .train.checkpoint import save_head, write_dir_atomic
+from .train.config import TrainConfig
+from .train.evaluate import evaluate
+from .train.metrics import metric_names
+from .train.runlock import LOCK_NAME, RunLock
 
 EXIT_BAD_INPUT = 2
 
@@ -154,7 +184,6 @@ def _add_common_model(p: argparse.ArgumentParser, adapter_required: bool = True)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="adapterkit", description="Train, evaluate and use small adapters on frozen models.")
-    from . import __version__
 
     parser.add_argument("--version", action="version", version=f"adapterkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -211,8 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- train -----------------------------------------------------------------------------------------
 def _config_from_args(args: argparse.Namespace, base: Optional[dict[str, Any]] = None):
-    from .train.config import TrainConfig
-
     given = {dest: getattr(args, dest) for _, dest, _, _ in _TRAIN_FLAGS if hasattr(args, dest)}
     for flag in ("full_finetune", "group_by_length", "base_dropout"):
         if hasattr(args, flag):
@@ -238,10 +265,6 @@ def _config_from_args(args: argparse.Namespace, base: Optional[dict[str, Any]] =
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import distributed as D
-    from .train import loop
-    from .train.runlock import RunLock
-
     env = D.init_from_env()
     out = Path(args.resume or args.out or "")
     prep = None
@@ -305,8 +328,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _head_note(prep: Any) -> None:
     """Say now, not at ``convert`` time, when the head chosen will not go to PEFT / AdapterHub."""
-    from .interop.convert import heads_left_behind
-
     if prep.config.full_finetune:
         return
     formats = heads_left_behind(prep.model, prep.name)
@@ -358,15 +379,10 @@ def _print_results(results: dict[str, Any], out: Path, seconds: float) -> None:
 
 # -- eval / predict / inspect / merge -------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import check_eval_labels, detect_columns, encode, read_table
-    from .data.audio import is_audio_folder
-    from .train.evaluate import evaluate
-
     _check_sizes(args)
     if is_audio_folder(args.data):  # a folder of WAV files, one subfolder per label, as for train
         return _eval_audio(args)
     table = read_table(args.data, args.format)  # before loading the model: fail fast
-    from .artifacts import load_bare, load_trained
 
     if args.adapter is None:
         loaded = load_bare(args.model, table, task=args.task, template=args.template, verbalizer=args.verbalizer,
@@ -391,8 +407,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise AdapterError(f"{table.path}: no label column to score against (columns: {', '.join(table.columns)}); "
                                "pass --label-column NAME.")
     if args.max_length is not None:
-        from .loader import check_max_length
-
         check_max_length(loaded.base, args.max_length, loaded.model.config)
         spec.max_length = args.max_length
     check_eval_labels(spec, table)
@@ -404,8 +418,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _print_scores(args: argparse.Namespace, spec: Any, rows: int, scores: dict[str, float]) -> None:
-    from .train.metrics import metric_names
-
     if args.json:
         print(json.dumps({"data": str(args.data), "rows": rows, "task": spec.task, **scores}))
         return
@@ -417,11 +429,6 @@ def _print_scores(args: argparse.Namespace, spec: Any, rows: int, scores: dict[s
 
 def _eval_audio(args: argparse.Namespace) -> int:
     """``eval --data DIR`` of a speech adapter: the clips of DIR/LABEL/*.wav, read as training did."""
-    from .artifacts import load_trained
-    from .data.audio import read_split
-    from .layouts.inputs import min_samples
-    from .train.evaluate import evaluate
-
     if args.adapter is None:
         raise AdapterError(f"--data {args.data} is a folder of audio clips, which only a trained speech adapter can "
                            "score; pass --adapter.")
@@ -468,8 +475,6 @@ def _check_text(texts: list[Any]) -> None:
 def _predict_source(args: argparse.Namespace) -> "list[str] | Any":
     """Texts from the arguments, ``--input`` (a table in the train / eval formats, else one text
     per line or JSON lines) or stdin (one text per line, or JSON lines); read before the model loads."""
-    from .data import SUFFIXES, read_prediction_input, read_table
-
     if args.texts:
         return list(args.texts)
     if args.input:
@@ -486,8 +491,6 @@ def _predict_source(args: argparse.Namespace) -> "list[str] | Any":
 
 def _audio_sources(args: argparse.Namespace) -> Optional[list[str]]:
     """The audio files and folders ``predict`` was given (as texts or ``--input``), or None for text."""
-    from .data.audio import is_audio_file
-
     given = list(args.texts) + ([args.input] if args.input else [])
     audio = [g for g in given if (is_audio_file(g) and Path(g).is_file())
              or (Path(g).is_dir() and any(is_audio_file(f) for f in Path(g).rglob("*")))]
@@ -501,11 +504,6 @@ def _audio_sources(args: argparse.Namespace) -> Optional[list[str]]:
 
 
 def _predict_audio(args: argparse.Namespace, sources: list[str]) -> int:
-    from .artifacts import load_trained
-    from .data.audio import prediction_clips
-    from .inference import predict_audio
-    from .layouts.inputs import min_samples
-
     loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
     if not loaded.audio:
         raise AdapterError(f"{sources[0]}: audio, but the adapter in {args.adapter} reads text; pass texts, --input "
@@ -517,8 +515,6 @@ def _predict_audio(args: argparse.Namespace, sources: list[str]) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .data import Table, prediction_inputs
-
     _check_sizes(args)
     audio = _audio_sources(args)
     if audio is not None:  # WAV files or folders of them, for a speech adapter
@@ -526,8 +522,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     source = _predict_source(args)
     if not (source.rows if isinstance(source, Table) else source):
         raise AdapterError("No text to predict: pass texts as arguments, --input FILE, or lines on stdin.")
-    from .artifacts import load_trained
-    from .inference import predict_texts
 
     loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
     if loaded.audio:
@@ -554,8 +548,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspection import describe
-
     info, text = describe(args.path)
     print(json.dumps(info, indent=2) if args.json else text)
     return 0
@@ -563,8 +555,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _check_merge_out(out: Path, overwrite: bool) -> None:
     """``merge --out``: new or empty; ``--overwrite`` replaces only a model folder (``config.json``)."""
-    from .train.runlock import LOCK_NAME
-
     if out.exists() and not out.is_dir():
         raise AdapterError(f"--out {out} is a file; pass a folder path.")
     if not out.is_dir() or not any(p.name != LOCK_NAME for p in out.iterdir()):
@@ -577,17 +567,12 @@ def _check_merge_out(out: Path, overwrite: bool) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .artifacts import locate, read_meta
-    from .train.runlock import RunLock
-
     out = Path(args.out)
     _check_merge_out(out, args.overwrite)
     artifact = locate(args.adapter)
     if artifact.kind != "adapter":
         raise AdapterError(f"--adapter {args.adapter}: is a full model already (nothing to merge); use it as --model.")
-    config = read_meta(artifact.path)["config"]  # a damaged file: one line naming it
-    from .config import config_from_dict
-
+    config = read_meta(artifact.path / CONFIG_NAME)["config"]  # a damaged file: one line naming it
     if not config_from_dict(config).supports_merge:
         raise AdapterError(f"--adapter {args.adapter}: a {config['method']} adapter adds modules and cannot be folded "
                            "into the weights; only lora and ia3 adapters can be merged.")
@@ -606,10 +591,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _merge_into(args: argparse.Namespace, out: Path) -> str:
-    from .artifacts import load_trained
-    from .data import TaskSpec
-    from .train.checkpoint import save_head, write_dir_atomic
-
     loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
     loaded.model.merge_adapter(loaded.name)
     head = loaded.model.heads[loaded.name] if loaded.name in loaded.model.heads else None
@@ -642,8 +623,6 @@ def _fail(command: str, message: str) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .interop.convert import convert
-
     print(convert(args.src, args.dst, args.to, model=args.model, allow_pickle=args.allow_pickle,
                   with_head=not args.without_head))
     return 0
@@ -655,16 +634,9 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "inspe
 
 def _quiet_libraries() -> None:
     """No "Loading weights" bars or hub warnings from transformers in our output."""
-    import os
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _passive_openmp(argv: Optional[Sequence[str]]) -> None:
@@ -677,8 +649,6 @@ def _passive_openmp(argv: Optional[Sequence[str]]) -> None:
     machine is idle). libgomp reads the variable when torch is loaded, which has happened by the
     time this runs, hence the re-exec; it only happens from the command line (``argv is None``).
     """
-    import os
-
     if argv is not None or "OMP_WAIT_POLICY" in os.environ or os.environ.get("ADAPTERKIT_NO_REEXEC"):
         return
     if len(sys.argv) < 2 or sys.argv[1] not in ("train", "eval"):

@@ -12,9 +12,19 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from .artifacts import locate, read_json, read_meta, tensor_shapes as _shapes
+from safetensors import safe_open
+
+from .checkpoint_format import CONFIG_NAME, WEIGHTS_NAME, read_meta
 from .errors import AdapterError, CheckpointError
-from .io import WEIGHTS_NAME
+from .train.artifacts import locate, read_json
+
+
+def _shapes(path: Path) -> "OrderedDict[str, list[int]]":
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return OrderedDict((k, list(f.get_slice(k).get_shape())) for k in sorted(f.keys()))
+    except Exception as err:  # safetensors raises its own error types for truncated files
+        raise CheckpointError(f"{path}: cannot be read ({err}); the file is truncated or corrupt.") from None
 
 
 def _numel(shape: list[int]) -> int:
@@ -83,7 +93,7 @@ def _describe(artifact: Any) -> tuple[dict[str, Any], str]:
         lines.append(f"base model: {info['base']}")
     if artifact.kind == "model":
         return _describe_model(artifact.path, info, lines)
-    meta = read_meta(artifact.path)
+    meta = read_meta(artifact.path / CONFIG_NAME)  # parsed and checked, no weights loaded
     info.update({"name": meta.get("name"), "config": meta.get("config"), "head": meta.get("head"),
                  "base_model": meta.get("base_model", {}), "places": meta.get("places", [])})
     base = meta.get("base_model", {})

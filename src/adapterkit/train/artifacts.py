@@ -16,15 +16,20 @@ Python has neither: its head's label names are used, and ``--model`` is required
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .data import Columns, TaskSpec
-from .errors import AdapterError, CheckpointError
-from .io import CONFIG_NAME, WEIGHTS_NAME
-from .model import AdapterModel
+from ..checkpoint_format import CONFIG_NAME, read_meta
+from ..data import LM_TASKS, Columns, TaskSpec, build_task, detect_columns
+from ..data.audio import load_feature_extractor
+from ..errors import AdapterError, CheckpointError
+from ..fingerprint import base_fingerprint
+from ..layouts import spec_for
+from ..loader import load_config, load_tokenizer, model_is_decoder
+from ..model import AdapterModel
+from ..packaged import base_reference
+from .checkpoint import load_head
 
 BASE_FILE = "adapterkit_base.json"
 
@@ -77,7 +82,7 @@ def _saved_source(artifact: Artifact) -> Optional[str]:
     ``AdapterModel.from_pretrained``; the CLI's own ``adapterkit_base.json`` comes first."""
     if not (artifact.path / CONFIG_NAME).is_file():
         return None
-    source = read_meta(artifact.path).get("base_model", {}).get("source")
+    source = read_meta(artifact.path / CONFIG_NAME).get("base_model", {}).get("source")
     return source if isinstance(source, str) and source else None
 
 
@@ -90,58 +95,6 @@ def read_json(path: Path, fix: str) -> Any:
         raise CheckpointError(f"{path}: cannot be read ({err}); {fix}") from None
     except RecursionError:
         raise CheckpointError(f"{path}: JSON nested too deeply to read; {fix}") from None
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    """``adapter_config.json`` with the types of its top-level fields checked, so a hand-edited or
-    damaged file is one ``CheckpointError`` naming the field, not a traceback from deep inside."""
-    file = path / CONFIG_NAME
-    fix = "the adapter is damaged or was edited by hand; save it again (or restore the file)."
-    meta = read_json(file, fix)
-    expected = {"format_version": int, "name": str, "config": dict, "head": dict, "base_model": dict, "places": list}
-    problems = [] if isinstance(meta, dict) else [f"it holds a JSON {type(meta).__name__}, not an object"]
-    for key, kind in expected.items() if not problems else ():
-        value = meta.get(key)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            problems.append(f"'{key}' is {json.dumps(value)[:40]}, not a JSON {_JSON_NAMES[kind]}")
-    if not problems and "config" not in meta:
-        problems.append("it has no 'config'")
-    head = meta.get("head") if not problems else None
-    if head:
-        problems += _head_problems(head, path)
-    if problems:
-        raise CheckpointError(f"{file}: {'; '.join(problems)}; {fix}")
-    return meta
-
-
-_JSON_NAMES = {int: "integer", str: "string", dict: "object", list: "array"}
-
-
-def tensor_shapes(path: Path) -> "OrderedDict[str, list[int]]":
-    """Name -> shape of every tensor in a safetensors file, read from its header alone."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return OrderedDict((k, list(f.get_slice(k).get_shape())) for k in sorted(f.keys()))
-    except Exception as err:  # safetensors raises its own error types for truncated files
-        raise CheckpointError(f"{path}: cannot be read ({err}); the file is truncated or corrupt.") from None
-
-
-def _head_problems(head: dict[str, Any], path: Path) -> list[str]:
-    """``num_labels`` must be a whole number that the saved head weights hold (a false one would
-    build a head of that many outputs before the weights are read)."""
-    n = head.get("num_labels")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        return [f"head 'num_labels' is {json.dumps(n)[:40]}, not a positive whole number"]
-    try:
-        shapes = tensor_shapes(path / WEIGHTS_NAME)
-    except CheckpointError:
-        return []  # the loader names the damaged weights file itself
-    head_dims = {d for k, shape in shapes.items() if k.startswith("head.") for d in shape}
-    if head_dims and n not in head_dims:
-        return [f"head 'num_labels' is {n}, but no head weight has {n} rows (the saved head has other sizes)"]
-    return []
 
 
 def task_of(artifact: Artifact, head_config: Optional[dict[str, Any]], decoder: bool) -> TaskSpec:
@@ -179,24 +132,18 @@ def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_ot
     An adapter is refused on a base other than the one it was trained on (content fingerprint,
     ``fingerprint.py``): ``--model`` is compared with the base recorded in ``adapterkit_base.json``
     and in the adapter's config; ``allow_other_base=True`` (``--allow-other-base``) skips that."""
-    from .train.checkpoint import load_head
-    from .fingerprint import base_fingerprint
-    from .loader import load_model, load_tokenizer, model_is_decoder
 
     artifact = locate(adapter)
-    meta = read_meta(artifact.path) if artifact.kind == "adapter" else {}  # a damaged file: one line, now
+    meta = read_meta(artifact.path / CONFIG_NAME) if artifact.kind == "adapter" else {}  # a damaged file: one line, now
     base = base_model_of(artifact, model)
     decoder = model_is_decoder(base)
     audio = reads_audio(base)
-    tokenizer = _processor(base) if audio else load_tokenizer(base)
-    net = load_model(base)
+    tokenizer = load_feature_extractor(base) if audio else load_tokenizer(base)
+    net = AdapterModel.from_pretrained(base)
     if artifact.kind == "model":
-        head = load_head(artifact.path, net.layout, next(iter(net.model.parameters()), None))
-        name = None
-        if head is not None:
-            name = "head"
-            net.heads[name] = head
-            net.active_head = name
+        saved = load_head(artifact.path, net.layout, next(iter(net.model.parameters()), None))
+        name = "head" if saved is not None else None
+        head = net.add_head(name, saved.config, state=saved.state_dict()) if saved is not None else None
         spec = task_of(artifact, head.config.to_dict() if head is not None else None, decoder)
     else:
         recorded = _recorded_base(artifact)
@@ -215,18 +162,8 @@ def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_ot
 
 def reads_audio(model: str) -> bool:
     """Whether ``model`` is a speech encoder (its inputs are audio samples, not tokens)."""
-    from .layouts import spec_for
-    from .loader import load_config
-
     spec = spec_for(load_config(model))
     return spec is not None and spec.modality == "audio"
-
-
-def _processor(model: str) -> Any:
-    """A speech model's feature extractor, which takes the tokenizer's place for audio."""
-    from .data.audio import load_feature_extractor
-
-    return load_feature_extractor(model)
 
 
 def load_bare(model: Optional[str], table: Any, *, task: Optional[str] = None, template: Optional[str] = None,
@@ -235,8 +172,6 @@ def load_bare(model: Optional[str], table: Any, *, task: Optional[str] = None, t
     """The base model without any adapter, for ``adapterkit eval`` without ``--adapter``: the task
     comes from the flags and the data ``table``, and must be one the LM scores by itself
     (``lm-classification``: zero-shot accuracy; ``causal-lm``: perplexity), since there is no head."""
-    from .data import LM_TASKS, build_task, detect_columns
-    from .loader import load_model, load_tokenizer, model_is_decoder
 
     if not model:
         raise AdapterError("adapterkit eval without --adapter scores the bare model: pass --model (e.g. smollm2), or "
@@ -249,7 +184,7 @@ def load_bare(model: Optional[str], table: Any, *, task: Optional[str] = None, t
                            "--adapter, or score a causal LM's own answers with --template and --verbalizer "
                            "(lm-classification).")
     tokenizer = load_tokenizer(model)
-    net = load_model(model)
+    net = AdapterModel.from_pretrained(model)
     net.eval()
     return Loaded(net, tokenizer, spec, None, None, model)
 
@@ -265,6 +200,4 @@ def _recorded_base(artifact: Artifact) -> dict[str, Any]:
 def write_base_ref(directory: Path, model: str, identity: dict[str, Any]) -> None:
     """Record the base beside an adapter (``adapterkit_base.json``: path or alias, fingerprint,
     name), so ``eval`` / ``predict`` need no ``--model`` and can check one that is given."""
-    from .packaged import base_reference
-
     (directory / BASE_FILE).write_text(json.dumps({"model": base_reference(model), **identity}), encoding="utf-8")

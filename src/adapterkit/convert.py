@@ -15,7 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import AdapterError
+from .errors import AdapterError
+from .interop import FORMATS
+from .loader import load_base_model
+from .model import AdapterModel
+from .train.artifacts import base_model_of, locate
 
 #: the library's advice, in the command's words
 _CLI_WORDS = {r"[Ss]ave with with_head=False": "pass --without-head to convert the adapter alone",
@@ -27,11 +31,6 @@ def convert(src: "str | Path", dst: "str | Path", to: str, *, model: Optional[st
     """Convert the adapter in ``src`` (any format) to ``to`` in ``dst``; returns a summary line.
     ``model`` is the base model (a folder or alias), by default the one recorded beside ``src``;
     ``with_head=False`` (``--without-head``) converts the adapter alone, saying what stays behind."""
-    from ..artifacts import base_model_of, locate
-    from ..model import AdapterModel
-    from ..packaged import load_base_model
-    from . import FORMATS
-
     if to not in FORMATS:
         raise AdapterError(f"--to {to!r}: choose one of {', '.join(FORMATS)}.")
     src, dst = Path(src), Path(dst)
@@ -68,8 +67,6 @@ def _describe_head(head: Any) -> str:
 def heads_left_behind(model: Any, name: str) -> list[str]:
     """The formats (``peft``, ``adapterhub``) that take adapter ``name`` but not its head, found by
     writing both into a temporary folder (removed); ``adapterkit train`` names them at the start."""
-    from . import FORMATS
-
     if name not in model.heads:
         return []
     found = []
