@@ -95,7 +95,7 @@ def test_run_lock_is_exclusive_and_discards_what_it_created(tmp_path):
 
     out = tmp_path / "new"
     first = RunLock(out).acquire()
-    assert (out / LOCK_NAME).read_text().strip() == str(os.getpid())
+    assert (out / LOCK_NAME).read_text().split() == [str(os.getpid()), "train"]
     with pytest.raises(AdapterError, match=rf"in use by another adapterkit train \(PID {os.getpid()}\)"):
         RunLock(out).acquire()
     first.release(discard=True)  # the run never started: nothing is left behind

@@ -55,6 +55,7 @@ from .fusions import FusionMethods, Fusions
 from .head_methods import HeadMethods
 from .layouts import Layout
 from .loader import load_base_model
+from .packaged import base_reference
 from .places.slots import Slot, make_slot
 from .records import AdapterRecord, Adapters, summary
 from .sharing import local_folder
@@ -84,6 +85,7 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
         self._slots: dict[tuple[str, str], Slot] = {}  # (place id, place) -> slot
         self._setup: Optional[Block] = None
         self._active_head: Optional[str] = None
+        self.base_source: Optional[str] = None  # the alias or folder from_pretrained loaded, saved with adapters
         self._merges = Merges()
         self._routed_calls = RoutedCalls()
         self._disabled = 0
@@ -97,15 +99,18 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, causal_lm: Optional[bool] = None, **kwargs: Any) -> "AdapterModel":
         """Load a ``transformers`` model (a folder, or the alias ``minilm`` / ``smollm2``) and wrap it;
-        any failure is one ``AdapterError``."""
+        any failure is one ``AdapterError``. The alias or folder is kept as ``base_source`` and saved
+        with its adapters (``base_model.source``), so the CLI finds the base without ``--model``."""
         try:
-            return cls(load_base_model(name_or_path, causal_lm=causal_lm, **kwargs))
+            handle = cls(load_base_model(name_or_path, causal_lm=causal_lm, **kwargs))
         except AdapterError:
             raise
         except Exception as err:  # transformers raises many types for damaged folders
             raise AdapterError(f"'{name_or_path}': cannot load the model ({type(err).__name__}: {err}); pass a "
                                "transformers model folder (config.json + weights) or an alias (minilm, smollm2).") \
                 from None
+        handle.base_source = base_reference(name_or_path)
+        return handle
 
     @property
     def config(self):

@@ -41,7 +41,8 @@ def save_adapter(model: "AdapterModel", directory: "str | os.PathLike", name: st
         "config": record.config.as_saved().to_dict(),
         "places": [s.place_id for s in sites],
         "base_model": {**model.layout.fingerprint(), **base_identity(model),
-                       "host_shapes": {s.place_id: s.weight_shape() for s in sites}},
+                       "host_shapes": {s.place_id: s.weight_shape() for s in sites},
+                       **({"source": model.base_source} if model.base_source else {})},
         "head": head.config.to_dict() if head is not None else None,
     }
     tensors = {f"adapter.{key}.{k}": v for key, unit in record.modules.items() for k, v in unit.saved_state().items()}
