@@ -35,6 +35,9 @@ from .errors import CheckpointError
 
 SAMPLES = 256
 DIGITS = 16
+#: set on a base by ``quantization.quantize_base``: the float base's fingerprint, and the precision
+FINGERPRINT_ATTR = "adapterkit_float_fingerprint"
+PRECISION_ATTR = "adapterkit_precision"
 
 
 def _named_weights(model: nn.Module, layout: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -59,7 +62,7 @@ def _sample(t: torch.Tensor) -> torch.Tensor:
 
 def base_fingerprint(model: nn.Module, layout: Any = None) -> str:
     """The content fingerprint of ``model``'s weights (see the module docstring)."""
-    kept = getattr(model, "adapterkit_float_fingerprint", None)  # quantization.FINGERPRINT_ATTR
+    kept = getattr(model, FINGERPRINT_ATTR, None)  # a quantized base: its float weights' (quantization.py)
     if kept:
         return kept
     digest = hashlib.sha256()
@@ -77,14 +80,22 @@ def base_name(model: nn.Module) -> Optional[str]:
     return str(name) if name else None
 
 
+def precision(model: nn.Module) -> str:
+    """``"int8"`` / ``"int4"`` for a base quantized by ``quantization.quantize_base``, else its
+    parameters' dtype (``"float32"``)."""
+    mark = getattr(model, PRECISION_ATTR, None)
+    if mark:
+        return mark
+    p = next(iter(model.parameters()), None)
+    return str(p.dtype).replace("torch.", "") if p is not None else "float32"
+
+
 def base_identity(handle: Any) -> dict[str, Any]:
     """What ``save_adapter`` records about the base of an ``AdapterModel``: ``fingerprint`` and
     ``name``; merged adapters are taken out while the original weights are sampled."""
     merged = bool(handle.merged_adapters)
     with handle.disable_adapters() if merged else contextlib.nullcontext():
         fingerprint = base_fingerprint(handle.model, handle.layout)
-    from .quantization import precision
-
     return {"fingerprint": fingerprint, "name": base_name(handle.model), "precision": precision(handle.model)}
 
 
@@ -107,4 +118,5 @@ def check_same_base(saved: dict[str, Any], handle: Any, directory: Any, *, stric
     )
 
 
-__all__ = ["base_fingerprint", "base_name", "base_identity", "check_same_base"]
+__all__ = ["base_fingerprint", "base_name", "base_identity", "check_same_base", "precision", "FINGERPRINT_ATTR",
+           "PRECISION_ATTR"]

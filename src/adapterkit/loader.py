@@ -9,16 +9,16 @@ last token by it. Every failure is an ``AdapterError`` naming the model and the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from pathlib import Path
+from typing import Any, Optional
 
+import transformers
 from torch import nn
 
 from .errors import AdapterError
 from .layouts import is_decoder_config
 from .packaged import resolve_model
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .model import AdapterModel
+from .quantization import check_scheme, quantize_base
 
 #: config fields that bound the sequence length of models with learned position embeddings
 _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len")
@@ -26,14 +26,19 @@ _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_
 _OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
 
 
-def load_config(name_or_path: str) -> Any:
-    """The ``transformers`` config of a model (fast: reads no weights; checks the path is a model)."""
-    import transformers
-
+def _source(name_or_path: str, **kwargs: Any) -> tuple[Path, Optional[str], dict[str, Any]]:
+    """Where a model's files are (``packaged.resolve_model``: a folder, or an alias) and the
+    ``from_pretrained`` options that read them offline (the GGUF file, when there is one)."""
     folder, gguf = resolve_model(name_or_path)
-    options: dict[str, Any] = {"local_files_only": True}
+    options: dict[str, Any] = {"local_files_only": True, **kwargs}
     if gguf:
         options["gguf_file"] = gguf
+    return folder, gguf, options
+
+
+def load_config(name_or_path: str) -> Any:
+    """The ``transformers`` config of a model (fast: reads no weights; checks the path is a model)."""
+    folder, gguf, options = _source(name_or_path)
     try:
         return transformers.AutoConfig.from_pretrained(folder, **options)
     except Exception as err:  # OSError, ValueError, KeyError, ... for a bad folder or file
@@ -74,16 +79,8 @@ def load_base_model(name_or_path: str, *, causal_lm: Optional[bool] = None, quan
     """Load a base model offline. ``causal_lm=None`` picks ``AutoModelForCausalLM`` for decoders
     (``is_decoder_config``; GGUF files) and ``AutoModel`` (the bare encoder) otherwise.
     ``quantize="int8"`` / ``"int4"`` quantizes its weights (``quantization.quantize_base``)."""
-    import transformers
-
-    from .quantization import check_scheme, quantize_base
-
     check_scheme(quantize)  # before reading any weights
-
-    folder, gguf = resolve_model(name_or_path)
-    options: dict[str, Any] = {"local_files_only": True, **kwargs}
-    if gguf:
-        options["gguf_file"] = gguf
+    folder, gguf, options = _source(name_or_path, **kwargs)
     if causal_lm is None:
         causal_lm = model_is_decoder(name_or_path)
     cls = transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
@@ -94,27 +91,9 @@ def load_base_model(name_or_path: str, *, causal_lm: Optional[bool] = None, quan
     return quantize_base(model, quantize)
 
 
-def load_model(name_or_path: str, *, quantize: Optional[str] = None, **kwargs: Any) -> "AdapterModel":
-    """The base model wrapped in an ``AdapterModel``; any failure is one ``AdapterError``."""
-    from .model import AdapterModel
-
-    try:
-        return AdapterModel(load_base_model(name_or_path, quantize=quantize, **kwargs))
-    except AdapterError:
-        raise
-    except Exception as err:  # transformers raises many types for damaged folders
-        raise AdapterError(f"'{name_or_path}': cannot load the model ({type(err).__name__}: {err}); pass a "
-                           "transformers model folder (config.json + weights) or an alias (minilm, smollm2).") from None
-
-
 def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
     """The model's tokenizer, offline; decoder tokenizers get a pad token (their EOS)."""
-    import transformers
-
-    folder, gguf = resolve_model(name_or_path)
-    options: dict[str, Any] = {"local_files_only": True, **kwargs}
-    if gguf:
-        options["gguf_file"] = gguf
+    folder, gguf, options = _source(name_or_path, **kwargs)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **options)
     except Exception as err:  # OSError, ValueError, TypeError, ... for bad folders
@@ -125,5 +104,4 @@ def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
     return tokenizer
 
 
-__all__ = ["load_config", "model_is_decoder", "max_positions", "check_max_length", "load_base_model", "load_model",
-           "load_tokenizer"]
+__all__ = ["load_config", "model_is_decoder", "max_positions", "check_max_length", "load_base_model", "load_tokenizer"]

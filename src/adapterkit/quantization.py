@@ -18,7 +18,7 @@ rewrites a ``transformers`` model (before it is wrapped in an ``AdapterModel``) 
 A quantized Linear becomes a ``QuantizedLinear`` (an ``nn.Linear``, so layouts, LoRA and IA3 find
 it as before) whose forward takes and returns the caller's float dtype: hooks, and therefore every
 adapter, see a float output. Weight-level adapters (LoRA, IA3) run beside the quantized weight,
-as they always run beside the weight (``slots.py``); nothing is added into it. Its backward
+as they always run beside the weight (``places/slots.py``); nothing is added into it. Its backward
 passes the gradient to the input through the dequantized weight (a straight-through product, as
 bitsandbytes' ``MatMul4Bit`` does), so adapters below a quantized layer train; the weight itself
 gets none. Merging into a quantized weight is refused (``check_mergeable``).
@@ -31,7 +31,6 @@ reverse, while a different base is still refused.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -41,10 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterError
+from .fingerprint import FINGERPRINT_ATTR, PRECISION_ATTR, base_fingerprint, precision
+from .layouts import Layout
 
-#: attributes set on the quantized base module
-FINGERPRINT_ATTR = "adapterkit_float_fingerprint"
-PRECISION_ATTR = "adapterkit_precision"
 #: the ``quantize=`` values (``None`` = the float base)
 CHOICES = ("int8", "int4")
 
@@ -62,24 +60,24 @@ class Scheme:
 
 
 def _int8_config() -> Any:
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig  # noqa: PLC0415 - optional dependency: quant
 
     return Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
 
 
 def _int4_config() -> Any:
-    from torchao.prototype.quantization.int4.inference_workflow import (
+    from torchao.prototype.quantization.int4.inference_workflow import (  # noqa: PLC0415 - optional dependency: quant
         PrototypeInt4WeightOnlyConfig,
     )
-    from torchao.quantization.quantize_.workflows import Int4ChooseQParamsAlgorithm
+    from torchao.quantization.quantize_.workflows import Int4ChooseQParamsAlgorithm  # noqa: PLC0415 - optional dependency: quant
 
     return PrototypeInt4WeightOnlyConfig(group_size=32, int4_choose_qparams_algorithm=Int4ChooseQParamsAlgorithm.HQQ,
                                          set_inductor_config=False)
 
 
 def _embedding_config() -> Any:
-    from torchao.quantization import IntxWeightOnlyConfig
-    from torchao.quantization.granularity import PerAxis
+    from torchao.quantization import IntxWeightOnlyConfig  # noqa: PLC0415 - optional dependency: quant
+    from torchao.quantization.granularity import PerAxis  # noqa: PLC0415 - optional dependency: quant
 
     return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
 
@@ -90,32 +88,13 @@ SCHEMES: dict[str, Scheme] = {
 }
 
 
-#: what torchao's import logs on a CPU-only torch (kernels it cannot load, a torch.compile
-#: deprecation); ``transformers`` imports torchao whenever it is installed, so every command would
-#: start with these lines
-_IMPORT_NOISE = ("Failed to load ", "register_constant() on Enum subclasses")
-
-
-def _drop_import_noise(record: logging.LogRecord) -> bool:
-    return not any(text in str(record.msg) for text in _IMPORT_NOISE)
-
-
-def quiet_torchao_import() -> None:
-    """Drop torchao's import-time notes (``_IMPORT_NOISE``) and nothing else; called by
-    ``adapterkit/__init__.py``, before anything imports ``transformers``."""
-    for name in ("torchao", "torch.utils._pytree"):
-        log = logging.getLogger(name)
-        if _drop_import_noise not in log.filters:
-            log.addFilter(_drop_import_noise)
-
-
 def _torchao():
-    """``torchao.quantization``, or an error saying how to install it."""
-    quiet_torchao_import()
+    """``torchao.quantization``, or an error saying how to install it (its import-time log lines are
+    quieted by ``adapterkit/__init__.py``)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import torchao.quantization
+            import torchao.quantization  # noqa: PLC0415 - optional dependency: quant
     except ImportError:
         raise AdapterError("quantize= needs torchao: pip install 'adapterkit[quant]' (or pip install torchao "
                            "--no-deps).") from None
@@ -199,15 +178,6 @@ def is_quantized(module: nn.Module) -> bool:
         isinstance(weight, torch.Tensor) and type(weight) not in (torch.Tensor, nn.Parameter))
 
 
-def precision(model: nn.Module) -> str:
-    """``"int8"`` / ``"int4"`` for a base quantized here, else its parameters' dtype (``"float32"``)."""
-    mark = getattr(model, PRECISION_ATTR, None)
-    if mark:
-        return mark
-    p = next(iter(model.parameters()), None)
-    return str(p.dtype).replace("torch.", "") if p is not None else "float32"
-
-
 def check_scheme(quantize: Optional[str]) -> Optional[Scheme]:
     """The scheme for a ``quantize=`` value (``None`` -> ``None``); anything else is refused."""
     if quantize is None:
@@ -242,9 +212,6 @@ def quantize_base(model: nn.Module, quantize: Optional[str]) -> nn.Module:
                            "model to quantize it another way.")
     if any(p.requires_grad for p in model.parameters()) and any(p.grad is not None for p in model.parameters()):
         raise AdapterError("The model has gradients on its weights: quantize a frozen base, not one being trained.")
-    from .fingerprint import base_fingerprint
-    from .layouts import Layout
-
     _torchao()
     try:
         layout = Layout.of(model)
@@ -282,7 +249,7 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def check_mergeable(name: str, sites: Any) -> None:
-    """Refuse merging adapter ``name`` into quantized weights (called by ``merging.Merges.merge``)."""
+    """Refuse merging adapter ``name`` into quantized weights (called by ``folding.Merges.merge``)."""
     host = next((s for s in sites if is_quantized(s.host)), None)
     if host is not None:
         raise AdapterError(
