@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-
+from ..io import follow_umask, resolve_target
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -77,7 +77,7 @@ def write_folder(directory: "str | Path", json_files: dict[str, dict], tensor_fi
     the same format, which the save replaces)."""
     from ..train.checkpoint import write_dir_atomic
 
-    target = Path(directory)
+    target = resolve_target(directory)
     if target.exists():
         if not target.is_dir():
             raise CheckpointError(f"'{target}' is a file, not a folder; save the adapter to a folder path.")
@@ -94,5 +94,6 @@ def write_folder(directory: "str | Path", json_files: dict[str, dict], tensor_fi
             save_file(tensors, str(tmp / name), metadata={"format": "pt"})
         for name, data in json_files.items():
             (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        follow_umask(tmp)
 
     return write_dir_atomic(target, fill)
