@@ -807,7 +807,7 @@ class AdapterModel(nn.Module):
             "adapterkit_version": __version__,
             "config": record.config.as_saved().to_dict(),
             "places": [s.place_id for s in sites],
-            "base_model": {**self.layout.fingerprint(), **base_identity(self),
+            "base_model": {**self.layout.fingerprint(), **base_identity(self, sites),
                            "host_shapes": {s.place_id: s.weight_shape() for s in sites}},
             "head": head.config.to_dict() if head is not None else None,
         }
@@ -861,7 +861,7 @@ class AdapterModel(nn.Module):
                     f"{directory}: '{site.place_id}' had weight shape {saved_shapes[site.place_id]} in the base the "
                     f"adapter was saved from, but {site.weight_shape()} here; load it into the base it was trained on."
                 )
-        check_same_base(meta.get("base_model", {}), self, directory, strict=strict_base)
+        check_same_base(meta.get("base_model", {}), self, directory, strict=strict_base, sites=sites)
         head = None
         if with_head and meta.get("head"):
             if name in self.heads:
