@@ -12,6 +12,7 @@ multiplication). Named methods are presets of these choices. Start with ``Adapte
 
 __version__ = "0.1.0"
 
+from .aux_loss import collect_aux_loss  # noqa: E402
 from .composition import Average, BatchSplit, Fuse, Parallel, Stack  # noqa: E402
 from .config import (  # noqa: E402
     AdapterConfig,
@@ -42,6 +43,7 @@ __all__ = [
     "Fuse",
     "BatchSplit",
     "AdapterError",
+    "collect_aux_loss",
     "CheckpointError",
     "register_method",
     "register_preset",

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from . import __version__, context
+from . import __version__, aux_loss, context
 from .adapterdrop import GradFreeBelow, block_owners, check_skip_layers
 from .composition import Block, Fuse, as_setup, compile_plan
 from .config import AdapterConfig, config_from_dict, resolve_config
@@ -904,11 +904,6 @@ class _CallCounter:
 
 
 def _with_aux_loss(output: Any, aux: Optional[torch.Tensor]) -> Any:
-    """Put the auxiliary loss on a ``ModelOutput`` (and into its ``loss``); other outputs (a
-    plain module's tensor) are returned as they are."""
-    if aux is None or not isinstance(output, dict):
-        return output
-    if output.get("loss") is not None:
-        output["loss"] = output["loss"] + aux
-    output["aux_loss"] = aux
-    return output
+    """Hand the auxiliary loss to the caller (``aux_loss.attach``): on a ``ModelOutput`` (and into
+    its ``loss``), or, for a plain module's tensor, to ``collect_aux_loss`` (warning once without one)."""
+    return aux_loss.attach(output, aux)
