@@ -52,6 +52,7 @@ from .fusion import FusionConfig, build_fusion
 from .merging import Merges
 from .parallel import Replicator, find_parallel, first_block, generate_parallel, replicated_modules, run_parallel
 from .routing import Routing
+from .setup_lock import forward_call, lock_of, setup_change
 from .slots import Site, Slot, make_slot
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -184,6 +185,7 @@ class AdapterModel(nn.Module):
         """The fusion layers at a slot, keyed by ``Fuse.key`` (what ``Fuse`` plans look up)."""
         return {fuse: layers[slot.site.key] for fuse, layers in self.fusions.items() if slot.site.key in layers}
 
+    @setup_change
     def add_adapter(
         self,
         name: str,
@@ -226,6 +228,7 @@ class AdapterModel(nn.Module):
         else:
             self._refresh()
 
+    @setup_change
     def delete_adapter(self, name: str, *, delete_head: bool = True) -> None:
         """Remove an adapter (unmerging it first) and, by default, its head."""
         self._require([name])
@@ -248,6 +251,7 @@ class AdapterModel(nn.Module):
         self._refresh()
 
     # -- heads -----------------------------------------------------------------------------------
+    @setup_change
     def _add_head(self, name: str, config: HeadConfig, overwrite: bool, set_active: bool) -> None:
         self._check_name(name, "head")
         if name in self.heads and not overwrite:
@@ -301,6 +305,7 @@ class AdapterModel(nn.Module):
         cfg = HeadConfig("ctc", size, layers, dropout=dropout, id2label=id2label or {}, blank=pad or 0)
         self._add_head(name, cfg, overwrite, set_active)
 
+    @setup_change
     def delete_head(self, name: str) -> None:
         if name not in self.heads:
             raise AdapterError(f"No head named '{name}'; heads: {', '.join(self.heads) or 'none'}.")
@@ -313,6 +318,7 @@ class AdapterModel(nn.Module):
         return self._active_head
 
     @active_head.setter
+    @setup_change
     def active_head(self, name: Optional[str]) -> None:
         if name is not None and name not in self.heads:
             raise AdapterError(f"No head named '{name}'; heads: {', '.join(self.heads) or 'none'}.")
@@ -324,6 +330,7 @@ class AdapterModel(nn.Module):
         """The active setup (a ``Stack`` for a single name), or ``None``."""
         return self._setup
 
+    @setup_change
     def set_active_adapters(self, setup: Union[None, str, Block, Sequence[Any]], *,
                             skip_layers: Optional[Sequence[int]] = None) -> None:
         """Activate a name, a list (stacked) or a composition block; ``None`` deactivates all.
@@ -353,10 +360,12 @@ class AdapterModel(nn.Module):
         return sorted(self._skip_layers)
 
     @skip_layers.setter
+    @setup_change
     def skip_layers(self, layers: Optional[Sequence[int]]) -> None:
         self._skip_layers = check_skip_layers(self.layout, layers)
         self._refresh()
 
+    @setup_change
     def train_adapter(self, setup: Union[str, Block, Sequence[Any]], *, train_head: bool = True,
                       base_dropout: bool = True) -> None:
         """Freeze the base model and every other adapter; train ``setup`` (and its heads).
@@ -414,15 +423,17 @@ class AdapterModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
         """Run the bare base model inside the block (merged weights are restored meanwhile)."""
-        self._disabled += 1
-        self._merges.apply(self._records, disabled=True)
-        self._refresh()
+        with lock_of(self).writing("disable adapters"):
+            self._disabled += 1
+            self._merges.apply(self._records, disabled=True)
+            self._refresh()
         try:
             yield
         finally:
-            self._disabled -= 1
-            self._merges.apply(self._records, disabled=bool(self._disabled))
-            self._refresh()
+            with lock_of(self).writing("re-enable adapters"):
+                self._disabled -= 1
+                self._merges.apply(self._records, disabled=bool(self._disabled))
+                self._refresh()
 
     def _refresh(self) -> None:
         """Recompile every slot's plans for the current setup (the one place that does): the
@@ -449,6 +460,7 @@ class AdapterModel(nn.Module):
         """The adapters merged into the base weights, in merge order."""
         return list(self._merges.order)
 
+    @setup_change
     def merge_adapter(self, name: str) -> None:
         """Fold an adapter into the base weights (LoRA, IA3). From then on its contribution
         lives in the weights whether or not it is active; ``unmerge_adapter`` restores the exact
@@ -458,12 +470,14 @@ class AdapterModel(nn.Module):
         self._merges.apply(self._records, disabled=bool(self._disabled))
         self._refresh()
 
+    @setup_change
     def unmerge_adapter(self, name: str) -> None:
         """Undo ``merge_adapter``: the weights become bit-for-bit the originals again."""
         self._merges.unmerge(name)
         self._merges.apply(self._records, disabled=bool(self._disabled))
         self._refresh()
 
+    @setup_change
     def average_adapter(
         self,
         name: str,
@@ -500,6 +514,7 @@ class AdapterModel(nn.Module):
         self._replace(record, set_active)
 
     # -- AdapterFusion (fusion.py) ----------------------------------------------------------------
+    @setup_change
     def add_adapter_fusion(self, fuse: Union[Fuse, Sequence[str]], config: "FusionConfig | dict | None" = None, *,
                            overwrite: bool = False, set_active: bool = False) -> None:
         """Add fusion layers attending over the adapters of ``fuse`` (AdapterHub's
@@ -521,6 +536,7 @@ class AdapterModel(nn.Module):
         else:
             self._refresh()
 
+    @setup_change
     def train_adapter_fusion(self, fuse: Union[Fuse, Sequence[str]], *, unfreeze_adapters: bool = False,
                              head: Optional[str] = None) -> None:
         """Train the fusion layers of ``fuse`` (and the adapters too with ``unfreeze_adapters``),
@@ -550,6 +566,7 @@ class AdapterModel(nn.Module):
         return {key.replace("-", "."): unit.scores for key, unit in self.fusions[fuse.key].items()
                 if unit.scores is not None}
 
+    @setup_change
     def save_adapter_fusion(self, directory: "str | os.PathLike", fuse: Union[Fuse, Sequence[str]], *,
                             format: str = "adapterkit") -> None:
         """Write the fusion layers of ``fuse`` (safetensors + JSON, atomically); the adapters are
@@ -572,6 +589,7 @@ class AdapterModel(nn.Module):
                 "base_model": {**self.layout.fingerprint(), **base_identity(self)}}
         write_checkpoint(directory, meta, {f"fusion.{k}": v for k, v in units.state_dict().items()})
 
+    @setup_change
     def load_adapter_fusion(self, directory: "str | os.PathLike", *, set_active: bool = False) -> Fuse:
         """Load fusion layers saved by ``save_adapter_fusion``, or by AdapterHub's (recognised by
         ``adapter_fusion_config.json``), over adapters already in the model (same names); returns
@@ -607,6 +625,7 @@ class AdapterModel(nn.Module):
         return fuse
 
     # -- forward -------------------------------------------------------------------------------
+    @forward_call
     def forward(
         self,
         input_ids: Optional[torch.Tensor] = None,
@@ -710,6 +729,7 @@ class AdapterModel(nn.Module):
         device = batch.device if batch is not None else (ref.device if ref is not None else None)
         return Routing(names, device)
 
+    @forward_call
     def generate(self, *args: Any, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs: Any):
         """``generate`` of the wrapped model, with the active adapters, or with one adapter per
         prompt (``adapter_names``; beams and several sequences per prompt follow their prompt).
@@ -755,6 +775,7 @@ class AdapterModel(nn.Module):
         self.fusions.state_dict(destination=out, prefix=prefix + "fusions.", keep_vars=keep_vars)
         return out
 
+    @setup_change
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
         """Inverse of ``state_dict``: loads adapter and head weights (keys ``adapters.*``, ``heads.*``)."""
         holder = nn.ModuleDict({"adapters": self.adapters, "heads": self.heads, "fusions": self.fusions})
@@ -794,6 +815,7 @@ class AdapterModel(nn.Module):
         return "\n".join(lines)
 
     # -- saving and loading ----------------------------------------------------------------------
+    @setup_change
     def save_adapter(self, directory: "str | os.PathLike", name: str, *, with_head: bool = True,
                      format: str = "adapterkit") -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically); ``format="peft"``
@@ -824,6 +846,7 @@ class AdapterModel(nn.Module):
         for name in self.adapters:
             self.save_adapter(os.path.join(directory, name), name, with_head=with_head)
 
+    @setup_change
     def load_adapter(
         self, directory: "str | os.PathLike", *, load_as: Optional[str] = None, set_active: bool = False,
         with_head: bool = True, allow_pickle: bool = False, strict_base: bool = True,
