@@ -29,6 +29,7 @@ import contextlib
 import os
 import re
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -886,6 +887,8 @@ class AdapterModel(nn.Module):
                 )
         check_same_base(meta.get("base_model", {}), self, directory, strict=strict_base, sites=sites)
         head = None
+        if with_head and meta.get("head_skipped"):  # a foreign head without an adapterkit counterpart
+            warnings.warn(f"{meta['head_skipped']}.", UserWarning, stacklevel=3)
         if with_head and meta.get("head"):
             if name in self.heads:
                 raise AdapterError(f"A head named '{name}' already exists; pass load_as='other_name' or delete it first.")
