@@ -115,11 +115,11 @@ def lock_of(handle: Any) -> SetupLock:
 
 def setup_change(method: F) -> F:
     """Run ``method`` of an ``AdapterModel`` on the write side of its setup lock."""
-    what = method.__name__.strip("_").replace("_", " ")
+    what = f"call {method.__name__.lstrip('_')}()"
 
     @functools.wraps(method)
     def wrapper(self, *args: Any, **kwargs: Any) -> Any:
-        with lock_of(self).writing(f"call {what}()"):
+        with lock_of(self).writing(what):
             return method(self, *args, **kwargs)
     return wrapper  # type: ignore[return-value]
 
