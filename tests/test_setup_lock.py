@@ -121,9 +121,8 @@ def test_a_waiting_change_holds_new_forwards_back():
 def test_changes_nest_and_a_change_inside_a_forward_is_refused():
     model = _model()
     model.add_adapter("lora", "lora", r=2, overwrite=True)  # a change calling a change (delete) in one thread
-    with model.disable_adapters():
-        with torch.no_grad():
-            model(input_ids=torch.tensor([[5, 6, 7]]))  # a forward inside a change's block
+    with model.disable_adapters(), torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]))  # a forward inside a change's block
     handle = model.model.encoder.layer[0].register_forward_hook(lambda *a: model.delete_adapter("pf"))
     try:
         with pytest.raises(AdapterError, match=r"call delete_adapter\(\) from inside a forward of the same model"):
