@@ -95,7 +95,9 @@ def test_a_waiting_change_holds_new_forwards_back():
         with lock.reading():
             first_in.set()
             writer_waiting.wait()
-            time.sleep(0.05)
+            while not lock._waiting_writers:
+                time.sleep(0.001)
+            time.sleep(0.05)  # the later forward tries to start meanwhile
         order.append("first done")
 
     def writer() -> None:
@@ -106,7 +108,8 @@ def test_a_waiting_change_holds_new_forwards_back():
 
     def later() -> None:
         writer_waiting.wait()
-        time.sleep(0.02)  # the writer is queued by now
+        while not lock._waiting_writers:  # until the writer is queued
+            time.sleep(0.001)
         with lock.reading():
             order.append("later forward")
 
