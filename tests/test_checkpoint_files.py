@@ -55,3 +55,19 @@ def test_save_into_a_symlink_writes_through_to_its_target(tmp_path, fmt):
     model.load_adapter(link, load_as="b")
     for key, value in model.adapters["a"].state_dict().items():
         torch.testing.assert_close(model.adapters["b"].state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_folders_written_atomically_follow_the_umask(tmp_path, umask_022):
+    """Run checkpoints, merged models and heads go through ``write_dir_atomic``."""
+    from safetensors.torch import save_file
+
+    from adapterkit.train.checkpoint import write_dir_atomic
+
+    def fill(tmp):
+        (tmp / "sub").mkdir()
+        save_file({"w": torch.ones(2)}, str(tmp / "sub" / "best.safetensors"))
+        save_file({"w": torch.ones(2)}, str(tmp / "adapterkit_head.safetensors"))
+
+    out = write_dir_atomic(tmp_path / "run", fill)
+    modes = {str(f.relative_to(out)): f.stat().st_mode & 0o777 for f in out.rglob("*") if f.is_file()}
+    assert modes == {"sub/best.safetensors": 0o644, "adapterkit_head.safetensors": 0o644}

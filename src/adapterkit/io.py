@@ -61,11 +61,12 @@ def temp_dir(prefix: str, parent: "str | os.PathLike") -> Path:
     return tmp
 
 
-def follow_umask(folder: Path) -> None:
-    """Give the files in ``folder`` the permissions ``open`` would give (``safetensors`` writes its
-    file 0600 through a temporary file, which other users of a shared adapter folder cannot read)."""
+def follow_umask(folder: Path, *, recursive: bool = False) -> None:
+    """Give the files in ``folder`` (and its subfolders, ``recursive``) the permissions ``open``
+    would give (``safetensors`` writes its file 0600 through a temporary file, which other users of
+    a shared adapter folder cannot read)."""
     mode = 0o666 & ~_umask()
-    for f in folder.iterdir():
+    for f in folder.rglob("*") if recursive else folder.iterdir():
         if f.is_file() and not f.is_symlink():
             os.chmod(f, mode)
 

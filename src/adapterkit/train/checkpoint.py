@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..heads import Head, HeadConfig, build_head
-from ..io import check_tensors, temp_dir
+from ..io import check_tensors, follow_umask, temp_dir
 from .optim import load_optimizer_state, optimizer_state
 
 RUN_FILE = "run.json"
@@ -52,6 +52,7 @@ def write_dir_atomic(target: "str | Path", fill: Callable[[Path], None]) -> Path
     tmp = temp_dir(f".{target.name}.tmp-", target.parent)
     try:
         fill(tmp)
+        follow_umask(tmp, recursive=True)  # safetensors writes 0600; the folder follows the umask
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as handle:
