@@ -165,6 +165,8 @@ CASES: list[tuple[str, list[str], str]] = [
      ["train", "--model", "speech-bare", "--train", "clips", "--out", "new", *FAST], "preprocessor_config.json"),
     ("audio clips for a text model", ["train", "--model", "bert", "--train", "clips", "--out", "new", *FAST],
      "reads text"),
+    ("serve: --max-length above the model's positions", ["serve", "--model", "bert", "--max-length", "4096"],
+     "position embeddings hold 128"),
 ]
 STDIN = {"predict: nothing on stdin": b"\n\n", "predict: stdin not in UTF-8": "na\xefve\n".encode("latin-1")}
 

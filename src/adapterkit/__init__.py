@@ -10,10 +10,10 @@ multiplication). Named methods are presets of these choices. Start with ``Adapte
     model.train_adapter("sst2")
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402,F401
 
 from .aux_loss import collect_aux_loss  # noqa: E402
-from .composition import Average, BatchSplit, Fuse, Parallel, Stack  # noqa: E402
+from .composition.blocks import Average, BatchSplit, Fuse, Parallel, Stack  # noqa: E402
 from .config import (  # noqa: E402
     AdapterConfig,
     available_methods,
@@ -27,6 +27,9 @@ from .errors import AdapterError, CheckpointError  # noqa: E402
 from .heads import HeadConfig  # noqa: E402
 from .methods import BottleneckConfig, IA3Config, LoRAConfig, PrefixTuningConfig, PromptTuningConfig  # noqa: E402
 from .model import AdapterModel  # noqa: E402
+from . import _moved  # noqa: E402
+
+_moved.install()
 
 __all__ = [
     "AdapterModel",

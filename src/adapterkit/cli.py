@@ -11,13 +11,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from transformers.utils import logging as hf_logging
+
+from ._version import __version__
+from .config import config_from_dict
+from .convert import convert
+from .data import (
+    SUFFIXES,
+    Table,
+    TaskSpec,
+    check_eval_labels,
+    detect_columns,
+    encode,
+    prediction_inputs,
+    read_prediction_input,
+    read_table,
+)
 from .errors import AdapterError
+from .inference import predict_texts
+from .inspection import describe
+from .loader import check_max_length
 from .serve import command as serve_command
+from .train import distributed as D
+from .train import loop
+from .train.artifacts import load_bare, load_trained, locate
+from .train.checkpoint import save_head, write_dir_atomic
+from .train.config import TrainConfig
+from .train.evaluate import evaluate
+from .train.metrics import metric_names
+from .train.runlock import RunLock
 
 EXIT_BAD_INPUT = 2
 
@@ -151,7 +179,6 @@ def _add_common_model(p: argparse.ArgumentParser, adapter_required: bool = True)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="adapterkit", description="Train, evaluate and use small adapters on frozen models.")
-    from . import __version__
 
     parser.add_argument("--version", action="version", version=f"adapterkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -205,8 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- train -----------------------------------------------------------------------------------------
 def _config_from_args(args: argparse.Namespace, base: Optional[dict[str, Any]] = None):
-    from .train.config import TrainConfig
-
     given = {dest: getattr(args, dest) for _, dest, _, _ in _TRAIN_FLAGS if hasattr(args, dest)}
     for flag in ("full_finetune", "group_by_length", "base_dropout"):
         if hasattr(args, flag):
@@ -232,10 +257,6 @@ def _config_from_args(args: argparse.Namespace, base: Optional[dict[str, Any]] =
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import distributed as D
-    from .train import loop
-    from .train.runlock import RunLock
-
     env = D.init_from_env()
     out = Path(args.resume or args.out or "")
     prep = None
@@ -336,12 +357,7 @@ def _print_results(results: dict[str, Any], out: Path, seconds: float) -> None:
 
 # -- eval / predict / inspect / merge -------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import check_eval_labels, detect_columns, encode, read_table
-    from .train.evaluate import evaluate
-    from .train.metrics import metric_names
-
     table = read_table(args.data, args.format)  # before loading the model: fail fast
-    from .artifacts import load_bare, load_trained
 
     if args.adapter is None:
         loaded = load_bare(args.model, table, task=args.task, template=args.template, verbalizer=args.verbalizer,
@@ -363,8 +379,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise AdapterError(f"{table.path}: no label column to score against (columns: {', '.join(table.columns)}); "
                                "pass --label-column NAME.")
     if args.max_length:
-        from .loader import check_max_length
-
         check_max_length(loaded.base, args.max_length, loaded.model.config)
         spec.max_length = args.max_length
     check_eval_labels(spec, table)
@@ -384,8 +398,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _predict_source(args: argparse.Namespace) -> "list[str] | Any":
     """Texts from the arguments, ``--input`` (a table in the train / eval formats, else one text
     per line or JSON lines) or stdin (one text per line, or JSON lines); read before the model loads."""
-    from .data import SUFFIXES, read_prediction_input, read_table
-
     if args.texts:
         return list(args.texts)
     if args.input:
@@ -401,13 +413,9 @@ def _predict_source(args: argparse.Namespace) -> "list[str] | Any":
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .data import Table, prediction_inputs
-
     source = _predict_source(args)
     if not (source.rows if isinstance(source, Table) else source):
         raise AdapterError("No text to predict: pass texts as arguments, --input FILE, or lines on stdin.")
-    from .artifacts import load_trained
-    from .inference import predict_texts
 
     loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
     texts = prediction_inputs(loaded.spec, source, args.text_column) if isinstance(source, Table) else source
@@ -430,8 +438,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspection import describe
-
     info, text = describe(args.path)
     print(json.dumps(info, indent=2) if args.json else text)
     return 0
@@ -451,17 +457,12 @@ def _check_merge_out(out: Path, overwrite: bool) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .artifacts import load_trained, locate
-    from .data import TaskSpec
-    from .train.checkpoint import save_head, write_dir_atomic
-
     out = Path(args.out)
     _check_merge_out(out, args.overwrite)
     artifact = locate(args.adapter)
     if artifact.kind != "adapter":
         raise AdapterError(f"--adapter {args.adapter}: is a full model already (nothing to merge); use it as --model.")
     config = json.loads((artifact.path / "adapter_config.json").read_text(encoding="utf-8"))["config"]
-    from .config import config_from_dict
 
     if not config_from_dict(config).supports_merge:
         raise AdapterError(f"--adapter {args.adapter}: a {config['method']} adapter adds modules and cannot be folded "
@@ -498,8 +499,6 @@ def _fail(command: str, message: str) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .interop.convert import convert
-
     print(convert(args.src, args.dst, args.to, model=args.model, allow_pickle=args.allow_pickle))
     return 0
 
@@ -510,16 +509,9 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "inspe
 
 def _quiet_libraries() -> None:
     """No "Loading weights" bars or hub warnings from transformers in our output."""
-    import os
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _passive_openmp(argv: Optional[Sequence[str]]) -> None:
@@ -532,8 +524,6 @@ def _passive_openmp(argv: Optional[Sequence[str]]) -> None:
     machine is idle). libgomp reads the variable when torch is loaded, which has happened by the
     time this runs, hence the re-exec; it only happens from the command line (``argv is None``).
     """
-    import os
-
     if argv is not None or "OMP_WAIT_POLICY" in os.environ or os.environ.get("ADAPTERKIT_NO_REEXEC"):
         return
     if len(sys.argv) < 2 or sys.argv[1] not in ("train", "eval"):

@@ -7,7 +7,7 @@ the same in a thread-local ``ForwardContext``):
 
 * ``routing``: which adapter each example of the batch goes to (``routing.Routing``), or ``None``;
 * ``aux_losses``: auxiliary losses the strategies add while training (``l2_lambda``);
-* ``prompt_length``: the number of positions the input place prepended in this call (``input_place.py``; 0 without a prompt).
+* ``prompt_length``: the number of positions the input place prepended in this call (``places/input.py``; 0 without a prompt).
 
 Hooks that run outside any context (the wrapped model called directly) see ``current() is None``
 and run the active setup; their auxiliary losses are dropped.
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .routing import Routing
+    from .composition.routing import Routing
 
 
 @dataclass

@@ -15,12 +15,13 @@ a prompt. Results are dicts (printed as TSV or JSON lines):
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .data import TaskSpec
-
+from .data import Table, TaskSpec, encode
+from .train.choices import choice_scores
 
 Input = Union[str, tuple[str, str], list[str]]
 
@@ -82,10 +83,6 @@ def _read(spec: TaskSpec, row: torch.Tensor) -> dict[str, Any]:
 
 def _choose(model: Any, tokenizer: Any, spec: TaskSpec, lines: Sequence[Input], batch_size: int) -> list[dict[str, Any]]:
     """Score every label's answer after each prompt (``train.choices``) and read them as logits."""
-    from pathlib import Path
-
-    from .data import Table, encode
-    from .train.choices import choice_scores
 
     text, pair = spec.columns.text or "text", spec.columns.text_pair
     pairs = [_pair(item, bool(pair)) for item in lines]

@@ -14,9 +14,9 @@ from typing import Any
 
 from safetensors import safe_open
 
-from .artifacts import locate
+from .checkpoint_format import WEIGHTS_NAME
 from .errors import CheckpointError
-from .io import WEIGHTS_NAME
+from .train.artifacts import locate
 
 
 def _shapes(path: Path) -> "OrderedDict[str, list[int]]":

@@ -25,6 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
+import transformers
+
+from ..packaged import resolve_model
 from .files import DataError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -49,9 +53,6 @@ def _files(root: Path) -> list[tuple[Path, str]]:
 
 def load_feature_extractor(model: str) -> Any:
     """The model's feature extractor (its ``preprocessor_config.json``), offline."""
-    import transformers
-
-    from ..packaged import resolve_model
 
     folder, _ = resolve_model(model)
     if not (folder / "preprocessor_config.json").is_file():
@@ -67,7 +68,7 @@ def load_feature_extractor(model: str) -> Any:
 
 def read_clip(path: Path, sampling_rate: int) -> Any:
     """One clip as a float32 mono numpy array; refuses another sampling rate."""
-    import soundfile
+    import soundfile  # noqa: PLC0415 - optional dependency: soundfile (audio files)
 
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
@@ -108,8 +109,6 @@ class AudioSet:
 
     def collate(self, indices: Sequence[int], *, with_labels: bool = True) -> dict:
         """Right-padded ``input_values`` (B, samples) with an ``attention_mask`` over samples."""
-        import torch
-
         width = max(self.min_samples, max(len(self.values[i]) for i in indices))
         values = torch.zeros(len(indices), width)
         mask = torch.zeros(len(indices), width, dtype=torch.long)

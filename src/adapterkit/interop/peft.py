@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..config import config_from_dict
 from ..errors import AdapterError, CheckpointError
 from ..heads import HeadConfig
 from ..layouts import linear_features
@@ -28,11 +29,10 @@ from ..methods.ia3 import IA3Config
 from ..methods.lora import EMBEDDINGS, LoRAConfig, pattern_value
 from ..methods.lora_layers import SlicedSite, host_kind
 from . import heads as H
-from . import peft_prompt
-from . import peft_prefix
+from . import peft_prefix, peft_prompt
 from .files import read_json, read_weights, write_folder
 from .meta import by_place, checkpoint, head_tensors, refuse_options
-from .places import is_conv1d, module_at, peer_path, per_site, place_of, placement, place_regex
+from .places import is_conv1d, module_at, peer_path, per_site, place_of, place_regex, placement
 
 CONFIG = "adapter_config.json"
 WEIGHTS, PICKLED = "adapter_model.safetensors", "adapter_model.bin"
@@ -249,8 +249,6 @@ def _read_head(cfg: dict, tensors: dict, model, weights_file: Path):
 # -- writing -------------------------------------------------------------------------------------------
 def write(directory: "str | Path", meta: dict[str, Any], tensors: dict[str, torch.Tensor], model) -> Path:
     """Write adapterkit's in-memory checkpoint as a PEFT folder loadable by ``PeftModel.from_pretrained``."""
-    from ..config import config_from_dict
-
     config = config_from_dict(meta["config"])
     if config.method == "prompt_tuning":
         return peft_prompt.write(directory, meta, tensors, model, CONFIG, WEIGHTS, FILES)

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
-from ..slots import Site
+from ..places.slots import Site
 from .lora_layers import LORA_HOSTS, LoRA, SlicedSite, host_kind
 
 __all__ = ["LoRAConfig", "LoRA", "pattern_value", "EMBEDDINGS"]

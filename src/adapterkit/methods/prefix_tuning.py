@@ -15,7 +15,7 @@ saved". Here:
 * ``save_adapter`` writes the folded per-layer prefixes only, with the config ``flat=True``
   (``PrefixTuningConfig.as_saved``): a loaded adapter trains its prefixes directly.
 
-One site per stack and attention role (``attention_place.py``): self-attention in every stack
+One site per stack and attention role (``places/attention.py``): self-attention in every stack
 (``encoder_prefix=False`` leaves an encoder-decoder's encoder out) and, with ``cross_prefix``, the
 decoder's cross-attention. Prefixes have the attention's key / value heads (``num_key_value_heads``
 under grouped-query attention) and are prepended after the rotary embedding and the KV cache.
@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import attention_place
+from ..places import attention as attention_place
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
 from ..layouts import select_layers
-from ..slots import Site, SlotIO
+from ..places.slots import Site, SlotIO
 from .base import AdapterModule
 from .bottleneck import ACTIVATIONS
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
@@ -19,8 +20,9 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
-from .. import __version__
+from .._version import __version__
 from ..errors import AdapterError
 from .batcher import Batcher, Job, QueueFull
 from .engine import ClassifyJob, ClassifyKey, Engine, GenerateJob, GenerateKey
@@ -81,6 +83,7 @@ class _Server:
             except AdapterError as err:
                 raise HTTPException(422, str(err)) from None
         future.cancel()  # not started: never runs; generating: stops at the next token
+        self.batcher.prune()  # its place in the queue (and the queue-depth gauge) is freed now
         if gone in done:
             raise HTTPException(499, "The client closed the connection.")
         raise HTTPException(504, f"No answer within {self.config.timeout:g} s (the server is loaded); retry or send "
@@ -120,7 +123,7 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str})
+        errors = _printable(jsonable_encoder(exc.errors(), custom_encoder={Exception: str}))
         if any(e.get("type") == "json_invalid" for e in errors):
             return JSONResponse({"detail": "The body is not valid JSON; send a JSON object.", "errors": errors}, 400)
         return JSONResponse({"detail": errors}, 422)
@@ -133,6 +136,11 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
                        for m in r.methods}
             headers["Allow"] = ", ".join(sorted(methods))
         return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
+
+    @app.exception_handler(RecursionError)
+    async def _deep(request: Request, exc: RecursionError):  # json.loads of a body like [[[[...]]]]
+        return JSONResponse({"detail": "The body is nested too deeply to be a request; send a flat JSON object."},
+                            400)
 
     @app.exception_handler(AdapterError)
     async def _refused(request: Request, exc: AdapterError):
@@ -174,6 +182,13 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
             prompt = engine.encode_prompt(body.prompt)
             if not prompt.length:
                 raise HTTPException(422, "The prompt has no tokens; send some text.")
+            if prompt.length > engine.max_length:
+                raise HTTPException(413, f"The prompt has {prompt.length} tokens; this server takes {engine.max_length} "
+                                         "at most (cutting it would lose its end): shorten the prompt.")
+            if engine.positions is not None and prompt.length + body.max_new_tokens > engine.positions:
+                raise HTTPException(413, f"The prompt's {prompt.length} tokens and max_new_tokens="
+                                         f"{body.max_new_tokens} are more than the model's {engine.positions} "
+                                         "positions: shorten the prompt or ask for fewer tokens.")
             key = GenerateKey(body.max_new_tokens, body.temperature)
             result = await server.run(request, Job(key, 1, prompt.length + body.max_new_tokens,
                                                    GenerateJob(body.adapter, prompt, stop)))
@@ -191,11 +206,12 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
         check_admin(authorization, config.admin_token)
         name = check_name(body.name)
         path = check_path(body.path, config.allowed_roots)
-        server.registry.reserve(name)
+        server.registry.reserve(name)  # a second load under this name now answers 409
         try:
             described = await server.on_worker(engine.load, name, str(path))
-        except (AdapterError, OSError, ValueError) as err:
-            raise HTTPException(422, f"Cannot load '{body.path}': {err}") from None
+        except Exception as err:  # the folder's fault (the model is left as it was); never a 500
+            server.registry.unreserve(name)
+            raise HTTPException(422, f"Cannot load '{body.path}': {_one_line(err)}") from None
         server.registry.add(name, described)
         server.metrics.adapters_loaded.set(len(server.registry))
         return {"name": name, **described}
@@ -222,6 +238,25 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
     return _Observed(BodyLimit(app, config.max_body_bytes), server.metrics, app)
 
 
+def _printable(value: Any) -> Any:
+    """Field errors made safe for a JSON answer: the ``input`` they echo may hold NaN or
+    infinity (not JSON) or a lone surrogate (not UTF-8), which are shown as text instead."""
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
 def _check_hot_load(allowed: bool) -> None:
     if not allowed:
         raise HTTPException(403, "Loading and unloading over HTTP is off under Ray Serve (every replica serves the "
@@ -238,25 +273,39 @@ def _check_texts(texts: list[str], max_texts: int, max_chars: int) -> None:
 
 
 class _Observed:
-    """ASGI middleware: counts every HTTP answer (endpoint, status) and its latency. Exposes the
-    FastAPI app as ``.app`` (``openapi()``, ``state``)."""
+    """ASGI middleware: counts every HTTP answer (endpoint, status) and its latency. The endpoint
+    is the route's path, also for answers given before routing (a body over the limit: 413); a
+    request whose client left before its answer began counts as 499, whatever the app made of
+    the missing body. Exposes the FastAPI app as ``.app`` (``openapi()``, ``state``)."""
 
     def __init__(self, inner, metrics: Metrics, fastapi_app: FastAPI):
         self.inner, self.metrics, self.app = inner, metrics, fastapi_app
 
+    def endpoint(self, scope) -> str:
+        route = scope.get("route")
+        if route is None:
+            route = next((r for r in self.app.routes if r.matches(scope)[0] != Match.NONE), None)
+        return getattr(route, "path", "other")
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.inner(scope, receive, send)
-        start, status = time.perf_counter(), 500
+        start, status, started, left = time.perf_counter(), 500, False, False
+
+        async def receiving():
+            nonlocal left
+            message = await receive()
+            if message["type"] == "http.disconnect" and not started:
+                left = True
+            return message
 
         async def sending(message):
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         try:
-            await self.inner(scope, receive, sending)
+            await self.inner(scope, receiving, sending)
         finally:
-            route = scope.get("route")
-            self.metrics.observe(getattr(route, "path", "other"), status, time.perf_counter() - start)
+            self.metrics.observe(self.endpoint(scope), 499 if left else status, time.perf_counter() - start)

@@ -6,7 +6,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import torch
+
 from ..errors import AdapterError
+from .config import ServeConfig
+from .engine import build_engine
 
 #: flag -> (ServeConfig field, type, help)
 _FLAGS = {
@@ -18,10 +22,11 @@ _FLAGS = {
     "--queue-size": ("queue_size", int, "requests waiting; one more answers 429 (default 256)"),
     "--timeout": ("timeout", float, "seconds per request, queueing included; then 504 (default 30)"),
     "--admin-token": ("admin_token", str, "bearer token for loading / unloading adapters (default: "
-                                          "$ADAPTERKIT_ADMIN_TOKEN; none: those endpoints are off)"),
+                                          "$ADAPTERKIT_ADMIN_TOKEN; none or empty: those endpoints are off)"),
     "--max-texts": ("max_texts", int, "texts per request (default 64; more: 413)"),
     "--max-chars": ("max_chars", int, "characters per text (default 10000; more: 413)"),
-    "--max-length": ("max_length", int, "tokens per text after truncation (default 512)"),
+    "--max-length": ("max_length", int, "tokens per text after truncation, and per generate prompt (default 512, or "
+                                        "the model's positions if fewer; more than the model's: refused at start)"),
     "--max-new-tokens": ("max_new_tokens", int, "generate's upper bound (default 256; more: 422)"),
     "--ray-address": ("ray_address", str, "with --ray: the Ray cluster to join ('auto', or HEAD:6379; default: "
                                           "$RAY_ADDRESS, else a local cluster)"),
@@ -31,6 +36,11 @@ _FLAGS = {
     "--replica-cpus": ("replica_cpus", float, "with --ray: CPUs Ray reserves per replica (default 1)"),
     "--torch-threads": ("torch_threads", int, "intra-op threads of the forward (default 0: cores - 1, one core "
                                               "is left for HTTP; under --ray: the replica's CPUs)"),
+    "--read-timeout": ("read_timeout", float, "seconds a client has to send a whole request, headers and body; "
+                                              "then its connection is closed (default 10)"),
+    "--max-connections": ("max_connections", int, "open connections at most; past it the oldest connection still "
+                                                  "sending its request is closed (default: the descriptor limit "
+                                                  "- 64, at most 1000)"),
 }
 
 
@@ -59,8 +69,6 @@ def add_parser(sub: Any) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from .config import ServeConfig
-
     given: dict[str, Any] = {dest: getattr(args, dest) for dest, _, _ in _FLAGS.values()
                              if getattr(args, dest) is not None}
     if args.ray:
@@ -78,37 +86,27 @@ def config_from_args(args: argparse.Namespace):
     return ServeConfig(**given).with_token_from_env()
 
 
-def build_engine(config):
-    """Load the base model, its tokenizer and the start-up adapters."""
-    from ..loader import load_model, load_tokenizer
-    from .engine import Engine
-
-    model = load_model(config.model)
-    for name, directory in config.adapters.items():
-        model.load_adapter(directory, load_as=name)
-    return Engine(model, load_tokenizer(config.model), config)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: PLC0415 - optional dependency: the serve extra
 
-        from .app import create_app
+        from .app import create_app  # noqa: PLC0415 - optional dependency: the serve extra (fastapi)
     except ImportError as err:
         raise AdapterError(f"serve needs the serve extra ({err.name} is missing): pip install 'adapterkit[serve]'.") \
             from None
     config = config_from_args(args)
     if config.ray:
         try:
-            from . import ray_deployment
+            from . import ray_deployment  # noqa: PLC0415 - optional dependency: the ray extra
         except ImportError as err:
             raise AdapterError(f"serve --ray needs Ray Serve ({err.name} is missing): pip install "
                                "'adapterkit[ray]'.") from None
         ray_deployment.run(config)
         return 0
-    import torch
+
+    from .connections import uvicorn_config  # noqa: PLC0415 - optional dependency: the serve extra (uvicorn)
 
     torch.set_num_threads(config.threads)  # the process's: a server owns its process
     app = create_app(build_engine(config))
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    uvicorn.Server(uvicorn_config(app, config)).run()
     return 0

@@ -28,11 +28,14 @@ import json
 import time
 from typing import Any, Optional
 
+import torch
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
 from .config import ServeConfig
+from .engine import build_engine
+from .registry import Registry
 
 _ADAPTER_PATHS = ("/v1/classify", "/v1/generate")
 
@@ -44,7 +47,7 @@ def _adapter_of(path: str, body: bytes) -> str:
         return ""
     try:
         adapter = json.loads(body).get("adapter")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: [[[[...]]]]; the replica answers 400
         return ""
     return adapter if isinstance(adapter, str) else ""
 
@@ -99,11 +102,7 @@ class ReplicaServer:
     """One replica's model, app and resident adapters (the body of ``AdapterReplica``)."""
 
     def __init__(self, config: ServeConfig):
-        import torch
-
-        from .app import create_app
-        from .command import build_engine
-        from .registry import Registry
+        from .app import create_app  # noqa: PLC0415 - optional dependency: the serve extra (fastapi)
 
         torch.set_num_threads(config.threads)
         self.config = config
@@ -224,7 +223,7 @@ def run(config: ServeConfig, *, blocking: bool = True) -> str:
     """Connect to Ray (``config.ray_address``; none: a local cluster), start Serve's HTTP proxy on
     ``config.host:config.port`` and deploy; blocks until interrupted unless ``blocking=False``.
     Returns the URL."""
-    import ray
+    import ray  # noqa: PLC0415 - optional dependency: the ray extra
 
     if not ray.is_initialized():
         ray.init(address=config.ray_address, include_dashboard=False)

@@ -39,11 +39,14 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 
+from .checkpoint_format import load_exact
 from .config import AdapterConfig
 from .errors import AdapterError
+from .methods.lora import LoRA
+from .setup_lock import setup_change
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import AdapterRecord
+    from .records import AdapterRecord
 
 State = dict[str, torch.Tensor]
 
@@ -126,7 +129,6 @@ def _lora_svd(records, weights, *, svd_rank: Optional[int], **_: object) -> tupl
                 f"combine_strategy='lora_svd' needs LoRA adapters at the same places, but '{records[0].name}' and "
                 f"'{other.name}' differ; add them with the same roles / layers / target_modules."
             )
-    from .methods.lora import LoRA
 
     odd = next(((r.name, k, type(m).__name__) for r in records for k, m in r.modules.items() if type(m) is not LoRA),
                None)
@@ -186,3 +188,42 @@ def combine(
         )
     w = normalised_weights(weights, len(records), normalize_weights)
     return fn(records, w, svd_rank=svd_rank, density=density)
+
+
+class AveragingMethods:
+    """``AdapterModel.average_adapter`` (AdapterHub's name); it uses the handle's ``records``,
+    ``_build`` and ``_replace``, so the new adapter is added like any other."""
+
+    @setup_change
+    def average_adapter(
+        self,
+        name: str,
+        adapter_list: Sequence[str],
+        weights: Optional[Sequence[float]] = None,
+        *,
+        combine_strategy: str = "linear",
+        normalize_weights: bool = True,
+        svd_rank: Optional[int] = None,
+        density: float = 0.2,
+        overwrite: bool = False,
+        set_active: bool = False,
+    ) -> None:
+        """Add adapter ``name`` made by merging the weights of ``adapter_list`` (AdapterHub's
+        ``average_adapter``): ``combine_strategy`` ``"linear"``, ``"lora_svd"`` (rank
+        ``svd_rank``) or ``"ties"`` (keeping the top ``density`` fraction); weights default to
+        ``1 / N`` and are divided by their sum once (``normalize_weights``). Formulas:
+        ``averaging.py``. On any error the model is left as it was."""
+        self._check_name(name)
+        if name in self.adapters and (not overwrite or name in adapter_list):
+            raise AdapterError(
+                f"An adapter named '{name}' already exists; choose another name"
+                + ("." if name in adapter_list else " or pass overwrite=True.")
+            )
+        if isinstance(adapter_list, str):
+            raise AdapterError("average_adapter takes a list of adapter names, e.g. ['a', 'b'].")
+        self._require(list(adapter_list))
+        config, state = combine([self.records[n] for n in adapter_list], weights, combine_strategy,
+                                normalize_weights=normalize_weights, svd_rank=svd_rank, density=density)
+        record = self._build(name, config)  # may raise: nothing changed yet
+        load_exact(record.modules, state, "", f"average_adapter('{name}')")
+        self._replace(record, set_active)

@@ -49,8 +49,8 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from .errors import AdapterError
-from .layouts.probe import probe_forward
+from ..errors import AdapterError
+from .probe import probe_forward
 from .slots import Site, Slot, SlotIO, register_slot
 
 #: the implementations prefix tuning wraps, and the prefix of the wrapping ones' names

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
-from ..slots import Site, SlotIO
+from ..places.slots import Site, SlotIO
 from .base import AdapterModule
 from .bottleneck import ACTIVATIONS
 

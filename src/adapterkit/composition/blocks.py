@@ -3,11 +3,11 @@
 Blocks are small serialisable values in AdapterHub's vocabulary: ``Stack("a", "b")`` runs ``a``
 then ``b`` at every slot, ``Average("a", "b", weights=[...])`` mixes their outputs,
 ``BatchSplit("a", "b", batch_sizes=[2, 3])`` gives each adapter its share of the batch and
-``Parallel("a", "b")`` runs the batch through each adapter in one pass (``parallel.py``) and
-``Fuse("a", "b")`` attends over their outputs at every slot (``fusion.py``).
+``Parallel("a", "b")`` runs the batch through each adapter in one pass (``composition/parallel.py``) and
+``Fuse("a", "b")`` attends over their outputs at every slot (``composition/fuse.py``).
 Which block may hold which is one table, ``ALLOWED_NESTINGS``; each block compiles itself. A plain
 name or a list stands for a ``Stack``. Per-example routing (``model(..., adapter_names=[...])``)
-lives in ``routing.py``.
+lives in ``composition/routing.py``.
 
 ``compile_plan(setup, modules)`` turns a setup into one function per slot, once per change of
 the setup; at forward time a slot only calls it. Each adapter module runs through its own
@@ -22,8 +22,8 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .errors import AdapterError
-from .slots import Plan, SlotIO
+from ..errors import AdapterError
+from ..places.slots import Plan, SlotIO
 
 Setup = Union[str, "Block"]
 
@@ -149,7 +149,7 @@ class BatchSplit(Block):
 class Parallel(Block):
     """One forward pass through several adapters, each with its own head (AdapterHub
     ``Parallel``): ``model(...)`` returns one output per child. The batch is replicated once per
-    child at the input of the lowest block holding one of its adapters (``parallel.py``), so the
+    child at the input of the lowest block holding one of its adapters (``composition/parallel.py``), so the
     layers below run once; at each slot child ``i`` acts on the ``i``-th copy."""
 
     def compile(self, plans: list[Optional[Plan]], modules: Mapping[str, nn.Module]) -> Optional[Plan]:
@@ -173,7 +173,7 @@ class Parallel(Block):
 
 class Fuse(Block):
     """AdapterFusion (Pfeiffer et al. 2021): at each slot a fusion layer attends over the
-    outputs of the listed adapters (``fusion.py``). Add its layers with
+    outputs of the listed adapters (``composition/fuse.py``). Add its layers with
     ``add_adapter_fusion(Fuse(...))`` first."""
 
     @property
@@ -221,6 +221,11 @@ def as_setup(setup: Union[None, Setup, Sequence[Setup]]) -> Optional[Block]:
     if isinstance(setup, (list, tuple)):
         return Stack(*setup) if setup else None
     raise AdapterError(f"An adapter setup is a name, a list of names or a block such as Stack(...), not {setup!r}.")
+
+
+def as_fuse(fuse: Union["Fuse", Sequence[str]]) -> "Fuse":
+    """What the fusion methods take: a ``Fuse`` block, or the names of the adapters it fuses."""
+    return fuse if isinstance(fuse, Fuse) else Fuse(*fuse)
 
 
 def setup_from_dict(data: Union[str, Mapping]) -> Setup:

@@ -1,7 +1,7 @@
 """The ``input`` place: rows prepended to the model's input sequence (prompt tuning, P-adapter).
 
 The place's *host* is the module that takes the whole sequence and its mask
-(``layouts/input_hosts.py``: ``BertModel``, ``GPT2Model``, ``LlamaModel``, the T5 / BART encoder
+(``places/input_hosts.py``: ``BertModel``, ``GPT2Model``, ``LlamaModel``, the T5 / BART encoder
 stack, a speech encoder). Its value is the input sequence ``(B, T, d)``; a plan returns it with
 prompt rows in front (``methods/prompt_tuning.py``). An ``InputSlot`` runs it with three hooks:
 
@@ -35,9 +35,9 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 import torch
 from torch import nn
 
-from . import context
-from .errors import AdapterError
-from .layouts.input_hosts import InputHost, find_input_host
+from .. import context
+from ..errors import AdapterError
+from .input_hosts import InputHost, find_input_host
 from .slots import Site, Slot, SlotIO, register_slot
 
 
@@ -183,8 +183,8 @@ class InputSlot(Slot):
         super().__init__(site)
         self._signatures: dict[type, inspect.Signature] = {}  # by host class
 
-    def compile_routed(self, units: Mapping[str, nn.Module]):
-        return routed_rows(units)
+    def compile_routed(self, units: Mapping[str, nn.Module], routed_plan: Callable):
+        return routed_rows(units)  # rows prepended per example, not a per-example plan
 
     def _install(self) -> None:
         host = self.site.input_host

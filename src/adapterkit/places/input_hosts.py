@@ -2,7 +2,7 @@
 
 The ``input`` place (prompt tuning, the P-adapter) rewrites what this module receives: the
 sequence (token embeddings, or speech features after the feature projection), its attention
-mask, positions and token types; ``input_place.py`` does that with hooks on it. One
+mask, positions and token types; ``places/input.py`` does that with hooks on it. One
 declarative entry per family, by ``model_type``:
 
 * **text** (``embeddings=True``): the backbone (``model.base_model``: ``BertModel``,
@@ -41,7 +41,7 @@ class InputHostSpec:
         consumer: module path suffix of the decoder that cross-attends to the host's output
             (encoder-decoders), else ``None``.
         decoder: the host runs with a key/value cache in ``generate()`` (prompt rows then go in
-            front of every row, with explicit positions; see ``input_place.py``).
+            front of every row, with explicit positions; see ``places/input.py``).
     """
 
     model_types: tuple[str, ...]

@@ -36,7 +36,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from . import context
+from .. import context
 
 Plan = Callable[["SlotIO"], torch.Tensor]
 
@@ -70,7 +70,7 @@ class Site:
             output), ``"pre"`` (rewrites the host's input), ``"parallel"`` (reads the host's or the
             sub-layer's input, adds to the host's output) or ``"weight"`` (inside a Linear's own
             product: LoRA, IA3), ``"attention"`` (key / value prefixes inside the attention
-            of every ``members`` module: prefix tuning, ``attention_place.py``) or ``"input"``
+            of every ``members`` module: prefix tuning, ``places/attention.py``) or ``"input"``
             (rows prepended to the model's input sequence: prompt tuning, run by
             ``input_place.InputSlot``).
         stack: the named stack (``"encoder"`` / ``"decoder"``) the site belongs to, if any.
@@ -244,14 +244,13 @@ class Slot:
         # Weight-level adapters (LoRA, IA3) belong to the host's own computation, so they run
         # before sub-layer adapters that share the host (Llama's o_proj is both). A slot tapping
         # layers (L-adapter) reads them at the stack's inner length, so it runs before the input
-        # place cuts its prompt positions off the host's output (input_place.py), whenever added.
+        # place cuts its prompt positions off the host's output (places/input.py), whenever added.
         prepend = site.place == "weight" or bool(site.layers_from)
         self._handles.append(site.host.register_forward_hook(self._run, with_kwargs=True, prepend=prepend))
 
-    def compile_routed(self, units):
-        """The plan for per-example routing over ``units`` (name -> module) at this slot."""
-        from .routing import routed_plan
-
+    def compile_routed(self, units, routed_plan: Callable):
+        """The plan for per-example routing over ``units`` (name -> module) at this slot:
+        ``routed_plan(units)`` (``composition.routing``, handed down by the handle)."""
         return routed_plan(units)
 
     def _current_plan(self) -> Optional[Plan]:

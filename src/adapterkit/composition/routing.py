@@ -20,18 +20,21 @@ with beams or several sequences per prompt repeats each example), example ``i`` 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+import contextlib
+import threading
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from . import context
-from .errors import AdapterError
-from .strategies import Add, Multiply
+from .. import context
+from ..errors import AdapterError
+from ..strategies import Add, Multiply
 
 _PLAIN = {"add": Add, "multiply": Multiply}
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .methods.base import AdapterModule
+    from ..methods.base import AdapterModule
+    from ..places.slots import Slot
 
 
 class Routing:
@@ -130,3 +133,50 @@ def routed_plan(units: Mapping[str, "AdapterModule"]):
 
     return plan
 
+
+
+class RoutedCalls:
+    """Routed calls under way on one handle: while any is, every slot keeps its hooks (the first
+    such call installs them, the last one removes those the active setup does not need)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {"count": 0}
+
+    def __setstate__(self, state: dict) -> None:
+        self.count, self.lock = 0, threading.Lock()
+
+    @contextlib.contextmanager
+    def hooks(self, slots: Iterable["Slot"], routed: bool) -> Iterator[None]:
+        """Within the block, ``slots`` keep their hooks for a routed call (``routed``)."""
+        if not routed:
+            yield
+            return
+        with self.lock:
+            self.count += 1
+            if self.count == 1:
+                for slot in slots:
+                    slot.arm_routing(True)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.count -= 1
+                if self.count == 0:
+                    for slot in slots:
+                        slot.arm_routing(False)
+
+
+def make_routing(adapter_names: Sequence[Optional[str]], inputs: Sequence[object],
+                 device: Optional[torch.device]) -> Routing:
+    """The ``Routing`` of a call, checked against its batch (the first tensor of ``inputs``)."""
+    if isinstance(adapter_names, str):
+        raise AdapterError("adapter_names takes one adapter name (or None) per example, e.g. ['a', None, 'b'].")
+    names = list(adapter_names)
+    batch = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
+    if batch is not None and len(names) != batch.shape[0]:
+        raise AdapterError(f"adapter_names has {len(names)} entries but the batch has {batch.shape[0]} examples.")
+    return Routing(names, batch.device if batch is not None else device)

@@ -20,10 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .data import Columns, TaskSpec
-from .errors import AdapterError, CheckpointError
-from .io import CONFIG_NAME
-from .model import AdapterModel
+from ..checkpoint_format import CONFIG_NAME
+from ..data import LM_TASKS, Columns, TaskSpec, build_task, detect_columns
+from ..errors import AdapterError, CheckpointError
+from ..fingerprint import base_fingerprint
+from ..loader import load_tokenizer, model_is_decoder
+from ..model import AdapterModel
+from ..packaged import ALIASES
+from .checkpoint import load_head
 
 BASE_FILE = "adapterkit_base.json"
 
@@ -112,22 +116,16 @@ def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_ot
     An adapter is refused on a base other than the one it was trained on (content fingerprint,
     ``fingerprint.py``): ``--model`` is compared with the base recorded in ``adapterkit_base.json``
     and in the adapter's config; ``allow_other_base=True`` (``--allow-other-base``) skips that."""
-    from .train.checkpoint import load_head
-    from .fingerprint import base_fingerprint
-    from .loader import load_model, load_tokenizer, model_is_decoder
 
     artifact = locate(adapter)
     base = base_model_of(artifact, model)
     decoder = model_is_decoder(base)
     tokenizer = load_tokenizer(base)
-    net = load_model(base)
+    net = AdapterModel.from_pretrained(base)
     if artifact.kind == "model":
-        head = load_head(artifact.path, net.layout, next(iter(net.model.parameters()), None))
-        name = None
-        if head is not None:
-            name = "head"
-            net.heads[name] = head
-            net.active_head = name
+        saved = load_head(artifact.path, net.layout, next(iter(net.model.parameters()), None))
+        name = "head" if saved is not None else None
+        head = net.add_head(name, saved.config, state=saved.state_dict()) if saved is not None else None
         spec = task_of(artifact, head.config.to_dict() if head is not None else None, decoder)
     else:
         recorded = _recorded_base(artifact)
@@ -151,8 +149,6 @@ def load_bare(model: Optional[str], table: Any, *, task: Optional[str] = None, t
     """The base model without any adapter, for ``adapterkit eval`` without ``--adapter``: the task
     comes from the flags and the data ``table``, and must be one the LM scores by itself
     (``lm-classification``: zero-shot accuracy; ``causal-lm``: perplexity), since there is no head."""
-    from .data import LM_TASKS, build_task, detect_columns
-    from .loader import load_model, load_tokenizer, model_is_decoder
 
     if not model:
         raise AdapterError("adapterkit eval without --adapter scores the bare model: pass --model (e.g. smollm2), or "
@@ -165,7 +161,7 @@ def load_bare(model: Optional[str], table: Any, *, task: Optional[str] = None, t
                            "--adapter, or score a causal LM's own answers with --template and --verbalizer "
                            "(lm-classification).")
     tokenizer = load_tokenizer(model)
-    net = load_model(model)
+    net = AdapterModel.from_pretrained(model)
     net.eval()
     return Loaded(net, tokenizer, spec, None, None, model)
 
@@ -184,7 +180,5 @@ def _recorded_base(artifact: Artifact) -> dict[str, Any]:
 def write_base_ref(directory: Path, model: str, identity: dict[str, Any]) -> None:
     """Record the base beside an adapter (``adapterkit_base.json``: path or alias, fingerprint,
     name), so ``eval`` / ``predict`` need no ``--model`` and can check one that is given."""
-    from .packaged import ALIASES
-
     ref = model if model.lower() in ALIASES else str(Path(model).resolve())
     (directory / BASE_FILE).write_text(json.dumps({"model": ref, **identity}), encoding="utf-8")

@@ -10,18 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..errors import AdapterError
+from .errors import AdapterError
+from .interop import FORMATS
+from .loader import load_base_model
+from .model import AdapterModel
+from .train.artifacts import base_model_of, locate
 
 
 def convert(src: "str | Path", dst: "str | Path", to: str, *, model: Optional[str] = None,
             allow_pickle: bool = False) -> str:
     """Convert the adapter in ``src`` (any format) to ``to`` in ``dst``; returns a summary line.
     ``model`` is the base model (a folder or alias), by default the one recorded beside ``src``."""
-    from ..artifacts import base_model_of, locate
-    from ..model import AdapterModel
-    from ..packaged import load_base_model
-    from . import FORMATS
-
     if to not in FORMATS:
         raise AdapterError(f"--to {to!r}: choose one of {', '.join(FORMATS)}.")
     src, dst = Path(src), Path(dst)

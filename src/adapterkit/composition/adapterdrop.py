@@ -19,7 +19,7 @@ Three parts:
   holds an adapter (the decoder reads the encoder's output in every layer). Gradients with
   respect to the input of a model whose lower layers hold no adapter are therefore not
   available while an adapter setup is active; ``model.disable_adapters()`` gives them back.
-* ``AdapterDrop`` / ``AdapterDropCallback``: robust AdapterDrop in training: each step drops the
+* ``AdapterDrop`` (its ``transformers.Trainer`` callback: ``train.adapterdrop``): robust AdapterDrop in training: each step drops the
   adapters of the first ``n`` layers, ``n`` drawn uniformly from ``0 .. max_dropped``, from a
   generator seeded by ``(seed, step)`` (a resumed run draws the same), never the global RNG.
 """
@@ -32,15 +32,14 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
-from . import context
-from .errors import AdapterError
+from .. import context
+from ..errors import AdapterError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .layouts import Layout
-    from .model import AdapterModel
-    from .slots import Site
+    from ..layouts import Layout
+    from ..model import AdapterModel
+    from ..places.slots import Site
 
 
 def block_owners(layout: "Layout") -> dict[int, tuple[str, int]]:
@@ -144,32 +143,3 @@ class AdapterDrop:
     @staticmethod
     def after_step(model: "AdapterModel") -> None:
         model.skip_layers = None
-
-
-class AdapterDropCallback(TrainerCallback):
-    """``transformers.Trainer`` callback: AdapterDrop during training steps, every adapter
-    back for evaluation and saving.
-
-    >>> trainer = Trainer(model=model, ..., callbacks=[AdapterDropCallback(max_dropped=5)])  # doctest: +SKIP
-    """
-
-    def __init__(self, max_dropped: Optional[int] = None, seed: int = 0):
-        self.drop = AdapterDrop(max_dropped, seed)
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self.drop.before_step(_handle(model), state.global_step)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.drop.after_step(_handle(model))
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.drop.after_step(_handle(model))
-
-
-def _handle(model: Any) -> "AdapterModel":
-    from .model import AdapterModel
-
-    inner = getattr(model, "module", model)  # DistributedDataParallel
-    if not isinstance(inner, AdapterModel):
-        raise AdapterError(f"AdapterDropCallback needs the Trainer's model to be an AdapterModel, got {type(model).__name__}.")
-    return inner

@@ -18,7 +18,7 @@ from torch import nn
 from .errors import AdapterError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import AdapterRecord
+    from .records import AdapterRecord
 
 
 class Merges:

@@ -19,14 +19,16 @@ to the model's dtype when they are copied into its parameters (``load_state_dict
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
@@ -139,20 +141,7 @@ def read_checkpoint(directory: "str | os.PathLike") -> tuple[dict[str, Any], dic
                 f"'{f}' is missing: an adapter checkpoint holds {CONFIG_NAME} and {WEIGHTS_NAME}. "
                 "Save it again with save_adapter()."
             )
-    try:
-        meta = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"'{config_file}' is not valid JSON ({err}); the file is corrupt: save the adapter again.") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or not isinstance(meta.get("places"), list):
-        raise CheckpointError(
-            f"'{config_file}' is not an adapterkit adapter config (it needs a 'config' object and a 'places' "
-            "list); the file was edited or comes from another library: save the adapter again with save_adapter()."
-        )
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"'{config_file}' has format version {meta['format_version']}, newer than this adapterkit "
-            f"understands ({FORMAT_VERSION}); upgrade adapterkit."
-        )
+    meta = read_meta(config_file)
     try:
         tensors = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError) as err:
@@ -160,7 +149,100 @@ def read_checkpoint(directory: "str | os.PathLike") -> tuple[dict[str, Any], dic
             f"'{weights_file}' cannot be read ({err}); it is truncated or corrupt: save the adapter again."
         ) from None
     check_tensors(tensors, weights_file)
+    check_head_size(meta, sum(t.numel() for k, t in tensors.items() if k.startswith("head.")), config_file)
     return meta, tensors
+
+
+def read_meta(config_file: "str | os.PathLike") -> dict[str, Any]:
+    """``adapter_config.json`` parsed and checked (``check_meta``), without the weights: what
+    ``inspect`` and the other readers of a checkpoint's description should use."""
+    config_file = Path(config_file)
+    try:
+        meta = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"'{config_file}' is not valid JSON ({err}); the file is corrupt: save the adapter again.") from None
+    except RecursionError:
+        raise CheckpointError(f"'{config_file}' is nested too deeply to be an adapter config; the file is corrupt: "
+                              "save the adapter again.") from None
+    except OSError as err:
+        raise CheckpointError(f"'{config_file}' cannot be read ({err.strerror or err}); check the path.") from None
+    check_meta(meta, config_file)
+    held = _head_numbers_on_disk(config_file.parent / WEIGHTS_NAME)
+    if held is not None:
+        check_head_size(meta, held, config_file)
+    return meta
+
+
+def _head_numbers_on_disk(weights_file: Path) -> "int | None":
+    """How many numbers the ``head.*`` tensors of a safetensors file hold, read from its header
+    only (no tensor is loaded); ``None`` when the file cannot be read (its reader says why)."""
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("head."))
+    except Exception:  # noqa: BLE001 - missing or corrupt: read_checkpoint names the problem when it loads the file
+        return None
+
+
+def check_meta(meta: Any, config_file: "str | os.PathLike") -> None:
+    """Refuse an ``adapter_config.json`` whose top-level entries have the wrong JSON types (a
+    string or list ``format_version``, a list ``base_model``, ...), naming the entry: the readers
+    after this one may then index it without a ``TypeError``."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or not isinstance(meta.get("places"), list):
+        raise CheckpointError(
+            f"'{config_file}' is not an adapterkit adapter config (it needs a 'config' object and a 'places' "
+            "list); the file was edited or comes from another library: save the adapter again with save_adapter()."
+        )
+
+    def wrong(entry: str, want: str) -> CheckpointError:
+        return CheckpointError(f"'{config_file}': '{entry}' must be {want}, got {_short(meta_at(entry))}; the file "
+                               "was edited or is corrupt: save the adapter again with save_adapter().")
+
+    def meta_at(entry: str) -> Any:
+        value: Any = meta
+        for part in entry.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise wrong("format_version", "a whole number")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"'{config_file}' has format version {version}, newer than this adapterkit "
+            f"understands ({FORMAT_VERSION}); upgrade adapterkit."
+        )
+    if not all(isinstance(p, str) for p in meta["places"]):
+        raise wrong("places", "a list of place names (strings)")
+    base = meta.get("base_model", {})
+    if not isinstance(base, dict):
+        raise wrong("base_model", "an object")
+    shapes = base.get("host_shapes", {})
+    if not isinstance(shapes, dict) or not all(
+            isinstance(s, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in s)
+            for s in shapes.values()):
+        raise wrong("base_model.host_shapes", "an object of place -> list of whole numbers")
+    if meta.get("head") is not None and not isinstance(meta["head"], dict):
+        raise wrong("head", "an object (or null)")
+    if meta.get("name") is not None and not isinstance(meta["name"], str):
+        raise wrong("name", "a string")
+
+
+def check_head_size(meta: dict[str, Any], held: int, config_file: "str | os.PathLike") -> None:
+    """A head's ``num_labels`` must be a whole number its saved weights (``held`` numbers in the
+    ``head.*`` tensors) can hold, as its output layer has at least ``num_labels`` numbers: refused
+    before the head is built, so an edited ``num_labels: 1000000000000`` never allocates."""
+    head = meta.get("head")
+    if not isinstance(head, dict) or "num_labels" not in head:
+        return
+    labels = head["num_labels"]
+    if not isinstance(labels, int) or isinstance(labels, bool) or not 1 <= labels <= max(held, 1):
+        raise CheckpointError(f"'{config_file}': the head's num_labels is {_short(labels)}, which its saved weights "
+                              f"({held} numbers) cannot hold; the file was edited or is corrupt: save the adapter again.")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], source: "str | os.PathLike") -> None:
@@ -213,3 +295,33 @@ def adapter_size_bytes(directory: "str | os.PathLike") -> int:
     """Size on disk of a saved adapter (both files)."""
     path = Path(directory)
     return sum((path / name).stat().st_size for name in (CONFIG_NAME, WEIGHTS_NAME) if (path / name).exists())
+
+
+def write_dir_atomic(target: "str | Path", fill: Callable[[Path], None]) -> Path:
+    """Call ``fill(tmp)`` on a fresh folder beside ``target``, then swap it in."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(f".{target.name}.tmp-", target.parent)
+    try:
+        fill(tmp)
+        follow_umask(tmp, recursive=True)  # safetensors writes 0600; the folder follows the umask
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            # renamed before deleting, so a half-deleted folder never looks like a usable ".old"
+            trash = target.with_name(f".{target.name}.trash-{os.getpid()}")
+            os.replace(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import context
-from .errors import AdapterError
+from .. import context
+from ..errors import AdapterError
 
 
 @dataclass(frozen=True)

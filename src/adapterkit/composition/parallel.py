@@ -39,13 +39,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
-from . import context
-from .composition import Block, Parallel, Stack
-from .errors import AdapterError
+from .. import context
+from .blocks import Block, Parallel, Stack
+from ..errors import AdapterError
+from ..layouts.inputs import INPUT_KINDS
+from ..heads import AdapterModelOutput, last_hidden, run_heads
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .layouts import Layout
-    from .model import AdapterModel, AdapterRecord
+    from ..layouts import Layout
+    from ..model import AdapterModel
+    from ..records import AdapterRecord
 
 
 def find_parallel(setup: Optional[Block]) -> Optional[Parallel]:
@@ -179,9 +182,7 @@ def head_of(child: Any, heads: Mapping[str, nn.Module]) -> Optional[str]:
 
 def batch_rows(args: tuple, kwargs: Mapping[str, Any]) -> int:
     """The number of examples of a call (its first batch-shaped input)."""
-    from .model import _INPUT_KINDS
-
-    inputs = [*args, *(kwargs.get(k) for k in (*_INPUT_KINDS, "decoder_input_ids", "attention_mask"))]
+    inputs = [*args, *(kwargs.get(k) for k in (*INPUT_KINDS, "decoder_input_ids", "attention_mask"))]
     batch = next((t for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), None)
     if batch is None:
         raise AdapterError("A Parallel setup needs the batch as a tensor (input_ids=, inputs_embeds=, ...).")
@@ -209,17 +210,10 @@ def run_parallel(model: "AdapterModel", parallel: Parallel, args: tuple, kwargs:
                                                      ignore_index=-100)
         else:
             backbone = getattr(model.model, "base_model", model.model)
-            out = backbone(*args, **kwargs)
-            hidden = out if isinstance(out, torch.Tensor) else out[0]  # (n * B, T, d)
-            for i, name in enumerate(heads):
-                part = hidden.chunk(n)[i]
-                if name is None:
-                    results.append(part)
-                    continue
-                loss, logits = model.heads[name](part, attention_mask, labels)
-                from .model import AdapterModelOutput
-
-                results.append(AdapterModelOutput(loss=loss, logits=logits))
+            hidden = last_hidden(backbone(*args, **kwargs))  # (n * B, T, d)
+            outs = run_heads(model.heads, model.layout, hidden, attention_mask, heads, labels)
+            for part, out in zip(hidden.chunk(n), outs):
+                results.append(part if out is None else AdapterModelOutput(loss=out[0], logits=out[1]))
     losses = [r.loss for r in results if isinstance(r, ModelOutput) and r.get("loss") is not None]
     aux = ctx.aux_loss()  # the adapters' l2_lambda penalties, over all copies at once
     results.loss = sum(losses) + (aux if aux is not None else 0.0) if losses else None

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from ..slots import Site
+from .slots import Site
 
 PROBE_TOKENS = 8
 PROBE_DECODER_TOKENS = 4
