@@ -55,9 +55,12 @@ from .fusions import FusionMethods, Fusions
 from .head_methods import HeadMethods
 from .layouts import Layout
 from .loader import load_base_model
+from .packaged import base_reference
 from .places.slots import Slot, make_slot
 from .records import AdapterRecord, Adapters, summary
 from .setup_lock import forward_call, lock_of, setup_change
+from .sharing import local_folder
+from .sharing import push_adapter as publish_adapter
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -83,6 +86,7 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
         self._slots: dict[tuple[str, str], Slot] = {}  # (place id, place) -> slot
         self._setup: Optional[Block] = None
         self._active_head: Optional[str] = None
+        self.base_source: Optional[str] = None  # the alias or folder from_pretrained loaded, saved with adapters
         self._merges = Merges()
         self._routed_calls = RoutedCalls()
         self._disabled = 0
@@ -96,15 +100,18 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, causal_lm: Optional[bool] = None, **kwargs: Any) -> "AdapterModel":
         """Load a ``transformers`` model (a folder, or the alias ``minilm`` / ``smollm2``) and wrap it;
-        any failure is one ``AdapterError``."""
+        any failure is one ``AdapterError``. The alias or folder is kept as ``base_source`` and saved
+        with its adapters (``base_model.source``), so the CLI finds the base without ``--model``."""
         try:
-            return cls(load_base_model(name_or_path, causal_lm=causal_lm, **kwargs))
+            handle = cls(load_base_model(name_or_path, causal_lm=causal_lm, **kwargs))
         except AdapterError:
             raise
         except Exception as err:  # transformers raises many types for damaged folders
             raise AdapterError(f"'{name_or_path}': cannot load the model ({type(err).__name__}: {err}); pass a "
                                "transformers model folder (config.json + weights) or an alias (minilm, smollm2).") \
                 from None
+        handle.base_source = base_reference(name_or_path)
+        return handle
 
     @property
     def config(self):
@@ -463,29 +470,39 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
         or ``"adapterhub"`` writes that library's folder instead (``adapterkit.interop``)."""
         saving.save_adapter(self, directory, name, with_head=with_head, format=format)
 
+    def push_adapter(self, name: str, location: str, *, overwrite: bool = False, with_head: bool = True,
+                     format: str = "adapterkit") -> dict:
+        """Publish adapter ``name`` at ``location`` (a folder, ``s3://``, ``hf://``) with a manifest and a
+        model card (``adapterkit.sharing.publish``); ``overwrite=True`` replaces a published one."""
+        return publish_adapter(self, name, location, overwrite=overwrite, with_head=with_head, format=format)
+
     def save_all_adapters(self, directory: "str | os.PathLike", *, with_head: bool = True) -> None:
         """Each adapter into ``directory/<name>``."""
         for name in self.adapters:
             self.save_adapter(os.path.join(directory, name), name, with_head=with_head)
 
-    @setup_change
     def load_adapter(
         self, directory: "str | os.PathLike", *, load_as: Optional[str] = None, set_active: bool = False,
-        with_head: bool = True, allow_pickle: bool = False, strict_base: bool = True,
+        with_head: bool = True, allow_pickle: bool = False, strict_base: bool = True, source: Optional[str] = None,
     ) -> str:
         """Load an adapter (and its head) saved by ``save_adapter``, or by PEFT or AdapterHub
         (recognised by their files); returns its name. Checks that the checkpoint fits this base
         model, and (``strict_base``) that it was trained on this very base (``fingerprint.py``);
         on any error the model is left as it was. ``allow_pickle=True`` reads a foreign folder's
-        pickled ``*.bin`` weights (``torch.load(weights_only=True)``); they are refused otherwise."""
-        record, head = saving.read_adapter(self, directory, load_as=load_as, with_head=with_head,
-                                           allow_pickle=allow_pickle, strict_base=strict_base)
-        name = record.name
-        self._attach(record)
-        if head is not None:
-            self.heads[name] = head
-        if set_active:
-            self.set_active_adapters(name)
-        else:
-            self._refresh()
+        pickled ``*.bin`` weights (``torch.load(weights_only=True)``); they are refused otherwise.
+        ``directory`` may also be a location (``file://``, ``s3://``, ``http(s)://``, ``hf://``): it is
+        fetched into the verified cache first (``adapterkit.sharing``); AdapterHub's
+        ``load_adapter("org/name", source="hf")`` means ``"hf://org/name"``."""
+        folder = local_folder(directory, source=source)  # a download holds no lock: forwards go on
+        with lock_of(self).writing("call load_adapter()"):
+            record, head = saving.read_adapter(self, folder, load_as=load_as, with_head=with_head,
+                                               allow_pickle=allow_pickle, strict_base=strict_base)
+            name = record.name
+            self._attach(record)
+            if head is not None:
+                self.heads[name] = head
+            if set_active:
+                self.set_active_adapters(name)
+            else:
+                self._refresh()
         return name

@@ -60,6 +60,13 @@ def resolve_model(name_or_path: str) -> tuple[Path, Optional[str]]:
     )
 
 
+def base_reference(name_or_path: "str | Path") -> str:
+    """How a base is recorded beside an adapter: an alias as typed (lower case), a folder as an
+    absolute path, so ``eval`` / ``merge`` find it again without ``--model``."""
+    text = str(name_or_path)
+    return text.lower() if text.lower() in ALIASES else str(Path(text).resolve())
+
+
 def __getattr__(name: str) -> Any:
     """``load_base_model`` and ``load_tokenizer`` moved to ``adapterkit.loader`` (the loader sits
     above this table of aliases); the old names work for one more release, with a warning."""

@@ -42,7 +42,8 @@ def save_adapter(model: "AdapterModel", directory: "str | os.PathLike", name: st
         "config": record.config.as_saved().to_dict(),
         "places": [s.place_id for s in sites],
         "base_model": {**model.layout.fingerprint(), **base_identity(model, sites),
-                       "host_shapes": {s.place_id: s.weight_shape() for s in sites}},
+                       "host_shapes": {s.place_id: s.weight_shape() for s in sites},
+                       **({"source": model.base_source} if model.base_source else {})},
         "head": head.config.to_dict() if head is not None else None,
     }
     tensors = {f"adapter.{key}.{k}": v for key, unit in record.modules.items() for k, v in unit.saved_state().items()}
@@ -78,7 +79,7 @@ def read_adapter(model: "AdapterModel", directory: "str | os.PathLike", *, load_
     check_same_base(meta.get("base_model", {}), model, directory, strict=strict_base, sites=record.sites)
     head = None
     if with_head and meta.get("head_skipped"):  # a foreign head without an adapterkit counterpart
-        warnings.warn(f"{meta['head_skipped']}.", UserWarning, stacklevel=4)
+        warnings.warn(f"{meta['head_skipped']}.", UserWarning, stacklevel=3)  # at load_adapter's caller
     if with_head and meta.get("head"):
         if name in model.heads:
             raise AdapterError(f"A head named '{name}' already exists; pass load_as='other_name' or delete it first.")

@@ -141,6 +141,31 @@ def read_split(root: "str | Path", labels: Optional[list[str]], extractor: Any, 
     return AudioSet(values, ids, [str(p) for p, _ in files], min_samples), names
 
 
+def is_audio_file(path: "str | Path") -> bool:
+    return Path(path).suffix.lower() in AUDIO_SUFFIXES
+
+
+def prediction_clips(sources: Sequence["str | Path"], extractor: Any, min_samples: int = 1) -> AudioSet:
+    """The clips ``adapterkit predict`` reads: audio files, and every audio file under a folder
+    (sorted, at any depth), normalised like training data; the labels are placeholders."""
+    files: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.is_file() and is_audio_file(f))
+            if not found:
+                raise DataError(f"{path}: no audio files ({', '.join(AUDIO_SUFFIXES)}) in this folder.")
+            files += found
+        elif path.is_file() and is_audio_file(path):
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such audio file; pass WAV, FLAC or OGG files, or folders of them.")
+    rate = extractor.sampling_rate
+    values = [extractor(read_clip(f, rate), sampling_rate=rate, return_tensors="np").input_values[0].astype("float32")
+              for f in files]
+    return AudioSet(values, [0] * len(files), [str(f) for f in files], min_samples)
+
+
 def folder_fingerprint(root: "str | Path") -> dict[str, Any]:
     """Path, content hash and size of an audio folder (for ``--resume``'s same-data check)."""
     root = Path(root)
@@ -152,5 +177,5 @@ def folder_fingerprint(root: "str | Path") -> dict[str, Any]:
     return {"path": str(root.resolve()), "sha256": digest.hexdigest(), "rows": len(files)}
 
 
-__all__ = ["AUDIO_SUFFIXES", "AudioSet", "is_audio_folder", "load_feature_extractor", "read_clip", "read_split",
-           "folder_fingerprint"]
+__all__ = ["AUDIO_SUFFIXES", "AudioSet", "is_audio_file", "is_audio_folder", "load_feature_extractor", "read_clip",
+           "read_split", "prediction_clips", "folder_fingerprint"]

@@ -32,6 +32,7 @@ from . import heads as H
 from . import peft_prefix, peft_prompt
 from .files import read_json, read_weights, write_folder
 from .meta import by_place, checkpoint, head_tensors, refuse_options
+from .peft_targets import undeclared
 from .places import is_conv1d, module_at, peer_path, per_site, place_of, place_regex, placement
 
 CONFIG = "adapter_config.json"
@@ -119,9 +120,28 @@ def read(folder: Path, model, *, allow_pickle: bool = False) -> tuple[dict[str, 
                                   f"in modules_to_save {saved}; the file was edited or is not this adapter's.")
     if not adapter_keys:
         raise CheckpointError(f"'{weights_file}': no {peft_type} weights in it; the file is incomplete.")
+    _check_declared(cfg, adapter_keys, config_file, weights_file)
     head, head_state = _read_head(cfg, head_keys, model, weights_file)
     config, weights, origins = METHODS[peft_type].read(cfg, adapter_keys, model, weights_file)
     return checkpoint(model, name, config, weights, head, head_state, f"'{weights_file}'", origins=origins)
+
+
+def _check_declared(cfg: dict, tensors: dict[str, torch.Tensor], config_file: Path, weights_file: Path) -> None:
+    """Refuse weights the config does not declare (``peft_targets``): PEFT itself would not apply
+    them, so adapterkit's outputs would differ from PEFT's for the same folder."""
+    sites: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        suffix = _SUFFIX.search(key).group(1)  # type: ignore[union-attr]
+        site = sites.setdefault(_SUFFIX.sub("", key[len(PREFIX):]), {})
+        if suffix in ("lora_A.weight", "lora_embedding_A"):
+            site["rank"] = value.shape[0]
+        elif suffix == "ia3_l":
+            site["input"] = value.dim() == 2 and value.shape[0] == 1 and value.shape[1] != 1
+    problem = undeclared(cfg, sites)
+    if problem:
+        raise CheckpointError(f"'{weights_file}' holds {problem} in '{config_file}'; PEFT would not apply them, so "
+                              "the file and its config disagree. Fix the config (or the weights) so they describe "
+                              "the same modules, or load the folder it was saved with.")
 
 
 #: a LoRA tensor's name after its module path -> adapterkit's parameter name

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
@@ -27,9 +26,13 @@ from ..errors import AdapterError
 from .batcher import Batcher, Job, QueueFull
 from .engine import ClassifyJob, ClassifyKey, Engine, GenerateJob, GenerateKey
 from .metrics import Metrics
+from ..sharing import local_folder
+from .on_demand import OnDemand, source_location
+from .openai_api import http_error, install, is_openai_path, validation_error
+from .openai_schemas import error_body
 from .registry import Registry
 from .schemas import (NAME_PATTERN, AdapterInfo, ClassifyRequest, ClassifyResponse, Error, GenerateRequest,
-                      GenerateResponse, Health, LoadRequest)
+                      GenerateResponse, Health, LoadRequest, one_line, printable)
 from .security import BodyLimit, check_admin, check_name, check_path
 
 
@@ -47,6 +50,13 @@ class _Server:
         self.metrics.adapters_loaded.set(len(self.registry))
         self.executor: Optional[ThreadPoolExecutor] = None
         self.batcher: Optional[Batcher] = None
+        self.on_demand = OnDemand.for_config(self)  # serve --adapter-source: load on first use
+
+    async def acquire(self, name: Optional[str]) -> dict[str, Any]:
+        """Hold ``name`` for a request, loading it from an adapter source first if need be."""
+        if self.on_demand is not None and name is not None:
+            await self.on_demand.ensure(name)
+        return self.registry.acquire(name)
 
     async def on_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -111,7 +121,9 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
                                  max_batch_tokens=config.max_batch_tokens, queue_size=config.queue_size,
                                  metrics=server.metrics)
         server.batcher.start()
+        openai.start()
         yield
+        await openai.stop()
         await server.batcher.stop()
         server.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -123,13 +135,17 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        errors = _printable(jsonable_encoder(exc.errors(), custom_encoder={Exception: str}))
+        if is_openai_path(request.url.path):  # OpenAI's error object (openai_api.py)
+            return validation_error(request, exc)
+        errors = printable(jsonable_encoder(exc.errors(), custom_encoder={Exception: str}))
         if any(e.get("type") == "json_invalid" for e in errors):
             return JSONResponse({"detail": "The body is not valid JSON; send a JSON object.", "errors": errors}, 400)
         return JSONResponse({"detail": errors}, 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if is_openai_path(request.url.path) and exc.status_code != 405:
+            return http_error(request, exc)
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # every method the path takes, not only those of the first route matched
             methods = {m for r in app.routes if getattr(r, "methods", None) and r.path_regex.match(request.url.path)
@@ -139,11 +155,15 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
 
     @app.exception_handler(RecursionError)
     async def _deep(request: Request, exc: RecursionError):  # json.loads of a body like [[[[...]]]]
-        return JSONResponse({"detail": "The body is nested too deeply to be a request; send a flat JSON object."},
-                            400)
+        message = "The body is nested too deeply to be a request; send a flat JSON object."
+        if is_openai_path(request.url.path):
+            return JSONResponse(error_body(400, message), 400)
+        return JSONResponse({"detail": message}, 400)
 
     @app.exception_handler(AdapterError)
     async def _refused(request: Request, exc: AdapterError):
+        if is_openai_path(request.url.path):
+            return JSONResponse(error_body(400, printable(str(exc))), 400)
         return JSONResponse({"detail": str(exc)}, 422)
 
     @app.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True)
@@ -153,7 +173,7 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
         if body.text_pairs is not None and len(body.text_pairs) != len(body.texts):
             raise HTTPException(422, f"text_pairs has {len(body.text_pairs)} entries for {len(body.texts)} texts; "
                                      "send one second text per text.")
-        described = server.registry.acquire(body.adapter)
+        described = await server.acquire(body.adapter)
         try:
             if described.get("head") is None:
                 raise HTTPException(422, f"Adapter '{body.adapter}' has no head, so it cannot classify; use an "
@@ -177,7 +197,7 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
                                      f"{config.max_new_tokens}.")
         _check_texts([body.prompt], 1, config.max_chars)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        server.registry.acquire(body.adapter)
+        await server.acquire(body.adapter)
         try:
             prompt = engine.encode_prompt(body.prompt)
             if not prompt.length:
@@ -205,13 +225,20 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
         _check_hot_load(hot_load)
         check_admin(authorization, config.admin_token)
         name = check_name(body.name)
-        path = check_path(body.path, config.allowed_roots)
+        remote = source_location(body.path, config)  # under an --adapter-source: fetched off the worker thread
+        if remote:
+            try:
+                path = await asyncio.to_thread(local_folder, remote)
+            except Exception as err:  # the location's fault (missing, damaged, unreachable); never a 500
+                raise HTTPException(422, f"Cannot load '{body.path}': {one_line(err)}") from None
+        else:
+            path = check_path(body.path, config.allowed_roots)
         server.registry.reserve(name)  # a second load under this name now answers 409
         try:
             described = await server.on_worker(engine.load, name, str(path))
         except Exception as err:  # the folder's fault (the model is left as it was); never a 500
             server.registry.unreserve(name)
-            raise HTTPException(422, f"Cannot load '{body.path}': {_one_line(err)}") from None
+            raise HTTPException(422, f"Cannot load '{body.path}': {one_line(err)}") from None
         server.registry.add(name, described)
         server.metrics.adapters_loaded.set(len(server.registry))
         return {"name": name, **described}
@@ -235,26 +262,8 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=server.metrics.content_type)
 
+    openai = install(app, server, hot_load=hot_load)  # /v1/completions, /v1/chat/completions, /v1/models, ...
     return _Observed(BodyLimit(app, config.max_body_bytes), server.metrics, app)
-
-
-def _printable(value: Any) -> Any:
-    """Field errors made safe for a JSON answer: the ``input`` they echo may hold NaN or
-    infinity (not JSON) or a lone surrogate (not UTF-8), which are shown as text instead."""
-    if isinstance(value, dict):
-        return {_printable(k): _printable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_printable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    return value
-
-
-def _one_line(err: Exception) -> str:
-    text = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return text if len(text) <= 500 else text[:497] + "..."
 
 
 def _check_hot_load(allowed: bool) -> None:

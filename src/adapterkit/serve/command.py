@@ -28,12 +28,17 @@ _FLAGS = {
     "--max-length": ("max_length", int, "tokens per text after truncation, and per generate prompt (default 512, or "
                                         "the model's positions if fewer; more than the model's: refused at start)"),
     "--max-new-tokens": ("max_new_tokens", int, "generate's upper bound (default 256; more: 422)"),
+    "--max-running-rows": ("max_running_rows", int, "rows the OpenAI endpoints' continuous batch decodes at once "
+                                                     "(default 64)"),
+    "--max-running-tokens": ("max_running_tokens", int, "rows x cache width of that batch (default 65536)"),
     "--ray-address": ("ray_address", str, "with --ray: the Ray cluster to join ('auto', or HEAD:6379; default: "
                                           "$RAY_ADDRESS, else a local cluster)"),
     "--replicas": ("replicas", int, "with --ray: model replicas (default 1)"),
     "--max-num-models-per-replica": ("max_num_models_per_replica", int, "with --ray: adapters one replica holds at "
                                                                         "once; the least recently used leaves (default 8)"),
     "--replica-cpus": ("replica_cpus", float, "with --ray: CPUs Ray reserves per replica (default 1)"),
+    "--max-loaded-adapters": ("max_loaded_adapters", int, "adapters loaded from --adapter-source kept at once; the "
+                                                          "least recently used idle one leaves (default 8)"),
     "--torch-threads": ("torch_threads", int, "intra-op threads of the forward (default 0: cores - 1, one core "
                                               "is left for HTTP; under --ray: the replica's CPUs)"),
     "--read-timeout": ("read_timeout", float, "seconds a client has to send a whole request, headers and body; "
@@ -54,13 +59,18 @@ def _named_dir(value: str) -> tuple[str, str]:
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve a base model with many adapters over HTTP (needs adapterkit[serve])",
                        description="One frozen base model, many adapters, mixed batches: POST /v1/classify, "
-                                   "/v1/generate; GET/POST /v1/adapters, DELETE /v1/adapters/NAME; /health, /metrics.")
+                                   "/v1/generate; GET/POST /v1/adapters, DELETE /v1/adapters/NAME; /health, /metrics; "
+                                   "OpenAI's /v1/completions, /v1/chat/completions, /v1/models (streaming, "
+                                   "continuous batching) and vLLM's /v1/load_lora_adapter, /v1/unload_lora_adapter.")
     p.add_argument("--model", help="base model folder or alias (minilm, smollm2)")
     p.add_argument("--adapter", dest="adapters", action="append", type=_named_dir, default=[], metavar="NAME=DIR",
                    help="an adapter to load at start (repeat for more)")
     p.add_argument("--config", help="a JSON or .toml file of the same settings (flags win)")
     p.add_argument("--allowed-root", dest="allowed_roots", action="append", default=[], metavar="DIR",
                    help="POST /v1/adapters may load from under this folder (repeat for more; default: none)")
+    p.add_argument("--adapter-source", dest="adapter_sources", action="append", default=[], metavar="LOCATION",
+                   help="load an adapter a request names from LOCATION/NAME on first use (a folder, s3://, http(s)://, "
+                        "hf://; repeat for more, tried in order)")
     p.add_argument("--ray", action="store_true", default=None,
                    help="run as a Ray Serve application: replicas across a Ray cluster, requests routed to "
                         "replicas holding their adapter (needs adapterkit[ray])")
@@ -79,6 +89,8 @@ def config_from_args(args: argparse.Namespace):
         given["adapters"] = dict(args.adapters)
     if args.allowed_roots:
         given["allowed_roots"] = tuple(args.allowed_roots)
+    if getattr(args, "adapter_sources", None):
+        given["adapter_sources"] = tuple(args.adapter_sources)
     if args.config:
         return ServeConfig.from_file(args.config, **given).with_token_from_env()
     if "model" not in given:

@@ -37,12 +37,16 @@ class ServeConfig:
     max_length: Optional[int] = None  # tokens per text after truncation; None: 512, or the model's positions if fewer
     max_new_tokens: int = 256  # generate's upper bound (more: 422)
     max_body_bytes: int = 1_000_000  # request body (more: 413)
+    max_running_rows: int = 64  # rows the continuous-batching decode loop runs at once (OpenAI endpoints)
+    max_running_tokens: int = 65_536  # rows x cache width in the decode loop's batch
     mixed_batches: bool = True  # False: a classify batch holds one adapter's requests (the baseline of the bench)
     ray: bool = False  # run as a Ray Serve application (ray_deployment.py)
     ray_address: Optional[str] = None  # the Ray cluster ("auto", "HOST:6379"); None: RAY_ADDRESS or a local one
     replicas: int = 1  # Ray Serve model replicas
     max_num_models_per_replica: int = 8  # adapters a replica holds at once (Ray's multiplexing; LRU eviction)
     replica_cpus: float = 1.0  # CPUs Ray reserves for each replica
+    adapter_sources: tuple[str, ...] = ()  # locations whose adapters load on first use (on_demand.py)
+    max_loaded_adapters: int = 8  # adapters loaded from adapter_sources kept at once (LRU eviction)
     torch_threads: int = 0  # intra-op threads of the forward; 0: cores - 1 (one is left for HTTP), under Ray replica_cpus
     read_timeout: float = 10.0  # seconds a client has to send a whole request (headers and body); then closed
     max_connections: int = 0  # open connections; 0: from the descriptor limit (RLIMIT_NOFILE - 64, at most 1000)
@@ -50,6 +54,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapters", dict(self.adapters))
         object.__setattr__(self, "allowed_roots", tuple(str(r) for r in self.allowed_roots))
+        object.__setattr__(self, "adapter_sources", tuple(str(r) for r in self.adapter_sources))
         if isinstance(self.admin_token, str):  # an empty token is no token (as ADAPTERKIT_ADMIN_TOKEN=""); the
             object.__setattr__(self, "admin_token", self.admin_token.strip() or None)  # header's value is stripped too
         try:
@@ -57,7 +62,8 @@ class ServeConfig:
         except TypeError as err:
             raise AdapterError(f"Invalid serve setting: {err}.") from None
         for name in ("max_batch", "max_batch_tokens", "queue_size", "max_texts", "max_chars", "max_length",
-                     "max_new_tokens", "max_body_bytes", "replicas", "max_num_models_per_replica"):
+                     "max_new_tokens", "max_body_bytes", "max_running_rows", "max_running_tokens", "replicas",
+                     "max_num_models_per_replica", "max_loaded_adapters"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise AdapterError(f"serve setting {name} must be >= 1, got {getattr(self, name)}.")
         if self.replica_cpus < 0:

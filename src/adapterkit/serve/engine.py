@@ -21,6 +21,7 @@ from ..errors import AdapterError
 from ..heads import HeadConfig
 from ..loader import load_tokenizer, max_positions
 from ..model import AdapterModel
+from ..sharing import local_model
 from .config import ServeConfig
 
 #: ``max_length`` when the configuration leaves it open (lowered to the model's positions)
@@ -273,7 +274,8 @@ __all__ = ["Engine", "Encoded", "ClassifyJob", "ClassifyKey", "GenerateJob", "Ge
 def build_engine(config: ServeConfig) -> Engine:
     """Load the base model, its tokenizer and the start-up adapters (``adapterkit serve`` and
     each Ray replica start here)."""
-    model = AdapterModel.from_pretrained(config.model)
+    base = local_model(config.model)  # a base given as a location (s3://, hf://, ...) is fetched into the cache
+    model = AdapterModel.from_pretrained(base)
     for name, directory in config.adapters.items():
         model.load_adapter(directory, load_as=name)
-    return Engine(model, load_tokenizer(config.model), config)
+    return Engine(model, load_tokenizer(base), config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
@@ -27,6 +28,26 @@ def _no_surrogates(text: str) -> str:
 
 #: a string of real characters (no lone surrogates)
 Text = Annotated[str, AfterValidator(_no_surrogates)]
+
+
+def printable(value: Any) -> Any:
+    """Field errors made safe for a JSON answer: the ``input`` they echo may hold NaN or
+    infinity (not JSON) or a lone surrogate (not UTF-8), which are shown as text instead."""
+    if isinstance(value, dict):
+        return {printable(k): printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [printable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
+def one_line(err: Exception) -> str:
+    """An exception's first line, at most 500 characters, printable (for a 4xx's message)."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return printable(text if len(text) <= 500 else text[:497] + "...")
 
 
 class Error(BaseModel):

@@ -20,13 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..checkpoint_format import CONFIG_NAME
+from ..checkpoint_format import CONFIG_NAME, read_meta
 from ..data import LM_TASKS, Columns, TaskSpec, build_task, detect_columns
+from ..data.audio import load_feature_extractor
 from ..errors import AdapterError, CheckpointError
 from ..fingerprint import base_fingerprint
-from ..loader import load_tokenizer, model_is_decoder
+from ..layouts import spec_for
+from ..loader import load_config, load_tokenizer, model_is_decoder
 from ..model import AdapterModel
-from ..packaged import ALIASES
+from ..sharing import local_folder
+from ..packaged import base_reference
 from .checkpoint import load_head
 
 BASE_FILE = "adapterkit_base.json"
@@ -42,8 +45,9 @@ class Artifact:
 
 
 def locate(path: "str | Path", what: str = "--adapter") -> Artifact:
-    """Find the adapter or model in ``path``; errors name the argument as ``what`` (e.g. ``--adapter``)."""
-    path = Path(path)
+    """Find the adapter or model in ``path``; errors name the argument as ``what`` (e.g. ``--adapter``).
+    A remote location (``s3://``, ``http(s)://``, ``hf://``) is fetched into the cache first."""
+    path = Path(local_folder(path))
     if not path.exists():
         raise AdapterError(f"{what} {path}: no such folder; pass a run folder (--out of adapterkit train) or an adapter folder.")
     if not path.is_dir():
@@ -69,17 +73,30 @@ def base_model_of(artifact: Artifact, model: Optional[str]) -> str:
         return str(artifact.path)
     if model:
         return model
-    recorded = _recorded_base(artifact).get("model")
+    recorded = _recorded_base(artifact).get("model") or _saved_source(artifact)
     if recorded:
         return str(recorded)
     raise AdapterError(f"{artifact.path}: does not record its base model; pass --model PATH_OR_ALIAS.")
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def _saved_source(artifact: Artifact) -> Optional[str]:
+    """The base ``save_adapter`` recorded (``base_model.source``) for a handle made with
+    ``AdapterModel.from_pretrained``; the CLI's own ``adapterkit_base.json`` comes first."""
+    if not (artifact.path / CONFIG_NAME).is_file():
+        return None
+    source = read_meta(artifact.path / CONFIG_NAME).get("base_model", {}).get("source")
+    return source if isinstance(source, str) and source else None
+
+
+def read_json(path: Path, fix: str) -> Any:
+    """A JSON file the CLI reads beside an adapter or run; any problem is a ``CheckpointError``
+    naming the file and ``fix`` (Python's reader recurses per level: deep nesting is refused too)."""
     try:
-        return json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path / CONFIG_NAME}: cannot be read ({err}); the adapter is corrupt.") from None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: cannot be read ({err}); {fix}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply to read; {fix}") from None
 
 
 def task_of(artifact: Artifact, head_config: Optional[dict[str, Any]], decoder: bool) -> TaskSpec:
@@ -108,6 +125,7 @@ class Loaded:
     name: Optional[str]
     artifact: Optional[Artifact]  # None: the bare base model (``load_bare``)
     base: str
+    audio: bool = False  # a speech model: ``tokenizer`` is its feature extractor
 
 
 def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_other_base: bool = False) -> Loaded:
@@ -118,9 +136,11 @@ def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_ot
     and in the adapter's config; ``allow_other_base=True`` (``--allow-other-base``) skips that."""
 
     artifact = locate(adapter)
+    meta = read_meta(artifact.path / CONFIG_NAME) if artifact.kind == "adapter" else {}  # a damaged file: one line, now
     base = base_model_of(artifact, model)
     decoder = model_is_decoder(base)
-    tokenizer = load_tokenizer(base)
+    audio = reads_audio(base)
+    tokenizer = load_feature_extractor(base) if audio else load_tokenizer(base)
     net = AdapterModel.from_pretrained(base)
     if artifact.kind == "model":
         saved = load_head(artifact.path, net.layout, next(iter(net.model.parameters()), None))
@@ -136,11 +156,16 @@ def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_ot
                     f"--model {model} is not the base {artifact.path} was trained on ({recorded.get('model')}, "
                     f"fingerprint {recorded['fingerprint']}; this one has {mine}): its scores would be wrong. Drop "
                     "--model to use the recorded base, or pass --allow-other-base to use this one anyway.")
-        meta = _read_meta(artifact.path)
         name = net.load_adapter(artifact.path, set_active=True, strict_base=not allow_other_base)
         spec = task_of(artifact, meta.get("head"), decoder)
     net.eval()
-    return Loaded(net, tokenizer, spec, name, artifact, base)
+    return Loaded(net, tokenizer, spec, name, artifact, base, audio)
+
+
+def reads_audio(model: str) -> bool:
+    """Whether ``model`` is a speech encoder (its inputs are audio samples, not tokens)."""
+    spec = spec_for(load_config(model))
+    return spec is not None and spec.modality == "audio"
 
 
 def load_bare(model: Optional[str], table: Any, *, task: Optional[str] = None, template: Optional[str] = None,
@@ -170,15 +195,11 @@ def _recorded_base(artifact: Artifact) -> dict[str, Any]:
     ref = artifact.path / BASE_FILE
     if not ref.is_file():
         return {}
-    try:
-        data = json.loads(ref.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{ref}: cannot be read ({err}); pass --model PATH_OR_ALIAS and delete the file.") from None
+    data = read_json(ref, "pass --model PATH_OR_ALIAS and delete the file.")
     return data if isinstance(data, dict) else {}
 
 
 def write_base_ref(directory: Path, model: str, identity: dict[str, Any]) -> None:
     """Record the base beside an adapter (``adapterkit_base.json``: path or alias, fingerprint,
     name), so ``eval`` / ``predict`` need no ``--model`` and can check one that is given."""
-    ref = model if model.lower() in ALIASES else str(Path(model).resolve())
-    (directory / BASE_FILE).write_text(json.dumps({"model": ref, **identity}), encoding="utf-8")
+    (directory / BASE_FILE).write_text(json.dumps({"model": base_reference(model), **identity}), encoding="utf-8")

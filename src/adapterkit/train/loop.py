@@ -128,6 +128,7 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
     )
     spec = build_task(train_table, columns, config.task, decoder=decoder, label_sep=config.label_sep,
                       max_length=config.max_length, template=config.template, verbalizer=config.verbalizer)
+    check_metric(config, spec)
     for table in (eval_table, test_table):
         if table is not None:
             check_same_columns(spec, table, train_table)
@@ -190,6 +191,7 @@ def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
         n_val = max(1, int(round(config.val_fraction * len(train))))
         train, splits["eval"] = train.subset(sorted(perm[n_val:])), train.subset(sorted(perm[:n_val]))
     spec = TaskSpec("classification", Columns(text="audio", label="label"), labels=labels)
+    check_metric(config, spec)
     _check_bottleneck_width(adapter_config, model.layout.hidden_size)
     setup_model(model, spec, name, config, adapter_config)
     torch.manual_seed(config.seed + 1000 * env.rank)
@@ -197,6 +199,13 @@ def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
     data["rows"] = {"train": len(train), "eval": len(splits["eval"] or []), "test": len(splits["test"] or [])}
     return Prepared(config, spec, name, model, extractor, train, splits["eval"], splits["test"], env, adapter_config,
                     data)
+
+
+def check_metric(config: TrainConfig, spec: TaskSpec) -> None:
+    """``--metric`` must be one the task computes (checked before the run folder exists)."""
+    known = metric_names(spec)
+    if config.metric is not None and config.metric not in known:
+        raise AdapterError(f"--metric {config.metric} is not computed for {spec.task}; choose one of {', '.join(known)}.")
 
 
 def _subset_rows(n: int, limit: Optional[int]) -> list[int]:
@@ -356,6 +365,7 @@ class _Runner:
                                       "window_loss": 0.0, "window_n": 0,
                                       "bad_evals": 0, "stopped_early": False, "elapsed": 0.0, "last_eval_step": None}
         self.best: Optional[dict[str, torch.Tensor]] = None
+        self.saved_step: Optional[int] = None  # the step of the checkpoint on disk
         self.eval_batch = self.cfg.eval_batch_size or max(64, 2 * self.cfg.batch_size)
         self.drop = AdapterDrop(self.cfg.adapter_drop, self.cfg.seed) if self.cfg.adapter_drop else None
 
@@ -365,6 +375,7 @@ class _Runner:
             state = {**self.state, "log_offset": self.log.offset(), "log_count": self.log.count(),
                      "elapsed": self.elapsed()}
             ckpt.save_state(self.out / "checkpoint", self.model, self.optimizer, state, self.best)
+        self.saved_step = self.state["step"]
 
     def restore(self) -> bool:
         if self.env.is_main:
@@ -385,6 +396,7 @@ class _Runner:
         self.state.update(state)
         self.best = best
         self.started = time.perf_counter() - self.state["elapsed"]
+        self.saved_step = self.state["step"]
         return True
 
     def elapsed(self) -> float:
@@ -420,11 +432,23 @@ class _Runner:
                 else:  # nothing to learn from here, but DDP needs every process to take part
                     (out.logits.float().sum() * 0.0).backward()
         loss = D.sum_scalar(env, local)
+        if not math.isfinite(loss):  # every process sees the same sum, so all stop together
+            raise self._diverged(f"the training loss became {loss}")
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):  # DDP keeps them equal on all processes
+            raise self._diverged("the weights became infinite or NaN after the update")
         return loss
+
+    def _diverged(self, what: str) -> AdapterError:
+        """Stop a diverged run; nothing after the last good checkpoint is saved (the raise skips it)."""
+        step = self.state["step"] + 1
+        kept = (f"the last good checkpoint (step {self.saved_step}) stays in {self.out / 'checkpoint'}"
+                if self.saved_step is not None else "no checkpoint had been saved yet")
+        return AdapterError(f"Training stopped at step {step}: {what} (learning rate {self.cfg.learning_rate:g}); "
+                            f"{kept}. Start a new run with a lower --lr, or check the labels and the data.")
 
     # -- evaluation and the best adapter -----------------------------------------------------------------
     def evaluate(self, split: str, enc: Encoded) -> dict[str, float]:
@@ -515,9 +539,6 @@ class _Runner:
                 lr = lr_at(self.state["step"], self.total_steps, self.warmup, cfg.learning_rate, cfg.schedule)
                 set_lr(self.optimizer, lr)
                 loss = self.step(ddp, batch)
-                if not math.isfinite(loss):
-                    raise AdapterError(f"The training loss became {loss} at step {self.state['step'] + 1}; lower --lr "
-                                       f"(now {cfg.learning_rate:g}) or check the labels.")
                 self.state["step"] += 1
                 self.state["batch"] += 1
                 step = self.state["step"]
