@@ -9,7 +9,9 @@ are quantized. What holds on the quantized base:
   point where the float base's do;
 * an adapter saved on the quantized base loads on the float one bit for bit and the reverse, a
   different base is still refused; merging into quantized weights is refused;
-* per-example routing gives each example what it gets alone.
+* per-example routing gives each example what it gets alone;
+* the base fingerprint is the float base's in every version (1: the blocks; 2: the whole backbone
+  and hosts outside it, such as an untied, quantized LM head).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 
 from adapterkit import AdapterModel
 from adapterkit.errors import AdapterError, CheckpointError
+from adapterkit.fingerprint import base_fingerprint
 from adapterkit.quantization import QuantizedEmbedding, QuantizedLinear, precision, quantize_base, weight_bytes
 
 pytest.importorskip("torchao")
@@ -233,6 +236,28 @@ def test_tied_embeddings_stay_float_in_a_decoder():
     ref.set_active_adapters("a")
     with torch.no_grad():
         assert _rel(model(input_ids=ids).logits, ref(input_ids=ids).logits) < 0.05
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_fingerprint_is_the_float_bases_in_every_version(bases, scheme):
+    f, q = AdapterModel(copy.deepcopy(bases["float"])), AdapterModel(copy.deepcopy(bases[scheme]))
+    for version in (1, 2):
+        assert base_fingerprint(q.model, q.layout, version=version) == base_fingerprint(f.model, f.layout,
+                                                                                        version=version)
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=96, tie_word_embeddings=False)
+    float_lm = T.LlamaForCausalLM(cfg).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q_lm = quantize_base(copy.deepcopy(float_lm), scheme)
+    assert isinstance(q_lm.lm_head, QuantizedLinear)  # outside the backbone, quantized
+    assert (base_fingerprint(q_lm, hosts=[q_lm.lm_head]) == base_fingerprint(float_lm, hosts=[float_lm.lm_head])
+            != base_fingerprint(float_lm))
+    other = copy.deepcopy(float_lm)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(-1)  # another LM head: version 2 tells the bases apart
+    assert base_fingerprint(q_lm, hosts=[q_lm.lm_head]) != base_fingerprint(other, hosts=[other.lm_head])
 
 
 def test_the_docs_example_runs(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ for _name in ("torchao", "torch.utils._pytree"):
 
 from ._version import __version__  # noqa: E402,F401
 
+from .aux_loss import collect_aux_loss  # noqa: E402
 from .composition.blocks import Average, BatchSplit, Fuse, Parallel, Stack  # noqa: E402
 from .config import (  # noqa: E402
     AdapterConfig,
@@ -72,6 +73,7 @@ __all__ = [
     "Fuse",
     "BatchSplit",
     "AdapterError",
+    "collect_aux_loss",
     "CheckpointError",
     "register_method",
     "register_preset",

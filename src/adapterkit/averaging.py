@@ -43,6 +43,7 @@ from .checkpoint_format import load_exact
 from .config import AdapterConfig
 from .errors import AdapterError
 from .methods.lora import LoRA
+from .setup_lock import setup_change
 
 if TYPE_CHECKING:  # pragma: no cover
     from .records import AdapterRecord
@@ -193,6 +194,7 @@ class AveragingMethods:
     """``AdapterModel.average_adapter`` (AdapterHub's name); it uses the handle's ``records``,
     ``_build`` and ``_replace``, so the new adapter is added like any other."""
 
+    @setup_change
     def average_adapter(
         self,
         name: str,

@@ -2,7 +2,9 @@
 
 Writes are atomic: both files go to a temporary folder beside the target, which then replaces
 the target by renames, so an interrupted save leaves the previous checkpoint intact (if the final
-rename fails, the previous folder is renamed back). Because the whole folder is replaced, a save
+rename fails, the previous folder is renamed back). A target that is a symlink is followed: the
+save writes through to the folder it points to and the link stays. The files get the permissions
+the umask gives (as the folder does), so others can read a shared adapter folder. Because the whole folder is replaced, a save
 refuses a target folder that holds anything but a checkpoint, rather than deleting it. Reads check
 that both files exist, that the JSON parses and that the tensors load (safetensors only: nothing
 is ever unpickled), and raise ``CheckpointError`` naming the file and the fix.
@@ -61,9 +63,27 @@ def temp_dir(prefix: str, parent: "str | os.PathLike") -> Path:
     return tmp
 
 
-def write_checkpoint(directory: "str | os.PathLike", meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-    """Atomically write ``meta`` (JSON) and ``tensors`` (safetensors) into ``directory``."""
+def follow_umask(folder: Path, *, recursive: bool = False) -> None:
+    """Give the files in ``folder`` (and its subfolders, ``recursive``) the permissions ``open``
+    would give (``safetensors`` writes its file 0600 through a temporary file, which other users of
+    a shared adapter folder cannot read)."""
+    mode = 0o666 & ~_umask()
+    for f in folder.rglob("*") if recursive else folder.iterdir():
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)
+
+
+def resolve_target(directory: "str | os.PathLike") -> Path:
+    """The folder a save writes into: a symlink is followed, so the save writes through to the
+    folder it points to (and the link stays a link) instead of replacing the link."""
     target = Path(directory)
+    return Path(os.path.realpath(target)) if target.is_symlink() else target
+
+
+def write_checkpoint(directory: "str | os.PathLike", meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """Atomically write ``meta`` (JSON) and ``tensors`` (safetensors) into ``directory`` (through
+    a symlink to the folder it points to); the files follow the umask, like the folder."""
+    target = resolve_target(directory)
     _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(f".{target.name}.tmp-", target.parent)
@@ -76,6 +96,7 @@ def write_checkpoint(directory: "str | os.PathLike", meta: dict[str, Any], tenso
             os.fsync(f.fileno())
         with open(tmp / WEIGHTS_NAME, "rb") as f:
             os.fsync(f.fileno())
+        follow_umask(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -283,6 +304,7 @@ def write_dir_atomic(target: "str | Path", fill: Callable[[Path], None]) -> Path
     tmp = temp_dir(f".{target.name}.tmp-", target.parent)
     try:
         fill(tmp)
+        follow_umask(tmp, recursive=True)  # safetensors writes 0600; the folder follows the umask
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as handle:

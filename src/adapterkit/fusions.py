@@ -26,6 +26,7 @@ from .composition.fuse import FusionConfig, build_fusion
 from .errors import AdapterError, CheckpointError
 from .fingerprint import base_identity
 from .interop import fusion as ah_fusion
+from .setup_lock import setup_change
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import AdapterModel
@@ -114,6 +115,7 @@ class FusionMethods:
     """``AdapterModel``'s AdapterFusion methods; they use the handle's ``fusions``, ``records``,
     ``heads``, ``set_active_adapters``, ``_refresh`` and ``_train_only``."""
 
+    @setup_change
     def add_adapter_fusion(self, fuse: Union[Fuse, Sequence[str]], config: "FusionConfig | dict | None" = None, *,
                            overwrite: bool = False, set_active: bool = False) -> None:
         """Add fusion layers attending over the adapters of ``fuse`` (AdapterHub's
@@ -132,6 +134,7 @@ class FusionMethods:
         else:
             self._refresh()
 
+    @setup_change
     def train_adapter_fusion(self, fuse: Union[Fuse, Sequence[str]], *, unfreeze_adapters: bool = False,
                              head: Optional[str] = None) -> None:
         """Train the fusion layers of ``fuse`` (and the adapters too with ``unfreeze_adapters``),
@@ -148,6 +151,7 @@ class FusionMethods:
         (batch, tokens, adapters), detached."""
         return self.fusions.scores(fuse)
 
+    @setup_change
     def save_adapter_fusion(self, directory: "str | os.PathLike", fuse: Union[Fuse, Sequence[str]], *,
                             format: str = "adapterkit") -> None:
         """Write the fusion layers of ``fuse`` (safetensors + JSON, atomically); the adapters are
@@ -155,6 +159,7 @@ class FusionMethods:
         fusion folder instead (``interop.fusion``)."""
         self.fusions.save(directory, fuse, self, format=format)
 
+    @setup_change
     def load_adapter_fusion(self, directory: "str | os.PathLike", *, set_active: bool = False) -> Fuse:
         """Load fusion layers saved by ``save_adapter_fusion``, or by AdapterHub's (recognised by
         ``adapter_fusion_config.json``), over adapters already in the model (same names); returns

@@ -12,6 +12,7 @@ import torch
 from .checkpoint_format import load_exact
 from .errors import AdapterError
 from .heads import Head, HeadConfig, build_head
+from .setup_lock import setup_change
 
 
 class HeadMethods:
@@ -22,6 +23,7 @@ class HeadMethods:
         if name is not None and name not in self.heads:
             raise AdapterError(f"No head named '{name}'; heads: {', '.join(self.heads) or 'none'}.")
 
+    @setup_change
     def add_head(self, name: str, config: HeadConfig, *, state: Optional[Mapping[str, torch.Tensor]] = None,
                  overwrite: bool = False, set_active: bool = True) -> Head:
         """The one way a head joins the model: built for it from ``config`` (``heads.build_head``),
@@ -84,6 +86,7 @@ class HeadMethods:
         cfg = HeadConfig("ctc", size, layers, dropout=dropout, id2label=id2label or {}, blank=pad or 0)
         self.add_head(name, cfg, overwrite=overwrite, set_active=set_active)
 
+    @setup_change
     def delete_head(self, name: str) -> None:
         self._require_head(name)
         del self.heads[name]
@@ -95,6 +98,7 @@ class HeadMethods:
         return self._active_head
 
     @active_head.setter
+    @setup_change
     def active_head(self, name: Optional[str]) -> None:
         self._require_head(name)
         self._active_head = name

@@ -58,6 +58,7 @@ from .loader import load_base_model
 from .packaged import base_reference
 from .places.slots import Slot, make_slot
 from .records import AdapterRecord, Adapters, summary
+from .setup_lock import forward_call, lock_of, setup_change
 from .sharing import local_folder
 from .sharing import push_adapter as publish_adapter
 
@@ -175,6 +176,7 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
             if key in record.modules and record.site(key).place == place and name not in self._merges
         }
 
+    @setup_change
     def add_adapter(
         self,
         name: str,
@@ -217,6 +219,7 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
         else:
             self._refresh()
 
+    @setup_change
     def delete_adapter(self, name: str, *, delete_head: bool = True) -> None:
         """Remove an adapter (unmerging it first) and, by default, its head."""
         self._require([name])
@@ -242,6 +245,7 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
         """The active setup (a ``Stack`` for a single name), or ``None``."""
         return self._setup
 
+    @setup_change
     def set_active_adapters(self, setup: Union[None, str, Block, Sequence[Any]], *,
                             skip_layers: Optional[Sequence[int]] = None) -> None:
         """Activate a name, a list (stacked) or a composition block; ``None`` deactivates all.
@@ -271,10 +275,12 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
         return sorted(self._skip_layers)
 
     @skip_layers.setter
+    @setup_change
     def skip_layers(self, layers: Optional[Sequence[int]]) -> None:
         self._skip_layers = check_skip_layers(self.layout, layers)
         self._refresh()
 
+    @setup_change
     def train_adapter(self, setup: Union[str, Block, Sequence[Any]], *, train_head: bool = True,
                       base_dropout: bool = True) -> None:
         """Freeze the base model and every other adapter; train ``setup`` (and its heads).
@@ -335,15 +341,17 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
         """Run the bare base model inside the block (merged weights are restored meanwhile)."""
-        self._disabled += 1
-        self._merges.apply(self.records, disabled=True)
-        self._refresh()
+        with lock_of(self).writing("disable adapters"):
+            self._disabled += 1
+            self._merges.apply(self.records, disabled=True)
+            self._refresh()
         try:
             yield
         finally:
-            self._disabled -= 1
-            self._merges.apply(self.records, disabled=bool(self._disabled))
-            self._refresh()
+            with lock_of(self).writing("re-enable adapters"):
+                self._disabled -= 1
+                self._merges.apply(self.records, disabled=bool(self._disabled))
+                self._refresh()
 
     def _refresh(self) -> None:
         """Recompile every slot's plans for the current setup (the one place that does): the
@@ -372,6 +380,7 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
         """The adapters merged into the base weights, in merge order."""
         return list(self._merges.order)
 
+    @setup_change
     def merge_adapter(self, name: str) -> None:
         """Fold an adapter into the base weights (LoRA, IA3). From then on its contribution
         lives in the weights whether or not it is active; ``unmerge_adapter`` restores the exact
@@ -381,6 +390,7 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
         self._merges.apply(self.records, disabled=bool(self._disabled))
         self._refresh()
 
+    @setup_change
     def unmerge_adapter(self, name: str) -> None:
         """Undo ``merge_adapter``: the weights become bit-for-bit the originals again."""
         self._merges.unmerge(name)
@@ -388,6 +398,7 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
         self._refresh()
 
     # -- forward -------------------------------------------------------------------------------
+    @forward_call
     def forward(
         self,
         input_ids: Optional[torch.Tensor] = None,
@@ -421,6 +432,7 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
             return running.forward_routed_heads(self, input_ids, attention_mask, labels, adapter_names, head, kwargs)
         return running.forward(self, input_ids, attention_mask, labels, adapter_names, head, kwargs)
 
+    @forward_call
     def generate(self, *args: Any, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs: Any):
         """``generate`` of the wrapped model, with the active adapters, or with one adapter per
         prompt (``adapter_names``; beams and several sequences per prompt follow their prompt).
@@ -440,6 +452,7 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
         self.fusions.state_dict(destination=out, prefix=prefix + "fusions.", keep_vars=keep_vars)
         return out
 
+    @setup_change
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
         """Inverse of ``state_dict``: loads adapter and head weights (keys ``adapters.*``, ``heads.*``)."""
         holder = nn.ModuleDict({"adapters": self.adapters, "heads": self.heads, "fusions": self.fusions})
@@ -452,6 +465,7 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
         return summary(self.records, self.heads, self.model, active, set(self._merges.order), as_dict)
 
     # -- saving and loading ----------------------------------------------------------------------
+    @setup_change
     def save_adapter(self, directory: "str | os.PathLike", name: str, *, with_head: bool = True,
                      format: str = "adapterkit") -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically); ``format="peft"``
@@ -481,14 +495,16 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
         ``directory`` may also be a location (``file://``, ``s3://``, ``http(s)://``, ``hf://``): it is
         fetched into the verified cache first (``adapterkit.sharing``); AdapterHub's
         ``load_adapter("org/name", source="hf")`` means ``"hf://org/name"``."""
-        record, head = saving.read_adapter(self, local_folder(directory, source=source), load_as=load_as,
-                                           with_head=with_head, allow_pickle=allow_pickle, strict_base=strict_base)
-        name = record.name
-        self._attach(record)
-        if head is not None:
-            self.heads[name] = head
-        if set_active:
-            self.set_active_adapters(name)
-        else:
-            self._refresh()
+        folder = local_folder(directory, source=source)  # a download holds no lock: forwards go on
+        with lock_of(self).writing("call load_adapter()"):
+            record, head = saving.read_adapter(self, folder, load_as=load_as, with_head=with_head,
+                                               allow_pickle=allow_pickle, strict_base=strict_base)
+            name = record.name
+            self._attach(record)
+            if head is not None:
+                self.heads[name] = head
+            if set_active:
+                self.set_active_adapters(name)
+            else:
+                self._refresh()
         return name

@@ -23,8 +23,9 @@ passes the gradient to the input through the dequantized weight (a straight-thro
 bitsandbytes' ``MatMul4Bit`` does), so adapters below a quantized layer train; the weight itself
 gets none. Merging into a quantized weight is refused (``check_mergeable``).
 
-The float base's fingerprint is computed before quantizing and kept on the model
-(``FINGERPRINT_ATTR``; ``fingerprint.base_fingerprint`` returns it), with the precision
+The fingerprint's sample of each float weight is taken before quantizing and kept on its module
+(``fingerprint.keep_float_sample``; ``fingerprint.base_fingerprint`` reads it in place of the
+quantized weight, whatever the fingerprint version covers), with the precision on the base
 (``PRECISION_ATTR``): an adapter trained on the float base loads on its quantized copy and the
 reverse, while a different base is still refused.
 """
@@ -40,8 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterError
-from .fingerprint import FINGERPRINT_ATTR, PRECISION_ATTR, base_fingerprint, precision
-from .layouts import Layout
+from .fingerprint import PRECISION_ATTR, keep_float_sample, precision
 
 #: the ``quantize=`` values (``None`` = the float base)
 CHOICES = ("int8", "int4")
@@ -199,7 +199,7 @@ def _tied(model: nn.Module) -> set[int]:
 @torch.no_grad()
 def quantize_base(model: nn.Module, quantize: Optional[str]) -> nn.Module:
     """Quantize ``model``'s Linear layers (and untied embeddings) in place with ``SCHEMES[quantize]``
-    and return it, with the float fingerprint and the precision kept on it. Weights shared between
+    and return it, with the float weights' fingerprint samples and the precision kept on it. Weights shared between
     modules (tied embeddings) stay float. Call it before wrapping the model in an ``AdapterModel``."""
     scheme = check_scheme(quantize)
     if scheme is None:
@@ -213,11 +213,6 @@ def quantize_base(model: nn.Module, quantize: Optional[str]) -> nn.Module:
     if any(p.requires_grad for p in model.parameters()) and any(p.grad is not None for p in model.parameters()):
         raise AdapterError("The model has gradients on its weights: quantize a frozen base, not one being trained.")
     _torchao()
-    try:
-        layout = Layout.of(model)
-    except AdapterError:
-        layout = None
-    fingerprint = base_fingerprint(model, layout)
     tied = _tied(model)
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
     for parent in model.modules():
@@ -230,8 +225,8 @@ def quantize_base(model: nn.Module, quantize: Optional[str]) -> nn.Module:
                   and child.weight.dtype == torch.float32 and child.max_norm is None):
                 swaps.append((parent, child_name, QuantizedEmbedding(child)))
     for parent, child_name, new in swaps:
+        keep_float_sample(new, getattr(parent, child_name).weight)  # the fingerprint reads the float weight's
         setattr(parent, child_name, new)
-    setattr(model, FINGERPRINT_ATTR, fingerprint)
     setattr(model, PRECISION_ATTR, scheme.name)
     return model
 
@@ -260,4 +255,4 @@ def check_mergeable(name: str, sites: Any) -> None:
 
 
 __all__ = ["SCHEMES", "CHOICES", "Scheme", "QuantizedLinear", "QuantizedEmbedding", "quantize_base", "is_quantized", "precision",
-           "check_scheme", "weight_bytes", "dequantized", "check_mergeable", "FINGERPRINT_ATTR", "PRECISION_ATTR"]
+           "check_scheme", "weight_bytes", "dequantized", "check_mergeable", "PRECISION_ATTR"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
-from . import context
+from . import aux_loss, context
 from .composition.parallel import find_parallel, generate_parallel, run_parallel
 from .composition.routing import Routing, make_routing
 from .errors import AdapterError
@@ -116,11 +116,6 @@ def routing_for(model: "AdapterModel", adapter_names: Sequence[Optional[str]], p
 
 
 def with_aux_loss(output: Any, aux: Optional[torch.Tensor]) -> Any:
-    """Put the auxiliary loss on a ``ModelOutput`` (and into its ``loss``); other outputs (a
-    plain module's tensor) are returned as they are."""
-    if aux is None or not isinstance(output, dict):
-        return output
-    if output.get("loss") is not None:
-        output["loss"] = output["loss"] + aux
-    output["aux_loss"] = aux
-    return output
+    """Hand the auxiliary loss to the caller (``aux_loss.attach``): on a ``ModelOutput`` (and into
+    its ``loss``), or, for a plain module's tensor, to ``collect_aux_loss`` (warning once without one)."""
+    return aux_loss.attach(output, aux)

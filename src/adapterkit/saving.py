@@ -13,6 +13,7 @@ the adapter's record and head built and loaded, but not attached: a failed load 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING, Optional
 
 from ._version import __version__
@@ -40,7 +41,7 @@ def save_adapter(model: "AdapterModel", directory: "str | os.PathLike", name: st
         "adapterkit_version": __version__,
         "config": record.config.as_saved().to_dict(),
         "places": [s.place_id for s in sites],
-        "base_model": {**model.layout.fingerprint(), **base_identity(model),
+        "base_model": {**model.layout.fingerprint(), **base_identity(model, sites),
                        "host_shapes": {s.place_id: s.weight_shape() for s in sites},
                        **({"source": model.base_source} if model.base_source else {})},
         "head": head.config.to_dict() if head is not None else None,
@@ -75,8 +76,10 @@ def read_adapter(model: "AdapterModel", directory: "str | os.PathLike", *, load_
     record = model._build(name, cfg.for_loading())  # the saved weights replace the initialisation
     record.config = cfg
     _check_places(record, meta, directory)
-    check_same_base(meta.get("base_model", {}), model, directory, strict=strict_base)
+    check_same_base(meta.get("base_model", {}), model, directory, strict=strict_base, sites=record.sites)
     head = None
+    if with_head and meta.get("head_skipped"):  # a foreign head without an adapterkit counterpart
+        warnings.warn(f"{meta['head_skipped']}.", UserWarning, stacklevel=3)  # at load_adapter's caller
     if with_head and meta.get("head"):
         if name in model.heads:
             raise AdapterError(f"A head named '{name}' already exists; pass load_as='other_name' or delete it first.")

@@ -18,9 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint_format import write_dir_atomic
+from ..checkpoint_format import follow_umask, resolve_target, write_dir_atomic
 from ..errors import CheckpointError
-
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -78,7 +77,7 @@ def write_folder(directory: "str | Path", json_files: dict[str, dict], tensor_fi
     """Atomically write ``{name: object}`` as JSON and ``{name: tensors}`` as safetensors into
     ``directory``, which must be new, empty or hold only ``replaceable`` files (an adapter of
     the same format, which the save replaces)."""
-    target = Path(directory)
+    target = resolve_target(directory)
     if target.exists():
         if not target.is_dir():
             raise CheckpointError(f"'{target}' is a file, not a folder; save the adapter to a folder path.")
@@ -95,5 +94,6 @@ def write_folder(directory: "str | Path", json_files: dict[str, dict], tensor_fi
             save_file(tensors, str(tmp / name), metadata={"format": "pt"})
         for name, data in json_files.items():
             (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        follow_umask(tmp)
 
     return write_dir_atomic(target, fill)

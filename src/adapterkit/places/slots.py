@@ -242,8 +242,10 @@ class Slot:
             self._handles.append(site.host.register_forward_pre_hook(self._run_pre, with_kwargs=True))
             return
         # Weight-level adapters (LoRA, IA3) belong to the host's own computation, so they run
-        # before sub-layer adapters that share the host (Llama's o_proj is both).
-        prepend = site.place == "weight"
+        # before sub-layer adapters that share the host (Llama's o_proj is both). A slot tapping
+        # layers (L-adapter) reads them at the stack's inner length, so it runs before the input
+        # place cuts its prompt positions off the host's output (places/input.py), whenever added.
+        prepend = site.place == "weight" or bool(site.layers_from)
         self._handles.append(site.host.register_forward_hook(self._run, with_kwargs=True, prepend=prepend))
 
     def compile_routed(self, units, routed_plan: Callable):

@@ -152,7 +152,7 @@ def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_ot
     else:
         recorded = _recorded_base(artifact)
         if model and recorded.get("fingerprint") and not allow_other_base:
-            mine = base_fingerprint(net.model, net.layout)
+            mine = base_fingerprint(net.model, net.layout, version=recorded.get("fingerprint_version", 1))
             if mine != recorded["fingerprint"]:
                 raise AdapterError(
                     f"--model {model} is not the base {artifact.path} was trained on ({recorded.get('model')}, "
