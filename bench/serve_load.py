@@ -3,6 +3,7 @@ adapter at a time, with the arithmetic that bounds their ratio on this machine.
 
     python bench/serve_load.py                          # all-MiniLM-L6-v2, 8 adapters, 64 clients
     python bench/serve_load.py --model tiny --seconds 3 --rounds 1  # a tiny random BERT: a smoke run
+    python bench/serve_load.py --quantize int8          # also a mixed server on the int8 base
 
 It saves 8 adapters of five methods with different heads (2 to 5 labels), starts three servers
 as their own processes on free ports of 127.0.0.1 (all traffic stays on 127.0.0.1):
@@ -156,6 +157,8 @@ class Server:
         config = {"model": model, "adapters": dirs, "host": "127.0.0.1", "port": self.port, "max_batch": args.clients,
                   "queue_size": 4 * args.clients, "batch_window": args.window, "mixed_batches": mode != "one-adapter",
                   "timeout": 120.0}
+        if mode.startswith("mixed-"):  # --quantize: the mixed server on a quantized base
+            config["quantize"] = mode.split("-", 1)[1]
         path = root / f"serve-{mode}.json"
         path.write_text(json.dumps(config))
         command = ([sys.executable, __file__, "--serve-http-only", str(path)] if mode == "http-only"
@@ -242,6 +245,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the modes, alternated")
     parser.add_argument("--window", type=float, default=0.005, help="the servers' batch window (s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quantize", choices=["int8", "int4"],
+                        help="add a mixed server on the base quantized so (mode mixed-int8 / mixed-int4)")
     parser.add_argument("--serve-http-only", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_http_only:
@@ -250,7 +255,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         root = Path(tmp)
         model, dirs = make_adapters(args.model, root, args.adapters, args.methods.split(","))
-        servers = [Server(mode, model, dirs, args, root) for mode in MODES]
+        modes = MODES + ((f"mixed-{args.quantize}",) if args.quantize else ())
+        servers = [Server(mode, model, dirs, args, root) for mode in modes]
         try:
             for server in servers:
                 server.wait_ready()
@@ -296,6 +302,12 @@ def report(rows: list[dict], costs: dict, args: argparse.Namespace) -> None:
           f"one-adapter {per_one * 1e3:.2f} ms (b={b_one:.1f}), mixed {per_mixed * 1e3:.2f} ms (b={b_mixed:.1f}) -> "
           f"expected ratio {per_one / per_mixed:.2f}x; with free HTTP and batches of 8 against {big}: "
           f"{ceiling:.2f}x at most")
+    if args.quantize:
+        q = f"mixed-{args.quantize}"
+        ratios = [a["throughput"] / b["throughput"] for a, b in
+                  zip([r for r in rows if r["mode"] == q], [r for r in rows if r["mode"] == "mixed"])]
+        print(f"throughput ratio {q} / mixed (float32) per round: {', '.join(f'{x:.2f}x' for x in ratios)}; p99 "
+              f"{q} {mean(q, 'p99_ms'):.0f} ms, mixed {mean('mixed', 'p99_ms'):.0f} ms")
 
 
 if __name__ == "__main__":

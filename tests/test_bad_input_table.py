@@ -232,6 +232,9 @@ CASES: list[tuple[str, list[str], str]] = [
      "nested too deeply"),
     ("serve: --max-length above the model's positions", ["serve", "--model", "bert", "--max-length", "4096"],
      "position embeddings hold 128"),
+    ("train: --quantize of no scheme", TRAIN + ["--quantize", "int3"], "--quantize must be int8 or int4, got 'int3'."),
+    ("train: --quantize with --full-finetune", TRAIN + ["--full-finetune", "--quantize", "int8"],
+     "--quantize freezes the base in low precision; --full-finetune trains it. Drop one of them."),
 ]
 STDIN = {"predict: nothing on stdin": b"\n\n", "predict: stdin not in UTF-8": "na\xefve\n".encode("latin-1")}
 

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -131,6 +132,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--metric", "metric", str, "metric that selects the best adapter (default: the task's, e.g. accuracy)"),
     ("--early-stopping", "early_stopping", int, "stop after N evaluations without improvement (default: 0 = off)"),
     ("--eval-every", "eval_every", int, "also evaluate every N steps (default: after each epoch only)"),
+    ("--quantize", "quantize", str, "freeze the base in int8 or int4 (torchao; adapters stay float32; docs/quantization.md)"),
     ("--eval-batch-size", "eval_batch_size", int, "batch size for evaluation (default: max(64, 2 x batch))"),
     ("--save-every", "save_every", int, "save a resumable checkpoint every N steps (default: 200)"),
     ("--log-every", "log_every", int, "write a training record to metrics.jsonl every N steps (default: 20)"),
@@ -183,6 +185,10 @@ def _add_common_model(p: argparse.ArgumentParser, adapter_required: bool = True)
                    help="use the adapter with a --model other than the base it was trained on (refused by default)")
 
 
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["int8", "int4"], help="freeze the base in int8 or int4 (torchao; adapters stay float32; docs/quantization.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="adapterkit", description="Train, evaluate and use small adapters on frozen models.")
 
@@ -193,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="score a trained adapter (or a bare causal LM) on a labelled data file")
     _add_common_model(p, adapter_required=False)
+    _add_quantize(p)
     p.add_argument("--data", required=True, help="labelled data file (.tsv, .csv, .jsonl)")
     p.add_argument("--task", help="without --adapter: causal-lm or lm-classification (the bare model's zero-shot score)")
     p.add_argument("--template", help="without --adapter: lm-classification prompt, e.g. \"Review: {text} Sentiment:\"")
@@ -207,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict labels (or generate text) for text lines")
     _add_common_model(p)
+    _add_quantize(p)
     p.add_argument("texts", nargs="*", help="texts to predict (default: --input, else stdin: one text per line, or "
                    "JSON lines such as {\"text\": ...} for texts with line breaks)")
     p.add_argument("--input", help="a .tsv/.csv/.jsonl/.json file read like --eval (the adapter's text column), or "
@@ -388,12 +396,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.adapter is None:
         loaded = load_bare(args.model, table, task=args.task, template=args.template, verbalizer=args.verbalizer,
+                           quantize=args.quantize,
                            text=args.text_column, text_pair=args.text_pair_column, label=args.label_column)
     elif args.task or args.template or args.verbalizer:
         raise AdapterError("--task, --template and --verbalizer are for the bare model (without --adapter); an "
                            "adapter is scored on the task it was trained on. Drop them.")
     else:
-        loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
+        loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base, quantize=args.quantize)
     if loaded.audio:
         raise AdapterError(f"--adapter {args.adapter} classifies audio, but --data {args.data} is a data file; pass a "
                            "folder of WAV files with one subfolder per label, as for adapterkit train.")
@@ -525,7 +534,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not (source.rows if isinstance(source, Table) else source):
         raise AdapterError("No text to predict: pass texts as arguments, --input FILE, or lines on stdin.")
 
-    loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
+    loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base, quantize=args.quantize)
     if loaded.audio:
         raise AdapterError(f"--adapter {args.adapter} classifies audio; pass WAV files or folders of them (as "
                            "arguments or --input), not text.")
@@ -637,6 +646,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "inspe
 def _quiet_libraries() -> None:
     """No "Loading weights" bars or hub warnings from transformers in our output."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.formatwarning = lambda message, *args, **kwargs: f"note: {message}\n"  # one line, no source
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 

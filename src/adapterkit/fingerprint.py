@@ -22,7 +22,12 @@ So the fingerprint is:
 * the same after saving and loading the base, on every device, and for the base loaded in
   float32 or bfloat16 (float16 loses range and rounds differently: it gives another fingerprint);
 * different for a base with other weights of the same shapes (fine-tuned, re-initialised, ...);
-* computed on the original weights when adapters are merged into them.
+* computed on the original weights when adapters are merged into them;
+* the float base's for a base quantized by ``quantization.quantize_base``, in every version: the
+  samples of each weight it quantizes are taken before quantizing and kept on its module
+  (``keep_float_sample``), and read in place of the quantized weight; so adapters move between a
+  base and its quantized copy. ``base_identity`` records the ``precision`` too, and loading across
+  precisions says so.
 
 ``save_adapter`` records it with the base's name (``base_identity``); ``load_adapter`` refuses
 a mismatch (``check_same_base``) unless ``strict_base=False`` (CLI ``--allow-other-base``).
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -43,6 +49,12 @@ from .errors import CheckpointError
 SAMPLES = 256
 DIGITS = 16
 VERSION = 2  # what the fingerprint covers (module docstring); recorded as ``fingerprint_version``
+#: set on the base by ``quantization.quantize_base``: its precision ("int8" / "int4")
+PRECISION_ATTR = "adapterkit_precision"
+#: set by ``quantization.quantize_base`` on each module whose weight it quantized: the float
+#: weight's shape and sample (``_sample``), taken before quantizing; the fingerprint reads them in
+#: place of the quantized weight, so a quantized base has its float base's fingerprint (any version)
+FLOAT_SAMPLE_ATTR = "adapterkit_float_sample"
 
 
 def _named_weights(model: nn.Module, layout: Any, version: int, hosts: Sequence[nn.Module]
@@ -75,6 +87,18 @@ def _sample(t: torch.Tensor) -> torch.Tensor:
     return values.to(torch.bfloat16).to(torch.float32).cpu()
 
 
+def keep_float_sample(module: nn.Module, weight: torch.Tensor) -> None:
+    """Keep ``weight``'s shape and sample on ``module`` (``FLOAT_SAMPLE_ATTR``), before the weight
+    is replaced by a quantized one (``quantization.quantize_base``)."""
+    setattr(module, FLOAT_SAMPLE_ATTR, (tuple(weight.shape), _sample(weight)))
+
+
+def _kept_samples(model: nn.Module) -> dict[int, tuple[tuple[int, ...], torch.Tensor]]:
+    """id of a quantized weight -> its float weight's (shape, sample), kept by ``keep_float_sample``."""
+    return {id(m.weight): getattr(m, FLOAT_SAMPLE_ATTR) for m in model.modules()
+            if hasattr(m, FLOAT_SAMPLE_ATTR) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+
+
 def base_fingerprint(model: nn.Module, layout: Any = None, *, version: int = VERSION,
                      hosts: Sequence[nn.Module] = ()) -> str:
     """The content fingerprint of ``model``'s weights (see the module docstring); ``hosts``: the
@@ -84,11 +108,16 @@ def base_fingerprint(model: nn.Module, layout: Any = None, *, version: int = VER
                               "upgrade adapterkit.")
     digest = hashlib.sha256()
     named = {name: p for name, p in _named_weights(model, layout, version, hosts)}
+    kept = _kept_samples(model)  # a quantized base: the float weights' samples
     for name, p in sorted(named.items(), key=lambda item: item[0]):
-        if not p.is_floating_point():
+        if id(p) in kept:
+            shape, sample = kept[id(p)]
+        elif p.is_floating_point():
+            shape, sample = tuple(p.shape), _sample(p)
+        else:
             continue
-        digest.update(f"{name}:{tuple(p.shape)};".encode())
-        digest.update(_sample(p).numpy().tobytes())
+        digest.update(f"{name}:{shape};".encode())
+        digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:DIGITS]
 
 
@@ -98,19 +127,30 @@ def base_name(model: nn.Module) -> Optional[str]:
     return str(name) if name else None
 
 
+def precision(model: nn.Module) -> str:
+    """``"int8"`` / ``"int4"`` for a base quantized by ``quantization.quantize_base``, else its
+    parameters' dtype (``"float32"``)."""
+    mark = getattr(model, PRECISION_ATTR, None)
+    if mark:
+        return mark
+    p = next(iter(model.parameters()), None)
+    return str(p.dtype).replace("torch.", "") if p is not None else "float32"
+
+
 def _hosts(sites: Optional[Sequence[Any]]) -> list[nn.Module]:
     return [s.host for s in sites or () if isinstance(getattr(s, "host", None), nn.Module)]
 
 
 def base_identity(handle: Any, sites: Optional[Sequence[Any]] = None, *, version: int = VERSION) -> dict[str, Any]:
     """What ``save_adapter`` records about the base of an ``AdapterModel``: ``fingerprint``,
-    ``fingerprint_version`` and ``name``; ``sites``: the adapter's (``Site``), whose hosts outside
+    ``fingerprint_version``, ``name`` and ``precision``; ``sites``: the adapter's (``Site``), whose hosts outside
     the backbone are covered too. Merged adapters are taken out while the original weights are
     sampled."""
     merged = bool(handle.merged_adapters)
     with handle.disable_adapters() if merged else contextlib.nullcontext():
         fingerprint = base_fingerprint(handle.model, handle.layout, version=version, hosts=_hosts(sites))
-    return {"fingerprint": fingerprint, "fingerprint_version": version, "name": base_name(handle.model)}
+    return {"fingerprint": fingerprint, "fingerprint_version": version, "name": base_name(handle.model),
+            "precision": precision(handle.model)}
 
 
 def check_same_base(saved: dict[str, Any], handle: Any, directory: Any, *, strict: bool = True,
@@ -126,6 +166,10 @@ def check_same_base(saved: dict[str, Any], handle: Any, directory: Any, *, stric
                               "save the adapter again.")
     mine = base_identity(handle, sites, version=version)
     if mine["fingerprint"] == want:
+        saved_precision = saved.get("precision") or "float32"
+        if saved_precision != mine["precision"]:
+            warnings.warn(f"{directory} was trained on this base in {saved_precision}; it runs here on the "
+                          f"{mine['precision']} copy of it (outputs differ by the quantization error).", stacklevel=3)
         return
     raise CheckpointError(
         f"{directory} was trained on another base model ({saved.get('name') or 'unnamed'}, fingerprint {want}) than "
@@ -134,4 +178,5 @@ def check_same_base(saved: dict[str, Any], handle: Any, directory: Any, *, stric
     )
 
 
-__all__ = ["VERSION", "base_fingerprint", "base_name", "base_identity", "check_same_base"]
+__all__ = ["VERSION", "base_fingerprint", "base_name", "base_identity", "check_same_base", "precision",
+           "keep_float_sample", "PRECISION_ATTR", "FLOAT_SAMPLE_ATTR"]

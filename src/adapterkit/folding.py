@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterError
+from .quantization import check_mergeable
 
 if TYPE_CHECKING:  # pragma: no cover
     from .records import AdapterRecord
@@ -45,6 +46,7 @@ class Merges:
             raise AdapterError(f"Adapter '{record.name}' is already merged.")
         if base is not None:
             _refuse_tied(record, base)
+        check_mergeable(record.name, record.sites)
         for site in record.sites:
             if site.place_id not in self._originals:
                 bias = getattr(site.host, "bias", None)

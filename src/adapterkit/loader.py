@@ -18,6 +18,7 @@ from torch import nn
 from .errors import AdapterError
 from .layouts import is_decoder_config
 from .packaged import resolve_model
+from .quantization import check_scheme, quantize_base
 
 #: config fields that bound the sequence length of models with learned position embeddings
 _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len")
@@ -73,17 +74,21 @@ def check_max_length(name_or_path: str, max_length: int, config: Any = None) -> 
                            f"embeddings hold {limit} tokens; pass --max-length {limit} or less.")
 
 
-def load_base_model(name_or_path: str, *, causal_lm: Optional[bool] = None, **kwargs: Any) -> nn.Module:
+def load_base_model(name_or_path: str, *, causal_lm: Optional[bool] = None, quantize: Optional[str] = None,
+                    **kwargs: Any) -> nn.Module:
     """Load a base model offline. ``causal_lm=None`` picks ``AutoModelForCausalLM`` for decoders
-    (``is_decoder_config``; GGUF files) and ``AutoModel`` (the bare encoder) otherwise."""
+    (``is_decoder_config``; GGUF files) and ``AutoModel`` (the bare encoder) otherwise.
+    ``quantize="int8"`` / ``"int4"`` quantizes its weights (``quantization.quantize_base``)."""
+    check_scheme(quantize)  # before reading any weights
     folder, gguf, options = _source(name_or_path, **kwargs)
     if causal_lm is None:
         causal_lm = model_is_decoder(name_or_path)
     cls = transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
     try:
-        return cls.from_pretrained(folder, **options)
+        model = cls.from_pretrained(folder, **options)
     except (OSError, ValueError) as err:
         raise AdapterError(f"Could not load a model from '{name_or_path}': {err}") from None
+    return quantize_base(model, quantize)
 
 
 def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:

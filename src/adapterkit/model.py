@@ -98,12 +98,14 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, causal_lm: Optional[bool] = None, **kwargs: Any) -> "AdapterModel":
+    def from_pretrained(cls, name_or_path: str, *, causal_lm: Optional[bool] = None, quantize: Optional[str] = None,
+                        **kwargs: Any) -> "AdapterModel":
         """Load a ``transformers`` model (a folder, or the alias ``minilm`` / ``smollm2``) and wrap it;
         any failure is one ``AdapterError``. The alias or folder is kept as ``base_source`` and saved
-        with its adapters (``base_model.source``), so the CLI finds the base without ``--model``."""
+        with its adapters (``base_model.source``), so the CLI finds the base without ``--model``.
+        ``quantize="int8"`` / ``"int4"`` quantizes the frozen base first (``quantization.py``)."""
         try:
-            handle = cls(load_base_model(name_or_path, causal_lm=causal_lm, **kwargs))
+            handle = cls(load_base_model(name_or_path, causal_lm=causal_lm, quantize=quantize, **kwargs))
         except AdapterError:
             raise
         except Exception as err:  # transformers raises many types for damaged folders

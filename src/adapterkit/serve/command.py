@@ -37,6 +37,7 @@ _FLAGS = {
     "--max-num-models-per-replica": ("max_num_models_per_replica", int, "with --ray: adapters one replica holds at "
                                                                         "once; the least recently used leaves (default 8)"),
     "--replica-cpus": ("replica_cpus", float, "with --ray: CPUs Ray reserves per replica (default 1)"),
+    "--quantize": ("quantize", str, "int8 or int4: serve a quantized base (torchao; adapters stay float32)"),
     "--max-loaded-adapters": ("max_loaded_adapters", int, "adapters loaded from --adapter-source kept at once; the "
                                                           "least recently used idle one leaves (default 8)"),
     "--torch-threads": ("torch_threads", int, "intra-op threads of the forward (default 0: cores - 1, one core "

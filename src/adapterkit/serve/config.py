@@ -47,6 +47,7 @@ class ServeConfig:
     replica_cpus: float = 1.0  # CPUs Ray reserves for each replica
     adapter_sources: tuple[str, ...] = ()  # locations whose adapters load on first use (on_demand.py)
     max_loaded_adapters: int = 8  # adapters loaded from adapter_sources kept at once (LRU eviction)
+    quantize: Optional[str] = None  # "int8" / "int4": the base quantized at load (quantization.py)
     torch_threads: int = 0  # intra-op threads of the forward; 0: cores - 1 (one is left for HTTP), under Ray replica_cpus
     read_timeout: float = 10.0  # seconds a client has to send a whole request (headers and body); then closed
     max_connections: int = 0  # open connections; 0: from the descriptor limit (RLIMIT_NOFILE - 64, at most 1000)

@@ -275,7 +275,7 @@ def build_engine(config: ServeConfig) -> Engine:
     """Load the base model, its tokenizer and the start-up adapters (``adapterkit serve`` and
     each Ray replica start here)."""
     base = local_model(config.model)  # a base given as a location (s3://, hf://, ...) is fetched into the cache
-    model = AdapterModel.from_pretrained(base)
+    model = AdapterModel.from_pretrained(base, quantize=config.quantize)
     for name, directory in config.adapters.items():
         model.load_adapter(directory, load_as=name)
     return Engine(model, load_tokenizer(base), config)

@@ -128,12 +128,14 @@ class Loaded:
     audio: bool = False  # a speech model: ``tokenizer`` is its feature extractor
 
 
-def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_other_base: bool = False) -> Loaded:
+def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_other_base: bool = False,
+                 quantize: Optional[str] = None) -> Loaded:
     """Load the base model with the trained adapter (or the full model) and its head, ready to run.
 
     An adapter is refused on a base other than the one it was trained on (content fingerprint,
     ``fingerprint.py``): ``--model`` is compared with the base recorded in ``adapterkit_base.json``
-    and in the adapter's config; ``allow_other_base=True`` (``--allow-other-base``) skips that."""
+    and in the adapter's config; ``allow_other_base=True`` (``--allow-other-base``) skips that.
+    ``quantize`` (``--quantize``) loads the base in int8 / int4 (``quantization.py``)."""
 
     artifact = locate(adapter)
     meta = read_meta(artifact.path / CONFIG_NAME) if artifact.kind == "adapter" else {}  # a damaged file: one line, now
@@ -141,7 +143,7 @@ def load_trained(adapter: "str | Path", model: Optional[str] = None, *, allow_ot
     decoder = model_is_decoder(base)
     audio = reads_audio(base)
     tokenizer = load_feature_extractor(base) if audio else load_tokenizer(base)
-    net = AdapterModel.from_pretrained(base)
+    net = AdapterModel.from_pretrained(base, quantize=quantize)
     if artifact.kind == "model":
         saved = load_head(artifact.path, net.layout, next(iter(net.model.parameters()), None))
         name = "head" if saved is not None else None
@@ -170,7 +172,7 @@ def reads_audio(model: str) -> bool:
 
 def load_bare(model: Optional[str], table: Any, *, task: Optional[str] = None, template: Optional[str] = None,
               verbalizer: Optional[str] = None, text: Optional[str] = None, text_pair: Optional[str] = None,
-              label: Optional[str] = None) -> Loaded:
+              label: Optional[str] = None, quantize: Optional[str] = None) -> Loaded:
     """The base model without any adapter, for ``adapterkit eval`` without ``--adapter``: the task
     comes from the flags and the data ``table``, and must be one the LM scores by itself
     (``lm-classification``: zero-shot accuracy; ``causal-lm``: perplexity), since there is no head."""
@@ -186,7 +188,7 @@ def load_bare(model: Optional[str], table: Any, *, task: Optional[str] = None, t
                            "--adapter, or score a causal LM's own answers with --template and --verbalizer "
                            "(lm-classification).")
     tokenizer = load_tokenizer(model)
-    net = AdapterModel.from_pretrained(model)
+    net = AdapterModel.from_pretrained(model, quantize=quantize)
     net.eval()
     return Loaded(net, tokenizer, spec, None, None, model)
 

@@ -85,6 +85,7 @@ class TrainConfig:
     early_stopping: int = 0
     eval_every: Optional[int] = None
     eval_batch_size: Optional[int] = None
+    quantize: Optional[str] = None  # "int8" / "int4": the frozen base quantized (quantization.py)
     save_every: int = 200
     log_every: int = 20
     progress: str = "auto"
@@ -133,6 +134,9 @@ class TrainConfig:
             (not (self.full_finetune and self.adapter_drop),
              "--adapter-drop drops adapters from lower layers; full fine-tuning has none. Drop the flag."),
             (0 <= self.head_dropout < 1, "--head-dropout must be in [0, 1)."),
+            (self.quantize in (None, "int8", "int4"), f"--quantize must be int8 or int4, got '{self.quantize}'."),
+            (not (self.full_finetune and self.quantize),
+             "--quantize freezes the base in low precision; --full-finetune trains it. Drop one of them."),
             (bool(self.train), "--train FILE is required."),
             (not (self.eval and self.val_fraction), "Pass --eval FILE or --val-fraction, not both."),
             (not (self.full_finetune and self.options), "--full-finetune trains all weights; drop the method options."),

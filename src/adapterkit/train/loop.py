@@ -155,7 +155,7 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
     if train_enc.dropped:
         echo(f"note: {train_enc.dropped} training rows have no target token within --max-length {config.max_length}; skipped.")
     torch.manual_seed(config.seed)
-    model = AdapterModel.from_pretrained(config.model)
+    model = AdapterModel.from_pretrained(config.model, quantize=config.quantize)
     _check_bottleneck_width(adapter_config, model.layout.hidden_size)
     _check_prompt_room(adapter_config, config.max_length, config.model, model.config)
     setup_model(model, spec, name, config, adapter_config)
@@ -180,7 +180,7 @@ def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
                            "speech model folder (wav2vec2, HuBERT, WavLM) with its preprocessor_config.json.")
     extractor = load_feature_extractor(config.model)
     torch.manual_seed(config.seed)
-    model = AdapterModel.from_pretrained(config.model)
+    model = AdapterModel.from_pretrained(config.model, quantize=config.quantize)
     shortest = min_samples(model.model)
     train, labels = read_split(config.train, None, extractor, shortest)
     splits = {k: read_split(getattr(config, k), labels, extractor, shortest)[0] if getattr(config, k) else None
