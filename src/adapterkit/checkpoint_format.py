@@ -80,6 +80,27 @@ def resolve_target(directory: "str | os.PathLike") -> Path:
     return Path(os.path.realpath(target)) if target.is_symlink() else target
 
 
+def swap_in(tmp: Path, target: Path) -> None:
+    """Put the filled folder ``tmp`` at ``target`` by renames only: a reader sees the old folder
+    or the new one, never a mix; if the second rename fails the old folder is put back."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)  # put the previous folder back
+        raise
+    # renamed before deleting, so a half-deleted folder never looks like a usable ".old"
+    trash = target.with_name(f".{target.name}.trash-{os.getpid()}")
+    os.replace(old, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def write_checkpoint(directory: "str | os.PathLike", meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Atomically write ``meta`` (JSON) and ``tensors`` (safetensors) into ``directory`` (through
     a symlink to the folder it points to); the files follow the umask, like the folder."""
@@ -97,17 +118,7 @@ def write_checkpoint(directory: "str | os.PathLike", meta: dict[str, Any], tenso
         with open(tmp / WEIGHTS_NAME, "rb") as f:
             os.fsync(f.fileno())
         follow_umask(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old, target)  # put the previous checkpoint back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        swap_in(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -309,18 +320,7 @@ def write_dir_atomic(target: "str | Path", fill: Callable[[Path], None]) -> Path
             if f.is_file():
                 with open(f, "rb") as handle:
                     os.fsync(handle.fileno())
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            # renamed before deleting, so a half-deleted folder never looks like a usable ".old"
-            trash = target.with_name(f".{target.name}.trash-{os.getpid()}")
-            os.replace(old, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .schemas import MIN_TEMPERATURE, _no_surrogates, printable
+from .schemas import _no_surrogates, printable, samplable_temperature
 
 #: ``n`` and ``logprobs`` bounds (OpenAI's: n <= 128, logprobs <= 5 for completions, top_logprobs <= 20 for chat)
 MAX_N, MAX_LOGPROBS, MAX_TOP_LOGPROBS = 16, 5, 20
@@ -111,10 +111,7 @@ class _Sampling(BaseModel):
     @field_validator("temperature")
     @classmethod
     def _samplable(cls, value: float) -> float:
-        if 0 < value < MIN_TEMPERATURE:
-            raise ValueError(f"a temperature of {value:g} is too small to sample with; send 0 for greedy decoding, "
-                             f"or at least {MIN_TEMPERATURE:g}")
-        return value
+        return samplable_temperature(value)
 
     @field_validator("stop")
     @classmethod

@@ -15,6 +15,14 @@ NAME_PATTERN = r"^[A-Za-z0-9_\-]{1,64}$"
 MIN_TEMPERATURE = 1e-6
 
 
+def samplable_temperature(value: float) -> float:
+    """``value`` if it is 0 (greedy) or large enough to divide logits by without overflow."""
+    if 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"a temperature of {value:g} is too small to sample with; send 0 for greedy decoding, "
+                         f"or at least {MIN_TEMPERATURE:g}")
+    return value
+
+
 def _no_surrogates(text: str) -> str:
     """Refuse a lone UTF-16 surrogate (``"\\ud800"`` in JSON): it is no character, and neither
     the tokenizer nor a JSON answer can encode it."""
@@ -98,10 +106,7 @@ class GenerateRequest(_Strict):
     @field_validator("temperature")
     @classmethod
     def _samplable(cls, value: float) -> float:
-        if 0 < value < MIN_TEMPERATURE:
-            raise ValueError(f"a temperature of {value:g} is too small to sample with; send 0 for greedy decoding, "
-                             f"or at least {MIN_TEMPERATURE:g}")
-        return value
+        return samplable_temperature(value)
 
 
 class GenerateResponse(BaseModel):

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint_format import swap_in
 from ..errors import AdapterError, CheckpointError
 from ..interop import detect_format
 from . import card
@@ -147,17 +148,7 @@ def _push_local(source: Path, target: Path, location: str, overwrite: bool) -> d
         manifest = stage(source, location, tmp)
         (tmp / MANIFEST_NAME).write_bytes(manifest.to_json())
         os.chmod(tmp, 0o755)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        swap_in(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**manifest.info, "location": location, "files": len(manifest.files), "size": manifest.size}
