@@ -153,6 +153,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora": ("lora", {"r": 4, "alpha": 8.0}),
     "ia3": ("ia3", {}),
     "prefix_tuning": ("prefix_tuning", {"prefix_length": 3, "bottleneck_size": 8}),
+    "dora": ("dora", {"r": 4, "alpha": 8.0}),
 }
 #: methods that run on some architectures only (the rest run on all of ``ARCHS``)
 METHOD_ARCHS: dict[str, tuple[str, ...]] = {
@@ -220,6 +221,12 @@ class Case:
         return resolve_config(self.preset, **self.adapter_options())
 
     @property
+    def stack_merges(self) -> bool:
+        """Whether two of its adapters merged in turn equal their ``Stack`` (not DoRA: the second
+        one's norm is of the weight the first one changed, ``methods/dora.py``)."""
+        return getattr(type(self.config), "stack_merges_exactly", True)
+
+    @property
     def mergeable(self) -> bool:
         return type(self.config).supports_merge and self.merges
 
@@ -260,7 +267,7 @@ LAYER_SUM_METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
 
 
 def _method_cases(arch: Arch) -> list[Case]:
-    weight = ("lora", "ia3")  # refused where the attention reads its projections' weights directly (WavLM)
+    weight = ("lora", "ia3", "dora")  # refused where the attention reads its projections' weights directly (WavLM)
     cases = [Case(arch, m, *METHODS[m], identity_at_init=m not in NOT_IDENTITY_AT_INIT) for m in METHODS
              if (arch.weight_places or m not in weight) and arch.name in METHOD_ARCHS.get(m, (arch.name,))]
     if arch.inputs == "audio" or arch.name == "bert":
@@ -303,6 +310,10 @@ def expected_adapter_params(case: Case) -> int:
     if cfg.method == "union":
         return sum(expected_adapter_params(Case(case.arch, part.method, part.method, _options_of(part)))
                    for part in cfg.parts)
+    if cfg.method == "dora":  # LoRA's r * (in + out) plus a magnitude per output row, on Linear layers
+        roles = cfg.roles or case.arch.lora_default
+        shapes = [case.arch.stacks[s][r] for s in stacks for r in roles if r in case.arch.stacks[s]]
+        return layers * sum(cfg.r * (i + o) + o for i, o in shapes) + norms
     if cfg.method in ("lora", "ia3"):
         roles = cfg.roles or (case.arch.lora_default if cfg.method == "lora" else case.arch.ia3_default)
         shapes = [] if cfg.target_modules else [case.arch.stacks[s][r] for s in stacks for r in roles

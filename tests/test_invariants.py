@@ -207,7 +207,7 @@ def test_state_dict_round_trip(case, batch):
     assert torch.equal(run(target, batch), run(source, batch))
 
 
-@mergeable
+@pytest.mark.parametrize("case", [c for c in MERGEABLE if c.stack_merges], ids=lambda c: c.id)
 def test_merging_two_adapters_and_unmerging_in_any_order(case, batch):
     model = make_model(case)
     model.add_adapter("b", case.preset, **case.adapter_options())

@@ -25,6 +25,7 @@ from ..errors import AdapterError, CheckpointError
 from ..heads import HeadConfig
 from ..layouts import linear_features
 from ..methods.ia3 import IA3Config
+from ..methods.dora import DoRAConfig
 from ..methods.lora import EMBEDDINGS, LoRAConfig, pattern_value
 from ..methods.lora_layers import SlicedSite, host_kind
 from . import heads as H
@@ -41,7 +42,7 @@ FILES = frozenset({CONFIG, WEIGHTS, PICKLED, "README.md"})  # what a PEFT save_p
 #: config keys read here, and keys that only describe how PEFT built or initialised the adapter
 READ = {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern",
         "target_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out", "modules_to_save",
-        "feedforward_modules", "bias"}
+        "feedforward_modules", "bias", "use_dora"}
 BOOKKEEPING = {"base_model_name_or_path", "revision", "inference_mode", "init_lora_weights", "init_ia3_weights",
                "peft_version", "auto_mapping", "megatron_core", "qalora_group_size", "exclude_modules",
                "ensure_weight_tying"}
@@ -126,8 +127,10 @@ def read(folder: Path, model, *, allow_pickle: bool = False) -> tuple[dict[str, 
 
 #: a LoRA tensor's name after its module path -> adapterkit's parameter name
 _LORA_PARAMS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B",
-                "lora_embedding_A": "lora_embedding_A", "lora_embedding_B": "lora_embedding_B"}
-_SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|ia3_l)$")
+                "lora_embedding_A": "lora_embedding_A", "lora_embedding_B": "lora_embedding_B",
+                "lora_magnitude_vector": "lora_magnitude_vector"}  # DoRA (use_dora): (out,)
+_SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"
+                     r"|ia3_l)$")
 
 
 def _site(model, key: str, weights_file: Path) -> tuple[str, str, Any]:
@@ -157,6 +160,11 @@ def _read_lora(cfg: dict, tensors: dict, model, weights_file: Path):
     for place, params in sites.items():
         pair = ({"lora_embedding_A", "lora_embedding_B"} if "lora_embedding_A" in params or "lora_embedding_B" in params
                 else {"lora_A", "lora_B"})
+        pair = pair | ({"lora_magnitude_vector"} if cfg.get("use_dora") else set())
+        if cfg.get("use_dora") and "lora_magnitude_vector" not in params:
+            raise CheckpointError(f"'{weights_file}': '{weights_file.parent / CONFIG}' says use_dora=true but "
+                                  f"'{PREFIX}{paths[place]}' has no lora_magnitude_vector; the file is incomplete or the "
+                                  "config was edited.")
         if set(params) != pair:
             raise CheckpointError(f"'{weights_file}': '{PREFIX}{paths[place]}' has {sorted(params)} but LoRA needs "
                                   f"both of {sorted(pair)}; the file is incomplete.")
@@ -178,7 +186,7 @@ def _read_lora(cfg: dict, tensors: dict, model, weights_file: Path):
     else:
         options = placement(model.layout, list(sites), f"'{weights_file}'")
     try:
-        config = LoRAConfig(r=r0, alpha=alpha0, dropout=float(cfg.get("lora_dropout") or 0.0),
+        config = (DoRAConfig if cfg.get("use_dora") else LoRAConfig)(r=r0, alpha=alpha0, dropout=float(cfg.get("lora_dropout") or 0.0),
                             use_rslora=bool(cfg.get("use_rslora")), rank_pattern=per_site(ranks, r0, list(sites)),
                             alpha_pattern=per_site(alphas, alpha0, list(sites)), **options)
     except AdapterError as err:
@@ -302,7 +310,7 @@ def _write_lora(config: LoRAConfig, sites, paths, hosts):
             out[f"{PREFIX}{paths[place]}.{names[param]}"] = value
     return {"peft_type": "LORA", "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
             "use_rslora": config.use_rslora, "rank_pattern": ranks, "alpha_pattern": alphas,
-            "init_lora_weights": True}, out
+            "init_lora_weights": True, "use_dora": config.method == "dora"}, out
 
 
 def _write_ia3(config: IA3Config, sites, paths, hosts):
@@ -351,6 +359,7 @@ class _Method:
     read: Any
 
 
-METHODS = {"LORA": _Method(re.compile(r".+\.(lora_[AB]\.weight|lora_embedding_[AB])"), _read_lora),
+METHODS = {"LORA": _Method(re.compile(r".+\.(lora_[AB]\.weight|lora_embedding_[AB]|lora_magnitude_vector)"),
+                           _read_lora),
            "IA3": _Method(re.compile(r".+\.ia3_l"), _read_ia3)}
-WRITERS = {"lora": _write_lora, "ia3": _write_ia3}
+WRITERS = {"lora": _write_lora, "dora": _write_lora, "ia3": _write_ia3}

@@ -2,11 +2,12 @@
 
 from .bottleneck import BottleneckConfig
 from .ia3 import IA3Config
+from .dora import DoRAConfig
 from .layer_sum import LAdapterConfig
 from .lora import LoRAConfig
 from .prefix_tuning import PrefixTuningConfig
 from .prompt_tuning import PromptTuningConfig
 from .union import ConfigUnion
 
-__all__ = ["BottleneckConfig", "LoRAConfig", "IA3Config", "LAdapterConfig", "PrefixTuningConfig", "PromptTuningConfig",
+__all__ = ["BottleneckConfig", "LoRAConfig", "DoRAConfig", "IA3Config", "LAdapterConfig", "PrefixTuningConfig", "PromptTuningConfig",
            "ConfigUnion"]
