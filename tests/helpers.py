@@ -154,6 +154,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ia3": ("ia3", {}),
     "prefix_tuning": ("prefix_tuning", {"prefix_length": 3, "bottleneck_size": 8}),
     "dora": ("dora", {"r": 4, "alpha": 8.0}),
+    "vera": ("vera", {"r": 4}),
 }
 #: methods that run on some architectures only (the rest run on all of ``ARCHS``)
 METHOD_ARCHS: dict[str, tuple[str, ...]] = {
@@ -267,7 +268,7 @@ LAYER_SUM_METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
 
 
 def _method_cases(arch: Arch) -> list[Case]:
-    weight = ("lora", "ia3", "dora")  # refused where the attention reads its projections' weights directly (WavLM)
+    weight = ("lora", "ia3", "dora", "vera")  # refused where the attention reads its projections' weights directly (WavLM)
     cases = [Case(arch, m, *METHODS[m], identity_at_init=m not in NOT_IDENTITY_AT_INIT) for m in METHODS
              if (arch.weight_places or m not in weight) and arch.name in METHOD_ARCHS.get(m, (arch.name,))]
     if arch.inputs == "audio" or arch.name == "bert":
@@ -310,9 +311,12 @@ def expected_adapter_params(case: Case) -> int:
     if cfg.method == "union":
         return sum(expected_adapter_params(Case(case.arch, part.method, part.method, _options_of(part)))
                    for part in cfg.parts)
-    if cfg.method == "dora":  # LoRA's r * (in + out) plus a magnitude per output row, on Linear layers
+    if cfg.method in ("dora", "vera"):  # on LoRA's Linear layers
         roles = cfg.roles or case.arch.lora_default
         shapes = [case.arch.stacks[s][r] for s in stacks for r in roles if r in case.arch.stacks[s]]
+        if cfg.method == "vera":  # d (r,) and b (out,); the shared random matrices are frozen buffers
+            return layers * sum(cfg.r + o for _, o in shapes) + norms
+        # DoRA: LoRA's r * (in + out) plus a magnitude per output row
         return layers * sum(cfg.r * (i + o) + o for i, o in shapes) + norms
     if cfg.method in ("lora", "ia3"):
         roles = cfg.roles or (case.arch.lora_default if cfg.method == "lora" else case.arch.ia3_default)

@@ -31,6 +31,7 @@ from ..methods.lora_layers import SlicedSite, host_kind
 from . import heads as H
 from . import peft_prompt
 from . import peft_prefix
+from . import peft_vera
 from .files import read_json, read_weights, write_folder
 from .meta import by_place, checkpoint, head_tensors, refuse_options
 from .places import is_conv1d, module_at, peer_path, per_site, place_of, placement, place_regex
@@ -94,9 +95,17 @@ def read(folder: Path, model, *, allow_pickle: bool = False) -> tuple[dict[str, 
     if peft_type == "PREFIX_TUNING":  # one tensor, not per module (peft_prefix.py)
         tensors, weights_file = read_weights(folder, WEIGHTS, PICKLED, allow_pickle=allow_pickle)
         return peft_prefix.read(cfg, tensors, model, weights_file, name)
+    if peft_type == "VERA":  # shared matrices outside base_model.model (peft_vera.py)
+        tensors, weights_file = read_weights(folder, WEIGHTS, PICKLED, allow_pickle=allow_pickle)
+        saved = cfg.get("modules_to_save") or []
+        heads = {k: v for k, v in tensors.items() if any(f".{m}." in f".{k[len(PREFIX):]}." for m in saved)}
+        head, head_state = _read_head(cfg, heads, model, weights_file)
+        rest = {k: v for k, v in tensors.items() if k not in heads}
+        return peft_vera.read(cfg, rest, model, weights_file, name, PREFIX, NEUTRAL, BOOKKEEPING | {"modules_to_save"},
+                              head, head_state)
     if peft_type not in METHODS:
         raise CheckpointError(f"'{config_file}': peft_type {peft_type!r} is not supported; adapterkit reads "
-                              f"{', '.join(METHODS)}, PROMPT_TUNING and PREFIX_TUNING adapters.")
+                              f"{', '.join(METHODS)}, VERA, PROMPT_TUNING and PREFIX_TUNING adapters.")
     for key, value in cfg.items():
         if key not in READ | BOOKKEEPING and value not in NEUTRAL:
             raise CheckpointError(f"'{config_file}': option '{key}' = {value!r} has no adapterkit counterpart; "
@@ -362,4 +371,5 @@ class _Method:
 METHODS = {"LORA": _Method(re.compile(r".+\.(lora_[AB]\.weight|lora_embedding_[AB]|lora_magnitude_vector)"),
                            _read_lora),
            "IA3": _Method(re.compile(r".+\.ia3_l"), _read_ia3)}
-WRITERS = {"lora": _write_lora, "dora": _write_lora, "ia3": _write_ia3}
+WRITERS = {"lora": _write_lora, "dora": _write_lora, "ia3": _write_ia3,
+           "vera": lambda config, sites, paths, hosts: peft_vera.write(config, sites, paths, hosts, PREFIX)}

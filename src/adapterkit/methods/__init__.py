@@ -8,6 +8,7 @@ from .lora import LoRAConfig
 from .prefix_tuning import PrefixTuningConfig
 from .prompt_tuning import PromptTuningConfig
 from .union import ConfigUnion
+from .vera import VeRAConfig
 
 __all__ = ["BottleneckConfig", "LoRAConfig", "DoRAConfig", "IA3Config", "LAdapterConfig", "PrefixTuningConfig", "PromptTuningConfig",
-           "ConfigUnion"]
+           "ConfigUnion", "VeRAConfig"]
