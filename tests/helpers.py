@@ -177,6 +177,8 @@ EXTRA_METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "lora-all-roles": ("lora", {"r": 2, "alpha": 4.0, "roles": "ALL"}, True),
     "lora-layers": ("lora", {"r": 3, "alpha": 3.0, "layers": [1, 2]}, True),
     "ia3-all-roles": ("ia3", {"roles": "ALL"}, True),
+    "lora-pissa": ("lora", {"r": 4, "alpha": 8.0, "init_weights": "pissa"}, True),
+    "lora-olora": ("lora", {"r": 3, "alpha": 6.0, "init_weights": "olora", "roles": ["ffn_in", "ffn_proj"]}, True),
 }
 
 #: Configurations of encoder-decoders only: one stack, and the cross-attention place.
@@ -342,6 +344,13 @@ def expected_adapter_params(case: Case) -> int:
         out, p, m = layers * 2 * kv_width, cfg.prefix_length, cfg.bottleneck_size
         return sites * (out * p if cfg.flat else p * D + D * m + m + m * out + out)
     raise AssertionError(f"no parameter formula for method {cfg.method}: add one to tests/helpers.py")
+
+
+def expected_saved_params(case: Case) -> int:
+    """Tensors the adapter saves: its trainable parameters, plus PiSSA / OLoRA's frozen initial
+    ``A`` and ``B`` (as many again, ``methods/lora_init.py``)."""
+    residual = getattr(case.config, "init_weights", "lora") not in ("lora",) and case.config.method == "lora"
+    return expected_adapter_params(case) * (2 if residual else 1)
 
 
 def _options_of(config) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from helpers import (
     clone_state,
     expected_adapter_params,
     expected_head_params,
+    expected_saved_params,
     make_base,
     make_model,
     perturb,
@@ -193,7 +194,7 @@ def test_state_dict_holds_adapters_and_heads_only(case):
     keys = list(model.state_dict())
     assert keys and all(k.startswith(("adapters.a.", "heads.a.")) for k in keys)
     n = sum(v.numel() for v in model.state_dict().values())
-    assert n == expected_adapter_params(case) + expected_head_params(num_labels=3)
+    assert n == expected_saved_params(case) + expected_head_params(num_labels=3)
 
 
 @cases

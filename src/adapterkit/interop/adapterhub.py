@@ -37,6 +37,7 @@ from ..methods.bottleneck import INITS, BottleneckConfig
 from ..methods.ia3 import IA3Config
 from ..methods.dora import DoRAConfig
 from ..methods.lora import LoRAConfig
+from ..methods.lora_init import as_plain_lora
 from . import heads as H
 from .files import read_json, read_weights, write_folder
 from .meta import by_place, checkpoint, head_tensors, refuse_options
@@ -376,6 +377,8 @@ def _write_bottleneck(config: BottleneckConfig, sites: dict, name: str, layout):
 
 
 def _write_weight_method(config, sites: dict, name: str, layout, ia3: bool):
+    if not ia3:
+        config, sites = as_plain_lora(config, sites)  # PiSSA / OLoRA: the rank-2r LoRA on the unmodified base
     handled = {"roles", "target_modules", "layers", "leave_out"} | (set() if ia3 else {"r", "alpha", "dropout",
                                                                                          "use_rslora"})
     dora = config.method == "dora"

@@ -27,6 +27,7 @@ from ..layouts import linear_features
 from ..methods.ia3 import IA3Config
 from ..methods.dora import DoRAConfig
 from ..methods.lora import EMBEDDINGS, LoRAConfig, pattern_value
+from ..methods.lora_init import as_plain_lora
 from ..methods.lora_layers import SlicedSite, host_kind
 from . import heads as H
 from . import peft_prompt
@@ -110,6 +111,11 @@ def read(folder: Path, model, *, allow_pickle: bool = False) -> tuple[dict[str, 
         if key not in READ | BOOKKEEPING and value not in NEUTRAL:
             raise CheckpointError(f"'{config_file}': option '{key}' = {value!r} has no adapterkit counterpart; "
                                   "only adapters without it can be loaded.")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+        raise CheckpointError(f"'{config_file}': init_lora_weights = {init!r}: this adapter needs the residual base "
+                              "model PEFT made when it initialised it. Save it from PEFT with save_pretrained(..., "
+                              "path_initial_model_for_weight_conversion=...) so it loads on the unmodified base.")
     if cfg.get("bias", "none") != "none":
         raise CheckpointError(f"'{config_file}': option 'bias' = {cfg['bias']!r} trains the base model's biases, "
                               "which adapterkit adapters do not hold; only bias='none' can be loaded.")
@@ -305,6 +311,7 @@ def write(directory: "str | Path", meta: dict[str, Any], tensors: dict[str, torc
 
 
 def _write_lora(config: LoRAConfig, sites, paths, hosts):
+    config, sites = as_plain_lora(config, sites)  # PiSSA / OLoRA: the rank-2r LoRA on the unmodified base
     refuse_options(config, {"r", "alpha", "dropout", "roles", "target_modules", "layers", "leave_out", "use_rslora",
                             "rank_pattern", "alpha_pattern"}, "PEFT")
     out, ranks, alphas = {}, {}, {}

@@ -53,6 +53,12 @@ class DoRAConfig(LoRAConfig):
     norm_with_scaling: bool = True
     rescale_bias: bool = False
 
+    def validate(self) -> None:
+        super().validate()
+        if self.init_weights != "lora":
+            raise AdapterError(f"DoRA starts from LoRA's zero update; init_weights={self.init_weights!r} is for method "
+                               "'lora'. Drop the option.")
+
     def build(self, site: Site) -> nn.Module:
         if isinstance(site, SlicedSite) and site.enabled or linear_features(site.host) is None:
             raise AdapterError(f"DoRA adapts whole Linear layers only, and '{site.place_id}' is "
