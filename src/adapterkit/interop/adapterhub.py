@@ -34,8 +34,8 @@ from ..errors import AdapterError, CheckpointError
 from ..heads import HeadConfig
 from ..layouts.architectures import BERT_LIKE, DISTILBERT, GPT2, LLAMA_LIKE
 from ..methods.bottleneck import INITS, BottleneckConfig
-from ..methods.ia3 import IA3Config
 from ..methods.dora import DoRAConfig
+from ..methods.ia3 import IA3Config
 from ..methods.lora import LoRAConfig
 from ..methods.lora_init import as_plain_lora
 from . import heads as H

@@ -24,8 +24,8 @@ import torch
 from ..errors import AdapterError, CheckpointError
 from ..heads import HeadConfig
 from ..layouts import linear_features
-from ..methods.ia3 import IA3Config
 from ..methods.dora import DoRAConfig
+from ..methods.ia3 import IA3Config
 from ..methods.lora import EMBEDDINGS, LoRAConfig, pattern_value
 from ..methods.lora_init import as_plain_lora
 from ..methods.lora_layers import SlicedSite, host_kind

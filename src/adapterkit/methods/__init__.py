@@ -1,8 +1,8 @@
 """One file per functional form; importing this package registers them all."""
 
 from .bottleneck import BottleneckConfig
-from .ia3 import IA3Config
 from .dora import DoRAConfig
+from .ia3 import IA3Config
 from .layer_sum import LAdapterConfig
 from .lora import LoRAConfig
 from .prefix_tuning import PrefixTuningConfig
