@@ -26,6 +26,7 @@ from .errors import AdapterError, CheckpointError  # noqa: E402
 from .heads import HeadConfig  # noqa: E402
 from .methods import BottleneckConfig, IA3Config, LoRAConfig, PrefixTuningConfig, PromptTuningConfig  # noqa: E402
 from .model import AdapterModel  # noqa: E402
+from .strategies import Strategy, available_strategies, register_strategy  # noqa: E402
 
 __all__ = [
     "AdapterModel",
@@ -45,6 +46,9 @@ __all__ = [
     "CheckpointError",
     "register_method",
     "register_preset",
+    "register_strategy",
+    "available_strategies",
+    "Strategy",
     "resolve_config",
     "config_from_dict",
     "available_methods",

@@ -106,14 +106,14 @@ class AdapterConfig:
             ) from None
 
     def _validate_shared(self) -> None:
-        from .strategies import STRATEGIES
+        from .strategies import check_strategy
 
         if self.place is not None and self.place not in self.places:
             raise AdapterError(
                 f"Method '{self.method}' cannot take place='{self.place}'; its places: {', '.join(self.places)}."
             )
-        if self.strategy is not None and self.strategy not in STRATEGIES:
-            raise AdapterError(f"Unknown strategy '{self.strategy}'; choose one of: {', '.join(STRATEGIES)}.")
+        if self.strategy is not None:
+            check_strategy(self.strategy)  # the built-ins and the registered ones (strategies.register_strategy)
         if not 0.0 <= self.stochastic_depth < 1.0:
             raise AdapterError(f"stochastic_depth must be in [0, 1), got {self.stochastic_depth}.")
         if not self.l2_lambda >= 0.0:
