@@ -27,6 +27,7 @@ model = cls.from_pretrained(base).eval()
 ah.init(model)
 name = model.load_adapter(folder, use_safetensors=True)
 model.set_active_adapters(name)
+model.eval()  # after loading: AdapterHub's new layers start in training mode (dropout)
 batch = load_file(batch_file)
 with torch.no_grad():
     out = model(**batch)

@@ -155,13 +155,14 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "prefix_tuning": ("prefix_tuning", {"prefix_length": 3, "bottleneck_size": 8}),
     "dora": ("dora", {"r": 4, "alpha": 8.0}),
     "vera": ("vera", {"r": 4}),
+    "loreft": ("loreft", {"r": 2, "suffix_positions": 2}),
 }
 #: methods that run on some architectures only (the rest run on all of ``ARCHS``)
 METHOD_ARCHS: dict[str, tuple[str, ...]] = {
     "prefix_tuning": ("bert", "gpt2", "llama", "mistral", "qwen2", "t5", "bart"),
 }
 #: methods whose fresh adapter changes the outputs (prefix tuning: its keys and values are drawn)
-NOT_IDENTITY_AT_INIT = {"prefix_tuning"}
+NOT_IDENTITY_AT_INIT = {"prefix_tuning", "loreft"}  # LoReFT: W, b and R start random (Wu et al. 2024)
 
 #: Extra configurations that exercise options beyond the presets, run on one architecture per layout
 #: family. The third element says whether a fresh adapter is an identity: AdapterHub's
@@ -313,6 +314,9 @@ def expected_adapter_params(case: Case) -> int:
     if cfg.method == "union":
         return sum(expected_adapter_params(Case(case.arch, part.method, part.method, _options_of(part)))
                    for part in cfg.parts)
+    if cfg.method == "reft":  # per layer and unit (one, or one per end): W (r, d) + b (r,) + R (r, d)
+        units = 1 if cfg.tied_weights else 2
+        return len(stacks) * layers * units * (2 * D * cfg.r + cfg.r)
     if cfg.method in ("dora", "vera"):  # on LoRA's Linear layers
         roles = cfg.roles or case.arch.lora_default
         shapes = [case.arch.stacks[s][r] for s in stacks for r in roles if r in case.arch.stacks[s]]
@@ -349,7 +353,11 @@ def expected_adapter_params(case: Case) -> int:
 def expected_saved_params(case: Case) -> int:
     """Tensors the adapter saves: its trainable parameters, plus PiSSA / OLoRA's frozen initial
     ``A`` and ``B`` (as many again, ``methods/lora_init.py``)."""
-    residual = getattr(case.config, "init_weights", "lora") not in ("lora",) and case.config.method == "lora"
+    cfg = case.config
+    if cfg.method == "reft" and cfg.orthogonality:  # torch's orthogonal parametrisation keeps a (d, d) base
+        units = (1 if cfg.tied_weights else 2) * len(cfg.stacks or case.arch.stacks) * _layers_used(cfg)
+        return expected_adapter_params(case) + units * D * D
+    residual = getattr(cfg, "init_weights", "lora") not in ("lora",) and cfg.method == "lora"
     return expected_adapter_params(case) * (2 if residual else 1)
 
 

@@ -656,7 +656,7 @@ class AdapterModel(nn.Module):
                                    "or activate one adapter or a Stack.")
             return run_parallel(self, find_parallel(self._setup), args, kwargs, labels)
         routing = self._routing(adapter_names, args[0] if args else None, kwargs) if adapter_names is not None else None
-        with self._routing_hooks(routing is not None), context.forward(routing) as ctx:
+        with self._routing_hooks(routing is not None), context.forward(routing, attention_mask) as ctx:
             if head_name is None:
                 if labels is not None:
                     kwargs["labels"] = labels
@@ -690,7 +690,7 @@ class AdapterModel(nn.Module):
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         routing = self._routing(names, None, kwargs)
-        with self._routing_hooks(True), context.forward(routing):
+        with self._routing_hooks(True), context.forward(routing, attention_mask):
             return backbone(**kwargs)
 
     def _routing(self, adapter_names: Sequence[Optional[str]], positional: Optional[torch.Tensor],

@@ -38,6 +38,7 @@ from ..methods.dora import DoRAConfig
 from ..methods.ia3 import IA3Config
 from ..methods.lora import LoRAConfig
 from ..methods.lora_init import as_plain_lora
+from . import adapterhub_reft
 from . import heads as H
 from .files import read_json, read_weights, write_folder
 from .meta import by_place, checkpoint, head_tensors, refuse_options
@@ -123,7 +124,7 @@ def _kind(ah: Any, config_file: Path) -> str:
         arch = "ia3" if ah.get("composition_mode") == "scale" else ("dora" if ah.get("use_dora") else "lora")
     if arch not in READERS:
         raise CheckpointError(f"'{config_file}': config architecture {arch!r} is not supported; adapterkit reads "
-                              "AdapterHub bottleneck (SeqBn, DoubleSeqBn, ParBn), LoRA and IA3 adapters.")
+                              "AdapterHub bottleneck (SeqBn, DoubleSeqBn, ParBn), LoRA, IA3, DoRA and ReFT adapters.")
     return arch
 
 
@@ -446,3 +447,6 @@ WRITERS = {"bottleneck": _write_bottleneck,
            "lora": lambda *a: _write_weight_method(*a, ia3=False),
            "ia3": lambda *a: _write_weight_method(*a, ia3=True)}
 WRITERS["dora"] = WRITERS["lora"]
+# ReFT (adapterhub_reft.py)
+READERS["reft"], READ_OPTIONS["reft"], OFF_OPTIONS["reft"] = adapterhub_reft.read, adapterhub_reft.READ, {}
+WRITERS["reft"] = adapterhub_reft.write

@@ -7,8 +7,9 @@ from .layer_sum import LAdapterConfig
 from .lora import LoRAConfig
 from .prefix_tuning import PrefixTuningConfig
 from .prompt_tuning import PromptTuningConfig
+from .reft import ReftConfig
 from .union import ConfigUnion
 from .vera import VeRAConfig
 
 __all__ = ["BottleneckConfig", "LoRAConfig", "DoRAConfig", "IA3Config", "LAdapterConfig", "PrefixTuningConfig", "PromptTuningConfig",
-           "ConfigUnion", "VeRAConfig"]
+           "ConfigUnion", "VeRAConfig", "ReftConfig"]
