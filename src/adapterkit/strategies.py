@@ -130,7 +130,9 @@ def register_strategy(name: str):
                                f"got {cls!r}.")
         if not isinstance(name, str) or not name.isidentifier():
             raise AdapterError(f"A strategy name must be a Python identifier such as 'soft_gate', got {name!r}.")
-        if name in _STRATEGIES and _STRATEGIES[name] is not cls:
+        known = _STRATEGIES.get(name)
+        same = known is not None and (known.__module__, known.__qualname__) == (cls.__module__, cls.__qualname__)
+        if known is not None and known is not cls and not same:  # same: the definition run again (a notebook)
             raise AdapterError(f"A strategy named '{name}' is already registered; pick another name.")
         _STRATEGIES[name] = cls
         return cls
