@@ -156,6 +156,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "dora": ("dora", {"r": 4, "alpha": 8.0}),
     "vera": ("vera", {"r": 4}),
     "loreft": ("loreft", {"r": 2, "suffix_positions": 2}),
+    "compacter++": ("compacter++", {"reduction_factor": 8}),
 }
 #: methods that run on some architectures only (the rest run on all of ``ARCHS``)
 METHOD_ARCHS: dict[str, tuple[str, ...]] = {
@@ -309,6 +310,11 @@ def expected_adapter_params(case: Case) -> int:
         chosen = {"attn_out": cfg.mh_adapter, "cross_attn_out": cfg.cross_adapter, "ffn_out": cfg.output_adapter}
         sites = sum(chosen[p] for s in stacks for p in case.arch.places(s))
         return per_site * sites * layers + norms
+    if cfg.method == "compacter":  # per site: PHM down d -> m and up m -> d, r (d + m) each plus a bias; one rule
+        m, r, n = int(D // cfg.reduction_factor), cfg.phm_rank, cfg.phm_dim
+        chosen = {"attn_out": cfg.mh_adapter, "cross_attn_out": cfg.cross_adapter, "ffn_out": cfg.output_adapter}
+        sites = sum(chosen[p] for s in stacks for p in case.arch.places(s)) * layers
+        return sites * (2 * r * (D + m) + m + D) + n ** 3 + norms
     if cfg.method == "l_adapter":  # per layer: Linear d x d + d, LayerNorm 2d; one mixing weight per layer
         return len(stacks) * layers * (D * D + D + 2 * D + 1)
     if cfg.method == "union":
@@ -354,6 +360,11 @@ def expected_saved_params(case: Case) -> int:
     """Tensors the adapter saves: its trainable parameters, plus PiSSA / OLoRA's frozen initial
     ``A`` and ``B`` (as many again, ``methods/lora_init.py``)."""
     cfg = case.config
+    if cfg.method == "compacter":  # each PHM layer saves its copy of the shared rule
+        stacks = cfg.stacks or tuple(case.arch.stacks)
+        chosen = {"attn_out": cfg.mh_adapter, "cross_attn_out": cfg.cross_adapter, "ffn_out": cfg.output_adapter}
+        sites = sum(chosen[p] for s in stacks for p in case.arch.places(s)) * _layers_used(cfg)
+        return expected_adapter_params(case) + (2 * sites - 1) * cfg.phm_dim ** 3
     if cfg.method == "reft" and cfg.orthogonality:  # torch's orthogonal parametrisation keeps a (d, d) base
         units = (1 if cfg.tied_weights else 2) * len(cfg.stacks or case.arch.stacks) * _layers_used(cfg)
         return expected_adapter_params(case) + units * D * D

@@ -38,7 +38,7 @@ from ..methods.dora import DoRAConfig
 from ..methods.ia3 import IA3Config
 from ..methods.lora import LoRAConfig
 from ..methods.lora_init import as_plain_lora
-from . import adapterhub_reft
+from . import adapterhub_compacter, adapterhub_reft
 from . import heads as H
 from .files import read_json, read_weights, write_folder
 from .meta import by_place, checkpoint, head_tensors, refuse_options
@@ -120,6 +120,8 @@ def _kind(ah: Any, config_file: Path) -> str:
     if not isinstance(ah, dict):
         raise CheckpointError(f"'{config_file}': 'config' must be an object (AdapterHub saves the full config).")
     arch = ah.get("architecture") or "bottleneck"
+    if arch == "bottleneck" and ah.get("phm_layer"):
+        arch = "compacter"
     if arch == "lora":
         arch = "ia3" if ah.get("composition_mode") == "scale" else ("dora" if ah.get("use_dora") else "lora")
     if arch not in READERS:
@@ -154,10 +156,10 @@ def _keys(tensors: dict, pattern: str, weights_file: Path) -> list[tuple[str, st
 
 
 def _bottleneck_param(param: str, ln_before: bool) -> Optional[str]:
-    m = re.fullmatch(r"adapter_down\.(\d)\.(weight|bias)", param)
+    m = re.fullmatch(r"adapter_down\.(\d)\.(weight|bias|W_left|W_right|b)", param)  # PHM: W_left, W_right, b
     if m:
         return f"{'norm_before' if ln_before and m.group(1) == '0' else 'down'}.{m.group(2)}"
-    m = re.fullmatch(r"(adapter_up|adapter_norm_before|adapter_norm_after)\.(weight|bias)", param)
+    m = re.fullmatch(r"(adapter_up|adapter_norm_before|adapter_norm_after)\.(weight|bias|W_left|W_right|b)", param)
     if m:
         return f"{m.group(1)[len('adapter_'):]}.{m.group(2)}"
     return "scaling" if param == "scaling" else None
@@ -450,3 +452,8 @@ WRITERS["dora"] = WRITERS["lora"]
 # ReFT (adapterhub_reft.py)
 READERS["reft"], READ_OPTIONS["reft"], OFF_OPTIONS["reft"] = adapterhub_reft.read, adapterhub_reft.READ, {}
 WRITERS["reft"] = adapterhub_reft.write
+# Compacter (adapterhub_compacter.py): the bottleneck reader plus the shared rule
+READERS["compacter"] = lambda *a: adapterhub_compacter.read(*a, bottleneck=_read_bottleneck)
+READ_OPTIONS["compacter"] = BN_READ
+OFF_OPTIONS["compacter"] = {k: v for k, v in BN_OFF.items() if k != "phm_layer"}
+WRITERS["compacter"] = lambda *a: adapterhub_compacter.write(*a, bottleneck=_write_bottleneck)

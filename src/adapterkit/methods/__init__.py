@@ -1,6 +1,7 @@
 """One file per functional form; importing this package registers them all."""
 
 from .bottleneck import BottleneckConfig
+from .compacter import CompacterConfig
 from .dora import DoRAConfig
 from .ia3 import IA3Config
 from .layer_sum import LAdapterConfig
@@ -12,4 +13,4 @@ from .union import ConfigUnion
 from .vera import VeRAConfig
 
 __all__ = ["BottleneckConfig", "LoRAConfig", "DoRAConfig", "IA3Config", "LAdapterConfig", "PrefixTuningConfig", "PromptTuningConfig",
-           "ConfigUnion", "VeRAConfig", "ReftConfig"]
+           "ConfigUnion", "VeRAConfig", "ReftConfig", "CompacterConfig"]
