@@ -138,7 +138,7 @@ def serve_http_only(config_path: str) -> None:
     import uvicorn
 
     from adapterkit.serve.app import create_app
-    from adapterkit.serve.command import build_engine
+    from adapterkit.serve.engine import build_engine
     from adapterkit.serve.config import ServeConfig
 
     config = ServeConfig.from_file(config_path)
@@ -205,7 +205,7 @@ def forward_costs(model: str, dirs: dict[str, str], sizes: tuple[int, ...], repe
     fastest of ``repeats`` (the least disturbed by other processes)."""
     import torch
 
-    from adapterkit.serve.command import build_engine
+    from adapterkit.serve.engine import build_engine
     from adapterkit.serve.config import ServeConfig
     from adapterkit.serve.engine import ClassifyJob, ClassifyKey
 

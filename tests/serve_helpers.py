@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ import transformers
 
 from adapterkit import AdapterModel
 from adapterkit.loader import load_tokenizer
-from adapterkit.serve.command import build_engine
+from adapterkit.serve.engine import build_engine
 from adapterkit.serve.config import ServeConfig
 
 VOCAB = 30522  # the minilm tokenizer's
@@ -79,11 +80,13 @@ class Running:
         import uvicorn
 
         from adapterkit.serve.app import create_app
+        from adapterkit.serve.connections import uvicorn_config
 
         self.app = create_app(build_engine(config))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(self.app, replace(config, host="127.0.0.1", port=self.port),
+                                                    log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "Running":

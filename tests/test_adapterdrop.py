@@ -15,7 +15,8 @@ import torch
 import transformers as T
 
 from adapterkit import AdapterError, AdapterModel
-from adapterkit.adapterdrop import AdapterDrop, AdapterDropCallback
+from adapterkit.composition.adapterdrop import AdapterDrop
+from adapterkit.train.adapterdrop import AdapterDropCallback
 from adapterkit.train import TrainConfig, fit, prepare
 from trainkit import sentiment_rows, tiny_bert, write_tsv
 
@@ -210,3 +211,9 @@ def test_training_loop_flag(tmp_path):
     assert prep.model.skip_layers == []
     with pytest.raises(AdapterError, match="--adapter-drop"):
         TrainConfig(train="x", adapter_drop=-1).validate()
+
+
+def test_the_old_import_path_of_the_callback_still_works_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="adapterkit.train.adapterdrop"):
+        from adapterkit.adapterdrop import AdapterDropCallback as Old
+    assert Old is AdapterDropCallback

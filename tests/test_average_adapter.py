@@ -13,7 +13,7 @@ import torch
 import transformers as T
 
 from adapterkit import AdapterError, AdapterModel
-from adapterkit.merge_adapters import normalised_weights, ties_tensor
+from adapterkit.averaging import normalised_weights, ties_tensor
 
 
 def tiny() -> AdapterModel:

@@ -61,7 +61,27 @@ def ws(tmp_path_factory):
         (d / "stopped" / "run.json").write_text(json.dumps(run))
     finally:
         os.chdir(cwd)
+    _damaged_adapters(d)
+    (d / "deep.jsonl").write_text('{"sentence": ' + "[" * 100_000 + "]" * 100_000 + ', "label": 1}\n')
+    write_tsv(d / "multi.tsv", [("good film", "a,b"), ("bad film", "b")], header=("sentence", "labels"))
     return d
+
+
+def _damaged_adapters(d: Path) -> None:
+    """Copies of the run's adapter whose adapter_config.json was damaged or edited by hand."""
+    edits = {
+        "deep-config": lambda m: '{"config": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        "version-text": lambda m: {**m, "format_version": "1"},
+        "version-list": lambda m: {**m, "format_version": [2]},
+        "base-list": lambda m: {**m, "base_model": ["bert"]},
+        "huge-head": lambda m: {**m, "head": {**m["head"], "num_labels": 10**12}},
+        "float-head": lambda m: {**m, "head": {**m["head"], "num_labels": 1e12}},
+    }
+    for name, edit in edits.items():
+        shutil.copytree(d / "run" / "adapter", d / name)
+        meta = json.loads((d / name / "adapter_config.json").read_text())
+        new = edit(meta)
+        (d / name / "adapter_config.json").write_text(new if isinstance(new, str) else json.dumps(new))
 
 
 def _audio(d: Path) -> None:
@@ -165,6 +185,53 @@ CASES: list[tuple[str, list[str], str]] = [
      ["train", "--model", "speech-bare", "--train", "clips", "--out", "new", *FAST], "preprocessor_config.json"),
     ("audio clips for a text model", ["train", "--model", "bert", "--train", "clips", "--out", "new", *FAST],
      "reads text"),
+    ("push: not an adapter", ["push", "notes", "pub"], "not an adapter folder"),
+    ("push: into a folder of other files", ["push", "run", "notes"], "holds other files"),
+    ("push: to a static web server", ["push", "run", "http://127.0.0.1:9/pub"], "read only"),
+    ("pull: a local folder", ["pull", "notes"], "is local already"),
+    ("ls: no such folder", ["ls", "nope"], "no such folder"),
+    ("cache rm: not in the cache", ["cache", "rm", "nope"], "adapterkit cache ls"),
+    ("eval: an AdapterHub hub name", ["eval", "--adapter", "nli/multinli@ukp", "--data", "dev.tsv"],
+     "hf://nli/multinli"),
+    ("an infinite learning rate", _with("--epochs", "1") + ["--lr", "inf"], "--lr must be a finite number"),
+    ("an infinite weight decay", TRAIN + ["--weight-decay", "inf"], "--weight-decay must be a finite number"),
+    ("an infinite warm-up", TRAIN + ["--warmup", "inf"], "--warmup must be a finite number"),
+    ("a seed beyond 64 bits", TRAIN + ["--seed", str(2**64)], "--seed must be a whole number from 0 to 4294967295"),
+    ("an empty multi-label separator", _with("--train", "multi.tsv") + ["--task", "multilabel", "--label-sep", ""],
+     "--label-sep must not be empty"),
+    ("a JSONL row nested 100,000 deep", _with("--train", "deep.jsonl"), "deep.jsonl:1: JSON nested too deeply"),
+    ("--eval-batch-size -1", TRAIN + ["--eval", "dev.tsv", "--eval-batch-size", "-1"],
+     "--eval-batch-size must be >= 1, got -1"),
+    ("--eval-batch-size 0", TRAIN + ["--eval", "dev.tsv", "--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
+    ("a metric the task does not compute", TRAIN + ["--metric", "bogus"], "--metric bogus is not computed"),
+    ("eval: --batch-size 0", ["eval", "--adapter", "run", "--data", "dev.tsv", "--batch-size", "0"],
+     "--batch-size must be >= 1, got 0"),
+    ("eval: --batch-size -1", ["eval", "--adapter", "run", "--data", "dev.tsv", "--batch-size", "-1"],
+     "--batch-size must be >= 1, got -1"),
+    ("eval: --max-length -5", ["eval", "--adapter", "run", "--data", "dev.tsv", "--max-length", "-5"],
+     "--max-length must be >= 2 tokens, got -5"),
+    ("eval: --max-length 1", ["eval", "--adapter", "run", "--data", "dev.tsv", "--max-length", "1"],
+     "--max-length must be >= 2 tokens, got 1"),
+    ("predict: --batch-size 0", ["predict", "--adapter", "run", "--batch-size", "0", "good film"],
+     "--batch-size must be >= 1, got 0"),
+    ("predict: --batch-size -1", ["predict", "--adapter", "run", "--batch-size", "-1", "good film"],
+     "--batch-size must be >= 1, got -1"),
+    ("predict: a lone surrogate", ["predict", "--adapter", "run", "good \udc80 film"], "not valid Unicode text"),
+    ("inspect: adapter_config.json nested 100,000 deep", ["inspect", "deep-config"], "nested too deeply"),
+    ("eval: adapter_config.json nested 100,000 deep", ["eval", "--adapter", "deep-config", "--data", "dev.tsv"],
+     "nested too deeply"),
+    ('inspect: "format_version": "1"', ["inspect", "version-text"], "'format_version' must be a whole number, got '1'"),
+    ('eval: "format_version": [2]', ["eval", "--adapter", "version-list", "--data", "dev.tsv"],
+     "'format_version' must be a whole number, got [2]"),
+    ('inspect: "base_model": [...]', ["inspect", "base-list"], "'base_model' must be an object, got ['bert']"),
+    ('eval: "base_model": [...]', ["eval", "--adapter", "base-list", "--data", "dev.tsv"], "'base_model' must be an object"),
+    ("eval: num_labels 10**12", ["eval", "--adapter", "huge-head", "--data", "dev.tsv"],
+     "num_labels is 1000000000000, which its saved weights"),
+    ("inspect: num_labels 1e12", ["inspect", "float-head"], "num_labels is 1000000000000.0, which its saved weights"),
+    ("merge: adapter_config.json nested 100,000 deep", ["merge", "--adapter", "deep-config", "--out", "m"],
+     "nested too deeply"),
+    ("serve: --max-length above the model's positions", ["serve", "--model", "bert", "--max-length", "4096"],
+     "position embeddings hold 128"),
 ]
 STDIN = {"predict: nothing on stdin": b"\n\n", "predict: stdin not in UTF-8": "na\xefve\n".encode("latin-1")}
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import adapterkit.io as ckpt_io
+import adapterkit.checkpoint_format as ckpt_io
 from adapterkit import AdapterModel, CheckpointError
 from helpers import CASE_IDS, CASES, make_base, make_model, perturb, run
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import transformers as T
 
 from adapterkit import AdapterError, AdapterModel, Average, Fuse, Parallel, Stack
-from adapterkit.fusion import FusionConfig, FusionUnit
+from adapterkit.composition.fuse import FusionConfig, FusionUnit
 
 IDS = torch.tensor([[1, 5, 7, 9, 2, 4], [3, 4, 8, 2, 6, 1]])
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from adapterkit import AdapterError, AdapterModel, Fuse
 from adapterkit.errors import CheckpointError
-from adapterkit.fusion import FusionConfig
+from adapterkit.composition.fuse import FusionConfig
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "interop"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "fusion_case.json").is_file())

@@ -9,6 +9,7 @@ import transformers as T
 
 from adapterkit import AdapterError, AdapterModel, Average, BatchSplit, Parallel, Stack
 from adapterkit.composition import ALLOWED_NESTINGS, setup_from_dict
+from helpers import ARCHS, AUDIO_SAMPLES, make_base
 
 IDS = torch.tensor([[1, 5, 7, 9, 2, 4], [3, 4, 8, 2, 6, 1], [9, 9, 3, 1, 0, 0]])
 MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
@@ -265,3 +266,29 @@ def test_parallel_on_bart_with_a_classification_head_per_adapter():
     for out, ref in zip(outs, refs):
         torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-5)
 
+
+
+def test_parallel_with_heads_and_a_mask_on_wav2vec2_equals_each_adapter_alone():
+    """Speech heads read the frame-level mask, under Parallel as alone (the Parallel copy of
+    "run the body, then the heads" once gave them the mask over samples: a shape error)."""
+    model = AdapterModel(make_base(ARCHS["wav2vec2"]))
+    model.add_adapter("a", "pfeiffer")
+    model.add_adapter("b", "lora")
+    model.add_classification_head("a", 3)
+    model.add_classification_head("b", 2)
+    perturb(model)
+    model.eval()
+    torch.manual_seed(1)
+    values = torch.randn(2, AUDIO_SAMPLES)
+    mask = torch.ones(2, AUDIO_SAMPLES, dtype=torch.long)
+    mask[1, 250:] = 0
+    refs = []
+    for name in "ab":
+        model.set_active_adapters(name)
+        with torch.no_grad():
+            refs.append(model(input_values=values, attention_mask=mask).logits)
+    model.set_active_adapters(Parallel("a", "b"))
+    with torch.no_grad():
+        outs = model(input_values=values, attention_mask=mask)
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-5)

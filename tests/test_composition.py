@@ -14,7 +14,7 @@ from torch import nn
 
 from adapterkit import AdapterError, AdapterModel, Average, BatchSplit, Stack
 from adapterkit.composition import setup_from_dict
-from adapterkit.slots import SlotIO
+from adapterkit.places.slots import SlotIO
 from helpers import CASE_IDS, CASES, METHODS, hook_counts, make_model, perturb, run
 
 cases = pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

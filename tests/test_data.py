@@ -212,3 +212,24 @@ def test_task_spec_round_trip(tmp_path):
 def test_default_name(tmp_path):
     assert default_name("../shared/data/sst2/train.tsv") == "sst2"
     assert default_name("reviews.v2.tsv") == "reviews_v2"
+
+
+def test_whole_number_labels_written_as_decimals_are_one_class(tmp_path):
+    """A TSV with labels ``1`` and ``1.0`` (and ``0`` / ``0.0``) is binary, not a 4-class task."""
+    t = read_table(write(tmp_path / "mixed.tsv", "text\tlabel\na\t1\nb\t1.0\nc\t0\nd\t0.0\ne\t1e0\n"))
+    spec = build_task(t, detect_columns(t), None, decoder=False)
+    assert (spec.task, spec.labels) == ("classification", ["0", "1"])
+    check_eval_labels(spec, read_table(write(tmp_path / "dev.tsv", "text\tlabel\nf\t1.0\ng\t0\n")))
+    codes = read_table(write(tmp_path / "codes.tsv", "text\tlabel\na\t007\nb\t7\n"))  # codes stay as written
+    assert build_task(codes, detect_columns(codes), None, decoder=False).labels == ["007", "7"]
+    multi = read_table(write(tmp_path / "multi.tsv", "text\tlabels\na\t1,2.0\nb\t2\n"))
+    spec = build_task(multi, detect_columns(multi), "multilabel", decoder=False)
+    assert spec.labels == ["1", "2"]
+
+
+@pytest.mark.parametrize("name", ["deep.jsonl", "deep.json"])
+def test_deeply_nested_json_is_a_data_error(tmp_path, name):
+    deep = "[" * 100_000 + "]" * 100_000
+    body = f'{{"text": "a", "label": 1}}\n{{"text": {deep}, "label": 0}}\n' if name.endswith("l") else deep
+    with pytest.raises(DataError, match=r"nested too deeply"):
+        read_table(write(tmp_path / name, body))

@@ -13,7 +13,7 @@ from torch import nn
 from adapterkit import resolve_config
 from adapterkit.methods.bottleneck import Bottleneck
 from adapterkit.methods.fused import add_linear, fold_layer_norm, linear_of_layer_norm
-from adapterkit.slots import SlotIO
+from adapterkit.places.slots import ArgRef, Site, SlotIO
 from adapterkit.strategies import Add
 
 
@@ -121,6 +121,8 @@ def _pfeiffer_io(dtype=torch.float64, offset: float = 0.0) -> tuple[Bottleneck, 
             p.normal_(0, 0.3)
     io = SlotIO(x=torch.randn(3, 4, D, dtype=dtype), y=torch.randn(3, 4, D, dtype=dtype) + offset,
                 residual=torch.randn(3, 4, D, dtype=dtype), layer_norm=norm)
+    # as the core compiles a plan: the site (a post place with a residual and the model's norm) allows the fold
+    adapter.compile_at(Site("x", nn.Identity(), D, D, residual_from=(nn.Identity(), ArgRef(0, "x")), layer_norm=norm))
     return adapter, io
 
 
@@ -159,3 +161,20 @@ def test_pfeiffer_inference_path_falls_back_where_the_fold_would_lose_precision(
         expected = _written_out(adapter, io, "pfeiffer") - io.y
     assert adapter._folded is not None and delta.abs().max() > 0.1
     assert torch.allclose(delta, expected, rtol=0.0, atol=2e-3)
+
+
+def test_the_fused_path_is_chosen_when_the_plan_is_compiled():
+    """Without ``compile_at`` (no plan compiled for the unit's site) the unit takes the plain path;
+    after it, the fold; a site without the model's norm keeps the plain path."""
+    adapter, io = _pfeiffer_io()
+    adapter._foldable = False  # as built, before any plan
+    with torch.no_grad():
+        plain = adapter.run(io)
+        assert adapter._folded is None
+        adapter.compile_at(Site("x", nn.Identity(), D, D, residual_from=(nn.Identity(), ArgRef(0, "x")),
+                                layer_norm=io.layer_norm))
+        folded = adapter.run(io)
+        assert adapter._folded is not None
+        adapter.compile_at(Site("x", nn.Identity(), D, D, residual_from=(nn.Identity(), ArgRef(0, "x"))))
+        assert not adapter._foldable
+    assert torch.allclose(plain, folded, atol=1e-12)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from adapterkit import AdapterModel
-from adapterkit.packaged import load_tokenizer
+from adapterkit.loader import load_tokenizer
 from helpers import assert_state_equal, clone_state, read_sst2
 
 pytestmark = pytest.mark.slow

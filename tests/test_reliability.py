@@ -95,7 +95,7 @@ def test_run_lock_is_exclusive_and_discards_what_it_created(tmp_path):
 
     out = tmp_path / "new"
     first = RunLock(out).acquire()
-    assert (out / LOCK_NAME).read_text().strip() == str(os.getpid())
+    assert (out / LOCK_NAME).read_text().split() == [str(os.getpid()), "train"]
     with pytest.raises(AdapterError, match=rf"in use by another adapterkit train \(PID {os.getpid()}\)"):
         RunLock(out).acquire()
     first.release(discard=True)  # the run never started: nothing is left behind
@@ -359,12 +359,12 @@ def test_failed_merge_keeps_the_previous_output(ws, tmp_path, monkeypatch):
     merged = train_and_merge_lora(ws, tmp_path, 2, FAST)
     run = tmp_path / "lora"  # the run folder train_and_merge_lora trained into
     before = tree(merged)
-    from adapterkit.train import checkpoint
+    import adapterkit.cli
 
     def broken(*args, **kwargs):
         raise AdapterError("the disk is full")  # any failure while the new folder is filled
 
-    monkeypatch.setattr(checkpoint, "save_head", broken)
+    monkeypatch.setattr(adapterkit.cli, "save_head", broken)  # the name merge calls
     assert main(["merge", "--adapter", str(run), "--out", str(merged), "--overwrite"]) == 2
     assert tree(merged) == before  # the old merged model is whole
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]

@@ -397,7 +397,7 @@ def test_schemathesis_finds_no_500_and_no_schema_violation(kind, encoder, tmp_pa
 
 def test_generation_stops_when_every_client_has_gone(tmp_path):
     """A generate batch whose requests have all gone stops at the next token (no further work)."""
-    from adapterkit.serve.command import build_engine
+    from adapterkit.serve.engine import build_engine
     from adapterkit.serve.engine import GenerateJob, GenerateKey
 
     base, gen = make_decoder(tmp_path)

@@ -114,3 +114,13 @@ def test_an_evicted_adapter_leaves_the_model_after_its_last_request(tmp_path):
         await replica.stop()
 
     asyncio.run(scenario())
+
+
+def test_the_ingress_reads_no_adapter_from_unreadable_bodies():
+    """The ingress's peek at ``adapter`` never raises (the replica's app answers the body): deep
+    nesting, invalid JSON and non-objects route to any replica."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert ray_deployment._adapter_of("/v1/classify", deep) == ""
+    assert ray_deployment._adapter_of("/v1/classify", b'{"adapter": ' + deep + b"}") == ""
+    assert ray_deployment._adapter_of("/v1/classify", b"{not json") == ""
+    assert ray_deployment._adapter_of("/v1/generate", b'{"adapter": "poet"}') == "poet"

@@ -77,7 +77,7 @@ def test_saved_adapter_is_the_best_one(bert, sst, tmp_path):
     results = train(cfg(bert, sst, epochs=2), tmp_path / "run")
     model = AdapterModel.from_pretrained(str(bert))
     model.load_adapter(tmp_path / "run" / "adapter", set_active=True)
-    from adapterkit.artifacts import load_trained
+    from adapterkit.train.artifacts import load_trained
     from adapterkit.data import encode, read_table
     from adapterkit.train.evaluate import evaluate
 

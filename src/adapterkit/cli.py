@@ -10,14 +10,48 @@ stderr and exits with code 2, before anything is written. Ctrl-C during training
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from safetensors import SafetensorError
+from transformers.utils import logging as hf_logging
+
+from . import cli_sharing
+from ._version import __version__
+from .checkpoint_format import CONFIG_NAME, read_meta
+from .config import config_from_dict
+from .convert import convert, heads_left_behind
+from .data import (
+    SUFFIXES,
+    Table,
+    TaskSpec,
+    check_eval_labels,
+    detect_columns,
+    encode,
+    prediction_inputs,
+    read_prediction_input,
+    read_table,
+)
+from .data.audio import is_audio_file, is_audio_folder, prediction_clips, read_split
 from .errors import AdapterError
+from .inference import predict_audio, predict_texts
+from .inspection import describe
+from .layouts.inputs import min_samples
+from .loader import check_max_length
 from .serve import command as serve_command
+from .train import distributed as D
+from .train import loop
+from .train.artifacts import load_bare, load_trained, locate
+from .train.checkpoint import save_head, write_dir_atomic
+from .train.config import TrainConfig
+from .train.evaluate import evaluate
+from .train.metrics import metric_names
+from .train.runlock import LOCK_NAME, RunLock
 
 EXIT_BAD_INPUT = 2
 
@@ -151,7 +185,6 @@ def _add_common_model(p: argparse.ArgumentParser, adapter_required: bool = True)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="adapterkit", description="Train, evaluate and use small adapters on frozen models.")
-    from . import __version__
 
     parser.add_argument("--version", action="version", version=f"adapterkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -199,14 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model folder or alias (default: the one recorded beside SRC)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickled *.bin weights (torch.load with weights_only=True); refused otherwise")
+    p.add_argument("--without-head", action="store_true",
+                   help="convert the adapter alone, leaving its task head behind (e.g. a mean-pooling head, which "
+                        "neither PEFT nor AdapterHub can hold)")
     serve_command.add_parser(sub)
+    cli_sharing.add_parsers(sub)
     return parser
 
 
 # -- train -----------------------------------------------------------------------------------------
 def _config_from_args(args: argparse.Namespace, base: Optional[dict[str, Any]] = None):
-    from .train.config import TrainConfig
-
     given = {dest: getattr(args, dest) for _, dest, _, _ in _TRAIN_FLAGS if hasattr(args, dest)}
     for flag in ("full_finetune", "group_by_length", "base_dropout"):
         if hasattr(args, flag):
@@ -232,10 +267,6 @@ def _config_from_args(args: argparse.Namespace, base: Optional[dict[str, Any]] =
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import distributed as D
-    from .train import loop
-    from .train.runlock import RunLock
-
     env = D.init_from_env()
     out = Path(args.resume or args.out or "")
     prep = None
@@ -277,6 +308,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"({len(prep.train):,} training rows{_rows_note(prep)}), {env.world_size} process(es)")
         print(f"trainable parameters: {counts['trainable']:,} of {counts['total']:,} "
               f"({100 * counts['trainable'] / counts['total']:.2f} %), head {counts['head']:,}", flush=True)
+        _head_note(prep)
     try:
         results = loop.fit(prep, out, resume=bool(args.resume), overwrite=args.overwrite, echo=_note,
                            lock=lock if env.is_main else None)
@@ -294,6 +326,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if env.is_main:
         _print_results(results, out, time.perf_counter() - started)
     return 0
+
+
+def _head_note(prep: Any) -> None:
+    """Say now, not at ``convert`` time, when the head chosen will not go to PEFT / AdapterHub."""
+    if prep.config.full_finetune:
+        return
+    formats = heads_left_behind(prep.model, prep.name)
+    if formats:
+        head = prep.model.heads[prep.name].config
+        names = " or ".join({"peft": "PEFT", "adapterhub": "AdapterHub"}[f] for f in formats)
+        _note(f"note: this head ({head.layers} layer(s), pooling {head.pooling}) cannot be converted to {names}; "
+              "adapterkit convert --without-head converts the adapter alone. Their heads read one token: train with "
+              "--pooling cls (encoders) or last (decoders) to convert the head too.")
 
 
 def _rows_note(prep: Any) -> str:
@@ -336,12 +381,10 @@ def _print_results(results: dict[str, Any], out: Path, seconds: float) -> None:
 
 # -- eval / predict / inspect / merge -------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import check_eval_labels, detect_columns, encode, read_table
-    from .train.evaluate import evaluate
-    from .train.metrics import metric_names
-
+    _check_sizes(args)
+    if is_audio_folder(args.data):  # a folder of WAV files, one subfolder per label, as for train
+        return _eval_audio(args)
     table = read_table(args.data, args.format)  # before loading the model: fail fast
-    from .artifacts import load_bare, load_trained
 
     if args.adapter is None:
         loaded = load_bare(args.model, table, task=args.task, template=args.template, verbalizer=args.verbalizer,
@@ -351,6 +394,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            "adapter is scored on the task it was trained on. Drop them.")
     else:
         loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
+    if loaded.audio:
+        raise AdapterError(f"--adapter {args.adapter} classifies audio, but --data {args.data} is a data file; pass a "
+                           "folder of WAV files with one subfolder per label, as for adapterkit train.")
     spec = loaded.spec
     if spec.task != "causal-lm" and args.adapter is not None:
         flags = {"text": args.text_column, "text_pair": args.text_pair_column, "label": args.label_column}
@@ -362,30 +408,75 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if spec.columns.label is None or spec.columns.label not in table.columns:
             raise AdapterError(f"{table.path}: no label column to score against (columns: {', '.join(table.columns)}); "
                                "pass --label-column NAME.")
-    if args.max_length:
-        from .loader import check_max_length
-
+    if args.max_length is not None:
         check_max_length(loaded.base, args.max_length, loaded.model.config)
         spec.max_length = args.max_length
     check_eval_labels(spec, table)
     enc = encode(spec, table, loaded.tokenizer)
     pad = loaded.tokenizer.pad_token_id or 0
     scores = evaluate(loaded.model, enc, spec, batch_size=args.batch_size, pad_id=pad)
-    if args.json:
-        print(json.dumps({"data": str(args.data), "rows": len(enc), "task": spec.task, **scores}))
-    else:
-        print(f"{args.data}: {len(enc):,} rows, task {spec.task}")
-        for name in metric_names(spec):
-            if name in scores:
-                print(f"  {name:<16}{scores[name]:.4f}")
+    _print_scores(args, spec, len(enc), scores)
     return 0
+
+
+def _print_scores(args: argparse.Namespace, spec: Any, rows: int, scores: dict[str, float]) -> None:
+    if args.json:
+        print(json.dumps({"data": str(args.data), "rows": rows, "task": spec.task, **scores}))
+        return
+    print(f"{args.data}: {rows:,} rows, task {spec.task}")
+    for name in metric_names(spec):
+        if name in scores:
+            print(f"  {name:<16}{scores[name]:.4f}")
+
+
+def _eval_audio(args: argparse.Namespace) -> int:
+    """``eval --data DIR`` of a speech adapter: the clips of DIR/LABEL/*.wav, read as training did."""
+    if args.adapter is None:
+        raise AdapterError(f"--data {args.data} is a folder of audio clips, which only a trained speech adapter can "
+                           "score; pass --adapter.")
+    unused = [f"--{k.replace('_', '-')}" for k in ("format", "text_column", "text_pair_column", "label_column",
+                                                   "max_length", "task", "template", "verbalizer") if getattr(args, k)]
+    if unused:
+        raise AdapterError(f"{', '.join(unused)}: not used for audio data (the labels are the subfolder names); "
+                           "drop them.")
+    loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
+    if not loaded.audio:
+        raise AdapterError(f"--data {args.data} is a folder of audio clips, but the adapter in {args.adapter} reads "
+                           "text; pass a .tsv, .csv or .jsonl file.")
+    clips, _ = read_split(args.data, loaded.spec.labels, loaded.tokenizer, min_samples(loaded.model.model))
+    scores = evaluate(loaded.model, clips, loaded.spec, batch_size=args.batch_size, pad_id=0)
+    _print_scores(args, loaded.spec, len(clips), scores)
+    return 0
+
+
+def _check_sizes(args: argparse.Namespace) -> None:
+    """``--batch-size`` / ``--max-length`` of ``eval`` and ``predict``, as ``train`` checks them."""
+    if args.batch_size < 1:
+        raise AdapterError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    if getattr(args, "max_length", None) is not None and args.max_length < 2:
+        raise AdapterError(f"--max-length must be >= 2 tokens, got {args.max_length}.")
+    if getattr(args, "max_new_tokens", None) is not None and args.max_new_tokens < 1:
+        raise AdapterError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
+
+
+def _check_text(texts: list[Any]) -> None:
+    """A lone surrogate (bytes that were not UTF-8 in an argument, or ``\\udc80`` in JSON) is no text a
+    tokenizer can take: name it instead of failing inside the tokenizer."""
+    for i, text in enumerate(texts, start=1):
+        for part in text if isinstance(text, (list, tuple)) else [text]:
+            if not isinstance(part, str):
+                continue
+            try:
+                part.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise AdapterError(f"text {i} holds {part[err.start:err.end]!r} at character {err.start + 1}, which is "
+                                   "not valid Unicode text (a lone surrogate: bytes that were not UTF-8?); convert the "
+                                   "input to UTF-8, e.g. with iconv -f latin1 -t utf-8.") from None
 
 
 def _predict_source(args: argparse.Namespace) -> "list[str] | Any":
     """Texts from the arguments, ``--input`` (a table in the train / eval formats, else one text
     per line or JSON lines) or stdin (one text per line, or JSON lines); read before the model loads."""
-    from .data import SUFFIXES, read_prediction_input, read_table
-
     if args.texts:
         return list(args.texts)
     if args.input:
@@ -400,17 +491,46 @@ def _predict_source(args: argparse.Namespace) -> "list[str] | Any":
     return read_prediction_input(sys.stdin.buffer.read())
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from .data import Table, prediction_inputs
+def _audio_sources(args: argparse.Namespace) -> Optional[list[str]]:
+    """The audio files and folders ``predict`` was given (as texts or ``--input``), or None for text."""
+    given = list(args.texts) + ([args.input] if args.input else [])
+    audio = [g for g in given if (is_audio_file(g) and Path(g).is_file())
+             or (Path(g).is_dir() and any(is_audio_file(f) for f in Path(g).rglob("*")))]
+    if not audio:
+        return None
+    if len(audio) != len(given):
+        others = [g for g in given if g not in audio]
+        raise AdapterError(f"predict got audio ({audio[0]}) and text ({others[0][:40]!r}) together; pass only audio "
+                           "files and folders for a speech adapter, or only texts.")
+    return audio
 
+
+def _predict_audio(args: argparse.Namespace, sources: list[str]) -> int:
+    loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
+    if not loaded.audio:
+        raise AdapterError(f"{sources[0]}: audio, but the adapter in {args.adapter} reads text; pass texts, --input "
+                           "FILE or lines on stdin.")
+    clips = prediction_clips(sources, loaded.tokenizer, min_samples(loaded.model.model))
+    for r in predict_audio(loaded.model, clips, loaded.spec, batch_size=args.batch_size):
+        print(json.dumps(r, ensure_ascii=False) if args.json else f"{r['label']}\t{r['probability']:.4f}\t{r['path']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    _check_sizes(args)
+    audio = _audio_sources(args)
+    if audio is not None:  # WAV files or folders of them, for a speech adapter
+        return _predict_audio(args, audio)
     source = _predict_source(args)
     if not (source.rows if isinstance(source, Table) else source):
         raise AdapterError("No text to predict: pass texts as arguments, --input FILE, or lines on stdin.")
-    from .artifacts import load_trained
-    from .inference import predict_texts
 
     loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
+    if loaded.audio:
+        raise AdapterError(f"--adapter {args.adapter} classifies audio; pass WAV files or folders of them (as "
+                           "arguments or --input), not text.")
     texts = prediction_inputs(loaded.spec, source, args.text_column) if isinstance(source, Table) else source
+    _check_text(texts)
     results = predict_texts(loaded.model, loaded.tokenizer, loaded.spec, texts, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens)
     for r in results:
@@ -430,8 +550,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspection import describe
-
     info, text = describe(args.path)
     print(json.dumps(info, indent=2) if args.json else text)
     return 0
@@ -441,7 +559,7 @@ def _check_merge_out(out: Path, overwrite: bool) -> None:
     """``merge --out``: new or empty; ``--overwrite`` replaces only a model folder (``config.json``)."""
     if out.exists() and not out.is_dir():
         raise AdapterError(f"--out {out} is a file; pass a folder path.")
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir() or not any(p.name != LOCK_NAME for p in out.iterdir()):
         return
     if not (out / "config.json").is_file():
         raise AdapterError(f"--out {out} is not empty and holds no model (no config.json); choose a new or empty "
@@ -451,21 +569,30 @@ def _check_merge_out(out: Path, overwrite: bool) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .artifacts import load_trained, locate
-    from .data import TaskSpec
-    from .train.checkpoint import save_head, write_dir_atomic
-
     out = Path(args.out)
     _check_merge_out(out, args.overwrite)
     artifact = locate(args.adapter)
     if artifact.kind != "adapter":
         raise AdapterError(f"--adapter {args.adapter}: is a full model already (nothing to merge); use it as --model.")
-    config = json.loads((artifact.path / "adapter_config.json").read_text(encoding="utf-8"))["config"]
-    from .config import config_from_dict
-
+    config = read_meta(artifact.path / CONFIG_NAME)["config"]  # a damaged file: one line naming it
     if not config_from_dict(config).supports_merge:
         raise AdapterError(f"--adapter {args.adapter}: a {config['method']} adapter adds modules and cannot be folded "
                            "into the weights; only lora and ia3 adapters can be merged.")
+    # one merge per --out: a second one stops at the lock (or, once the first is done, at the check
+    # under it) instead of both printing "saved" while one result is lost
+    lock = RunLock(out, "merge").acquire()
+    try:
+        _check_merge_out(out, args.overwrite)
+        message = _merge_into(args, out)
+    except BaseException:
+        lock.release(discard=True)
+        raise
+    lock.release()
+    print(message)
+    return 0
+
+
+def _merge_into(args: argparse.Namespace, out: Path) -> str:
     loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base)
     loaded.model.merge_adapter(loaded.name)
     head = loaded.model.heads[loaded.name] if loaded.name in loaded.model.heads else None
@@ -480,12 +607,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     write_dir_atomic(out, fill)  # swaps the new folder in: a failed merge leaves the old one whole
     cls = type(loaded.model.model).__name__
-    print(f"merged adapter '{loaded.name}' into {loaded.base}; saved a plain transformers model ({cls}) to {out}")
-    print(f"load it without adapterkit: transformers.AutoModel{'ForCausalLM' if 'CausalLM' in cls else ''}"
-          f".from_pretrained('{out}')")
+    lines = [f"merged adapter '{loaded.name}' into {loaded.base}; saved a plain transformers model ({cls}) to {out}",
+             f"load it without adapterkit: transformers.AutoModel{'ForCausalLM' if 'CausalLM' in cls else ''}"
+             f".from_pretrained('{out}')"]
     if head is not None:
-        print(f"its task head is in {out}/adapterkit_head.*: adapterkit eval/predict --adapter {out}")
-    return 0
+        lines.append(f"its task head is in {out}/adapterkit_head.*: adapterkit eval/predict --adapter {out}")
+    return "\n".join(lines)
 
 
 # -- entry point ----------------------------------------------------------------------------------------
@@ -498,28 +625,20 @@ def _fail(command: str, message: str) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .interop.convert import convert
-
-    print(convert(args.src, args.dst, args.to, model=args.model, allow_pickle=args.allow_pickle))
+    print(convert(args.src, args.dst, args.to, model=args.model, allow_pickle=args.allow_pickle,
+                  with_head=not args.without_head))
     return 0
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "inspect": cmd_inspect, "merge": cmd_merge,
-            "convert": cmd_convert, "serve": serve_command.cmd_serve}
+            "convert": cmd_convert, "serve": serve_command.cmd_serve, **cli_sharing.COMMANDS}
 
 
 def _quiet_libraries() -> None:
     """No "Loading weights" bars or hub warnings from transformers in our output."""
-    import os
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _passive_openmp(argv: Optional[Sequence[str]]) -> None:
@@ -532,8 +651,6 @@ def _passive_openmp(argv: Optional[Sequence[str]]) -> None:
     machine is idle). libgomp reads the variable when torch is loaded, which has happened by the
     time this runs, hence the re-exec; it only happens from the command line (``argv is None``).
     """
-    import os
-
     if argv is not None or "OMP_WAIT_POLICY" in os.environ or os.environ.get("ADAPTERKIT_NO_REEXEC"):
         return
     if len(sys.argv) < 2 or sys.argv[1] not in ("train", "eval"):
@@ -562,11 +679,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # e.g. adapterkit predict ... | head
         return 0
     except OSError as err:  # a read-only or full disk, a file that vanished: one line, not a traceback
-        if err.filename is None:
-            raise
-        _fail(args.command, f"{err.filename}: {err.strerror or err}; check that the path exists and that you may "
-                            "read and write there (and that the disk has room).")
+        _fail(args.command, _os_error(err))
         return EXIT_BAD_INPUT
+    except SafetensorError as err:  # safetensors reports a full disk as its own error type
+        _fail(args.command, f"{err}; {_KEPT}")
+        return EXIT_BAD_INPUT
+    except RecursionError:  # a file nested thousands deep that a reader did not name
+        _fail(args.command, "an input file is nested too deeply to read (thousands of levels of [ or {); check the "
+                            "files you passed.")
+        return EXIT_BAD_INPUT
+
+
+_KEPT = ("free some space (or check the path and that you may write there) and run the command again; folders are "
+         "written to a temporary name and swapped in whole, so nothing earlier was replaced (a train run continues "
+         "with adapterkit train --resume DIR).")
+
+
+def _os_error(err: OSError) -> str:
+    if err.errno == errno.ENOSPC:
+        return f"{err.filename + ': ' if err.filename else ''}no space left on device; {_KEPT}"
+    if err.filename is None:
+        return f"{err.strerror or err}; {_KEPT}"
+    return (f"{err.filename}: {err.strerror or err}; check that the path exists and that you may read and write there "
+            "(and that the disk has room).")
 
 
 def console_main() -> None:

@@ -18,16 +18,17 @@ import dataclasses
 import difflib
 import json
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 from torch import nn
 
 from .errors import AdapterError
+from .strategies import check_strategy, make_strategy
 from .typecheck import check_field_types
 
 if TYPE_CHECKING:  # pragma: no cover
     from .layouts import Layout
-    from .slots import Site
+    from .places.slots import Site
 
 _METHODS: dict[str, type["AdapterConfig"]] = {}
 _PRESETS: dict[str, "AdapterConfig"] = {}
@@ -106,8 +107,6 @@ class AdapterConfig:
             ) from None
 
     def _validate_shared(self) -> None:
-        from .strategies import check_strategy
-
         if self.place is not None and self.place not in self.places:
             raise AdapterError(
                 f"Method '{self.method}' cannot take place='{self.place}'; its places: {', '.join(self.places)}."
@@ -167,10 +166,8 @@ class AdapterConfig:
         """``sites(layout)``, each as this adapter meets it (``Site.at(place_for(site))``), then
         the layer norms of the layers they cover where ``train_layer_norms`` is set."""
         sites = [site.at(self.place_for(site)) for site in self.sites(layout)]
-        if self.train_layer_norms:
-            from .methods.layer_norms import layer_norm_sites
-
-            sites += [s for s in layer_norm_sites(layout, sites) if s.place_id not in {t.place_id for t in sites}]
+        for feature in _FEATURES:
+            sites += [s for s in feature.extra_sites(self, layout, sites) if s.place_id not in {t.place_id for t in sites}]
         return sites
 
     def place_for(self, site: "Site") -> str:
@@ -179,14 +176,12 @@ class AdapterConfig:
 
     def build_unit(self, site: "Site") -> nn.Module:
         """``build(site)`` with its strategy attached: what the core places at a site."""
-        from .methods.base import AdapterModule
-        from .methods.layer_norms import LayerNormSite, build_copy
-        from .strategies import make_strategy
-
-        if isinstance(site, LayerNormSite):  # train_layer_norms: the adapter's copy of a norm
-            return build_copy(site)
+        for feature in _FEATURES:  # a feature's own site, e.g. train_layer_norms' copy of a norm
+            unit = feature.build(site)
+            if unit is not None:
+                return unit
         module = self.build(site)
-        if not isinstance(module, AdapterModule):
+        if not (isinstance(module, nn.Module) and all(callable(getattr(module, h, None)) for h in _UNIT_HOOKS)):
             raise AdapterError(
                 f"Method '{self.method}' built a {type(module).__name__}; a method's build() must return an "
                 "adapterkit.methods.base.AdapterModule (see methods/ia3.py for a short example)."
@@ -202,14 +197,13 @@ class AdapterConfig:
     def build_units(self, sites: Sequence["Site"]) -> nn.ModuleDict:
         """``build_unit`` for every site, keyed by ``Site.key``; modules reading a layer norm of
         which the adapter holds a copy read through it (``train_layer_norms``)."""
-        from .methods.layer_norms import link_copies
-
         modules = nn.ModuleDict()
         for site in sites:
             if site.key in modules:
                 raise AdapterError(f"Place '{site.place_id}' was selected twice; check target_modules / layers.")
             modules[site.key] = self.build_unit(site)
-        link_copies(sites, modules)
+        for feature in _FEATURES:
+            feature.link(sites, modules)
         return modules
 
     def replace(self, **changes: Any) -> "AdapterConfig":
@@ -239,6 +233,50 @@ def _check_option_names(cls: type[AdapterConfig], options: Mapping[str, Any]) ->
                 f"Unknown option '{key}' for method '{cls.method}'.{hint} "
                 f"Valid options: {', '.join(sorted(valid))}."
             )
+
+
+#: what the core calls on every unit a method builds (``methods/base.py``'s ``AdapterModule`` has them all)
+_UNIT_HOOKS = ("read", "run", "saved_state", "init_nonzero", "stack_key")
+
+
+class Feature:
+    """Something any method can have, plugged in from its own module by ``register_feature``
+    (``train_layer_norms``: ``methods/layer_norms.py``); the base calls these hooks and knows no
+    feature by name."""
+
+    def extra_sites(self, config: AdapterConfig, layout: "Layout", sites: Sequence["Site"]) -> list["Site"]:
+        """More sites for an adapter of ``config`` already placed at ``sites``."""
+        return []
+
+    def build(self, site: "Site") -> Optional[nn.Module]:
+        """The unit for one of this feature's own sites; ``None`` for any other site."""
+        return None
+
+    def link(self, sites: Sequence["Site"], units: Mapping[str, nn.Module]) -> None:
+        """Connect an adapter's units once all are built."""
+
+
+_FEATURES: list[Feature] = []
+#: name forms beyond presets and methods: name -> config, or None when the form is not theirs
+_NAME_FORMS: list[Callable[[str], Optional[AdapterConfig]]] = []
+
+
+def register_feature(feature: Feature) -> Feature:
+    """Plug a ``Feature`` into every method (once per feature)."""
+    if feature not in _FEATURES:
+        _FEATURES.append(feature)
+    return feature
+
+
+def register_name_form(resolve: Callable[[str], Optional[AdapterConfig]]) -> Callable[[str], Optional[AdapterConfig]]:
+    """Let ``resolve_config`` understand more names (``"a+b"`` unions: ``methods/union.py``)."""
+    if resolve not in _NAME_FORMS:
+        _NAME_FORMS.append(resolve)
+    return resolve
+
+
+def _from_name(key: str) -> Optional[AdapterConfig]:
+    return next((cfg for cfg in (form(key) for form in _NAME_FORMS) if cfg is not None), None)
 
 
 def register_method(name: str):
@@ -287,10 +325,8 @@ def resolve_config(config: "str | AdapterConfig | Mapping[str, Any]", **override
             cfg = _PRESETS[key]
         elif key in _METHODS:
             cfg = _METHODS[key]()
-        elif "+" in key:  # several methods as one adapter: "e_adapter+l_adapter" (methods/union.py)
-            from .methods.union import union_of
-
-            cfg = union_of(key)
+        elif (named := _from_name(key)) is not None:  # a registered name form: "e_adapter+l_adapter" (methods/union.py)
+            cfg = named
         else:
             raise _unknown("method or preset", config, sorted(set(_PRESETS) | set(_METHODS)))
     elif isinstance(config, Mapping):

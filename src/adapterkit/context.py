@@ -7,7 +7,7 @@ the same in a thread-local ``ForwardContext``):
 
 * ``routing``: which adapter each example of the batch goes to (``routing.Routing``), or ``None``;
 * ``aux_losses``: auxiliary losses the strategies add while training (``l2_lambda``);
-* ``prompt_length``: the number of positions the input place prepended in this call (``input_place.py``; 0 without a prompt).
+* ``prompt_length``: the number of positions the input place prepended in this call (``places/input.py``; 0 without a prompt).
 * ``attention_mask``: the call's ``(B, T)`` attention mask (or ``None``), from which adapters acting
   at chosen token positions find each example's first and last real tokens (``Site.positions``).
 
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .routing import Routing
+    from .composition.routing import Routing
 
 
 @dataclass

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .errors import AdapterError
 from .typecheck import check_field_types
@@ -201,6 +202,14 @@ def build_head(config: HeadConfig, layout: "Layout", like: Optional[torch.Tensor
 
 
 @dataclass
+class AdapterModelOutput(SequenceClassifierOutput):
+    """A head's output, with the adapters' auxiliary loss (``l2_lambda``) when there is one;
+    ``loss`` already includes it."""
+
+    aux_loss: Optional[torch.Tensor] = None
+
+
+@dataclass
 class RoutedHeadsOutput:
     """Per-example heads (``model(..., adapter_names=names, routed_heads=True)``): the body ran
     once, then each head on the rows routed to its adapter.
@@ -216,19 +225,50 @@ class RoutedHeadsOutput:
     hidden_states: torch.Tensor
 
 
-def run_routed_heads(heads: "nn.ModuleDict", hidden: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                     names: "list[Optional[str]]") -> RoutedHeadsOutput:
+def last_hidden(body_output: Any) -> torch.Tensor:
+    """The last hidden states (B, T, d) of a backbone's output (a tensor or a ``ModelOutput``)."""
+    return body_output if isinstance(body_output, torch.Tensor) else body_output[0]
+
+
+def run_heads(heads: "Mapping[str, nn.Module]", layout: "Layout", hidden: torch.Tensor,
+              attention_mask: Optional[torch.Tensor], names: "Sequence[Optional[str]]",
+              labels: Optional[torch.Tensor] = None) -> "list[Optional[tuple[Optional[torch.Tensor], torch.Tensor]]]":
+    """"Run the heads" after the body, for every path (one head, ``Parallel``, routed heads).
+
+    ``hidden`` (R, T, d) is ``len(names)`` equal parts of ``k = R / len(names)`` rows: part ``i``
+    goes to head ``names[i]`` (``None``: no head). ``attention_mask`` covers either all ``R`` rows
+    or one part (``Parallel``'s copies share the batch's mask); it becomes the frame-level mask
+    on speech models (``Layout.hidden_mask``). With ``labels`` (``k`` rows) each part gets its own
+    loss; without, the parts of one head run as one batch. Returns ``(loss, logits)`` per part
+    (``None`` for a part without a head)."""
+    parts = len(names)
+    rows = hidden.shape[0] // parts
+    mask = layout.hidden_mask(attention_mask, hidden)
+    if mask is not None and mask.shape[0] != hidden.shape[0]:
+        mask = mask.repeat(hidden.shape[0] // mask.shape[0], *([1] * (mask.dim() - 1)))  # one copy per part
+    out: "list[Optional[tuple[Optional[torch.Tensor], torch.Tensor]]]" = [None] * parts
+    jobs: list[tuple[str, list[int]]] = [(name, [i]) for i, name in enumerate(names) if name is not None]
+    if labels is None:  # the parts of one head run as one batch
+        groups: dict[str, list[int]] = {}
+        for name, members in jobs:
+            groups.setdefault(name, []).extend(members)
+        jobs = list(groups.items())
+    for name, members in jobs:
+        head = heads[name]
+        index = torch.tensor([i * rows + r for i in members for r in range(rows)], device=hidden.device)
+        whole = len(members) == parts
+        part_hidden = hidden if whole else hidden.index_select(0, index)
+        part_mask = mask if whole or mask is None else mask.index_select(0, index)
+        loss, logits = head(part_hidden, part_mask, labels)
+        for j, i in enumerate(members):
+            out[i] = (loss, logits[j * rows:(j + 1) * rows])
+    return out
+
+
+def run_routed_heads(heads: "Mapping[str, nn.Module]", layout: "Layout", hidden: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor], names: "list[Optional[str]]") -> RoutedHeadsOutput:
     """Each head of ``heads`` on the rows of ``hidden`` (B, T, d) whose name in ``names`` it bears."""
     head_names = [n if n is not None and n in heads else None for n in names]
-    logits: list[Optional[torch.Tensor]] = [None] * len(names)
-    rows: dict[str, list[int]] = {}
-    for i, name in enumerate(head_names):
-        if name is not None:
-            rows.setdefault(name, []).append(i)
-    for name, index in rows.items():
-        picked = torch.tensor(index, device=hidden.device)
-        mask = attention_mask.index_select(0, picked) if attention_mask is not None else None
-        _, out = heads[name](hidden.index_select(0, picked), mask)
-        for i, row in zip(index, out):
-            logits[i] = row
+    results = run_heads(heads, layout, hidden, attention_mask, head_names)
+    logits = [r[1][0] if r is not None else None for r in results]
     return RoutedHeadsOutput(logits, head_names, hidden)

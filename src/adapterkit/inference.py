@@ -15,12 +15,13 @@ a prompt. Results are dicts (printed as TSV or JSON lines):
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .data import TaskSpec
-
+from .data import Table, TaskSpec, encode
+from .train.choices import choice_scores
 
 Input = Union[str, tuple[str, str], list[str]]
 
@@ -67,6 +68,21 @@ def predict_texts(model: Any, tokenizer: Any, spec: TaskSpec, lines: Sequence[In
     return out
 
 
+@torch.inference_mode()
+def predict_audio(model: Any, clips: Any, spec: TaskSpec, *, batch_size: int = 32) -> list[dict[str, Any]]:
+    """Labels of audio clips (a ``data.audio.AudioSet``), in their order, each with its ``path``;
+    batches hold clips of similar length (little padding), as evaluation runs them."""
+    model.eval()
+    order = sorted(range(len(clips)), key=lambda i: clips.lengths()[i])
+    found: dict[int, dict[str, Any]] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        logits = model(**clips.collate(chunk, with_labels=False)).logits.float()  # (B, labels)
+        for i, row in zip(chunk, logits):
+            found[i] = {"path": clips.paths[i], **_read(spec, row)}
+    return [found[i] for i in range(len(clips))]
+
+
 def _read(spec: TaskSpec, row: torch.Tensor) -> dict[str, Any]:
     if spec.task == "regression":
         return {"value": row[0].item() * spec.target_std + spec.target_mean}
@@ -82,10 +98,6 @@ def _read(spec: TaskSpec, row: torch.Tensor) -> dict[str, Any]:
 
 def _choose(model: Any, tokenizer: Any, spec: TaskSpec, lines: Sequence[Input], batch_size: int) -> list[dict[str, Any]]:
     """Score every label's answer after each prompt (``train.choices``) and read them as logits."""
-    from pathlib import Path
-
-    from .data import Table, encode
-    from .train.choices import choice_scores
 
     text, pair = spec.columns.text or "text", spec.columns.text_pair
     pairs = [_pair(item, bool(pair)) for item in lines]

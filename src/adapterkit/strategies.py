@@ -47,7 +47,7 @@ from .errors import AdapterError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .methods.base import AdapterModule
-    from .slots import SlotIO
+    from .places.slots import SlotIO
 
 
 def as_delta(base: torch.Tensor, c: torch.Tensor, output: str) -> torch.Tensor:

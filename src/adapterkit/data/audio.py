@@ -25,6 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
+import transformers
+
+from ..packaged import resolve_model
 from .files import DataError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -49,9 +53,6 @@ def _files(root: Path) -> list[tuple[Path, str]]:
 
 def load_feature_extractor(model: str) -> Any:
     """The model's feature extractor (its ``preprocessor_config.json``), offline."""
-    import transformers
-
-    from ..packaged import resolve_model
 
     folder, _ = resolve_model(model)
     if not (folder / "preprocessor_config.json").is_file():
@@ -67,7 +68,7 @@ def load_feature_extractor(model: str) -> Any:
 
 def read_clip(path: Path, sampling_rate: int) -> Any:
     """One clip as a float32 mono numpy array; refuses another sampling rate."""
-    import soundfile
+    import soundfile  # noqa: PLC0415 - optional dependency: soundfile (audio files)
 
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
@@ -108,8 +109,6 @@ class AudioSet:
 
     def collate(self, indices: Sequence[int], *, with_labels: bool = True) -> dict:
         """Right-padded ``input_values`` (B, samples) with an ``attention_mask`` over samples."""
-        import torch
-
         width = max(self.min_samples, max(len(self.values[i]) for i in indices))
         values = torch.zeros(len(indices), width)
         mask = torch.zeros(len(indices), width, dtype=torch.long)
@@ -142,6 +141,31 @@ def read_split(root: "str | Path", labels: Optional[list[str]], extractor: Any, 
     return AudioSet(values, ids, [str(p) for p, _ in files], min_samples), names
 
 
+def is_audio_file(path: "str | Path") -> bool:
+    return Path(path).suffix.lower() in AUDIO_SUFFIXES
+
+
+def prediction_clips(sources: Sequence["str | Path"], extractor: Any, min_samples: int = 1) -> AudioSet:
+    """The clips ``adapterkit predict`` reads: audio files, and every audio file under a folder
+    (sorted, at any depth), normalised like training data; the labels are placeholders."""
+    files: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.is_file() and is_audio_file(f))
+            if not found:
+                raise DataError(f"{path}: no audio files ({', '.join(AUDIO_SUFFIXES)}) in this folder.")
+            files += found
+        elif path.is_file() and is_audio_file(path):
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such audio file; pass WAV, FLAC or OGG files, or folders of them.")
+    rate = extractor.sampling_rate
+    values = [extractor(read_clip(f, rate), sampling_rate=rate, return_tensors="np").input_values[0].astype("float32")
+              for f in files]
+    return AudioSet(values, [0] * len(files), [str(f) for f in files], min_samples)
+
+
 def folder_fingerprint(root: "str | Path") -> dict[str, Any]:
     """Path, content hash and size of an audio folder (for ``--resume``'s same-data check)."""
     root = Path(root)
@@ -153,5 +177,5 @@ def folder_fingerprint(root: "str | Path") -> dict[str, Any]:
     return {"path": str(root.resolve()), "sha256": digest.hexdigest(), "rows": len(files)}
 
 
-__all__ = ["AUDIO_SUFFIXES", "AudioSet", "is_audio_folder", "load_feature_extractor", "read_clip", "read_split",
-           "folder_fingerprint"]
+__all__ = ["AUDIO_SUFFIXES", "AudioSet", "is_audio_file", "is_audio_folder", "load_feature_extractor", "read_clip",
+           "read_split", "prediction_clips", "folder_fingerprint"]

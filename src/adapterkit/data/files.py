@@ -196,6 +196,8 @@ def _read_jsonl(path: Path, text: str) -> Table:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); fix that line.") from None
+        except RecursionError:
+            raise _too_deep(path, number) from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{number}: expected a JSON object like {{\"text\": ..., \"label\": ...}}, got {type(obj).__name__}.")
         rows.append(obj)
@@ -204,11 +206,19 @@ def _read_jsonl(path: Path, text: str) -> Table:
     return Table(path, "jsonl", list(columns), rows, lines)
 
 
+def _too_deep(path: Path, line: Optional[int]) -> DataError:
+    """Python's JSON reader recurses once per level: a row nested thousands deep is refused."""
+    return DataError(f"{_where(path, line)}: JSON nested too deeply to read (thousands of levels of [ or {{); "
+                     "a data row holds a text and a label, fix that line.")
+
+
 def _read_json(path: Path, text: str) -> Table:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); fix the file or use JSONL.") from None
+    except RecursionError:
+        raise _too_deep(path, None) from None
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DataError(f"{path}: a .json data file must hold one array of objects; use JSONL for one object per line.")
     columns: dict[str, None] = {}
@@ -234,6 +244,8 @@ def read_prediction_input(raw: bytes, source: str = "<stdin>") -> "Table | list[
             is_object = isinstance(json.loads(first), dict)
         except json.JSONDecodeError:
             is_object = False
+        except RecursionError:
+            is_object = True  # _read_jsonl names the problem and the line
         if is_object:
             return _read_jsonl(path, text)
     return read_lines(text.splitlines())

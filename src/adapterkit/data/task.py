@@ -203,11 +203,21 @@ def _label_key(value: str) -> tuple:
 
 
 def _as_label(value: Any) -> str:
+    """One label as text; a whole number written as a decimal (``1.0``, ``1e0``, JSON ``1.0``) is the
+    label ``1``, so that ``1`` and ``1.0`` in one file are one class, not two."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return str(value).strip()
+    text = str(value).strip()
+    if _is_number(text) and not _is_integer_text(text) and float(text).is_integer():
+        return str(int(float(text)))
+    return text
+
+
+def _is_integer_text(text: str) -> bool:
+    """``1``, ``-3``, ``007``: kept as written (``007`` may be a code, not the number 7)."""
+    return text.lstrip("+-").isdigit()
 
 
 def row_labels(spec: TaskSpec, value: Any, where: str) -> list[str]:
@@ -217,11 +227,11 @@ def row_labels(spec: TaskSpec, value: Any, where: str) -> list[str]:
             return [_as_label(v) for v in value]
         if value is None or str(value).strip() == "":
             return []
-        return [p.strip() for p in str(value).split(spec.label_sep) if p.strip()]
+        return [_as_label(p) for p in str(value).split(spec.label_sep) if p.strip()]
     if spec.task == "tagging":
         if isinstance(value, list):
             return [_as_label(v) for v in value]
-        return str(value).split()
+        return [_as_label(p) for p in str(value).split()]
     if value is None or (isinstance(value, str) and not value.strip()):
         raise DataError(f"{where}: the label (column '{spec.columns.label}') is empty; give every row a label or remove it.")
     if isinstance(value, (list, dict)):

@@ -1,6 +1,8 @@
 """AdapterHub ``adapters`` checkpoints: ``adapter_config.json`` (``config``, ``model_type``,
 ``hidden_size``, ``name``) + ``adapter.safetensors`` (or, by opt-in, ``pytorch_adapter.bin``),
-and a head in ``head_config.json`` + ``model_head.safetensors`` / ``pytorch_model_head.bin``.
+and a head in ``head_config.json`` + ``model_head.safetensors`` / ``pytorch_model_head.bin``: a
+flexible head (``config`` object, ``AutoAdapterModel``) or the static head of the ``transformers``
+task model ``adapters.init`` wrapped (``config: null``, ``model_class``; ``static_heads.py``).
 
 Tensor names are module paths in AdapterHub's model, with or without the base-model prefix
 (``bert.``, ``roberta.``, ``transformer.``, ``model.``):
@@ -43,6 +45,7 @@ from . import heads as H
 from .files import read_json, read_weights, write_folder
 from .meta import by_place, checkpoint, head_tensors, refuse_options
 from .places import module_at, peer_path, place_of, placement, single_stack
+from .static_heads import read_static_head
 
 CONFIG, WEIGHTS, PICKLED = "adapter_config.json", "adapter.safetensors", "pytorch_adapter.bin"
 HEAD_CONFIG, HEAD_WEIGHTS, HEAD_PICKLED = "head_config.json", "model_head.safetensors", "pytorch_model_head.bin"
@@ -88,10 +91,13 @@ def read(folder: Path, model, *, allow_pickle: bool = False) -> tuple[dict[str, 
     tensors, weights_file = read_weights(folder, WEIGHTS, PICKLED, allow_pickle=allow_pickle)
     name = str(data.get("name") or "adapter")
     config, sites, origins = from_adapterhub(data["config"], tensors, name, model, weights_file)
-    head, head_state = _read_head(folder, model, allow_pickle)
+    head, head_state, skipped = _read_head(folder, model, allow_pickle)
     fingerprint = {"model_type": data["model_type"], "hidden_size": data["hidden_size"]}
-    return checkpoint(model, re.sub(r"[^A-Za-z0-9_\-]", "_", name), config, sites, head, head_state,
-                      f"'{weights_file}'", fingerprint, origins)
+    meta, tensors = checkpoint(model, re.sub(r"[^A-Za-z0-9_\-]", "_", name), config, sites, head, head_state,
+                               f"'{weights_file}'", fingerprint, origins)
+    if skipped:
+        meta["head_skipped"] = skipped  # load_adapter warns with it (when the head was asked for)
+    return meta, tensors
 
 
 def read_config(config_file: Path, layout, what: str) -> dict[str, Any]:
@@ -253,22 +259,27 @@ def _config(cls: type[AdapterConfig], options: dict, weights_file: Path) -> Adap
 
 
 def _read_head(folder: Path, model, allow_pickle: bool):
+    """``(head, tensors, why skipped)``: a flexible head (``config`` object), or a static one
+    (``config: null`` + ``model_class``, ``static_heads.py``) built or skipped with the reason."""
     if not (folder / HEAD_CONFIG).is_file():
-        return None, {}
+        return None, {}, None
     head_file = folder / HEAD_CONFIG
     data = read_json(head_file)
     cfg = data.get("config") or {}
     layout = model.layout
     tensors, weights_file = read_weights(folder, HEAD_WEIGHTS, HEAD_PICKLED, allow_pickle=allow_pickle)
+    if data.get("config") is None and data.get("model_class"):
+        return read_static_head(data, tensors, layout, head_file)
     head_type = cfg.get("head_type")
     types = {"classification": "classification", "multilabel_classification": "classification", "tagging": "tagging"}
+    alone = "the adapter was loaded without it: add a head and train it"
     if head_type not in types:
-        raise CheckpointError(f"'{head_file}': head_type {head_type!r} has no adapterkit counterpart (classification, "
-                              "multilabel_classification, tagging).")
+        return None, {}, (f"'{head_file}': head_type {head_type!r} has no adapterkit counterpart (classification, "
+                          f"multilabel_classification, tagging); {alone}")
     layers = int(cfg.get("layers", 1))
     if layers > 1 and cfg.get("activation_function", "tanh") != "tanh":
-        raise CheckpointError(f"'{head_file}': activation_function {cfg['activation_function']!r}; adapterkit heads "
-                              "use tanh between layers.")
+        return None, {}, (f"'{head_file}': the head's activation_function is {cfg['activation_function']!r}, but "
+                          f"adapterkit heads use tanh between layers; {alone}")
     name = str(data.get("name"))
     found: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -295,7 +306,7 @@ def _read_head(folder: Path, model, allow_pickle: bool):
     id2label = {int(v): str(k) for k, v in (cfg.get("label2id") or {}).items()}
     head = HeadConfig(mine, num_labels, layers=len(stack), pooling=pooling,
                       multilabel=head_type == "multilabel_classification", id2label=id2label)
-    return head, H.head_layers(stack)
+    return head, H.head_layers(stack), None
 
 
 # -- writing -------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ only) pickled ``*.bin`` weights.
 Pickles can run code when they are loaded, so a ``.bin`` file is refused unless the caller opts
 in (``allow_pickle=True``, CLI ``--allow-pickle``); even then it is read with
 ``torch.load(..., weights_only=True)``, which unpickles tensors and plain containers only.
-Folders are written atomically (``train.checkpoint.write_dir_atomic``): into a temporary sibling
+Folders are written atomically (``checkpoint_format.write_dir_atomic``): into a temporary sibling
 that then replaces the target, and only over a folder that holds nothing but adapter files.
 """
 
@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint_format import follow_umask, resolve_target, write_dir_atomic
 from ..errors import CheckpointError
-
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -30,6 +30,8 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"'{path}' is not valid JSON ({err}); the file is corrupt.") from None
+    except RecursionError:
+        raise CheckpointError(f"'{path}' is nested too deeply to be an adapter file; the file is corrupt.") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"'{path}' holds a {type(data).__name__}, not a JSON object; the file is corrupt.")
     return data
@@ -75,9 +77,7 @@ def write_folder(directory: "str | Path", json_files: dict[str, dict], tensor_fi
     """Atomically write ``{name: object}`` as JSON and ``{name: tensors}`` as safetensors into
     ``directory``, which must be new, empty or hold only ``replaceable`` files (an adapter of
     the same format, which the save replaces)."""
-    from ..train.checkpoint import write_dir_atomic
-
-    target = Path(directory)
+    target = resolve_target(directory)
     if target.exists():
         if not target.is_dir():
             raise CheckpointError(f"'{target}' is a file, not a folder; save the adapter to a folder path.")
@@ -94,5 +94,6 @@ def write_folder(directory: "str | Path", json_files: dict[str, dict], tensor_fi
             save_file(tensors, str(tmp / name), metadata={"format": "pt"})
         for name, data in json_files.items():
             (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        follow_umask(tmp)
 
     return write_dir_atomic(target, fill)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError, CheckpointError
-from ..fusion import FusionConfig
+from ..composition.fuse import FusionConfig
 from .adapterhub import BOTTLENECK_LOCATIONS, VERSION, read_config
 from .files import read_weights, write_folder
 from .places import peer_path, place_of

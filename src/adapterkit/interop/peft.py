@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..config import config_from_dict
 from ..errors import AdapterError, CheckpointError
 from ..heads import HeadConfig
 from ..layouts import linear_features
@@ -30,12 +31,11 @@ from ..methods.lora import EMBEDDINGS, LoRAConfig, pattern_value
 from ..methods.lora_init import as_plain_lora
 from ..methods.lora_layers import SlicedSite, host_kind
 from . import heads as H
-from . import peft_prompt
-from . import peft_prefix
-from . import peft_vera
+from . import peft_prefix, peft_prompt, peft_vera
 from .files import read_json, read_weights, write_folder
 from .meta import by_place, checkpoint, head_tensors, refuse_options
-from .places import is_conv1d, module_at, peer_path, per_site, place_of, placement, place_regex
+from .peft_targets import refuse_undeclared
+from .places import is_conv1d, module_at, peer_path, per_site, place_of, place_regex, placement
 
 CONFIG = "adapter_config.json"
 WEIGHTS, PICKLED = "adapter_model.safetensors", "adapter_model.bin"
@@ -135,9 +135,26 @@ def read(folder: Path, model, *, allow_pickle: bool = False) -> tuple[dict[str, 
                                   f"in modules_to_save {saved}; the file was edited or is not this adapter's.")
     if not adapter_keys:
         raise CheckpointError(f"'{weights_file}': no {peft_type} weights in it; the file is incomplete.")
+    _check_declared(cfg, adapter_keys, config_file, weights_file)
     head, head_state = _read_head(cfg, head_keys, model, weights_file)
     config, weights, origins = METHODS[peft_type].read(cfg, adapter_keys, model, weights_file)
     return checkpoint(model, name, config, weights, head, head_state, f"'{weights_file}'", origins=origins)
+
+
+def _check_declared(cfg: dict, tensors: dict[str, torch.Tensor], config_file: Path, weights_file: Path) -> None:
+    """Refuse weights the config does not declare (``peft_targets``): PEFT itself would not apply
+    them, so adapterkit's outputs would differ from PEFT's for the same folder."""
+    sites: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        suffix = _SUFFIX.search(key).group(1)  # type: ignore[union-attr]
+        site = sites.setdefault(_SUFFIX.sub("", key[len(PREFIX):]), {})
+        if suffix in ("lora_A.weight", "lora_embedding_A"):
+            site["rank"] = value.shape[0]
+        elif suffix == "lora_magnitude_vector":  # DoRA: declared by use_dora on a targeted module
+            site["magnitude"] = True
+        elif suffix == "ia3_l":
+            site["input"] = value.dim() == 2 and value.shape[0] == 1 and value.shape[1] != 1
+    refuse_undeclared(cfg, sites, config_file, weights_file)
 
 
 #: a LoRA tensor's name after its module path -> adapterkit's parameter name
@@ -272,8 +289,6 @@ def _read_head(cfg: dict, tensors: dict, model, weights_file: Path):
 # -- writing -------------------------------------------------------------------------------------------
 def write(directory: "str | Path", meta: dict[str, Any], tensors: dict[str, torch.Tensor], model) -> Path:
     """Write adapterkit's in-memory checkpoint as a PEFT folder loadable by ``PeftModel.from_pretrained``."""
-    from ..config import config_from_dict
-
     config = config_from_dict(meta["config"])
     if config.method == "prompt_tuning":
         return peft_prompt.write(directory, meta, tensors, model, CONFIG, WEIGHTS, FILES)

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from ..config import config_from_dict
 from ..errors import AdapterError, CheckpointError
-from ..input_place import input_site
 from ..methods.prompt_tuning import PromptTuningConfig
+from ..places.input import input_site
 from .files import read_weights, write_folder
 from .meta import checkpoint, refuse_options
 
@@ -70,8 +71,6 @@ def read(folder: Path, cfg: dict[str, Any], model, weights: str, pickled: str, *
 def write(directory: "str | Path", meta: dict[str, Any], tensors: dict[str, torch.Tensor], model, config_name: str,
           weights: str, files: frozenset) -> Path:
     """adapterkit's prompt as a PEFT folder (``PeftModel.from_pretrained`` loads it)."""
-    from ..config import config_from_dict
-
     config = config_from_dict(meta["config"])
     refuse_options(config, {"prompt_length", "prompt_init", "prompt_init_text", "tokenizer_name_or_path"}, "PEFT")
     if meta.get("head"):

@@ -20,6 +20,7 @@ from ..errors import AdapterError, CheckpointError
 from ..layouts import linear_features
 from ..methods.vera import VeRAConfig, draw_projections
 from .meta import checkpoint, refuse_options
+from .peft_targets import VERA_R, refuse_undeclared
 from .places import place_of, placement
 
 SHARED = ("base_model.vera_A", "base_model.vera_B")
@@ -43,21 +44,28 @@ def read(cfg: dict, tensors: dict[str, torch.Tensor], model, weights_file: Path,
                               "only bias='none' can be loaded.")
     sites: dict[str, dict[str, torch.Tensor]] = {}
     origins: dict[str, str] = {}
+    found: list[tuple[str, str, str, torch.Tensor]] = []  # (key, module path, parameter, tensor)
+    declared: dict[str, dict[str, Any]] = {}  # module -> what peft_targets checks against the config
     for key, value in tensors.items():
-        if key in SHARED:
+        if key in SHARED:  # the shared matrices belong to no module
             continue
         m = re.fullmatch(rf"{re.escape(prefix)}(.+)\.({'|'.join(PARAMS)})", key)
         if not m:
             raise CheckpointError(f"'{weights_file}': unexpected key '{key}' in a PEFT VeRA adapter; the file was "
                                   "edited or is not this adapter's.")
-        place = place_of(model.layout, m.group(1), f"'{weights_file}', key '{key}'")
-        sites.setdefault(place, {})[m.group(2)] = value
-        origins[place] = prefix + m.group(1)
+        found.append((key, m.group(1), m.group(2), value))
+        site = declared.setdefault(m.group(1), {})
+        if m.group(2) == "vera_lambda_d":  # (r,)
+            site["rank"] = value.shape[0]
+    refuse_undeclared(cfg, declared, config_file, weights_file)  # modules and r as PEFT decides them
+    for key, path, param, value in found:
+        place = place_of(model.layout, path, f"'{weights_file}', key '{key}'")
+        sites.setdefault(place, {})[param] = value
+        origins[place] = prefix + path
     if not sites:
         raise CheckpointError(f"'{weights_file}': no VeRA weights in it; the file is incomplete.")
     options = placement(model.layout, list(sites), f"'{weights_file}'")
-    r = next(iter(sites.values()))["vera_lambda_d"].shape[0] if "vera_lambda_d" in next(iter(sites.values())) \
-        else int(cfg.get("r", 256))
+    r = int(cfg.get("r", VERA_R))  # every vera_lambda_d is (r,): refuse_undeclared checked them
     try:
         config = VeRAConfig(r=r, projection_prng_key=int(cfg.get("projection_prng_key", 0)),
                             d_initial=float(cfg.get("d_initial", 0.1)), dropout=float(cfg.get("vera_dropout") or 0.0),

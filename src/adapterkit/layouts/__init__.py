@@ -18,7 +18,7 @@ sites, optionally restricted to some stacks (``stacks=("decoder",)``; ``layers=`
 Place ids are relative to the layout so that checkpoints fit the model with or without a task
 head: ``layers.3.ffn_out`` in single-stack models, ``decoder.layers.3.cross_attn_out`` where the
 architecture has several stacks. ``check_hosts_run(sites)`` refuses hosts that the model's
-forward never calls (``probe.py``). A pattern, role, place or stack that matches nothing raises
+forward never calls (``places/probe.py``). A pattern, role, place or stack that matches nothing raises
 an error listing what there is.
 """
 
@@ -31,10 +31,10 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from torch import nn
 
 from ..errors import AdapterError
-from ..slots import Site
+from ..places.probe import HostProbe
+from ..places.slots import Site
 from .architectures import ARCHITECTURES, ArchSpec, StackSpec, SubLayerSpec, is_decoder_config, spec_for
 from .inputs import check_inputs, hidden_mask
-from .probe import HostProbe
 
 __all__ = ["Layout", "StackLayout", "select_layers", "ArchSpec", "StackSpec", "SubLayerSpec", "ARCHITECTURES",
            "linear_features", "is_decoder_config", "spec_for", "HostTypes", "LINEAR_HOSTS"]

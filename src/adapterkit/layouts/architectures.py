@@ -2,7 +2,7 @@
 
 One declarative entry per family, in the style of AdapterHub's ``AdapterModelInterface``, with
 paths relative to one transformer block. No model code is copied: adapters attach to these
-modules with hooks (``adapterkit.slots``), so the same table works for ``transformers`` 4.57 and
+modules with hooks (``adapterkit.places.slots``), so the same table works for ``transformers`` 4.57 and
 5.x. An architecture has one or more named *stacks* of blocks: ``"encoder"`` and ``"decoder"`` for
 encoder-decoders (T5, BART), one stack named after what the model is for the others (BERT:
 ``"encoder"``, GPT-2 / Llama: ``"decoder"``). Where ``model_type`` is not enough to tell variants
@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
-from ..slots import ArgRef
+from ..places.slots import ArgRef
 
 PLACES = ("attn_out", "cross_attn_out", "ffn_out")
 ROLES = ("q", "k", "v", "qkv", "attn_proj", "cross_q", "cross_k", "cross_v", "cross_proj",

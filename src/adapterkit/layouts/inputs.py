@@ -93,6 +93,10 @@ def check_inputs(layout: "Layout", inputs: Mapping[str, Any]) -> None:
         check(layout, inputs)
 
 
+#: inputs a batch can arrive as; the first one present gives the batch size and device
+INPUT_KINDS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+
+
 def hidden_mask(layout: "Layout", attention_mask: Optional[torch.Tensor], hidden: torch.Tensor) -> Optional[torch.Tensor]:
     """The mask over the positions of ``hidden`` (B, T, d): the input mask for text, the
     frame-level mask for speech models, ``None`` without a mask."""

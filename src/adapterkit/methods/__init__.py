@@ -4,7 +4,8 @@ from .bottleneck import BottleneckConfig
 from .compacter import CompacterConfig
 from .dora import DoRAConfig
 from .ia3 import IA3Config
-from .layer_sum import LAdapterConfig
+from .l_adapter import LAdapterConfig
+from .layer_norms import TrainLayerNorms
 from .lora import LoRAConfig
 from .prefix_tuning import PrefixTuningConfig
 from .prompt_tuning import PromptTuningConfig
@@ -13,4 +14,4 @@ from .union import ConfigUnion
 from .vera import VeRAConfig
 
 __all__ = ["BottleneckConfig", "LoRAConfig", "DoRAConfig", "IA3Config", "LAdapterConfig", "PrefixTuningConfig", "PromptTuningConfig",
-           "ConfigUnion", "VeRAConfig", "ReftConfig", "CompacterConfig"]
+           "ConfigUnion", "TrainLayerNorms", "VeRAConfig", "ReftConfig", "CompacterConfig"]

@@ -20,7 +20,7 @@ calls it itself. A slot calls ``unit.run(io)``.
 
 Per-example routing can run several adapters of one class at one site in one batched operation:
 a module class that can do that implements ``stack_key()`` (equal keys = stackable together) and
-the class method ``run_stacked(units, which, io)`` (``routing.py``).
+the class method ``run_stacked(units, which, io)`` (``composition/routing.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import AdapterError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..slots import SlotIO
+    from ..places.slots import Site, SlotIO
     from ..strategies import Strategy
 
 
@@ -87,6 +87,10 @@ class AdapterModule(nn.Module):
     def fused_site(self, io: "SlotIO", scale: float) -> Optional[torch.Tensor]:
         """The whole site's ``base + scale * delta`` at inference in fewer passes, or ``None``."""
         return None
+
+    def compile_at(self, site: "Site") -> None:
+        """Choose, once per compiled plan, the fast paths this unit may take at ``site`` (what
+        cannot change between calls); the default has none."""
 
     def init_nonzero(self) -> None:
         """Re-initialise the part that makes a fresh contribution zero (a delta) or one (a

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
-from ..slots import Site, SlotIO
+from ..places.slots import Site, SlotIO
 from .base import AdapterModule, default_read, small_normal_
 from .fused import Folded, add_linear, fold_layer_norm, layer_norm_stats, linear_of_layer_norm
 
@@ -161,6 +161,7 @@ class Bottleneck(AdapterModule):
         self._reads_model_norm = (not config.is_parallel and config.original_ln_before
                                   and config.residual_before_ln is True and config.norm_position is None
                                   and isinstance(self.scaling, float))
+        self._foldable = False  # fused_site's structural conditions at this unit's site (compile_at)
         self._folded: Optional[tuple[list, list, Folded]] = None  # (tensors read, their state, fold)
         self._stacks: dict = {}  # run_stacked's stacked weights, by adapter set (``_stacked``)
         self._init(config.init_weights)
@@ -246,15 +247,23 @@ class Bottleneck(AdapterModule):
             return None
         return add_linear(io.y, self.act(a), self.up.weight, self.up.bias, self.scaling * scale, out=s)
 
+    def compile_at(self, site: Site) -> None:
+        """Decide once, when the plans are compiled, whether the site allows ``fused_site``: the
+        Pfeiffer shape at a ``post`` place with a residual, reading the model's own one-axis
+        ``nn.LayerNorm`` (not a ``train_layer_norms`` copy)."""
+        norm = site.layer_norm
+        self._foldable = (self._reads_model_norm and site.place == "post" and site.residual_from is not None
+                          and not self._layer_norm_copy and type(norm) is nn.LayerNorm
+                          and len(norm.normalized_shape) == 1)
+
     def _can_fold(self, io: SlotIO) -> bool:
-        """Whether ``fused_site`` may fold the model's layer norm here (before its precision check)."""
-        norm = io.layer_norm
-        # CPU only: the precision check reads a flag back from the device, a sync on a GPU
-        return not (torch.is_grad_enabled() or not self._reads_model_norm or io.place != "post" or io.residual is None
-                    or bool(self._layer_norm_copy)
-                    or io.y.device.type != "cpu" or type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1
-                    or io.y.dtype not in (torch.float32, torch.float64) or io.y.dtype != self.down.weight.dtype
-                    or self._output_noise)
+        """Whether ``fused_site`` may fold the model's layer norm in this call (before its precision
+        check): a foldable site (``compile_at``), and what may change between calls: inference
+        (no autograd, no dropout), a CPU tensor (the precision check reads a flag back from the
+        device, a sync on a GPU) of the adapter's float dtype."""
+        return (self._foldable and not torch.is_grad_enabled() and not self._output_noise and io.residual is not None
+                and io.y.device.type == "cpu" and io.y.dtype in (torch.float32, torch.float64)
+                and io.y.dtype == self.down.weight.dtype)
 
     def _fold(self, norm: nn.LayerNorm) -> Folded:
         """``fold_layer_norm`` of the down-projection, kept until a tensor it reads changes: new

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
-from ..slots import Site
+from ..places.slots import Site
 from .base import small_normal_
 from .bottleneck import Bottleneck, BottleneckConfig
 

@@ -27,7 +27,7 @@ from torch import nn
 from ..config import register_method, register_preset
 from ..errors import AdapterError
 from ..layouts import linear_features
-from ..slots import Site
+from ..places.slots import Site
 from .lora import LoRAConfig
 from .lora_layers import LoRA, SlicedSite
 

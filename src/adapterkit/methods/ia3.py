@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, register_method, register_preset
-from ..slots import Site, SlotIO
+from ..places.slots import Site, SlotIO
 from .base import AdapterModule, gather, small_normal_
 
 

@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import AdapterConfig, Feature, register_feature
 from ..errors import AdapterError
-from ..slots import Site
+from ..places.slots import Site
+from ..strategies import make_strategy
 from .base import AdapterModule
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -170,8 +172,6 @@ def layer_norm_sites(layout: "Layout", sites: Sequence[Site]) -> list[LayerNormS
 
 def build_copy(site: LayerNormSite) -> LayerNormCopy:
     """The adapter's copy of the norm at ``site``, combined by a plain ``add``."""
-    from ..strategies import make_strategy
-
     unit = LayerNormCopy(site.host, site.place_id)
     unit.strategy = make_strategy("add", site.out_features)
     return unit
@@ -185,3 +185,19 @@ def link_copies(sites: Sequence[Site], units: Mapping[str, nn.Module]) -> None:
         copy = copies.get(id(site.layer_norm)) if site.layer_norm is not None else None
         if copy is not None and isinstance(units[site.key], AdapterModule):
             units[site.key].use_layer_norm_copy(copy)
+
+
+class TrainLayerNorms(Feature):
+    """``train_layer_norms=True`` on any method: the copies' sites, units and links."""
+
+    def extra_sites(self, config: AdapterConfig, layout: "Layout", sites: Sequence[Site]) -> list[Site]:
+        return list(layer_norm_sites(layout, sites)) if config.train_layer_norms else []
+
+    def build(self, site: Site) -> Optional[nn.Module]:
+        return build_copy(site) if isinstance(site, LayerNormSite) else None
+
+    def link(self, sites: Sequence[Site], units: Mapping[str, nn.Module]) -> None:
+        link_copies(sites, units)
+
+
+register_feature(TrainLayerNorms())

@@ -21,7 +21,7 @@ from torch import nn
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
 from ..layouts import linear_features
-from ..slots import Site
+from ..places.slots import Site
 from .lora_init import INITS, ResidualLoRA
 from .lora_layers import HOSTS, LORA_HOSTS, LoRA, SlicedSite, host_kind
 

@@ -14,7 +14,7 @@ shapes, so that PEFT folders map key for key) and loralib's ``MergedLinear``:
   kernel, stride, padding and dilation (r, in, *kernel), ``lora_B`` a 1x1 convolution (out, r, 1...).
 
 Every module's ``merged(weight, bias)`` adds ``delta_weight()`` in the host's own weight layout,
-so merging is exact up to rounding and unmerging restores the kept originals (``merging.py``).
+so merging is exact up to rounding and unmerging restores the kept originals (``folding.py``).
 ``HOSTS`` is the one table of what LoRA can adapt; ``host_kind(module)`` picks the entry.
 """
 
@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..layouts import HostTypes, linear_features
-from ..slots import Site, SlotIO
+from ..places.slots import Site, SlotIO
 from .base import AdapterModule, gather, small_normal_
 from .fused import add_linear
 

@@ -15,7 +15,7 @@ saved". Here:
 * ``save_adapter`` writes the folded per-layer prefixes only, with the config ``flat=True``
   (``PrefixTuningConfig.as_saved``): a loaded adapter trains its prefixes directly.
 
-One site per stack and attention role (``attention_place.py``): self-attention in every stack
+One site per stack and attention role (``places/attention.py``): self-attention in every stack
 (``encoder_prefix=False`` leaves an encoder-decoder's encoder out) and, with ``cross_prefix``, the
 decoder's cross-attention. Prefixes have the attention's key / value heads (``num_key_value_heads``
 under grouped-query attention) and are prepended after the rotary embedding and the KV cache.
@@ -26,7 +26,7 @@ AdapterHub; ``"zero"``: zero keys and values (with the MLP: its last projection 
 output is zero and its gradient is not); ``"from_string"``: Li & Liang's recipe (sec. 5.2, "initialise
 the prefix with activations of real words"): the keys and values the frozen model itself computes
 for ``prefix_init_text`` (its tokens repeated or cut to ``prefix_length``, PEFT's rule), layer by
-layer, captured inside the attention (``attention_place.capturing``), so each layer's prefix starts
+layer, captured inside the attention (``places/attention.capturing``), so each layer's prefix starts
 as a real context. It sets the prefixes themselves, so it needs ``flat=True``. A saved adapter is
 flat and initialised from its file (``as_saved`` resets the option: loading needs no tokenizer).
 """
@@ -42,11 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import attention_place
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
 from ..layouts import select_layers
-from ..slots import Site, SlotIO
+from ..loader import load_tokenizer
+from ..places import attention as attention_place
+from ..places.slots import Site, SlotIO
 from .base import AdapterModule
 from .bottleneck import ACTIVATIONS
 
@@ -147,8 +148,6 @@ class PrefixTuningConfig(AdapterConfig):
     def _text_key_values(self, layout: Any, sites: Sequence[Site]) -> dict:
         """``{attention module: (2, P, H_kv * d)}``: the keys and values the model computes for the
         init text (its tokens repeated or cut to ``prefix_length``)."""
-        from ..loader import load_tokenizer
-
         name = self.tokenizer_name_or_path or getattr(getattr(layout.model, "config", None), "_name_or_path", "")
         if not name:
             raise AdapterError("prefix_init='from_string' needs a tokenizer: pass tokenizer_name_or_path (a model folder "
@@ -204,7 +203,7 @@ class PrefixTuning(AdapterModule):
     """The prefixes of one stack's attention role: ``(2, P, kv_heads * head_dim)`` per layer.
 
     Its contribution at the slot is one more copy of its prefix for every example it runs on
-    (``attention_place``'s composition); the keys and values come from ``prefix_at``."""
+    (``places/attention``'s composition); the keys and values come from ``prefix_at``."""
 
     def __init__(self, config: PrefixTuningConfig, layers: Sequence[int], hidden: int, width: int):
         super().__init__()

@@ -12,7 +12,7 @@ train. The vocabulary is AdapterHub's ``PromptTuningConfig`` (``prompt_length``,
   or cut to ``prompt_length`` as PEFT does; tokenised with ``tokenizer_name_or_path`` (PEFT's
   option), by default the base model's own ``name_or_path``.
 
-The module sits at the ``input`` place (``input_place.py``), whose value is the whole input
+The module sits at the ``input`` place (``places/input.py``), whose value is the whole input
 sequence: its contribution is the prompt rows ``(B, P, d)`` and its strategy, ``Prepend``, puts
 them in front (``Stack("a", "b")`` gives ``[b's prompt, a's prompt, input]``). The place adjusts the
 attention mask, positions and token types and cuts the prompt positions off the output again.
@@ -32,7 +32,8 @@ from torch import nn
 
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
-from ..input_place import InputSite, input_site
+from ..loader import load_tokenizer
+from ..places.input import InputSite, input_site
 from ..strategies import Strategy
 from .base import AdapterModule
 
@@ -130,8 +131,6 @@ class PromptTuningConfig(AdapterConfig):
         self._copy_tokens(module, embedding, ids)
 
     def _init_string(self, module: "PromptTuning", site: InputSite) -> None:
-        from ..loader import load_tokenizer
-
         embedding = self._embedding(site)
         name = self.tokenizer_name_or_path or getattr(getattr(site.host, "config", None), "_name_or_path", "")
         if not name:

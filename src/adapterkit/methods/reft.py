@@ -11,7 +11,7 @@ dropout. This is AdapterHub ``adapters`` 1.x's ``ReftModule`` parameter for para
 (``units.<i>.learned_source``, ``units.<i>.projection`` with torch's orthogonal
 parametrisation), so its checkpoints map key for key. The positions are part of the place
 (``Site.positions``): the site is each chosen block's output, and the slot hands the module the
-call's attention mask, from which ``slots.token_positions`` finds the first and last real tokens
+call's attention mask, from which ``places/slots.token_positions`` finds the first and last real tokens
 (left padding counted, as AdapterHub counts it). ``tied_weights``: one unit for both ends, else one
 each. Not the identity at init (``W``, ``b`` and ``R`` start random, as in the paper); not
 mergeable (it acts per position).
@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
-from ..slots import Site, SlotIO, token_positions
+from ..places.slots import Site, SlotIO, token_positions
 from .base import AdapterModule
 from .bottleneck import ACTIVATIONS
 

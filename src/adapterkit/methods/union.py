@@ -19,9 +19,10 @@ from typing import Any
 
 from torch import nn
 
-from ..config import AdapterConfig, _check_option_names, config_from_dict, register_method, resolve_config
+from ..config import (AdapterConfig, _check_option_names, config_from_dict, register_method, register_name_form,
+                      resolve_config)
 from ..errors import AdapterError
-from ..slots import Site
+from ..places.slots import Site
 
 _SHARED = {f.name for f in fields(AdapterConfig)}
 
@@ -99,3 +100,9 @@ class ConfigUnion(AdapterConfig):
 def union_of(names: str) -> ConfigUnion:
     """``"e_adapter+l_adapter"`` -> the union of those presets / methods."""
     return ConfigUnion(parts=tuple(n.strip() for n in names.split("+") if n.strip()))
+
+
+@register_name_form
+def _union_name(key: str) -> "ConfigUnion | None":
+    """``resolve_config("e_adapter+l_adapter")``: a union of the methods joined by ``+``."""
+    return union_of(key) if "+" in key else None

@@ -29,7 +29,7 @@ from torch import nn
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
 from ..layouts import linear_features
-from ..slots import Site
+from ..places.slots import Site
 from .base import AdapterModule, small_normal_
 
 __all__ = ["VeRAConfig", "VeRA", "draw_projections"]

@@ -19,15 +19,20 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
-from .. import __version__
+from .._version import __version__
 from ..errors import AdapterError
 from .batcher import Batcher, Job, QueueFull
 from .engine import ClassifyJob, ClassifyKey, Engine, GenerateJob, GenerateKey
 from .metrics import Metrics
+from ..sharing import local_folder
+from .on_demand import OnDemand, source_location
+from .openai_api import http_error, install, is_openai_path, validation_error
+from .openai_schemas import error_body
 from .registry import Registry
 from .schemas import (NAME_PATTERN, AdapterInfo, ClassifyRequest, ClassifyResponse, Error, GenerateRequest,
-                      GenerateResponse, Health, LoadRequest)
+                      GenerateResponse, Health, LoadRequest, one_line, printable)
 from .security import BodyLimit, check_admin, check_name, check_path
 
 
@@ -45,6 +50,13 @@ class _Server:
         self.metrics.adapters_loaded.set(len(self.registry))
         self.executor: Optional[ThreadPoolExecutor] = None
         self.batcher: Optional[Batcher] = None
+        self.on_demand = OnDemand.for_config(self)  # serve --adapter-source: load on first use
+
+    async def acquire(self, name: Optional[str]) -> dict[str, Any]:
+        """Hold ``name`` for a request, loading it from an adapter source first if need be."""
+        if self.on_demand is not None and name is not None:
+            await self.on_demand.ensure(name)
+        return self.registry.acquire(name)
 
     async def on_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -81,6 +93,7 @@ class _Server:
             except AdapterError as err:
                 raise HTTPException(422, str(err)) from None
         future.cancel()  # not started: never runs; generating: stops at the next token
+        self.batcher.prune()  # its place in the queue (and the queue-depth gauge) is freed now
         if gone in done:
             raise HTTPException(499, "The client closed the connection.")
         raise HTTPException(504, f"No answer within {self.config.timeout:g} s (the server is loaded); retry or send "
@@ -108,7 +121,9 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
                                  max_batch_tokens=config.max_batch_tokens, queue_size=config.queue_size,
                                  metrics=server.metrics)
         server.batcher.start()
+        openai.start()
         yield
+        await openai.stop()
         await server.batcher.stop()
         server.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -120,13 +135,17 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str})
+        if is_openai_path(request.url.path):  # OpenAI's error object (openai_api.py)
+            return validation_error(request, exc)
+        errors = printable(jsonable_encoder(exc.errors(), custom_encoder={Exception: str}))
         if any(e.get("type") == "json_invalid" for e in errors):
             return JSONResponse({"detail": "The body is not valid JSON; send a JSON object.", "errors": errors}, 400)
         return JSONResponse({"detail": errors}, 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if is_openai_path(request.url.path) and exc.status_code != 405:
+            return http_error(request, exc)
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # every method the path takes, not only those of the first route matched
             methods = {m for r in app.routes if getattr(r, "methods", None) and r.path_regex.match(request.url.path)
@@ -134,8 +153,17 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
             headers["Allow"] = ", ".join(sorted(methods))
         return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
 
+    @app.exception_handler(RecursionError)
+    async def _deep(request: Request, exc: RecursionError):  # json.loads of a body like [[[[...]]]]
+        message = "The body is nested too deeply to be a request; send a flat JSON object."
+        if is_openai_path(request.url.path):
+            return JSONResponse(error_body(400, message), 400)
+        return JSONResponse({"detail": message}, 400)
+
     @app.exception_handler(AdapterError)
     async def _refused(request: Request, exc: AdapterError):
+        if is_openai_path(request.url.path):
+            return JSONResponse(error_body(400, printable(str(exc))), 400)
         return JSONResponse({"detail": str(exc)}, 422)
 
     @app.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True)
@@ -145,7 +173,7 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
         if body.text_pairs is not None and len(body.text_pairs) != len(body.texts):
             raise HTTPException(422, f"text_pairs has {len(body.text_pairs)} entries for {len(body.texts)} texts; "
                                      "send one second text per text.")
-        described = server.registry.acquire(body.adapter)
+        described = await server.acquire(body.adapter)
         try:
             if described.get("head") is None:
                 raise HTTPException(422, f"Adapter '{body.adapter}' has no head, so it cannot classify; use an "
@@ -169,11 +197,18 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
                                      f"{config.max_new_tokens}.")
         _check_texts([body.prompt], 1, config.max_chars)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        server.registry.acquire(body.adapter)
+        await server.acquire(body.adapter)
         try:
             prompt = engine.encode_prompt(body.prompt)
             if not prompt.length:
                 raise HTTPException(422, "The prompt has no tokens; send some text.")
+            if prompt.length > engine.max_length:
+                raise HTTPException(413, f"The prompt has {prompt.length} tokens; this server takes {engine.max_length} "
+                                         "at most (cutting it would lose its end): shorten the prompt.")
+            if engine.positions is not None and prompt.length + body.max_new_tokens > engine.positions:
+                raise HTTPException(413, f"The prompt's {prompt.length} tokens and max_new_tokens="
+                                         f"{body.max_new_tokens} are more than the model's {engine.positions} "
+                                         "positions: shorten the prompt or ask for fewer tokens.")
             key = GenerateKey(body.max_new_tokens, body.temperature)
             result = await server.run(request, Job(key, 1, prompt.length + body.max_new_tokens,
                                                    GenerateJob(body.adapter, prompt, stop)))
@@ -190,12 +225,20 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
         _check_hot_load(hot_load)
         check_admin(authorization, config.admin_token)
         name = check_name(body.name)
-        path = check_path(body.path, config.allowed_roots)
-        server.registry.reserve(name)
+        remote = source_location(body.path, config)  # under an --adapter-source: fetched off the worker thread
+        if remote:
+            try:
+                path = await asyncio.to_thread(local_folder, remote)
+            except Exception as err:  # the location's fault (missing, damaged, unreachable); never a 500
+                raise HTTPException(422, f"Cannot load '{body.path}': {one_line(err)}") from None
+        else:
+            path = check_path(body.path, config.allowed_roots)
+        server.registry.reserve(name)  # a second load under this name now answers 409
         try:
             described = await server.on_worker(engine.load, name, str(path))
-        except (AdapterError, OSError, ValueError) as err:
-            raise HTTPException(422, f"Cannot load '{body.path}': {err}") from None
+        except Exception as err:  # the folder's fault (the model is left as it was); never a 500
+            server.registry.unreserve(name)
+            raise HTTPException(422, f"Cannot load '{body.path}': {one_line(err)}") from None
         server.registry.add(name, described)
         server.metrics.adapters_loaded.set(len(server.registry))
         return {"name": name, **described}
@@ -219,6 +262,7 @@ def create_app(engine: Engine, *, registry: Optional[Registry] = None, hot_load:
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=server.metrics.content_type)
 
+    openai = install(app, server, hot_load=hot_load)  # /v1/completions, /v1/chat/completions, /v1/models, ...
     return _Observed(BodyLimit(app, config.max_body_bytes), server.metrics, app)
 
 
@@ -238,25 +282,39 @@ def _check_texts(texts: list[str], max_texts: int, max_chars: int) -> None:
 
 
 class _Observed:
-    """ASGI middleware: counts every HTTP answer (endpoint, status) and its latency. Exposes the
-    FastAPI app as ``.app`` (``openapi()``, ``state``)."""
+    """ASGI middleware: counts every HTTP answer (endpoint, status) and its latency. The endpoint
+    is the route's path, also for answers given before routing (a body over the limit: 413); a
+    request whose client left before its answer began counts as 499, whatever the app made of
+    the missing body. Exposes the FastAPI app as ``.app`` (``openapi()``, ``state``)."""
 
     def __init__(self, inner, metrics: Metrics, fastapi_app: FastAPI):
         self.inner, self.metrics, self.app = inner, metrics, fastapi_app
 
+    def endpoint(self, scope) -> str:
+        route = scope.get("route")
+        if route is None:
+            route = next((r for r in self.app.routes if r.matches(scope)[0] != Match.NONE), None)
+        return getattr(route, "path", "other")
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.inner(scope, receive, send)
-        start, status = time.perf_counter(), 500
+        start, status, started, left = time.perf_counter(), 500, False, False
+
+        async def receiving():
+            nonlocal left
+            message = await receive()
+            if message["type"] == "http.disconnect" and not started:
+                left = True
+            return message
 
         async def sending(message):
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         try:
-            await self.inner(scope, receive, sending)
+            await self.inner(scope, receiving, sending)
         finally:
-            route = scope.get("route")
-            self.metrics.observe(getattr(route, "path", "other"), status, time.perf_counter() - start)
+            self.metrics.observe(self.endpoint(scope), 499 if left else status, time.perf_counter() - start)

@@ -7,6 +7,8 @@ for company, then takes the waiting jobs of the same key, oldest first, while th
 within ``max_batch`` examples and ``max_batch_tokens`` (examples x longest); a job larger than
 either runs alone. Batches run one at a time on the single worker thread. A job whose request
 has gone (timeout, client disconnected) before its batch starts is dropped: it costs no work.
+A batch that fails runs again one job at a time, so that one request's failure (its exception)
+reaches that request only: the others get the answers they would have got alone.
 The queue holds ``queue_size`` jobs; ``submit`` refuses one more (``QueueFull``).
 """
 
@@ -65,7 +67,13 @@ class Batcher:
     @property
     def depth(self) -> int:
         """Jobs waiting for a batch."""
+        self.prune()
         return len(self._pending)
+
+    def prune(self) -> None:
+        """Drop the jobs whose request has gone (their futures are done), and say so in the gauge."""
+        self._pending = [j for j in self._pending if not j.future.done()]
+        self._gauge()
 
     def submit(self, job: Job) -> "asyncio.Future[Any]":
         """Queue ``job``; its future gets the result. Raises ``QueueFull``."""
@@ -84,7 +92,7 @@ class Batcher:
 
     def _take(self) -> list[Job]:
         """The next batch: the oldest live job and the live jobs of its key that fit with it."""
-        self._pending = [j for j in self._pending if not j.future.done()]
+        self.prune()
         if not self._pending:
             return []
         first = self._pending[0]
@@ -107,7 +115,6 @@ class Batcher:
         return sum(j.size for j in self._pending if j.key == first.key) >= self.max_batch
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._pending:
                 self._arrival.clear()
@@ -124,16 +131,26 @@ class Batcher:
                 self.metrics.batch_size.labels(kind).observe(sum(j.size for j in batch))
             start = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self._run, batch[0].key,
-                                                     [j.payload for j in batch])
-            except Exception as err:  # handed to each request, which answers it
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(err)
-                continue
+                await self._answer(batch)
             finally:
                 if self.metrics is not None:
                     self.metrics.batch_seconds.labels(kind).observe(time.perf_counter() - start)
-            for job, result in zip(batch, results):
-                if not job.future.done():
-                    job.future.set_result(result)
+
+    async def _answer(self, batch: list[Job]) -> None:
+        """Run ``batch`` and settle its futures; when it fails, run each live job alone (each
+        request then gets its own answer or its own exception)."""
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self._run, batch[0].key, [j.payload for j in batch])
+        except Exception as err:
+            live = [j for j in batch if not j.future.done()]
+            if len(batch) == 1 or not live:
+                for job in live:  # handed to the request, which answers it
+                    job.future.set_exception(err)
+                return
+            for job in live:
+                await self._answer([job])
+            return
+        for job, result in zip(batch, results):
+            if not job.future.done():
+                job.future.set_result(result)

@@ -15,10 +15,17 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ..errors import AdapterError
 from ..heads import HeadConfig
+from ..loader import load_tokenizer, max_positions
 from ..model import AdapterModel
+from ..sharing import local_model
 from .config import ServeConfig
+
+#: ``max_length`` when the configuration leaves it open (lowered to the model's positions)
+DEFAULT_MAX_LENGTH = 512
 
 
 @dataclass
@@ -78,6 +85,10 @@ class Engine:
         self._tokenizer_lock = threading.Lock()
         can_generate = getattr(model.model, "can_generate", None)
         self.causal_lm = bool(can_generate and can_generate() and model.layout.is_decoder)
+        self.positions = max_positions(getattr(model.model, "config", None))  # None: unbounded
+        self.max_length = _max_length(config.max_length, self.positions)
+        eos = getattr(getattr(model.model, "generation_config", None), "eos_token_id", None)
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
     # -- on the event loop -----------------------------------------------------------------------
     def encode_texts(self, texts: list[str], pairs: Optional[list[str]]) -> list[Encoded]:
@@ -88,11 +99,11 @@ class Engine:
             else None
         if backend is None:
             with self._tokenizer_lock:
-                enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.config.max_length)
+                enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length)
             return [Encoded(text, {k: enc[k][i] for k in enc.keys()}) for i, text in enumerate(texts)]
         keys = self.tokenizer.model_input_names
         with self._tokenizer_lock:
-            backend.enable_truncation(self.config.max_length)  # the state truncation=True, max_length=...,
+            backend.enable_truncation(self.max_length)  # the state truncation=True, max_length=...,
             backend.no_padding()  # padding=False would set (the backend keeps whatever the last call left)
             encodings = [backend.encode(t) for t in texts] if pairs is None else \
                 [backend.encode(t, p) for t, p in zip(texts, pairs)]
@@ -109,9 +120,10 @@ class Engine:
         return out
 
     def encode_prompt(self, prompt: str) -> Encoded:
+        """The prompt's token ids, whole: never cut (the caller refuses one over ``max_length``,
+        whose end, the question, cutting would lose)."""
         with self._tokenizer_lock:
-            ids = self.tokenizer(prompt, add_special_tokens=False, truncation=True,
-                                 max_length=self.config.max_length)["input_ids"]
+            ids = self.tokenizer(prompt, add_special_tokens=False, truncation=False)["input_ids"]
         return Encoded(prompt, {"input_ids": ids, "attention_mask": [1] * len(ids)})
 
     # -- on the worker thread --------------------------------------------------------------------
@@ -151,8 +163,6 @@ class Engine:
     def generate(self, key: GenerateKey, jobs: list[GenerateJob]) -> list[dict[str, Any]]:
         """The jobs' prompts in one ``generate`` with per-prompt adapters; stops early when every
         job's client has gone."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
         class _AllGone(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
                 return torch.full((input_ids.shape[0],), all(j.cancelled() for j in jobs), dtype=torch.bool)
@@ -168,8 +178,8 @@ class Engine:
         new = ids[:, batch["input_ids"].shape[1]:]
         with self._tokenizer_lock:
             texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
-        return [_cut(text, job.stop, int((row != self.tokenizer.pad_token_id).sum())) for text, job, row
-                in zip(texts, jobs, new)]
+        return [_cut(text, job.stop, int((row != self.tokenizer.pad_token_id).sum()),
+                     ended=any(int(t) in self.eos_ids for t in row)) for text, job, row in zip(texts, jobs, new)]
 
     def run(self, key: "ClassifyKey | GenerateKey", jobs: list[Any]) -> list[Any]:
         """A batch of jobs of one key (``Batcher``'s ``run``)."""
@@ -238,12 +248,34 @@ _READERS: dict[str, Callable[[HeadConfig, torch.Tensor, list[Encoded]], list[dic
     "classification": _read_classification, "regression": _read_regression, "tagging": _read_tagging}
 
 
-def _cut(text: str, stop: list[str], tokens: int) -> dict[str, Any]:
-    """The generated text up to the first stop string (excluded)."""
+def _cut(text: str, stop: list[str], tokens: int, ended: bool = False) -> dict[str, Any]:
+    """The generated text up to the first stop string (excluded); ``finish_reason`` is "stop"
+    when a stop string or the end-of-sequence token (``ended``) ended it, else "length"."""
     cuts = [text.find(s) for s in stop if s and s in text]
     if cuts:
         return {"text": text[:min(cuts)], "finish_reason": "stop", "tokens": tokens}
-    return {"text": text, "finish_reason": "length", "tokens": tokens}
+    return {"text": text, "finish_reason": "stop" if ended else "length", "tokens": tokens}
+
+
+def _max_length(asked: Optional[int], positions: Optional[int]) -> int:
+    """The tokens per text: ``asked``, refused when over the model's ``positions``; when not
+    asked, ``DEFAULT_MAX_LENGTH`` or the positions if fewer."""
+    if asked is None:
+        return min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
+    if positions is not None and asked > positions:
+        raise AdapterError(f"serve --max-length {asked} is more than the model can take: its position embeddings hold "
+                           f"{positions} tokens; pass --max-length {positions} or less.")
+    return asked
 
 
 __all__ = ["Engine", "Encoded", "ClassifyJob", "ClassifyKey", "GenerateJob", "GenerateKey"]
+
+
+def build_engine(config: ServeConfig) -> Engine:
+    """Load the base model, its tokenizer and the start-up adapters (``adapterkit serve`` and
+    each Ray replica start here)."""
+    base = local_model(config.model)  # a base given as a location (s3://, hf://, ...) is fetched into the cache
+    model = AdapterModel.from_pretrained(base)
+    for name, directory in config.adapters.items():
+        model.load_adapter(directory, load_as=name)
+    return Engine(model, load_tokenizer(base), config)

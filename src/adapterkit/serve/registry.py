@@ -22,6 +22,7 @@ class Registry:
         self._visible: dict[str, dict[str, Any]] = {}
         self._held: Counter[str] = Counter()
         self._leaving: set[str] = set()
+        self._loading: set[str] = set()
         self._lock = threading.Lock()
 
     def describe(self) -> list[dict[str, Any]]:
@@ -44,14 +45,22 @@ class Registry:
             return self._held[name] > 0
 
     def reserve(self, name: str) -> None:
-        """Refuse a name that is taken, or still leaving the model (409)."""
+        """Hold ``name`` for a load under way; refuse a name that is taken, being loaded, or still
+        leaving the model (409). ``add`` or ``unreserve`` ends the reservation."""
         with self._lock:
-            if name in self._visible or name in self._leaving:
-                raise HTTPException(409, f"An adapter named '{name}' is loaded (or still finishing requests); "
-                                         "DELETE it first or choose another name.")
+            if name in self._visible or name in self._leaving or name in self._loading:
+                raise HTTPException(409, f"An adapter named '{name}' is loaded (or being loaded, or still finishing "
+                                         "requests); DELETE it first or choose another name.")
+            self._loading.add(name)
+
+    def unreserve(self, name: str) -> None:
+        """The load under way failed: the name is free again."""
+        with self._lock:
+            self._loading.discard(name)
 
     def add(self, name: str, description: dict[str, Any]) -> None:
         with self._lock:
+            self._loading.discard(name)
             self._visible[name] = description
 
     def acquire(self, name: Optional[str]) -> dict[str, Any]:

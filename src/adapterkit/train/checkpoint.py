@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..heads import Head, HeadConfig, build_head
-from ..io import check_tensors, temp_dir
+from ..checkpoint_format import check_tensors, write_dir_atomic
 from .optim import load_optimizer_state, optimizer_state
 
 RUN_FILE = "run.json"
@@ -45,35 +45,6 @@ HEAD_WEIGHTS = "adapterkit_head.safetensors"
 
 
 # -- atomic folders and files ----------------------------------------------------------------------
-def write_dir_atomic(target: "str | Path", fill: Callable[[Path], None]) -> Path:
-    """Call ``fill(tmp)`` on a fresh folder beside ``target``, then swap it in."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(f".{target.name}.tmp-", target.parent)
-    try:
-        fill(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as handle:
-                    os.fsync(handle.fileno())
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            # renamed before deleting, so a half-deleted folder never looks like a usable ".old"
-            trash = target.with_name(f".{target.name}.trash-{os.getpid()}")
-            os.replace(old, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
 def existing_dir(target: "str | Path") -> Optional[Path]:
     """``target`` if it exists, else the previous version left by an interrupted swap."""
     target = Path(target)

@@ -19,6 +19,7 @@ was the best on dev in ``bench/accuracy.py``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -29,6 +30,7 @@ ADAPTER_LR = 2e-3
 FULL_FINETUNE_LR = 1e-4
 SCHEDULES = ("linear", "cosine", "constant")
 PROGRESS = ("auto", "bar", "log", "none")
+MAX_SEED = 2**32 - 1  # the generators take seed * 100_003 + epoch, which must stay below 2**64
 
 
 @dataclass
@@ -99,8 +101,14 @@ class TrainConfig:
             check_field_types(self)
         except TypeError as err:  # TrainConfig(epochs="3") from Python or an edited run.json
             raise AdapterError(f"Invalid training setting: {err}.") from None
+        self._check_finite()
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}."),
+            (0 <= self.seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED}, got {self.seed}."),
+            (self.eval_batch_size is None or self.eval_batch_size >= 1,
+             f"--eval-batch-size must be >= 1, got {self.eval_batch_size}; leave it out for the default "
+             "(max(64, 2 x --batch-size))."),
+            (self.label_sep != "", "--label-sep must not be empty; pass the character between labels, e.g. ',' or ';'."),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}."),
             (self.micro_batch_size is None or self.micro_batch_size >= 1, "--micro-batch-size must be >= 1."),
             (self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}."),
@@ -135,6 +143,15 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise AdapterError(message)
+
+    def _check_finite(self) -> None:
+        """``--lr inf`` or ``--warmup nan`` would train to NaN (or fail mid-run): refuse them first."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                flag = "--" + f.name.replace("_", "-")
+                raise AdapterError(f"{flag} must be a finite number, got {value}; pass a finite value, or leave "
+                                   "the flag out for its default.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,6 +17,7 @@ method options, tokenisation) and writes nothing. ``fit(prepared, out)`` then tr
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -28,16 +29,15 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .. import __version__
-from ..adapterdrop import AdapterDrop
-from ..artifacts import write_base_ref
+from .._version import __version__
+from ..checkpoint_format import adapter_size_bytes, temp_dir
+from ..composition.adapterdrop import AdapterDrop
 from ..config import AdapterConfig, resolve_config
-from ..data.audio import is_audio_folder
 from ..data import (
     LM_TASKS,
     Encoded,
-    TaskSpec,
     Table,
+    TaskSpec,
     build_task,
     check_eval_labels,
     check_same_columns,
@@ -46,14 +46,17 @@ from ..data import (
     encode,
     read_table,
 )
+from ..data.audio import folder_fingerprint, is_audio_folder, load_feature_extractor, read_split
+from ..data.task import Columns
 from ..errors import AdapterError, CheckpointError
 from ..fingerprint import base_identity
-from ..heads import HeadConfig, build_head
-from ..io import adapter_size_bytes, temp_dir
-from ..loader import check_max_length, load_model, load_tokenizer, max_positions, model_is_decoder
+from ..layouts import spec_for
+from ..layouts.inputs import min_samples
+from ..loader import check_max_length, load_config, load_tokenizer, max_positions, model_is_decoder
 from ..model import AdapterModel
 from . import checkpoint as ckpt
 from . import distributed as D
+from .artifacts import write_base_ref
 from .batches import collate, epoch_batches, micro_batches, shard, units
 from .config import TrainConfig
 from .evaluate import evaluate
@@ -125,6 +128,7 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
     )
     spec = build_task(train_table, columns, config.task, decoder=decoder, label_sep=config.label_sep,
                       max_length=config.max_length, template=config.template, verbalizer=config.verbalizer)
+    check_metric(config, spec)
     for table in (eval_table, test_table):
         if table is not None:
             check_same_columns(spec, table, train_table)
@@ -151,7 +155,7 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
     if train_enc.dropped:
         echo(f"note: {train_enc.dropped} training rows have no target token within --max-length {config.max_length}; skipped.")
     torch.manual_seed(config.seed)
-    model = load_model(config.model)
+    model = AdapterModel.from_pretrained(config.model)
     _check_bottleneck_width(adapter_config, model.layout.hidden_size)
     _check_prompt_room(adapter_config, config.max_length, config.model, model.config)
     setup_model(model, spec, name, config, adapter_config)
@@ -163,11 +167,6 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
 def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
     """``prepare`` for audio classification folders: the clips of each split, read and
     normalised by the model's feature extractor, the labels from the subfolder names."""
-    from ..data.audio import folder_fingerprint, load_feature_extractor, read_split
-    from ..data.task import Columns
-    from ..layouts import spec_for
-    from ..layouts.inputs import min_samples
-    from ..loader import load_config
 
     adapter_config = None if config.full_finetune else resolve_config(config.method, **config.options)
     name = config.name or default_name(Path(config.train).resolve())  # data/speech/train -> speech
@@ -181,7 +180,7 @@ def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
                            "speech model folder (wav2vec2, HuBERT, WavLM) with its preprocessor_config.json.")
     extractor = load_feature_extractor(config.model)
     torch.manual_seed(config.seed)
-    model = load_model(config.model)
+    model = AdapterModel.from_pretrained(config.model)
     shortest = min_samples(model.model)
     train, labels = read_split(config.train, None, extractor, shortest)
     splits = {k: read_split(getattr(config, k), labels, extractor, shortest)[0] if getattr(config, k) else None
@@ -192,6 +191,7 @@ def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
         n_val = max(1, int(round(config.val_fraction * len(train))))
         train, splits["eval"] = train.subset(sorted(perm[n_val:])), train.subset(sorted(perm[:n_val]))
     spec = TaskSpec("classification", Columns(text="audio", label="label"), labels=labels)
+    check_metric(config, spec)
     _check_bottleneck_width(adapter_config, model.layout.hidden_size)
     setup_model(model, spec, name, config, adapter_config)
     torch.manual_seed(config.seed + 1000 * env.rank)
@@ -199,6 +199,13 @@ def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
     data["rows"] = {"train": len(train), "eval": len(splits["eval"] or []), "test": len(splits["test"] or [])}
     return Prepared(config, spec, name, model, extractor, train, splits["eval"], splits["test"], env, adapter_config,
                     data)
+
+
+def check_metric(config: TrainConfig, spec: TaskSpec) -> None:
+    """``--metric`` must be one the task computes (checked before the run folder exists)."""
+    known = metric_names(spec)
+    if config.metric is not None and config.metric not in known:
+        raise AdapterError(f"--metric {config.metric} is not computed for {spec.task}; choose one of {', '.join(known)}.")
 
 
 def _subset_rows(n: int, limit: Optional[int]) -> list[int]:
@@ -238,21 +245,20 @@ def _fingerprint(table: Optional[Table]) -> Optional[dict[str, Any]]:
 
 def add_head(model: AdapterModel, name: str, spec: TaskSpec, *, pooling: str = "auto", layers: int = 2,
              dropout: float = 0.1) -> None:
-    """The task's head, named like the adapter (built from a ``HeadConfig`` to set its dropout);
+    """The task's head, named like the adapter (``add_*_head``, with its dropout);
     none for the tasks the LM's own output layer learns (``LM_TASKS``)."""
     if spec.task in LM_TASKS:
         return
     id2label = dict(enumerate(spec.labels))
     if spec.task == "tagging":
-        cfg = HeadConfig("tagging", len(spec.labels), 1 if layers == 2 else layers, dropout=dropout, id2label=id2label)
+        model.add_tagging_head(name, len(spec.labels), layers=1 if layers == 2 else layers, dropout=dropout,
+                               id2label=id2label, overwrite=True)
     elif spec.task == "regression":
-        cfg = HeadConfig("regression", 1, layers, pooling, dropout=dropout)
+        model.add_regression_head(name, 1, layers=layers, pooling=pooling, dropout=dropout, overwrite=True)
     else:
-        cfg = HeadConfig("classification", len(spec.labels), layers, pooling, spec.task == "multilabel",
-                         dropout=dropout, id2label=id2label)
-    ref = next((p for p in model.model.parameters() if p.is_floating_point()), None)
-    model.heads[name] = build_head(cfg, model.layout, ref)
-    model.active_head = name
+        model.add_classification_head(name, len(spec.labels), layers=layers, pooling=pooling,
+                                      multilabel=spec.task == "multilabel", id2label=id2label, dropout=dropout,
+                                      overwrite=True)
 
 
 def setup_model(model: AdapterModel, spec: TaskSpec, name: str, config: TrainConfig,
@@ -306,8 +312,6 @@ def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
 
 def read_run(out: Path) -> dict[str, Any]:
     """``run.json`` of a run folder, for ``--resume`` (``AdapterError`` when there is no run)."""
-    import json
-
     path = out / ckpt.RUN_FILE
     if not out.is_dir():
         raise AdapterError(f"--resume {out}: no such folder; pass the --out folder of the run to continue.")
@@ -361,6 +365,7 @@ class _Runner:
                                       "window_loss": 0.0, "window_n": 0,
                                       "bad_evals": 0, "stopped_early": False, "elapsed": 0.0, "last_eval_step": None}
         self.best: Optional[dict[str, torch.Tensor]] = None
+        self.saved_step: Optional[int] = None  # the step of the checkpoint on disk
         self.eval_batch = self.cfg.eval_batch_size or max(64, 2 * self.cfg.batch_size)
         self.drop = AdapterDrop(self.cfg.adapter_drop, self.cfg.seed) if self.cfg.adapter_drop else None
 
@@ -370,6 +375,7 @@ class _Runner:
             state = {**self.state, "log_offset": self.log.offset(), "log_count": self.log.count(),
                      "elapsed": self.elapsed()}
             ckpt.save_state(self.out / "checkpoint", self.model, self.optimizer, state, self.best)
+        self.saved_step = self.state["step"]
 
     def restore(self) -> bool:
         if self.env.is_main:
@@ -390,6 +396,7 @@ class _Runner:
         self.state.update(state)
         self.best = best
         self.started = time.perf_counter() - self.state["elapsed"]
+        self.saved_step = self.state["step"]
         return True
 
     def elapsed(self) -> float:
@@ -425,11 +432,23 @@ class _Runner:
                 else:  # nothing to learn from here, but DDP needs every process to take part
                     (out.logits.float().sum() * 0.0).backward()
         loss = D.sum_scalar(env, local)
+        if not math.isfinite(loss):  # every process sees the same sum, so all stop together
+            raise self._diverged(f"the training loss became {loss}")
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):  # DDP keeps them equal on all processes
+            raise self._diverged("the weights became infinite or NaN after the update")
         return loss
+
+    def _diverged(self, what: str) -> AdapterError:
+        """Stop a diverged run; nothing after the last good checkpoint is saved (the raise skips it)."""
+        step = self.state["step"] + 1
+        kept = (f"the last good checkpoint (step {self.saved_step}) stays in {self.out / 'checkpoint'}"
+                if self.saved_step is not None else "no checkpoint had been saved yet")
+        return AdapterError(f"Training stopped at step {step}: {what} (learning rate {self.cfg.learning_rate:g}); "
+                            f"{kept}. Start a new run with a lower --lr, or check the labels and the data.")
 
     # -- evaluation and the best adapter -----------------------------------------------------------------
     def evaluate(self, split: str, enc: Encoded) -> dict[str, float]:
@@ -520,9 +539,6 @@ class _Runner:
                 lr = lr_at(self.state["step"], self.total_steps, self.warmup, cfg.learning_rate, cfg.schedule)
                 set_lr(self.optimizer, lr)
                 loss = self.step(ddp, batch)
-                if not math.isfinite(loss):
-                    raise AdapterError(f"The training loss became {loss} at step {self.state['step'] + 1}; lower --lr "
-                                       f"(now {cfg.learning_rate:g}) or check the labels.")
                 self.state["step"] += 1
                 self.state["batch"] += 1
                 step = self.state["step"]
@@ -604,8 +620,6 @@ class _Runner:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     return json.loads(path.read_text(encoding="utf-8"))
 
 

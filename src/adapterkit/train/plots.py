@@ -10,12 +10,12 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import matplotlib
+import matplotlib.pyplot as plt
+
 
 def plot_training(records: Sequence[dict[str, Any]], path: "str | Path", metric: str, title: Optional[str] = None) -> Path:
-    import matplotlib
-
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
 
     path = Path(path)
     train = [r for r in records if r.get("type") == "train"]

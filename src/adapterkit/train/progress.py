@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+from tqdm.auto import tqdm
+
 
 class Progress:
     def __init__(self, mode: str = "auto", enabled: bool = True):
@@ -18,8 +20,6 @@ class Progress:
     def start_epoch(self, epoch: int, epochs: int, total: int, done: int = 0) -> None:
         self._epoch = epoch
         if self.mode == "bar":
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(total=total, initial=done, desc=f"epoch {epoch}/{epochs}", unit="step",
                              dynamic_ncols=True, leave=True, file=sys.stderr)
 

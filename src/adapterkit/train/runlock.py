@@ -1,5 +1,8 @@
 """One run at a time per run folder: an OS file lock held for the whole run.
 
+Every command that writes a folder takes it: ``train`` (its ``--out``) and ``merge`` (its
+``--out``, held from the check that the folder is free until the merged model is in place).
+
 Two ``adapterkit train`` processes writing the same ``--out`` would both report success while
 one's adapter is lost and ``metrics.jsonl`` interleaves both. The first takes an exclusive
 ``fcntl.flock`` on ``DIR/.adapterkit.lock`` (writing its PID there) and holds it until it ends;
@@ -29,8 +32,9 @@ def _unwritable(out: Path, err: OSError) -> AdapterError:
 class RunLock:
     """The exclusive lock of one run folder (``acquire`` / ``release``; also a context manager)."""
 
-    def __init__(self, out: "str | Path"):
+    def __init__(self, out: "str | Path", command: str = "train"):
         self.out = Path(out)
+        self.command = command
         self.path = self.out / LOCK_NAME
         self._fd: Optional[int] = None
         self._created_dir = False
@@ -58,14 +62,15 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            holder = os.read(fd, 64).decode("ascii", "replace").split() or ["unknown"]
             os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise _unwritable(self.out, err) from None
-            raise AdapterError(f"--out {self.out} is in use by another adapterkit train (PID {holder}); wait for it "
-                               "to finish (or stop it), or choose another --out.") from None
+            what = holder[1] if len(holder) > 1 else "train"  # a lock written before the command was recorded
+            raise AdapterError(f"--out {self.out} is in use by another adapterkit {what} (PID {holder[0]}); wait for "
+                               "it to finish (or stop it), or choose another --out.") from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        os.write(fd, f"{os.getpid()} {self.command}\n".encode("ascii"))
         self._fd = fd
         return self
 
@@ -76,10 +81,18 @@ class RunLock:
             return
         if discard:
             self._discard()
-        else:  # a finished run: the lock file is no longer needed (a racing process re-checks the folder)
+        elif self._still_mine():  # finished: the lock file is no longer needed (a racing process re-checks)
             self.path.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None
+
+    def _still_mine(self) -> bool:
+        """The lock file is still the one this process locked: a folder swapped in by an atomic write
+        (``merge``) has none, or a newer process's, which must not be removed."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self._fd).st_ino  # type: ignore[arg-type]
+        except OSError:
+            return False
 
     def _discard(self) -> None:
         if self._created_file:
