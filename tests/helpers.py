@@ -153,13 +153,17 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora": ("lora", {"r": 4, "alpha": 8.0}),
     "ia3": ("ia3", {}),
     "prefix_tuning": ("prefix_tuning", {"prefix_length": 3, "bottleneck_size": 8}),
+    "dora": ("dora", {"r": 4, "alpha": 8.0}),
+    "vera": ("vera", {"r": 4}),
+    "loreft": ("loreft", {"r": 2, "suffix_positions": 2}),
+    "compacter++": ("compacter++", {"reduction_factor": 8}),
 }
 #: methods that run on some architectures only (the rest run on all of ``ARCHS``)
 METHOD_ARCHS: dict[str, tuple[str, ...]] = {
     "prefix_tuning": ("bert", "gpt2", "llama", "mistral", "qwen2", "t5", "bart"),
 }
 #: methods whose fresh adapter changes the outputs (prefix tuning: its keys and values are drawn)
-NOT_IDENTITY_AT_INIT = {"prefix_tuning"}
+NOT_IDENTITY_AT_INIT = {"prefix_tuning", "loreft"}  # LoReFT: W, b and R start random (Wu et al. 2024)
 
 #: Extra configurations that exercise options beyond the presets, run on one architecture per layout
 #: family. The third element says whether a fresh adapter is an identity: AdapterHub's
@@ -175,6 +179,8 @@ EXTRA_METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "lora-all-roles": ("lora", {"r": 2, "alpha": 4.0, "roles": "ALL"}, True),
     "lora-layers": ("lora", {"r": 3, "alpha": 3.0, "layers": [1, 2]}, True),
     "ia3-all-roles": ("ia3", {"roles": "ALL"}, True),
+    "lora-pissa": ("lora", {"r": 4, "alpha": 8.0, "init_weights": "pissa"}, True),
+    "lora-olora": ("lora", {"r": 3, "alpha": 6.0, "init_weights": "olora", "roles": ["ffn_in", "ffn_proj"]}, True),
 }
 
 #: Configurations of encoder-decoders only: one stack, and the cross-attention place.
@@ -220,6 +226,12 @@ class Case:
         return resolve_config(self.preset, **self.adapter_options())
 
     @property
+    def stack_merges(self) -> bool:
+        """Whether two of its adapters merged in turn equal their ``Stack`` (not DoRA: the second
+        one's norm is of the weight the first one changed, ``methods/dora.py``)."""
+        return getattr(type(self.config), "stack_merges_exactly", True)
+
+    @property
     def mergeable(self) -> bool:
         return type(self.config).supports_merge and self.merges
 
@@ -260,7 +272,7 @@ LAYER_SUM_METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
 
 
 def _method_cases(arch: Arch) -> list[Case]:
-    weight = ("lora", "ia3")  # refused where the attention reads its projections' weights directly (WavLM)
+    weight = ("lora", "ia3", "dora", "vera")  # refused where the attention reads its projections' weights directly (WavLM)
     cases = [Case(arch, m, *METHODS[m], identity_at_init=m not in NOT_IDENTITY_AT_INIT) for m in METHODS
              if (arch.weight_places or m not in weight) and arch.name in METHOD_ARCHS.get(m, (arch.name,))]
     if arch.inputs == "audio" or arch.name == "bert":
@@ -298,11 +310,26 @@ def expected_adapter_params(case: Case) -> int:
         chosen = {"attn_out": cfg.mh_adapter, "cross_attn_out": cfg.cross_adapter, "ffn_out": cfg.output_adapter}
         sites = sum(chosen[p] for s in stacks for p in case.arch.places(s))
         return per_site * sites * layers + norms
+    if cfg.method == "compacter":  # per site: PHM down d -> m and up m -> d, r (d + m) each plus a bias; one rule
+        m, r, n = int(D // cfg.reduction_factor), cfg.phm_rank, cfg.phm_dim
+        chosen = {"attn_out": cfg.mh_adapter, "cross_attn_out": cfg.cross_adapter, "ffn_out": cfg.output_adapter}
+        sites = sum(chosen[p] for s in stacks for p in case.arch.places(s)) * layers
+        return sites * (2 * r * (D + m) + m + D) + n ** 3 + norms
     if cfg.method == "l_adapter":  # per layer: Linear d x d + d, LayerNorm 2d; one mixing weight per layer
         return len(stacks) * layers * (D * D + D + 2 * D + 1)
     if cfg.method == "union":
         return sum(expected_adapter_params(Case(case.arch, part.method, part.method, _options_of(part)))
                    for part in cfg.parts)
+    if cfg.method == "reft":  # per layer and unit (one, or one per end): W (r, d) + b (r,) + R (r, d)
+        units = 1 if cfg.tied_weights else 2
+        return len(stacks) * layers * units * (2 * D * cfg.r + cfg.r)
+    if cfg.method in ("dora", "vera"):  # on LoRA's Linear layers
+        roles = cfg.roles or case.arch.lora_default
+        shapes = [case.arch.stacks[s][r] for s in stacks for r in roles if r in case.arch.stacks[s]]
+        if cfg.method == "vera":  # d (r,) and b (out,); the shared random matrices are frozen buffers
+            return layers * sum(cfg.r + o for _, o in shapes) + norms
+        # DoRA: LoRA's r * (in + out) plus a magnitude per output row
+        return layers * sum(cfg.r * (i + o) + o for i, o in shapes) + norms
     if cfg.method in ("lora", "ia3"):
         roles = cfg.roles or (case.arch.lora_default if cfg.method == "lora" else case.arch.ia3_default)
         shapes = [] if cfg.target_modules else [case.arch.stacks[s][r] for s in stacks for r in roles
@@ -327,6 +354,22 @@ def expected_adapter_params(case: Case) -> int:
         out, p, m = layers * 2 * kv_width, cfg.prefix_length, cfg.bottleneck_size
         return sites * (out * p if cfg.flat else p * D + D * m + m + m * out + out)
     raise AssertionError(f"no parameter formula for method {cfg.method}: add one to tests/helpers.py")
+
+
+def expected_saved_params(case: Case) -> int:
+    """Tensors the adapter saves: its trainable parameters, plus PiSSA / OLoRA's frozen initial
+    ``A`` and ``B`` (as many again, ``methods/lora_init.py``)."""
+    cfg = case.config
+    if cfg.method == "compacter":  # each PHM layer saves its copy of the shared rule
+        stacks = cfg.stacks or tuple(case.arch.stacks)
+        chosen = {"attn_out": cfg.mh_adapter, "cross_attn_out": cfg.cross_adapter, "ffn_out": cfg.output_adapter}
+        sites = sum(chosen[p] for s in stacks for p in case.arch.places(s)) * _layers_used(cfg)
+        return expected_adapter_params(case) + (2 * sites - 1) * cfg.phm_dim ** 3
+    if cfg.method == "reft" and cfg.orthogonality:  # torch's orthogonal parametrisation keeps a (d, d) base
+        units = (1 if cfg.tied_weights else 2) * len(cfg.stacks or case.arch.stacks) * _layers_used(cfg)
+        return expected_adapter_params(case) + units * D * D
+    residual = getattr(cfg, "init_weights", "lora") not in ("lora",) and cfg.method == "lora"
+    return expected_adapter_params(case) * (2 if residual else 1)
 
 
 def _options_of(config) -> dict[str, Any]:

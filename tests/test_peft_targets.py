@@ -18,15 +18,21 @@ from adapterkit.interop.peft_targets import targeted
 from test_interop import FIXTURES, fixture, load_base, logits_of
 
 
+DROP = object()  # a change that takes the option out of the config (PEFT then uses its default)
+
+
 def folder_with(tmp_path: Path, name: str, **changes) -> Path:
     folder = Path(shutil.copytree(FIXTURES / name / "adapter", tmp_path / name))
     config = json.loads((folder / "adapter_config.json").read_text())
-    config.update(changes)
+    config.update({k: v for k, v in changes.items() if v is not DROP})
+    for key in [k for k, v in changes.items() if v is DROP]:
+        del config[key]
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
 
 
 LORA, IA3 = "peft_bert_lora_cls", "peft_bert_ia3_tagging"
+DORA, VERA = "peft_bert_dora_cls", "peft_bert_vera_cls"  # use_dora (r=4, value 2); VeRA r=8
 Q0 = "'bert.encoder.layer.0.attention.self.query'"
 LIES = {
     # name: (fixture, config changes, words of the refusal)
@@ -44,6 +50,19 @@ LIES = {
     "exclude_modules takes a target out": (LORA, {"exclude_modules": ["value"]}, ["self.value'", "do not name"]),
     "IA3 feedforward_modules left out": (IA3, {"feedforward_modules": []}, ["IA3 vectors", "scale the input"]),
     "IA3 targets that miss key": (IA3, {"target_modules": ["output.dense", "value"]}, ["self.key'"]),
+    # DoRA: the magnitude vectors are declared by use_dora, on the targeted modules only
+    "DoRA targets that miss value": (DORA, {"target_modules": ["query", "output.dense"]},
+                                     ["self.value'", "do not name"]),
+    "DoRA vectors under use_dora false": (DORA, {"use_dora": False}, ["DoRA magnitude vectors", "use_dora is false"]),
+    "DoRA vectors with use_dora left out": (DORA, {"use_dora": DROP}, ["lora_magnitude_vector", "use_dora=true"]),
+    "DoRA a false rank_pattern": (DORA, {"rank_pattern": {}}, ["weights of rank 2", "say 4"]),
+    # VeRA: the same targets, one r for all (VeraConfig has no rank_pattern)
+    "VeRA targets that miss value": (VERA, {"target_modules": ["query", "output.dense"]},
+                                     ["self.value'", "do not name"]),
+    "VeRA layers_to_transform leaves out a layer": (VERA, {"layers_to_transform": [1]},
+                                                    ["'bert.encoder.layer.0.attention", "layers_to_transform [1]"]),
+    "VeRA a false r": (VERA, {"r": 4}, ["weights of rank 8", "its r says 4"]),
+    "VeRA's default r (256) when r is left out": (VERA, {"r": DROP}, ["weights of rank 8", "its r says 256"]),
 }
 
 
@@ -66,11 +85,22 @@ TRUTHS = {
 }
 
 
-@pytest.mark.parametrize("truth", sorted(TRUTHS))
+METHOD_TRUTHS = {
+    "DoRA: a superset": (DORA, {"target_modules": ["query", "value", "output.dense", "key"]}),
+    "DoRA: its own config": (DORA, {}),
+    "VeRA: a superset (same widths, so the same shared matrices)": (VERA, {"target_modules": ["query", "value",
+                                                                                                "output.dense", "key"]}),
+    "VeRA: the targets as a regex, every layer named": (VERA, {"target_modules": r".*\.(query|value|output\.dense)",
+                                                                "layers_to_transform": [0, 1]}),
+}
+
+
+@pytest.mark.parametrize("truth", sorted(TRUTHS) + sorted(METHOD_TRUTHS))
 def test_configs_that_declare_the_weights_load_with_the_peers_logits(truth, tmp_path):
-    case, expected, _ = fixture(LORA)
+    name, changes = METHOD_TRUTHS[truth] if truth in METHOD_TRUTHS else (LORA, TRUTHS[truth])
+    case, expected, _ = fixture(name)
     model = AdapterModel(load_base(case))
-    model.load_adapter(folder_with(tmp_path, LORA, **TRUTHS[truth]), set_active=True)
+    model.load_adapter(folder_with(tmp_path, name, **changes), set_active=True)
     assert (logits_of(model, expected) - expected["logits"]).abs().max().item() <= 1e-5
 
 

@@ -39,6 +39,7 @@ from .heads import HeadConfig  # noqa: E402
 from .methods.base import AdapterModule  # noqa: E402,F401 - the base class of a user's own method
 from .methods import BottleneckConfig, IA3Config, LoRAConfig, PrefixTuningConfig, PromptTuningConfig  # noqa: E402
 from .model import AdapterModel  # noqa: E402
+from .strategies import Strategy, available_strategies, register_strategy  # noqa: E402
 from .adapterhub_api import (  # noqa: E402  AdapterHub's entry points: `import adapterkit as adapters`
     AutoAdapterModel,
     DoubleSeqBnConfig,
@@ -77,6 +78,9 @@ __all__ = [
     "CheckpointError",
     "register_method",
     "register_preset",
+    "register_strategy",
+    "available_strategies",
+    "Strategy",
     "resolve_config",
     "config_from_dict",
     "available_methods",

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Se
 from torch import nn
 
 from .errors import AdapterError
-from .strategies import STRATEGIES, make_strategy
+from .strategies import check_strategy, make_strategy
 from .typecheck import check_field_types
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -111,8 +111,8 @@ class AdapterConfig:
             raise AdapterError(
                 f"Method '{self.method}' cannot take place='{self.place}'; its places: {', '.join(self.places)}."
             )
-        if self.strategy is not None and self.strategy not in STRATEGIES:
-            raise AdapterError(f"Unknown strategy '{self.strategy}'; choose one of: {', '.join(STRATEGIES)}.")
+        if self.strategy is not None:
+            check_strategy(self.strategy)  # the built-ins and the registered ones (strategies.register_strategy)
         if not 0.0 <= self.stochastic_depth < 1.0:
             raise AdapterError(f"stochastic_depth must be in [0, 1), got {self.stochastic_depth}.")
         if not self.l2_lambda >= 0.0:

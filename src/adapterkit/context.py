@@ -8,6 +8,8 @@ the same in a thread-local ``ForwardContext``):
 * ``routing``: which adapter each example of the batch goes to (``routing.Routing``), or ``None``;
 * ``aux_losses``: auxiliary losses the strategies add while training (``l2_lambda``);
 * ``prompt_length``: the number of positions the input place prepended in this call (``places/input.py``; 0 without a prompt).
+* ``attention_mask``: the call's ``(B, T)`` attention mask (or ``None``), from which adapters acting
+  at chosen token positions find each example's first and last real tokens (``Site.positions``).
 
 Hooks that run outside any context (the wrapped model called directly) see ``current() is None``
 and run the active setup; their auxiliary losses are dropped.
@@ -31,6 +33,7 @@ class ForwardContext:
     routing: Optional["Routing"] = None
     aux_losses: list[torch.Tensor] = field(default_factory=list)
     prompt_length: int = 0
+    attention_mask: Optional[torch.Tensor] = None
 
     def aux_loss(self) -> Optional[torch.Tensor]:
         """The sum of the auxiliary losses, or ``None`` when there are none."""
@@ -50,9 +53,10 @@ def current() -> Optional[ForwardContext]:
 
 
 @contextlib.contextmanager
-def forward(routing: Optional["Routing"] = None) -> Iterator[ForwardContext]:
+def forward(routing: Optional["Routing"] = None,
+            attention_mask: Optional[torch.Tensor] = None) -> Iterator[ForwardContext]:
     """A fresh context for the duration of one forward (nested calls get their own)."""
-    ctx = ForwardContext(routing=routing)
+    ctx = ForwardContext(routing=routing, attention_mask=attention_mask)
     token = _CURRENT.set(ctx)
     try:
         yield ctx

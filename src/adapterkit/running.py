@@ -41,7 +41,7 @@ def forward(model: "AdapterModel", input_ids: Optional[torch.Tensor], attention_
         return run_parallel(model, find_parallel(model.active_adapters), args, kwargs, labels)
     routing = routing_for(model, adapter_names, args[0] if args else None, kwargs) if adapter_names is not None \
         else None
-    with model._routing_hooks(routing is not None), context.forward(routing) as ctx:
+    with model._routing_hooks(routing is not None), context.forward(routing, attention_mask) as ctx:
         if head_name is None:
             if labels is not None:
                 kwargs["labels"] = labels
@@ -82,7 +82,7 @@ def forward_routed_heads(model: "AdapterModel", input_ids: Optional[torch.Tensor
     _inputs(model, input_ids, attention_mask, kwargs)
     backbone = getattr(model.model, "base_model", model.model)
     routing = routing_for(model, names, None, kwargs)
-    with model._routing_hooks(True), context.forward(routing):
+    with model._routing_hooks(True), context.forward(routing, attention_mask):
         hidden = last_hidden(backbone(**kwargs))  # (B, T, d)
     return run_routed_heads(model.heads, model.layout, hidden, attention_mask, names)
 

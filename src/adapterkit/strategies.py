@@ -23,6 +23,13 @@ probability ``1 - p`` and rescales kept ones by ``1 / (1 - p)``, per example (Ne
 ``l2_lambda * mean over examples of sum((out - base)^2)`` (NeMo's formula) to the forward
 context's auxiliary losses while training an adapter with trainable parameters.
 
+Strategies are open, as NeMo's are: a user subclasses ``Strategy`` (defining ``delta``, and
+``makes_identity`` / ``fusion_scale`` / ``create`` where needed) and registers it by name with
+``@register_strategy("name")``; ``add_adapter(..., strategy="name")`` then uses it, and the name
+is what the adapter's config saves. Loading such an adapter needs the class registered first
+(the import that registers it), as NeMo needs the strategy's class on its path; an unknown name is
+refused with the list of registered ones. The built-ins are registered the same way.
+
 With neither at work, ``add`` and ``scaled_add`` take the module's fused shortcuts
 (``methods/fused.py``): the up-projection accumulates into the base in one GEMM, and at inference
 a Pfeiffer-shaped adapter folds the model's layer norm into its down-projection.
@@ -61,6 +68,12 @@ class Strategy(nn.Module):
         super().__init__()
         self.stochastic_depth = float(stochastic_depth)
         self.l2_lambda = float(l2_lambda)
+
+    @classmethod
+    def create(cls, width: int, scale: float, **regularisers: float) -> "Strategy":
+        """The strategy for a site whose combined value has ``width`` channels (``scale``: the
+        config's ``strategy_scale``); a subclass whose constructor takes more overrides this."""
+        return cls(**regularisers)
 
     # -- what subclasses define ------------------------------------------------------------------
     def fusion_scale(self) -> Optional[float]:
@@ -105,6 +118,42 @@ class Strategy(nn.Module):
         return f"stochastic_depth={self.stochastic_depth}, l2_lambda={self.l2_lambda}"
 
 
+_STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(name: str):
+    """Class decorator: make a ``Strategy`` subclass available as ``strategy=name``."""
+
+    def decorate(cls: type[Strategy]) -> type[Strategy]:
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise AdapterError(f"register_strategy('{name}') needs a subclass of adapterkit.strategies.Strategy, "
+                               f"got {cls!r}.")
+        if not isinstance(name, str) or not name.isidentifier():
+            raise AdapterError(f"A strategy name must be a Python identifier such as 'soft_gate', got {name!r}.")
+        known = _STRATEGIES.get(name)
+        same = known is not None and (known.__module__, known.__qualname__) == (cls.__module__, cls.__qualname__)
+        if known is not None and known is not cls and not same:  # same: the definition run again (a notebook)
+            raise AdapterError(f"A strategy named '{name}' is already registered; pick another name.")
+        _STRATEGIES[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_strategies() -> tuple[str, ...]:
+    """The registered strategy names, built-ins first."""
+    return tuple(_STRATEGIES)
+
+
+def check_strategy(name: str) -> None:
+    """Refuse a strategy name nobody registered."""
+    if name not in _STRATEGIES:
+        raise AdapterError(f"Unknown strategy '{name}'; choose one of: {', '.join(_STRATEGIES)} (a strategy of your "
+                           "own must be registered with adapterkit.register_strategy before the adapter is added or "
+                           "loaded).")
+
+
+@register_strategy("add")
 class Add(Strategy):
     """``base + delta``: NeMo's residual add."""
 
@@ -115,12 +164,17 @@ class Add(Strategy):
         return as_delta(base, c, output)
 
 
+@register_strategy("scaled_add")
 class ScaledAdd(Strategy):
     """``base + scale * delta`` with a fixed ``scale``."""
 
     def __init__(self, scale: float, **regularisers: float):
         super().__init__(**regularisers)
         self.scale = float(scale)
+
+    @classmethod
+    def create(cls, width: int, scale: float, **regularisers: float) -> Strategy:
+        return cls(scale, **regularisers)
 
     def fusion_scale(self) -> Optional[float]:
         return self.scale
@@ -142,6 +196,25 @@ class Gate(Strategy):
         return as_delta(base, c, output) * self.gate
 
 
+@register_strategy("gate")
+class ScalarGate(Gate):
+    """``Gate`` with one learned scalar."""
+
+    @classmethod
+    def create(cls, width: int, scale: float, **regularisers: float) -> Strategy:
+        return cls(1, **regularisers)
+
+
+@register_strategy("channel_gate")
+class ChannelGate(Gate):
+    """``Gate`` with one learned value per channel."""
+
+    @classmethod
+    def create(cls, width: int, scale: float, **regularisers: float) -> Strategy:
+        return cls(width, **regularisers)
+
+
+@register_strategy("multiply")
 class Multiply(Strategy):
     """``base * factor``: IA3's rescaling."""
 
@@ -152,20 +225,12 @@ class Multiply(Strategy):
         return base * as_factor(c, output)
 
 
+#: the built-in strategies (``available_strategies()`` adds the registered ones)
 STRATEGIES = ("add", "scaled_add", "gate", "channel_gate", "multiply")
 
 
 def make_strategy(name: str, width: int, *, scale: float = 1.0, stochastic_depth: float = 0.0,
                   l2_lambda: float = 0.0) -> Strategy:
     """The strategy called ``name`` for a site whose combined value has ``width`` channels."""
-    regularisers = {"stochastic_depth": stochastic_depth, "l2_lambda": l2_lambda}
-    makers = {
-        "add": lambda: Add(**regularisers),
-        "scaled_add": lambda: ScaledAdd(scale, **regularisers),
-        "gate": lambda: Gate(1, **regularisers),
-        "channel_gate": lambda: Gate(width, **regularisers),
-        "multiply": lambda: Multiply(**regularisers),
-    }
-    if name not in makers:
-        raise AdapterError(f"Unknown strategy '{name}'; choose one of: {', '.join(STRATEGIES)}.")
-    return makers[name]()
+    check_strategy(name)
+    return _STRATEGIES[name].create(width, scale, stochastic_depth=stochastic_depth, l2_lambda=l2_lambda)

@@ -14,7 +14,8 @@ Tensor names are module paths in AdapterHub's model, with or without the base-mo
   then ``adapter_up``, ``adapter_norm_after``, ``scaling``;
 * LoRA / IA3 (``architecture: lora``, ``composition_mode`` ``add`` / ``scale``):
   ``<module path>.loras.<name>.lora_A`` (r, in) / ``lora_B`` (out, r); IA3 keeps its vector in
-  ``lora_B`` (out, 1), scaled by ``alpha``.
+  ``lora_B`` (out, 1), scaled by ``alpha``; DoRA (``use_dora``) adds the magnitude ``m.weight``
+  (out, 1), read as adapterkit's ``dora`` with AdapterHub's formula (``methods/dora.py``).
 
 Which Linear layers AdapterHub's LoRA options adapt differs by architecture (``LORA_LOCATIONS``,
 from its model mixins: on Llama ``intermediate`` is ``mlp.down_proj``). GPT-2's fused ``c_attn``
@@ -35,8 +36,11 @@ from ..errors import AdapterError, CheckpointError
 from ..heads import HeadConfig
 from ..layouts.architectures import BERT_LIKE, DISTILBERT, GPT2, LLAMA_LIKE
 from ..methods.bottleneck import INITS, BottleneckConfig
+from ..methods.dora import DoRAConfig
 from ..methods.ia3 import IA3Config
 from ..methods.lora import LoRAConfig
+from ..methods.lora_init import as_plain_lora
+from . import adapterhub_compacter, adapterhub_reft
 from . import heads as H
 from .files import read_json, read_weights, write_folder
 from .meta import by_place, checkpoint, head_tensors, refuse_options
@@ -122,11 +126,13 @@ def _kind(ah: Any, config_file: Path) -> str:
     if not isinstance(ah, dict):
         raise CheckpointError(f"'{config_file}': 'config' must be an object (AdapterHub saves the full config).")
     arch = ah.get("architecture") or "bottleneck"
+    if arch == "bottleneck" and ah.get("phm_layer"):
+        arch = "compacter"
     if arch == "lora":
-        arch = "ia3" if ah.get("composition_mode") == "scale" else "lora"
+        arch = "ia3" if ah.get("composition_mode") == "scale" else ("dora" if ah.get("use_dora") else "lora")
     if arch not in READERS:
         raise CheckpointError(f"'{config_file}': config architecture {arch!r} is not supported; adapterkit reads "
-                              "AdapterHub bottleneck (SeqBn, DoubleSeqBn, ParBn), LoRA and IA3 adapters.")
+                              "AdapterHub bottleneck (SeqBn, DoubleSeqBn, ParBn), LoRA, IA3, DoRA and ReFT adapters.")
     return arch
 
 
@@ -156,10 +162,10 @@ def _keys(tensors: dict, pattern: str, weights_file: Path) -> list[tuple[str, st
 
 
 def _bottleneck_param(param: str, ln_before: bool) -> Optional[str]:
-    m = re.fullmatch(r"adapter_down\.(\d)\.(weight|bias)", param)
+    m = re.fullmatch(r"adapter_down\.(\d)\.(weight|bias|W_left|W_right|b)", param)  # PHM: W_left, W_right, b
     if m:
         return f"{'norm_before' if ln_before and m.group(1) == '0' else 'down'}.{m.group(2)}"
-    m = re.fullmatch(r"(adapter_up|adapter_norm_before|adapter_norm_after)\.(weight|bias)", param)
+    m = re.fullmatch(r"(adapter_up|adapter_norm_before|adapter_norm_after)\.(weight|bias|W_left|W_right|b)", param)
     if m:
         return f"{m.group(1)[len('adapter_'):]}.{m.group(2)}"
     return "scaling" if param == "scaling" else None
@@ -212,7 +218,8 @@ def _read_weight_method(ah: dict, tensors: dict, name: str, model, weights_file:
     layout = model.layout
     sites: dict[str, dict[str, torch.Tensor]] = {}
     origins: dict[str, str] = {}
-    for key, path, param, value in _keys(tensors, rf"(.+)\.loras\.{re.escape(name)}\.(lora_A|lora_B)", weights_file):
+    for key, path, param, value in _keys(tensors, rf"(.+)\.loras\.{re.escape(name)}\.(lora_A|lora_B|m\.weight)",
+                                         weights_file):
         place = place_of(layout, path, f"'{weights_file}', key '{key}'")
         module_at(layout, place, f"'{weights_file}', key '{key}'")
         if layout.spec is not None and place.endswith("." + SLICED.get(id(layout.spec), "-")):
@@ -224,16 +231,23 @@ def _read_weight_method(ah: dict, tensors: dict, name: str, model, weights_file:
                 raise CheckpointError(f"'{weights_file}': unexpected key '{key}': AdapterHub IA3 holds lora_B only.")
             value = value.reshape(-1) * float(ah.get("alpha", 1))
             param = "ia3_l"
+        elif param == "m.weight":  # DoRA's magnitude, an nn.Linear(1, out) there
+            value, param = value.reshape(-1), "lora_magnitude_vector"
         sites.setdefault(place, {})[param] = value
         origins[place] = f"{path}.loras.{name}"
     options = placement(layout, list(sites), f"'{weights_file}'")
     if ia3:
         return _config(IA3Config, options, weights_file), sites, origins
+    dora = bool(ah.get("use_dora"))
+    needed = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if dora else set())
     for place, params in sites.items():
-        if set(params) != {"lora_A", "lora_B"}:
-            raise CheckpointError(f"'{weights_file}': the LoRA of '{place}' has {sorted(params)} but needs lora_A and "
-                                  "lora_B; the file is incomplete.")
+        if set(params) != needed:
+            raise CheckpointError(f"'{weights_file}': the {'DoRA' if dora else 'LoRA'} of '{place}' has {sorted(params)} "
+                                  f"but needs {sorted(needed)}; the file is incomplete.")
     options.update(r=int(ah.get("r", 8)), alpha=float(ah.get("alpha", 8)), dropout=float(ah.get("dropout") or 0.0))
+    if dora:  # AdapterHub's DoRA: the norm of W + B A (no scaling), the factor on the bias too
+        return _config(DoRAConfig, {**options, "norm_with_scaling": False, "rescale_bias": True}, weights_file), \
+            sites, origins
     return _config(LoRAConfig, options, weights_file), sites, origins
 
 
@@ -377,9 +391,16 @@ def _write_bottleneck(config: BottleneckConfig, sites: dict, name: str, layout):
 
 
 def _write_weight_method(config, sites: dict, name: str, layout, ia3: bool):
+    if not ia3:
+        config, sites = as_plain_lora(config, sites)  # PiSSA / OLoRA: the rank-2r LoRA on the unmodified base
     handled = {"roles", "target_modules", "layers", "leave_out"} | (set() if ia3 else {"r", "alpha", "dropout",
                                                                                          "use_rslora"})
-    refuse_options(config, handled, "AdapterHub")
+    dora = config.method == "dora"
+    if dora and (config.norm_with_scaling or not config.rescale_bias):
+        raise AdapterError("AdapterHub's DoRA takes the norm of W + B A without the scaling and rescales the bias "
+                           "(norm_with_scaling=False, rescale_bias=True); this DoRA adapter uses PEFT's formula; nothing "
+                           "was written. Save it with format='peft' or 'adapterkit'.")
+    refuse_options(config, handled | ({"norm_with_scaling", "rescale_bias"} if dora else set()), "AdapterHub")
     layers, by_rest = _layers_and_paths(sites, layout)
     linears = single_stack(layout).spec.linears
     roles = {path: role for role, path in linears.items()}
@@ -397,10 +418,12 @@ def _write_weight_method(config, sites: dict, name: str, layout, ia3: bool):
             out[f"{prefix}.lora_B"] = params["ia3_l"].reshape(-1, 1)
         else:
             out[f"{prefix}.lora_A"], out[f"{prefix}.lora_B"] = params["lora_A"], params["lora_B"]
+        if dora:
+            out[f"{prefix}.m.weight"] = params["lora_magnitude_vector"].reshape(-1, 1)
     attn = sorted(c for c in chosen if c in ("q", "k", "v"))
     ah = {"architecture": "lora", "selfattn_lora": bool(attn), "attn_matrices": attn,
           "intermediate_lora": "intermediate" in chosen, "output_lora": "output" in chosen,
-          "leave_out": _leave_out(layers, layout), "use_gating": False, "use_dora": False, "dtype": None}
+          "leave_out": _leave_out(layers, layout), "use_gating": False, "use_dora": dora, "dtype": None}
     if ia3:
         ah.update(r=1, alpha=1, dropout=0.0, composition_mode="scale", init_weights="ia3")
     else:
@@ -429,8 +452,19 @@ def _write_head(head: dict, tensors: dict, name: str, info: dict, layout):
 READERS = {"bottleneck": _read_bottleneck,
            "lora": lambda *a: _read_weight_method(*a, ia3=False),
            "ia3": lambda *a: _read_weight_method(*a, ia3=True)}
-READ_OPTIONS = {"bottleneck": BN_READ, "lora": LORA_READ, "ia3": LORA_READ}
-OFF_OPTIONS = {"bottleneck": BN_OFF, "lora": LORA_OFF, "ia3": LORA_OFF}
+READERS["dora"] = READERS["lora"]
+READ_OPTIONS = {"bottleneck": BN_READ, "lora": LORA_READ, "ia3": LORA_READ, "dora": LORA_READ | {"use_dora"}}
+OFF_OPTIONS = {"bottleneck": BN_OFF, "lora": LORA_OFF, "ia3": LORA_OFF,
+               "dora": {k: v for k, v in LORA_OFF.items() if k != "use_dora"}}
 WRITERS = {"bottleneck": _write_bottleneck,
            "lora": lambda *a: _write_weight_method(*a, ia3=False),
            "ia3": lambda *a: _write_weight_method(*a, ia3=True)}
+WRITERS["dora"] = WRITERS["lora"]
+# ReFT (adapterhub_reft.py)
+READERS["reft"], READ_OPTIONS["reft"], OFF_OPTIONS["reft"] = adapterhub_reft.read, adapterhub_reft.READ, {}
+WRITERS["reft"] = adapterhub_reft.write
+# Compacter (adapterhub_compacter.py): the bottleneck reader plus the shared rule
+READERS["compacter"] = lambda *a: adapterhub_compacter.read(*a, bottleneck=_read_bottleneck)
+READ_OPTIONS["compacter"] = BN_READ
+OFF_OPTIONS["compacter"] = {k: v for k, v in BN_OFF.items() if k != "phm_layer"}
+WRITERS["compacter"] = lambda *a: adapterhub_compacter.write(*a, bottleneck=_write_bottleneck)

@@ -25,14 +25,16 @@ from ..config import config_from_dict
 from ..errors import AdapterError, CheckpointError
 from ..heads import HeadConfig
 from ..layouts import linear_features
+from ..methods.dora import DoRAConfig
 from ..methods.ia3 import IA3Config
 from ..methods.lora import EMBEDDINGS, LoRAConfig, pattern_value
+from ..methods.lora_init import as_plain_lora
 from ..methods.lora_layers import SlicedSite, host_kind
 from . import heads as H
-from . import peft_prefix, peft_prompt
+from . import peft_prefix, peft_prompt, peft_vera
 from .files import read_json, read_weights, write_folder
 from .meta import by_place, checkpoint, head_tensors, refuse_options
-from .peft_targets import undeclared
+from .peft_targets import refuse_undeclared
 from .places import is_conv1d, module_at, peer_path, per_site, place_of, place_regex, placement
 
 CONFIG = "adapter_config.json"
@@ -42,7 +44,7 @@ FILES = frozenset({CONFIG, WEIGHTS, PICKLED, "README.md"})  # what a PEFT save_p
 #: config keys read here, and keys that only describe how PEFT built or initialised the adapter
 READ = {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern",
         "target_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out", "modules_to_save",
-        "feedforward_modules", "bias"}
+        "feedforward_modules", "bias", "use_dora"}
 BOOKKEEPING = {"base_model_name_or_path", "revision", "inference_mode", "init_lora_weights", "init_ia3_weights",
                "peft_version", "auto_mapping", "megatron_core", "qalora_group_size", "exclude_modules",
                "ensure_weight_tying"}
@@ -94,13 +96,26 @@ def read(folder: Path, model, *, allow_pickle: bool = False) -> tuple[dict[str, 
     if peft_type == "PREFIX_TUNING":  # one tensor, not per module (peft_prefix.py)
         tensors, weights_file = read_weights(folder, WEIGHTS, PICKLED, allow_pickle=allow_pickle)
         return peft_prefix.read(cfg, tensors, model, weights_file, name)
+    if peft_type == "VERA":  # shared matrices outside base_model.model (peft_vera.py)
+        tensors, weights_file = read_weights(folder, WEIGHTS, PICKLED, allow_pickle=allow_pickle)
+        saved = cfg.get("modules_to_save") or []
+        heads = {k: v for k, v in tensors.items() if any(f".{m}." in f".{k[len(PREFIX):]}." for m in saved)}
+        head, head_state = _read_head(cfg, heads, model, weights_file)
+        rest = {k: v for k, v in tensors.items() if k not in heads}
+        return peft_vera.read(cfg, rest, model, weights_file, name, PREFIX, NEUTRAL, BOOKKEEPING | {"modules_to_save"},
+                              head, head_state)
     if peft_type not in METHODS:
         raise CheckpointError(f"'{config_file}': peft_type {peft_type!r} is not supported; adapterkit reads "
-                              f"{', '.join(METHODS)}, PROMPT_TUNING and PREFIX_TUNING adapters.")
+                              f"{', '.join(METHODS)}, VERA, PROMPT_TUNING and PREFIX_TUNING adapters.")
     for key, value in cfg.items():
         if key not in READ | BOOKKEEPING and value not in NEUTRAL:
             raise CheckpointError(f"'{config_file}': option '{key}' = {value!r} has no adapterkit counterpart; "
                                   "only adapters without it can be loaded.")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+        raise CheckpointError(f"'{config_file}': init_lora_weights = {init!r}: this adapter needs the residual base "
+                              "model PEFT made when it initialised it. Save it from PEFT with save_pretrained(..., "
+                              "path_initial_model_for_weight_conversion=...) so it loads on the unmodified base.")
     if cfg.get("bias", "none") != "none":
         raise CheckpointError(f"'{config_file}': option 'bias' = {cfg['bias']!r} trains the base model's biases, "
                               "which adapterkit adapters do not hold; only bias='none' can be loaded.")
@@ -135,19 +150,19 @@ def _check_declared(cfg: dict, tensors: dict[str, torch.Tensor], config_file: Pa
         site = sites.setdefault(_SUFFIX.sub("", key[len(PREFIX):]), {})
         if suffix in ("lora_A.weight", "lora_embedding_A"):
             site["rank"] = value.shape[0]
+        elif suffix == "lora_magnitude_vector":  # DoRA: declared by use_dora on a targeted module
+            site["magnitude"] = True
         elif suffix == "ia3_l":
             site["input"] = value.dim() == 2 and value.shape[0] == 1 and value.shape[1] != 1
-    problem = undeclared(cfg, sites)
-    if problem:
-        raise CheckpointError(f"'{weights_file}' holds {problem} in '{config_file}'; PEFT would not apply them, so "
-                              "the file and its config disagree. Fix the config (or the weights) so they describe "
-                              "the same modules, or load the folder it was saved with.")
+    refuse_undeclared(cfg, sites, config_file, weights_file)
 
 
 #: a LoRA tensor's name after its module path -> adapterkit's parameter name
 _LORA_PARAMS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B",
-                "lora_embedding_A": "lora_embedding_A", "lora_embedding_B": "lora_embedding_B"}
-_SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|ia3_l)$")
+                "lora_embedding_A": "lora_embedding_A", "lora_embedding_B": "lora_embedding_B",
+                "lora_magnitude_vector": "lora_magnitude_vector"}  # DoRA (use_dora): (out,)
+_SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"
+                     r"|ia3_l)$")
 
 
 def _site(model, key: str, weights_file: Path) -> tuple[str, str, Any]:
@@ -177,6 +192,11 @@ def _read_lora(cfg: dict, tensors: dict, model, weights_file: Path):
     for place, params in sites.items():
         pair = ({"lora_embedding_A", "lora_embedding_B"} if "lora_embedding_A" in params or "lora_embedding_B" in params
                 else {"lora_A", "lora_B"})
+        pair = pair | ({"lora_magnitude_vector"} if cfg.get("use_dora") else set())
+        if cfg.get("use_dora") and "lora_magnitude_vector" not in params:
+            raise CheckpointError(f"'{weights_file}': '{weights_file.parent / CONFIG}' says use_dora=true but "
+                                  f"'{PREFIX}{paths[place]}' has no lora_magnitude_vector; the file is incomplete or the "
+                                  "config was edited.")
         if set(params) != pair:
             raise CheckpointError(f"'{weights_file}': '{PREFIX}{paths[place]}' has {sorted(params)} but LoRA needs "
                                   f"both of {sorted(pair)}; the file is incomplete.")
@@ -198,7 +218,7 @@ def _read_lora(cfg: dict, tensors: dict, model, weights_file: Path):
     else:
         options = placement(model.layout, list(sites), f"'{weights_file}'")
     try:
-        config = LoRAConfig(r=r0, alpha=alpha0, dropout=float(cfg.get("lora_dropout") or 0.0),
+        config = (DoRAConfig if cfg.get("use_dora") else LoRAConfig)(r=r0, alpha=alpha0, dropout=float(cfg.get("lora_dropout") or 0.0),
                             use_rslora=bool(cfg.get("use_rslora")), rank_pattern=per_site(ranks, r0, list(sites)),
                             alpha_pattern=per_site(alphas, alpha0, list(sites)), **options)
     except AdapterError as err:
@@ -306,6 +326,7 @@ def write(directory: "str | Path", meta: dict[str, Any], tensors: dict[str, torc
 
 
 def _write_lora(config: LoRAConfig, sites, paths, hosts):
+    config, sites = as_plain_lora(config, sites)  # PiSSA / OLoRA: the rank-2r LoRA on the unmodified base
     refuse_options(config, {"r", "alpha", "dropout", "roles", "target_modules", "layers", "leave_out", "use_rslora",
                             "rank_pattern", "alpha_pattern"}, "PEFT")
     out, ranks, alphas = {}, {}, {}
@@ -320,7 +341,7 @@ def _write_lora(config: LoRAConfig, sites, paths, hosts):
             out[f"{PREFIX}{paths[place]}.{names[param]}"] = value
     return {"peft_type": "LORA", "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
             "use_rslora": config.use_rslora, "rank_pattern": ranks, "alpha_pattern": alphas,
-            "init_lora_weights": True}, out
+            "init_lora_weights": True, "use_dora": config.method == "dora"}, out
 
 
 def _write_ia3(config: IA3Config, sites, paths, hosts):
@@ -369,6 +390,8 @@ class _Method:
     read: Any
 
 
-METHODS = {"LORA": _Method(re.compile(r".+\.(lora_[AB]\.weight|lora_embedding_[AB])"), _read_lora),
+METHODS = {"LORA": _Method(re.compile(r".+\.(lora_[AB]\.weight|lora_embedding_[AB]|lora_magnitude_vector)"),
+                           _read_lora),
            "IA3": _Method(re.compile(r".+\.ia3_l"), _read_ia3)}
-WRITERS = {"lora": _write_lora, "ia3": _write_ia3}
+WRITERS = {"lora": _write_lora, "dora": _write_lora, "ia3": _write_ia3,
+           "vera": lambda config, sites, paths, hosts: peft_vera.write(config, sites, paths, hosts, PREFIX)}

@@ -20,8 +20,10 @@ from torch import nn
 
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
+from ..layouts import linear_features
 from ..places.slots import Site
-from .lora_layers import LORA_HOSTS, LoRA, SlicedSite, host_kind
+from .lora_init import INITS, ResidualLoRA
+from .lora_layers import HOSTS, LORA_HOSTS, LoRA, SlicedSite, host_kind
 
 __all__ = ["LoRAConfig", "LoRA", "pattern_value", "EMBEDDINGS"]
 
@@ -53,6 +55,10 @@ class LoRAConfig(AdapterConfig):
             ``{pattern: value}``, where a pattern is a regex matched against the end of the place id
             (``"value"`` or ``"layers.0.attention.self.query"``); the first matching pattern
             wins, sites matching none use ``r`` / ``alpha``.
+        init_weights: ``"lora"`` (A random, B zero), or one initialised from the host's weight
+            (``lora_init.INITS``): ``"pissa"`` (principal singular vectors) or ``"olora"`` (QR),
+            PEFT's ``init_lora_weights``; on Linear layers, with the base left untouched
+            (``lora_init.py`` says how such an adapter is saved and exported).
     """
 
     supports_merge = True
@@ -68,6 +74,7 @@ class LoRAConfig(AdapterConfig):
     use_rslora: bool = False
     rank_pattern: Optional[dict[str, int]] = None
     alpha_pattern: Optional[dict[str, float]] = None
+    init_weights: str = "lora"
 
     def validate(self) -> None:
         ranks = [self.r, *(self.rank_pattern or {}).values()]
@@ -75,6 +82,9 @@ class LoRAConfig(AdapterConfig):
             raise AdapterError(f"LoRA rank r must be a positive integer, got {ranks} (r and rank_pattern).")
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if self.init_weights != "lora" and self.init_weights not in INITS:
+            raise AdapterError(f"Unknown init_weights {self.init_weights!r}; choose 'lora', "
+                               f"{', '.join(repr(k) for k in INITS)}.")
         for option in ("rank_pattern", "alpha_pattern"):
             for pattern in getattr(self, option) or {}:
                 try:
@@ -121,6 +131,12 @@ class LoRAConfig(AdapterConfig):
         if cfg.resolved_strategy == "channel_gate" and not kind.channels_last:
             raise AdapterError(f"strategy='channel_gate' gates the last dimension, but '{site.place_id}' is a "
                                "convolution (channels in dimension 1); use 'gate', 'add' or 'scaled_add' there.")
+        if cfg.init_weights != "lora":
+            if kind is not HOSTS[0] or isinstance(site, SlicedSite) and site.enabled:
+                raise AdapterError(f"init_weights={cfg.init_weights!r} initialises LoRA from a Linear layer's weight; "
+                                   f"'{site.place_id}' is not a whole Linear layer. Use init_weights='lora' there.")
+            return ResidualLoRA(cfg, site.in_features, site.out_features, linear_features(site.host)[2],
+                                site.host.weight)
         return kind.build(cfg, site)
 
 

@@ -19,24 +19,48 @@ One site per stack and attention role (``places/attention.py``): self-attention 
 (``encoder_prefix=False`` leaves an encoder-decoder's encoder out) and, with ``cross_prefix``, the
 decoder's cross-attention. Prefixes have the attention's key / value heads (``num_key_value_heads``
 under grouped-query attention) and are prepended after the rotary embedding and the KV cache.
+
+**Initialisation** (``prefix_init``; the issue: random prefixes soak up the attention and never
+learn on SmolLM2). ``"random"``: the MLP's default init (or N(0, 1) prefixes when ``flat``), as
+AdapterHub; ``"zero"``: zero keys and values (with the MLP: its last projection zero, so its
+output is zero and its gradient is not); ``"from_string"``: Li & Liang's recipe (sec. 5.2, "initialise
+the prefix with activations of real words"): the keys and values the frozen model itself computes
+for ``prefix_init_text`` (its tokens repeated or cut to ``prefix_length``, PEFT's rule), layer by
+layer, captured inside the attention (``places/attention.capturing``), so each layer's prefix starts
+as a real context. It sets the prefixes themselves, so it needs ``flat=True``. A saved adapter is
+flat and initialised from its file (``as_saved`` resets the option: loading needs no tokenizer).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import math
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..places import attention as attention_place
 from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
 from ..layouts import select_layers
+from ..loader import load_tokenizer
+from ..places import attention as attention_place
 from ..places.slots import Site, SlotIO
 from .base import AdapterModule
 from .bottleneck import ACTIVATIONS
+
+
+PREFIX_INITS = ("random", "zero", "from_string")
+
+
+@dataclass(frozen=True)
+class TextSite(Site):
+    """An attention site with the keys and values the model computes for the init text there:
+    one ``(2, P, H_kv * d)`` per member layer (``prefix_init="from_string"``)."""
+
+    init_kv: tuple = field(default=(), compare=False, hash=False, repr=False)
 
 
 @register_method("prefix_tuning")
@@ -52,6 +76,9 @@ class PrefixTuningConfig(AdapterConfig):
         flat: no MLP: train the per-layer prefixes directly (what a saved adapter loads as).
         encoder_prefix: prefixes in the encoder of an encoder-decoder (T5, BART).
         cross_prefix: prefixes in the decoder's cross-attention of an encoder-decoder.
+        prefix_init: ``"random"``, ``"zero"`` or ``"from_string"`` (module docstring).
+        prefix_init_text: the text whose keys and values start the prefixes (``"from_string"``).
+        tokenizer_name_or_path: its tokenizer (a folder or alias); ``None``: the base model's.
     """
 
     places = ("attention",)
@@ -64,8 +91,16 @@ class PrefixTuningConfig(AdapterConfig):
     flat: bool = False
     encoder_prefix: bool = True
     cross_prefix: bool = True
+    prefix_init: str = "random"
+    prefix_init_text: Optional[str] = None
+    tokenizer_name_or_path: Optional[str] = None
 
     def validate(self) -> None:
+        if self.prefix_init not in PREFIX_INITS:
+            raise AdapterError(f"prefix_init='{self.prefix_init}' is unknown; choose one of: {', '.join(PREFIX_INITS)}.")
+        if self.prefix_init == "from_string" and not (self.prefix_init_text and self.flat):
+            raise AdapterError("prefix_init='from_string' sets the prefixes themselves from the keys and values of "
+                               "prefix_init_text: pass prefix_init_text='...' and flat=True.")
         if self.prefix_length < 1:
             raise AdapterError(f"prefix_length must be a positive number of positions, got {self.prefix_length}.")
         if self.bottleneck_size < 1:
@@ -103,21 +138,72 @@ class PrefixTuningConfig(AdapterConfig):
         for site in sites:
             layout.layer_indices(layout.stacks[site.stack], self.layers, self.leave_out)  # range checks
         attention_place.check_attention(layout, sites)
+        if self.prefix_init == "from_string":
+            kv = self._text_key_values(layout, sites)
+            sites = [TextSite(**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)},
+                              init_kv=tuple(kv[m] for m in s.members)) for s in sites]
         return sites
+
+    @torch.no_grad()
+    def _text_key_values(self, layout: Any, sites: Sequence[Site]) -> dict:
+        """``{attention module: (2, P, H_kv * d)}``: the keys and values the model computes for the
+        init text (its tokens repeated or cut to ``prefix_length``)."""
+        name = self.tokenizer_name_or_path or getattr(getattr(layout.model, "config", None), "_name_or_path", "")
+        if not name:
+            raise AdapterError("prefix_init='from_string' needs a tokenizer: pass tokenizer_name_or_path (a model folder "
+                               "or alias); this base model records no name_or_path to load one from.")
+        ids = load_tokenizer(name)(self.prefix_init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise AdapterError(f"prefix_init_text={self.prefix_init_text!r} gives no tokens; use a non-empty text.")
+        ids = (ids * math.ceil(self.prefix_length / len(ids)))[: self.prefix_length]
+        model = layout.model
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if embedding is not None and max(ids) >= embedding.num_embeddings:
+            raise AdapterError(f"The tokenizer '{name}' gives token ids up to {max(ids)}, beyond this model's "
+                               f"{embedding.num_embeddings} embeddings; pass the base model's own tokenizer.")
+        device = next(model.parameters()).device
+        inputs = {"input_ids": torch.tensor([ids], device=device)}
+        if layout.is_encoder_decoder:
+            inputs["decoder_input_ids"] = inputs["input_ids"]
+        members = [m for s in sites for m in s.members]
+        was_training = model.training
+        model.eval()
+        try:
+            with attention_place.capturing(members) as found:
+                model(**inputs)
+        finally:
+            model.train(was_training)
+        missing = [m for m in members if m not in found]
+        if missing:
+            raise AdapterError(f"prefix_init='from_string': {len(missing)} attention module(s) did not run on the init "
+                               "text; use prefix_init='zero' for this model.")
+        flat = lambda t: t[0].transpose(0, 1).reshape(t.shape[2], -1)  # noqa: E731  (1, H_kv, P, d) -> (P, H_kv*d)
+        return {m: torch.stack([flat(found[m][0]), flat(found[m][1])]) for m in members}
 
     def build(self, site: Site) -> nn.Module:
         layers = select_layers(len(site.members), self.layers, self.leave_out)
-        return PrefixTuning(self, layers, site.in_features, site.out_features)
+        module = PrefixTuning(self, layers, site.in_features, site.out_features)
+        with torch.no_grad():
+            if self.prefix_init == "zero":
+                for p in ([module.prefix] if self.flat else list(module.control_trans[-1].parameters())):
+                    p.zero_()
+            elif self.prefix_init == "from_string" and isinstance(site, TextSite):
+                module.prefix.copy_(torch.stack([site.init_kv[i] for i in layers]).to(module.prefix.dtype))
+        return module
+
+    def for_loading(self) -> "PrefixTuningConfig":
+        """Loading needs no init text: the saved prefixes replace the initialisation."""
+        return self.replace(prefix_init="random", prefix_init_text=None, tokenizer_name_or_path=None)
 
     def as_saved(self) -> "PrefixTuningConfig":
-        return self.replace(flat=True)
+        return self.replace(flat=True, prefix_init="random", prefix_init_text=None, tokenizer_name_or_path=None)
 
 
 class PrefixTuning(AdapterModule):
     """The prefixes of one stack's attention role: ``(2, P, kv_heads * head_dim)`` per layer.
 
     Its contribution at the slot is one more copy of its prefix for every example it runs on
-    (``attention_place``'s composition); the keys and values come from ``prefix_at``."""
+    (``places/attention``'s composition); the keys and values come from ``prefix_at``."""
 
     def __init__(self, config: PrefixTuningConfig, layers: Sequence[int], hidden: int, width: int):
         super().__init__()

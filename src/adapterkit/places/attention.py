@@ -61,6 +61,7 @@ _OWNERS: "weakref.WeakKeyDictionary[nn.Module, tuple[AttentionSlot, int]]" = wea
 _SWITCHED: dict[int, list] = {}  # id(config) -> [config, original implementation, slots using it]
 _LOCK = threading.Lock()
 _SEEN: contextvars.ContextVar[Optional[set]] = contextvars.ContextVar("adapterkit_attention_seen", default=None)
+_CAPTURE: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("adapterkit_attention_capture", default=None)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,9 @@ def _wrapping(name: str) -> Callable:
         seen = _SEEN.get()
         if seen is not None:
             seen.add(module)
+        captured = _CAPTURE.get()
+        if captured is not None:  # capturing(): the model's own keys and values, (B, H_kv, T, d)
+            captured[module] = (key.detach(), value.detach())
         owner = _OWNERS.get(module)
         prefix = owner[0].prefix(owner[1], query.shape[0]) if owner is not None else None
         if prefix is not None:
@@ -177,6 +181,26 @@ def _switch(config: Any, on: bool) -> None:
     if entry[2] == 0:
         config._attn_implementation_internal = entry[1]
         del _SWITCHED[id(config)]
+
+
+@contextlib.contextmanager
+def capturing(members: Sequence[nn.Module]) -> Iterator[dict]:
+    """While the block runs, record the key and value states ``(B, H_kv, T, d)`` (after the rotary
+    embedding) each of ``members`` attends with: ``{module: (key, value)}`` (prefix tuning's
+    initialisation from a text)."""
+    found: dict = {}
+    token = _CAPTURE.set(found)
+    configs = _configs(members)
+    with _LOCK:
+        for config in configs:
+            _switch(config, True)
+    try:
+        yield found
+    finally:
+        with _LOCK:
+            for config in configs:
+                _switch(config, False)
+        _CAPTURE.reset(token)
 
 
 def _configs(members: Sequence[nn.Module]) -> list[Any]:

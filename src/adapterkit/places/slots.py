@@ -72,7 +72,7 @@ class Site:
             product: LoRA, IA3), ``"attention"`` (key / value prefixes inside the attention
             of every ``members`` module: prefix tuning, ``places/attention.py``) or ``"input"``
             (rows prepended to the model's input sequence: prompt tuning, run by
-            ``input_place.InputSlot``).
+            ``places/input.InputSlot``).
         stack: the named stack (``"encoder"`` / ``"decoder"``) the site belongs to, if any.
         input_from: module and argument holding the sub-layer's input (what a ``pre`` /
             ``parallel`` adapter at a sub-layer site reads), where the layout knows it.
@@ -80,6 +80,9 @@ class Site:
             (``SlotIO.layers``), in order; ``()`` = none.
         members: the modules a site spans, block by block (an ``attention`` site: its attention
             module in every block of its stack; ``host`` is then the stack itself).
+        positions: ``(first, last)``: the adapter acts on each example's first ``first`` and last
+            ``last`` real tokens only (LoReFT's interventions), found from the call's attention
+            mask (``SlotIO.attention_mask``, ``token_positions``); ``None`` = every position.
     """
 
     place_id: str
@@ -94,6 +97,7 @@ class Site:
     input_from: Optional[tuple[nn.Module, ArgRef]] = None
     layers_from: tuple[nn.Module, ...] = ()
     members: tuple[nn.Module, ...] = ()
+    positions: Optional[tuple[int, int]] = None
 
     def at(self, place: str) -> "Site":
         """This site as an adapter at ``place`` meets it. A ``pre`` adapter at a sub-layer site
@@ -127,6 +131,7 @@ class SlotIO:
     layer_norm: Optional[nn.Module] = None
     place: str = "post"
     layers: tuple[torch.Tensor, ...] = ()
+    attention_mask: Optional[torch.Tensor] = None  # the call's (B, T) mask, where the site needs positions
 
     @property
     def passthrough(self) -> torch.Tensor:
@@ -137,7 +142,7 @@ class SlotIO:
         """The same view restricted to some examples of the batch (per-example routing)."""
         pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
         return replace(self, x=pick(self.x), y=pick(self.y), residual=pick(self.residual),
-                       layers=tuple(pick(t) for t in self.layers))
+                       layers=tuple(pick(t) for t in self.layers), attention_mask=pick(self.attention_mask))
 
     def with_value(self, value: torch.Tensor) -> "SlotIO":
         """The view after an adapter rewrote the site's value (the next one in a ``Stack``)."""
@@ -301,7 +306,7 @@ class Slot:
         y = _main_output(output)
         x, _ = _first_input(args, kwargs)
         io = SlotIO(x=x, y=y, residual=residual, layer_norm=self.site.layer_norm, place=self.site.place,
-                    layers=layers)
+                    layers=layers, attention_mask=_call_mask() if self.site.positions is not None else None)
         return _with_main_output(output, plan(io))
 
     def _run_pre(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -316,6 +321,27 @@ class Slot:
         if key is None:
             return (new_x, *args[1:]), kwargs
         return args, {**kwargs, key: new_x}
+
+
+def _call_mask() -> Optional[torch.Tensor]:
+    ctx = context.current()
+    return None if ctx is None else ctx.attention_mask
+
+
+def token_positions(mask: Optional[torch.Tensor], batch: int, length: int, first: int, last: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, min(first, T))`` and ``(B, min(last, T))`` sequence indices of each example's first
+    and last real tokens: from the first position the mask keeps (left padding) to the last one,
+    AdapterHub's rule (``offsets = mask.argmax(1)``, ``lengths = mask.sum(1)``); without a mask (or
+    one of another length, e.g. with a prompt prepended) every position is real."""
+    if mask is not None and mask.dim() == 2 and mask.shape == (batch, length):
+        offsets, ends = mask.argmax(1).to(device), (mask.argmax(1) + (mask == 1).sum(1)).to(device)
+    else:
+        offsets = torch.zeros(batch, dtype=torch.long, device=device)
+        ends = torch.full((batch,), length, dtype=torch.long, device=device)
+    head = offsets[:, None] + torch.arange(min(first, length), device=device)  # (B, p)
+    tail = ends[:, None] + torch.arange(-min(last, length), 0, device=device)  # (B, s)
+    return head, tail
 
 
 #: slot classes of places whose runtime is not a hook on the host (``register_slot``)

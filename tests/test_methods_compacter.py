@@ -1,0 +1,79 @@
+"""Compacter (``methods/compacter.py``): PHM projections whose rule is one parameter shared by every
+layer of the adapter, AdapterHub's checkpoints read exactly (fixtures ``ah_*compacter*`` in
+``test_interop.py``) and our exports loaded by AdapterHub itself, routing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from adapterhub_peer import adapterhub_output, fixture_base
+from helpers import ARCHS, make_base, make_batch, perturb, run
+
+from adapterkit import AdapterError, AdapterModel
+
+
+def rules(model, name):
+    return [m.phm_rule for m in model.adapters[name].modules() if hasattr(m, "phm_rule")]
+
+
+def test_the_rule_is_one_parameter_trained_once_and_still_shared_after_loading(tmp_path):
+    model = AdapterModel(make_base(ARCHS["bert"]))
+    model.add_adapter("c", "compacter", reduction_factor=8, set_active=True)
+    assert len(rules(model, "c")) == 16 and len({id(r) for r in rules(model, "c")}) == 1  # 4 layers x 2 sites x 2
+    perturb(model.adapters["c"], scale=0.3)  # away from the start, where the rule's gradient is ~1e-30
+    model.train_adapter("c")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = make_batch()
+    before = rules(model, "c")[0].detach().clone()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model.model(**batch)[0].square().mean().backward()
+        optimizer.step()
+    assert not torch.equal(rules(model, "c")[0], before)  # trained, and the same tensor everywhere
+    model.eval()
+    out = run(model, batch)
+    model.save_adapter(tmp_path / "c", "c")
+    again = AdapterModel(make_base(ARCHS["bert"]))
+    again.load_adapter(tmp_path / "c", set_active=True)
+    assert torch.equal(run(again.eval(), batch), out)
+    assert len({id(r) for r in rules(again, "c")}) == 1
+
+
+@pytest.mark.parametrize("preset", ["compacter++", "compacter"])
+def test_adapterhub_loads_our_compacter_export(preset, tmp_path):
+    model = AdapterModel(fixture_base("bert", causal_lm=False))
+    model.add_adapter("c", preset, reduction_factor=8, set_active=True)
+    perturb(model.adapters["c"], scale=0.3)
+    batch = {"input_ids": torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(2)),
+             "attention_mask": torch.tensor([[1] * 9, [1] * 6 + [0] * 3])}
+    model.eval()
+    with torch.no_grad():
+        ours = model.model(**batch).last_hidden_state
+        with model.disable_adapters():
+            assert (model.model(**batch).last_hidden_state - ours).abs().max() > 1e-3
+    model.save_adapter(tmp_path / "ah", "c", format="adapterhub")
+    theirs = adapterhub_output(tmp_path / "ah", "bert", batch, tmp_path, causal_lm=False)
+    real = batch["attention_mask"].bool()
+    assert (ours[real] - theirs[real]).abs().max() <= 1e-5
+
+
+def test_routed_compacter_equals_each_example_alone():
+    model = AdapterModel(make_base(ARCHS["llama"]))
+    model.add_adapter("a0", "compacter++", reduction_factor=8)
+    model.add_adapter("a1", "compacter", reduction_factor=4, phm_dim=2)
+    perturb(model.adapters, scale=0.2)
+    model.eval()
+    batch = make_batch(batch_size=4)
+    names = ["a1", None, "a0", "a1"]
+    routed = run(model, batch, adapter_names=names)
+    for i, name in enumerate(names):
+        model.set_active_adapters(name)
+        assert (routed[i:i + 1] - run(model, {k: v[i:i + 1] for k, v in batch.items()})).abs().max() <= 1e-5
+    model.set_active_adapters(None)
+
+
+def test_phm_dim_must_divide_the_widths():
+    model = AdapterModel(make_base(ARCHS["bert"]))
+    with pytest.raises(AdapterError, match="phm_dim=3 must divide the widths 32 -> 4 -> 32"):
+        model.add_adapter("c", "compacter++", reduction_factor=8, phm_dim=3)
+    assert list(model.adapters) == []

@@ -1,0 +1,91 @@
+"""VeRA (``methods/vera.py``): shared frozen matrices drawn from a seed as PEFT draws them, PEFT
+folders read and written exactly, routing. The shared invariants run in ``test_invariants.py``."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from helpers import ARCHS, make_base, make_batch, perturb, run
+
+from adapterkit import AdapterError, AdapterModel
+
+BERT, GPT2 = ARCHS["bert"], ARCHS["gpt2"]
+
+
+def _peft_vera(arch, targets, save_projection=True):
+    model = peft.get_peft_model(make_base(arch), peft.VeraConfig(r=6, projection_prng_key=11, target_modules=targets,
+                                                                 save_projection=save_projection))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "vera_lambda" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+@pytest.mark.parametrize("arch,targets", [(BERT, ["query", "value", "intermediate.dense"]), (GPT2, ["c_attn", "c_fc"])],
+                         ids=["bert", "gpt2-conv1d"])
+def test_peft_vera_loads_merges_and_exports_exactly(arch, targets, save_projection, tmp_path):
+    batch = make_batch()
+    reference = _peft_vera(arch, targets, save_projection)
+    expected = run(reference, batch)
+    assert (expected - run(make_base(arch), batch)).abs().max() > 1e-3
+    reference.save_pretrained(tmp_path / "peft")
+    model = AdapterModel(make_base(arch))
+    name = model.load_adapter(tmp_path / "peft", set_active=True)
+    assert (run(model.eval(), batch) - expected).abs().max() <= 1e-5
+    model.save_adapter(tmp_path / "back", name, format="peft")
+    again = peft.PeftModel.from_pretrained(make_base(arch), tmp_path / "back").eval()
+    assert (run(again, batch) - expected).abs().max() <= 1e-5
+    model.merge_adapter(name)
+    assert (run(model, batch) - expected).abs().max() <= 1e-5
+
+
+def test_matrices_are_shared_frozen_and_not_saved(tmp_path):
+    model = AdapterModel(make_base(BERT))
+    model.add_adapter("v", "vera", r=4, roles=["q", "v", "ffn_in"], set_active=True)
+    units = [m for m in model.adapters["v"].modules() if hasattr(m, "vera_A")]
+    assert len(units) == 12 and len({m.vera_A.untyped_storage().data_ptr() for m in units}) == 1  # one tensor
+    assert all(not m.vera_A.requires_grad for m in units)
+    perturb(model.adapters["v"])
+    batch = make_batch()
+    out = run(model, batch)
+    model.save_adapter(tmp_path / "v", "v")
+    saved = json.dumps(list(model.state_dict()))
+    assert "vera_A" not in saved and "vera_B" not in saved
+    again = AdapterModel(make_base(BERT))
+    again.load_adapter(tmp_path / "v", set_active=True)
+    assert torch.equal(run(again, batch), out)
+
+
+def test_a_wrong_projection_in_a_peft_file_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _peft_vera(BERT, ["query", "value"]).save_pretrained(tmp_path / "peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["base_model.vera_A"] = tensors["base_model.vera_A"] * 2
+    save_file(tensors, str(weights))
+    model = AdapterModel(make_base(BERT))
+    with pytest.raises(AdapterError, match="projection_prng_key=11"):
+        model.load_adapter(tmp_path / "peft")
+    assert list(model.adapters) == []
+
+
+def test_routed_vera_equals_each_example_alone():
+    model = AdapterModel(make_base(ARCHS["llama"]))
+    model.add_adapter("a0", "vera", r=4)
+    model.add_adapter("a1", "vera", r=8, projection_prng_key=3, roles=["q", "k", "v"])
+    perturb(model.adapters, scale=0.5)
+    model.eval()
+    batch = make_batch(batch_size=4)
+    names = ["a1", None, "a0", "a1"]
+    routed = run(model, batch, adapter_names=names)
+    for i, name in enumerate(names):
+        model.set_active_adapters(name)
+        assert (routed[i:i + 1] - run(model, {k: v[i:i + 1] for k, v in batch.items()})).abs().max() <= 1e-5
+    model.set_active_adapters(None)
