@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("new", help="the new tree's src folder")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--only", default="pfeiffer|lora", help="bench_speed.py --only REGEX")
-    p.add_argument("extra", nargs="*", help="further bench_speed.py arguments (after --)")
-    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []  # further bench_speed.py arguments
+    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args.extra = extra
     ratios: dict[str, dict[str, list[float]]] = {"old": {}, "new": {}}
     for i in range(args.rounds):
         order = [("old", args.old), ("new", args.new)]
