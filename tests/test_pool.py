@@ -1,0 +1,52 @@
+"""Thousands of adapters over one base: what a call or a setup change costs must not grow with
+the number of adapters loaded (counted in Python function calls and compile work, not timed)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import transformers as T
+
+from adapterkit import AdapterModel
+
+CFG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+NAMES = ["a0", "a1", None, "a0", "a1", "a1"]
+
+
+def loaded(preset: str, n: int) -> AdapterModel:
+    torch.manual_seed(0)
+    model = AdapterModel(T.BertModel(T.BertConfig(**CFG))).eval()
+    for i in range(n):
+        model.add_adapter(f"a{i}", preset, **({"r": 2} if preset == "lora" else {}))
+    return model
+
+
+def python_calls(fn) -> int:
+    """How many Python functions run inside ``fn()`` (``sys.setprofile`` 'call' events)."""
+    count = 0
+
+    def tracer(frame, event, arg):
+        nonlocal count
+        if event == "call":
+            count += 1
+
+    sys.setprofile(tracer)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return count
+
+
+@pytest.mark.parametrize("preset", ["lora", "pfeiffer", "ia3", "prefix_tuning", "prompt_tuning", "houlsby"])
+def test_a_routed_call_does_the_same_work_with_4_or_60_adapters_loaded(preset):
+    ids = torch.randint(0, 100, (len(NAMES), 5))
+    counts = []
+    for n in (4, 60):
+        model = loaded(preset, n)
+        with torch.inference_mode():
+            model(input_ids=ids, adapter_names=NAMES)  # first call: lazy set-up of transformers' own
+            counts.append(python_calls(lambda: model(input_ids=ids, adapter_names=NAMES)))
+    assert counts[0] == counts[1], f"a routed call ran {counts} Python calls with 4 / 60 adapters loaded"
