@@ -50,3 +50,34 @@ def test_a_routed_call_does_the_same_work_with_4_or_60_adapters_loaded(preset):
             model(input_ids=ids, adapter_names=NAMES)  # first call: lazy set-up of transformers' own
             counts.append(python_calls(lambda: model(input_ids=ids, adapter_names=NAMES)))
     assert counts[0] == counts[1], f"a routed call ran {counts} Python calls with 4 / 60 adapters loaded"
+
+
+def test_add_delete_and_load_do_the_same_work_with_4_or_60_adapters_loaded(tmp_path):
+    """A setup change compiles the changed adapter's units only, and finds a slot's units in the
+    store's index: its Python work does not grow with the number of adapters loaded."""
+    counts = []
+    for n in (4, 60):
+        model = loaded("lora", n)
+        model.save_adapter(tmp_path / f"saved{n}", "a0")
+        calls = [python_calls(lambda: model.add_adapter("new", "lora", r=2)),
+                 python_calls(lambda: model.delete_adapter("new")),
+                 python_calls(lambda: model.load_adapter(tmp_path / f"saved{n}", load_as="back"))]
+        counts.append(calls)
+    assert counts[0] == counts[1], f"add / delete / load ran {counts} Python calls with 4 / 60 adapters loaded"
+
+
+def test_compile_work_of_an_add_is_the_new_adapters_units_only(monkeypatch):
+    model = loaded("pfeiffer", 5)
+    compiled = []
+    original = type(model.adapters["a0"][next(iter(model.adapters["a0"].keys()))]).compile_at
+
+    def counted(self, site):
+        compiled.append(self)
+        return original(self, site)
+
+    monkeypatch.setattr(type(model.adapters["a0"][next(iter(model.adapters["a0"].keys()))]), "compile_at", counted)
+    model.add_adapter("new", "pfeiffer")
+    assert set(map(id, compiled)) == set(map(id, model.adapters["new"].values()))
+    compiled.clear()
+    model.delete_adapter("new")
+    assert compiled == []
