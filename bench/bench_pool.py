@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -79,17 +82,21 @@ def forward_rounds(model: AdapterModel, ids: torch.Tensor, pool: int, rounds: in
 def grow(method: str, pools: list[int], ids: torch.Tensor, rounds: int, folder: str) -> list[dict]:
     gc.collect()
     model = minilm()
+    # one adapter added, saved, routed and deleted before the bare figure: one-off costs (imports,
+    # the first forward's buffers) are not charged to the pool
+    model.add_adapter("warm", method, **OPTIONS[method])
+    weight_mb = sum(p.numel() * p.element_size() for p in model.adapters["warm"].parameters()) / 2**20
+    model.save_adapter(os.path.join(folder, method), "warm")
+    with torch.inference_mode():
+        model(input_ids=ids, adapter_names=["warm"] * ids.shape[0])
+    model.delete_adapter("warm")
     gc.collect()
     bare = rss_mb()
     rows, n = [], 0
-    weight_mb = None
     for pool in pools:
         while n < pool:
             model.add_adapter(f"a{n}", method, **OPTIONS[method])
             n += 1
-        if weight_mb is None:
-            weight_mb = sum(p.numel() * p.element_size() for p in model.adapters["a0"].parameters()) / 2**20
-            model.save_adapter(os.path.join(folder, method), "a0")
         gc.collect()
         per_adapter = (rss_mb() - bare) / pool
         adds, loads = [], []
@@ -103,7 +110,7 @@ def grow(method: str, pools: list[int], ids: torch.Tensor, rounds: int, folder: 
         rows.append({"method": method, "pool": pool, "mb": per_adapter, "weights_mb": weight_mb,
                      "add_ms": 1e3 * statistics.median(adds), "load_ms": 1e3 * statistics.median(loads),
                      **{k: v / times["one"] for k, v in times.items() if k != "one"}, "one_s": times["one"]})
-        print(f"  {method} {pool}: done", flush=True)
+        print(f"  {method} {pool}: done", file=sys.stderr, flush=True)
     return rows
 
 
@@ -115,15 +122,24 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)  # one method, JSON rows
     args = parser.parse_args()
     if args.quick:
         args.pools, args.batch, args.tokens, args.rounds = [8, 64], 8, 16, 3
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    ids = torch.randint(0, 30522, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
+    if args.rows_only:
+        ids = torch.randint(0, 30522, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
+        with tempfile.TemporaryDirectory() as folder:
+            for row in grow(args.methods[0], sorted(args.pools), ids, args.rounds, folder):
+                print("ROW " + json.dumps(row), flush=True)
+        return
+    # each method in a fresh process: memory one model freed would otherwise be reused by the next
     rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        for method in args.methods:
-            rows += grow(method, sorted(args.pools), ids, args.rounds, folder)
+    for method in args.methods:
+        cmd = [sys.executable, __file__, "--rows-only", "--methods", method, "--pools", *map(str, args.pools),
+               "--batch", str(args.batch), "--tokens", str(args.tokens), "--rounds", str(args.rounds)]
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+        rows += [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW ")]
     print(f"\nMiniLM-shaped model, batch {args.batch} x {args.tokens}, inference, {torch.get_num_threads()} thread(s)")
     header = (f"{'method':<9}{'pool':>7}{'MB/adapter':>12}{'weights MB':>12}{'x weights':>10}{'add ms':>9}"
               f"{'load ms':>9}{'one s':>8}{'routed 1':>10}{'routed 8':>10}{'routed 32':>10}")
