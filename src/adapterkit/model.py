@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections import OrderedDict
+from collections import ChainMap, OrderedDict
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -167,14 +167,12 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
         for site in record.sites:
             self._slots.setdefault((site.place_id, site.place), make_slot(site))
 
-    def _units_at(self, slot: Slot) -> dict[str, nn.Module]:
+    def _units_at(self, slot: Slot) -> Mapping[str, nn.Module]:
         """The unmerged adapters' modules at a slot, in the order the adapters were added."""
-        key, place = slot.site.key, slot.site.place
-        return {
-            name: record.modules[key]
-            for name, record in self.records.items()
-            if key in record.modules and record.site(key).place == place and name not in self._merges
-        }
+        units = self.adapters.units_at(slot.site.key, slot.site.place)  # the store's index: O(1)
+        if not self._merges:
+            return units
+        return {name: unit for name, unit in units.items() if name not in self._merges}
 
     @setup_change
     def add_adapter(
@@ -217,7 +215,7 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
         if set_active:
             self.set_active_adapters(record.name)
         else:
-            self._refresh()
+            self._refresh(compile_only=(record.name,))
 
     @setup_change
     def delete_adapter(self, name: str, *, delete_head: bool = True) -> None:
@@ -231,13 +229,11 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
         self.fusions.drop_adapter(name)
         for site in record.sites:
             slot_key = (site.place_id, site.place)
-            still_used = any(site.key in r.modules and r.site(site.key).place == site.place
-                             for r in self.records.values())
-            if not still_used:
+            if not self.adapters.units_at(site.key, site.place) and slot_key in self._slots:
                 self._slots.pop(slot_key).set_plans(None)
         if delete_head and name in self.heads:
             self.delete_head(name)
-        self._refresh()
+        self._refresh(compile_only=())
 
     # -- activation and training ---------------------------------------------------------------
     @property
@@ -353,18 +349,22 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
                 self._merges.apply(self.records, disabled=bool(self._disabled))
                 self._refresh()
 
-    def _refresh(self) -> None:
+    def _refresh(self, compile_only: Optional[Sequence[str]] = None) -> None:
         """Recompile every slot's plans for the current setup (the one place that does): the
-        active setup's plan and the per-example routing plan."""
+        active setup's plan and the per-example routing plan. Every unit chooses its fast paths
+        again (``compile_at``), or, after adding or deleting, only the new adapters' units
+        (``compile_only``): the work then does not grow with the number of adapters loaded."""
         setup = None if self._disabled else self._setup
         owners = block_owners(self.layout)
         for slot in self._slots.values():
             units = self._units_at(slot)
-            for unit in units.values():
+            chosen = units.values() if compile_only is None else [units[n] for n in compile_only if n in units]
+            for unit in chosen:
                 unit.compile_at(slot.site)
             slot.bind(units, self._skip_layers)
             skipped = owners.get(id(slot.site.host), (None, None))[1] in self._skip_layers
-            plan = compile_plan(setup, {**units, **self.fusions.at(slot.site.key)}) if setup is not None and not skipped else None
+            plan = compile_plan(setup, ChainMap(self.fusions.at(slot.site.key), units)) \
+                if setup is not None and not skipped else None
             slot.set_plans(plan, None if self._disabled else slot.compile_routed(units, routed_plan))
         self._grad_free.update(self.layout, owners, [s.site for s in self._slots.values() if s.plan is not None])
         parallel = find_parallel(setup)
@@ -506,5 +506,5 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
             if set_active:
                 self.set_active_adapters(name)
             else:
-                self._refresh()
+                self._refresh(compile_only=(name,))
         return name

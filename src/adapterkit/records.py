@@ -5,7 +5,10 @@ modules (one unit per site, keyed by ``Site.key``). ``Adapters`` is what
 ``AdapterModel.adapters`` holds: an ``nn.ModuleDict`` of the records' modules by adapter name
 (so they are registered, moved, saved in ``state_dict`` as ``adapters.<name>.<site>.*``) that
 also keeps the records; ``records`` is a read-only view of them. Adding and removing go through
-``attach`` and ``detach``, so the modules and the records cannot drift apart.
+``attach`` and ``detach``, so the modules and the records cannot drift apart. The store also
+keeps, per slot (site key and place), the units there by adapter name (``units_at``), updated by
+``attach`` and ``detach`` in the adapter's own sites only: finding a slot's units never walks
+every adapter, so a setup change costs the same with ten or ten thousand adapters loaded.
 """
 
 from __future__ import annotations
@@ -40,19 +43,46 @@ class Adapters(nn.ModuleDict):
     def __init__(self) -> None:
         super().__init__()
         self._records: dict[str, AdapterRecord] = {}
+        self._at: dict[tuple[str, str], dict[str, nn.Module]] = {}  # (site key, place) -> name -> unit
 
     @property
     def records(self) -> Mapping[str, AdapterRecord]:
         """Every adapter's record, by name, in the order they were added; read-only."""
         return MappingProxyType(self._records)
 
+    def units_at(self, key: str, place: str) -> Mapping[str, nn.Module]:
+        """The units at one slot by adapter name, in the order the adapters were added; a
+        read-only live view (it follows later ``attach`` and ``detach``)."""
+        return MappingProxyType(self._at.get((key, place), _EMPTY))
+
     def attach(self, record: AdapterRecord) -> None:
         self[record.name] = record.modules
         self._records[record.name] = record
+        for key, place in _slot_keys(record):
+            self._at.setdefault((key, place), {})[record.name] = record.modules[key]
 
     def detach(self, name: str) -> AdapterRecord:
         del self[name]
-        return self._records.pop(name)
+        record = self._records.pop(name)
+        for key, place in _slot_keys(record):
+            units = self._at[(key, place)]
+            del units[name]
+            if not units:
+                del self._at[(key, place)]
+        return record
+
+
+_EMPTY: dict[str, nn.Module] = {}
+
+
+def _slot_keys(record: AdapterRecord) -> list[tuple[str, str]]:
+    """The slots (site key, place) where ``record`` has a unit: one per site key, at the place
+    of its first site of that key (``AdapterRecord.site``)."""
+    seen: dict[str, str] = {}
+    for site in record.sites:
+        if site.key in record.modules:
+            seen.setdefault(site.key, site.place)
+    return list(seen.items())
 
 
 def summary(records: Mapping[str, AdapterRecord], heads: Mapping[str, nn.Module], base: nn.Module, active: set,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import functools
 import typing
 from typing import Any
 
@@ -65,9 +66,16 @@ def describe(hint: Any) -> str:
     return _NAMES.get(hint, getattr(hint, "__name__", str(hint)))
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints`` of a dataclass, resolved once per class (it evaluates every
+    annotation string: milliseconds, paid by each config built, one per adapter and site)."""
+    return typing.get_type_hints(cls)
+
+
 def check_field_types(obj: Any) -> None:
     """Raise ``TypeError`` naming the first field of dataclass ``obj`` whose value has the wrong type."""
-    hints = typing.get_type_hints(type(obj))
+    hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         hint = hints.get(f.name, Any)
         value = getattr(obj, f.name)

@@ -45,7 +45,8 @@ class Routing:
         self.names = list(names)
         self.device = device
         self._groups: dict[int, list[tuple[str, torch.Tensor]]] = {}
-        self._which: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, Optional[torch.Tensor], tuple[int, ...]]] = {}
+        self._coded: dict[int, tuple[tuple[str, ...], list[int]]] = {}
+        self._which: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, Optional[torch.Tensor], tuple[str, ...]]] = {}
 
     def _expanded(self, batch: int) -> list[Optional[str]]:
         n = len(self.names)
@@ -69,18 +70,27 @@ class Routing:
             self._groups[batch] = [(n, torch.tensor(r, device=self.device)) for n, r in rows.items()]
         return self._groups[batch]
 
-    def which(self, batch: int, names: tuple[str, ...]) -> tuple[torch.Tensor, Optional[torch.Tensor], tuple[int, ...]]:
-        """For a slot holding adapters ``names``: the positions in ``names`` of the adapters this
-        batch uses (``used``), each routed row's index into ``used`` (``which``), and the rows
-        that have an adapter here (``kept``; ``None`` when every row has one)."""
-        key = (batch, names)
+    def _codes(self, batch: int) -> tuple[tuple[str, ...], list[int]]:
+        """The distinct names of the batch (in order of first use) and each row's index into
+        them (-1: no adapter); made once per batch size, shared by every slot."""
+        if batch not in self._coded:
+            distinct: dict[str, int] = {}
+            codes = [-1 if n is None else distinct.setdefault(n, len(distinct)) for n in self._expanded(batch)]
+            self._coded[batch] = (tuple(distinct), codes)
+        return self._coded[batch]
+
+    def which(self, batch: int, units: Mapping[str, object]) -> tuple[torch.Tensor, Optional[torch.Tensor], tuple[str, ...]]:
+        """For a slot holding ``units`` (name -> module): the names of the adapters this batch
+        uses there (``used``), each routed row's index into ``used`` (``which``), and the rows
+        that have an adapter here (``kept``; ``None`` when every row has one). The work grows
+        with the batch and the names it uses, never with the number of adapters at the slot."""
+        distinct, codes = self._codes(batch)
+        used = tuple(n for n in distinct if n in units)
+        key = (batch, used)
         if key not in self._which:
-            position = {n: i for i, n in enumerate(names)}
-            picks = [position.get(n) if n is not None else None for n in self._expanded(batch)]
-            rows = [i for i, p in enumerate(picks) if p is not None]
-            used = tuple(sorted({picks[i] for i in rows}))
-            compact = {p: j for j, p in enumerate(used)}
-            which = torch.tensor([compact[picks[i]] for i in rows], device=self.device, dtype=torch.long)
+            compact = {distinct.index(n): j for j, n in enumerate(used)}
+            rows = [i for i, c in enumerate(codes) if c in compact]
+            which = torch.tensor([compact[codes[i]] for i in rows], device=self.device, dtype=torch.long)
             kept = None if len(rows) == batch else torch.tensor(rows, device=self.device, dtype=torch.long)
             self._which[key] = (which, kept, used)
         return self._which[key]
@@ -100,29 +110,28 @@ def _stackable(units: Sequence["AdapterModule"]) -> bool:
 
 def routed_plan(units: Mapping[str, "AdapterModule"]):
     """The function a slot runs under per-example routing, given the (unmerged) adapters placed
-    there; ``None`` when there are none."""
+    there; ``None`` when there are none. A call's work grows with the adapters its batch uses,
+    not with the number at the slot (``units`` is only looked up by name)."""
     if not units:
         return None
-    names = tuple(units)
-    modules = [units[n] for n in names]
 
     def plan(io):
         routing = context.current().routing
         passthrough = io.passthrough
         batch = passthrough.shape[0]
-        # checked per call: stack keys and regularisers depend on train / eval mode
-        if _stackable(modules):
-            which, kept, used = routing.which(batch, names)
-            if not used:
-                return passthrough
-            units_used = [modules[i] for i in used]  # only they take part (and get gradients)
-            if len(units_used) == 1:  # one adapter for every routed row: its own (fused) path
-                if kept is None:
-                    return units_used[0].run(io)
-                return passthrough.index_copy(0, kept, units_used[0].run(io.rows(kept)))
+        which, kept, used = routing.which(batch, units)
+        if not used:
+            return passthrough
+        units_used = [units[n] for n in used]  # only they take part (and get gradients)
+        if len(units_used) == 1:  # one adapter for every routed row: its own (fused) path
             if kept is None:
-                return type(modules[0]).run_stacked(units_used, which, io)
-            out = type(modules[0]).run_stacked(units_used, which, io.rows(kept))
+                return units_used[0].run(io)
+            return passthrough.index_copy(0, kept, units_used[0].run(io.rows(kept)))
+        # checked per call, over the adapters used: stack keys and regularisers follow train / eval mode
+        if _stackable(units_used):
+            if kept is None:
+                return type(units_used[0]).run_stacked(units_used, which, io)
+            out = type(units_used[0]).run_stacked(units_used, which, io.rows(kept))
             return passthrough.index_copy(0, kept, out)
         out = passthrough
         for name, index in routing.groups(batch):
@@ -132,7 +141,6 @@ def routed_plan(units: Mapping[str, "AdapterModule"]):
         return out
 
     return plan
-
 
 
 class RoutedCalls:

@@ -38,6 +38,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .lora import LoRAConfig
 
 
+#: the "no dropout" of every LoRA unit without dropout: one stateless module shared by all, not one
+#: per unit (each ``nn.Module`` costs about 2 KB, which counts with thousands of adapters loaded)
+NO_DROPOUT = nn.Identity()
+
+
 def _scaling(config: "LoRAConfig") -> float:
     return config.alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
 
@@ -48,7 +53,7 @@ class LoRAUnit(AdapterModule):
     def __init__(self, config: "LoRAConfig"):
         super().__init__()
         self.scaling = _scaling(config)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else NO_DROPOUT
 
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover
         """The update in the host's weight layout."""
@@ -157,7 +162,7 @@ class EmbeddingLoRA(LoRAUnit):
 
     def __init__(self, config: "LoRAConfig", host: nn.Embedding):
         super().__init__(config)
-        self.dropout = nn.Identity()
+        self.dropout = NO_DROPOUT
         self.padding_idx = host.padding_idx  # the host's: no gradient there
         self.lora_embedding_A = nn.Parameter(torch.zeros(config.r, host.num_embeddings))
         self.lora_embedding_B = nn.Parameter(torch.empty(host.embedding_dim, config.r))

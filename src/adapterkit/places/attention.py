@@ -257,8 +257,10 @@ class AttentionSlot(Slot):
             return None  # (per-example routing ignores skip_layers, as elsewhere)
         ref = next(self.units[0].parameters())
         counts = plan(SlotIO(x=None, y=torch.zeros(batch, len(self.units), device=ref.device), place="attention"))
-        used = [(unit, counts[:, unit.column]) for unit in self.units if unit.covers(layer)]
-        used = [(unit, weight) for unit, weight in used if bool(weight.ne(0).any())]
+        # the columns some example uses, found in one tensor operation: the Python work that follows
+        # grows with the adapters the batch uses, not with the number at the slot
+        columns = counts.ne(0).any(0).nonzero().flatten().tolist()
+        used = [(self.units[c], counts[:, c]) for c in columns if self.units[c].covers(layer)]
         if not used:
             return None
         kv = [unit.prefix_at(layer) for unit, _ in used]  # each (2, P_u, H_kv * d)
