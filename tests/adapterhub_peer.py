@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 BENCH_PYTHON = Path(os.environ.get("ADAPTERKIT_BENCH_PYTHON",
-                                   Path(__file__).resolve().parents[3] / "main" / ".venv-bench" / "bin" / "python"))
+                                   Path(__file__).resolve().parents[1] / ".venv-bench" / "bin" / "python"))  # bench/make_env.sh
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "interop"
 
 _SCRIPT = r"""
