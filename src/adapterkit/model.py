@@ -2,7 +2,7 @@
 
 It is a façade over parts, one file each: the adapters' records and modules (``records.py``,
 ``self.adapters``), the heads (``head_methods.py``, ``self.heads``), the fusion layers
-(``fusions.py``, ``self.fusions``), averaging (``averaging.py``), saving and loading
+(``fusions.py``, ``self.fusions``), averaging (``averaging.py``), saving, loading and publishing
 (``saving.py``), the forward modes (``running.py``) and the merges (``folding.Merges``). What it
 keeps itself is what must change together: the active setup, one ``Slot`` per occupied place,
 and their plans. Changing the setup (add, delete, activate, merge, disable) recompiles the plans
@@ -29,7 +29,6 @@ base checkpoint), so ``transformers.Trainer`` checkpoints of an ``AdapterModel``
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections import ChainMap, OrderedDict
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
@@ -37,7 +36,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import running, saving
+from . import running
 from .averaging import AveragingMethods
 from .composition.adapterdrop import GradFreeBelow, block_owners, check_skip_layers
 from .composition.blocks import Block, as_setup, compile_plan
@@ -58,14 +57,13 @@ from .loader import load_base_model
 from .packaged import base_reference
 from .places.slots import Slot, make_slot
 from .records import AdapterRecord, Adapters, summary
+from .saving import SavingMethods
 from .setup_lock import forward_call, lock_of, setup_change
-from .sharing import local_folder
-from .sharing import push_adapter as publish_adapter
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
-class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
+class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, SavingMethods, nn.Module):
     """Adds, trains, composes, saves and loads adapters on a frozen ``model``."""
 
     # Read by ``transformers.Trainer``. Without it, the ``**kwargs`` of ``forward`` make Trainer
@@ -464,47 +462,3 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, nn.Module):
         active = set(self._setup.names()) if self._setup is not None else set()
         return summary(self.records, self.heads, self.model, active, set(self._merges.order), as_dict)
 
-    # -- saving and loading ----------------------------------------------------------------------
-    @setup_change
-    def save_adapter(self, directory: "str | os.PathLike", name: str, *, with_head: bool = True,
-                     format: str = "adapterkit") -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically); ``format="peft"``
-        or ``"adapterhub"`` writes that library's folder instead (``adapterkit.interop``)."""
-        saving.save_adapter(self, directory, name, with_head=with_head, format=format)
-
-    def push_adapter(self, name: str, location: str, *, overwrite: bool = False, with_head: bool = True,
-                     format: str = "adapterkit") -> dict:
-        """Publish adapter ``name`` at ``location`` (a folder, ``s3://``, ``hf://``) with a manifest and a
-        model card (``adapterkit.sharing.publish``); ``overwrite=True`` replaces a published one."""
-        return publish_adapter(self, name, location, overwrite=overwrite, with_head=with_head, format=format)
-
-    def save_all_adapters(self, directory: "str | os.PathLike", *, with_head: bool = True) -> None:
-        """Each adapter into ``directory/<name>``."""
-        for name in self.adapters:
-            self.save_adapter(os.path.join(directory, name), name, with_head=with_head)
-
-    def load_adapter(
-        self, directory: "str | os.PathLike", *, load_as: Optional[str] = None, set_active: bool = False,
-        with_head: bool = True, allow_pickle: bool = False, strict_base: bool = True, source: Optional[str] = None,
-    ) -> str:
-        """Load an adapter (and its head) saved by ``save_adapter``, or by PEFT or AdapterHub
-        (recognised by their files); returns its name. Checks that the checkpoint fits this base
-        model, and (``strict_base``) that it was trained on this very base (``fingerprint.py``);
-        on any error the model is left as it was. ``allow_pickle=True`` reads a foreign folder's
-        pickled ``*.bin`` weights (``torch.load(weights_only=True)``); they are refused otherwise.
-        ``directory`` may also be a location (``file://``, ``s3://``, ``http(s)://``, ``hf://``): it is
-        fetched into the verified cache first (``adapterkit.sharing``); AdapterHub's
-        ``load_adapter("org/name", source="hf")`` means ``"hf://org/name"``."""
-        folder = local_folder(directory, source=source)  # a download holds no lock: forwards go on
-        with lock_of(self).writing("call load_adapter()"):
-            record, head = saving.read_adapter(self, folder, load_as=load_as, with_head=with_head,
-                                               allow_pickle=allow_pickle, strict_base=strict_base)
-            name = record.name
-            self._attach(record)
-            if head is not None:
-                self.heads[name] = head
-            if set_active:
-                self.set_active_adapters(name)
-            else:
-                self._refresh(compile_only=(name,))
-        return name

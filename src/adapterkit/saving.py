@@ -24,6 +24,9 @@ from .fingerprint import base_identity, check_same_base
 from .heads import Head, HeadConfig
 from .interop import foreign_format, read_foreign, write_foreign
 from .records import AdapterRecord
+from .setup_lock import lock_of, setup_change
+from .sharing import local_folder
+from .sharing import push_adapter as publish_adapter
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import AdapterModel
@@ -105,3 +108,52 @@ def _check_places(record: AdapterRecord, meta: dict, directory: "str | os.PathLi
                 f"{directory}: '{site.place_id}' had weight shape {saved_shapes[site.place_id]} in the base the "
                 f"adapter was saved from, but {site.weight_shape()} here; load it into the base it was trained on."
             )
+
+
+class SavingMethods:
+    """``AdapterModel``'s saving, loading and publishing methods (AdapterHub's names); they use
+    the handle's ``adapters``, ``heads``, ``_attach``, ``_refresh`` and ``set_active_adapters``."""
+
+    @setup_change
+    def save_adapter(self, directory: "str | os.PathLike", name: str, *, with_head: bool = True,
+                     format: str = "adapterkit") -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically); ``format="peft"``
+        or ``"adapterhub"`` writes that library's folder instead (``adapterkit.interop``)."""
+        save_adapter(self, directory, name, with_head=with_head, format=format)
+
+    def push_adapter(self, name: str, location: str, *, overwrite: bool = False, with_head: bool = True,
+                     format: str = "adapterkit") -> dict:
+        """Publish adapter ``name`` at ``location`` (a folder, ``s3://``, ``hf://``) with a manifest and a
+        model card (``adapterkit.sharing.publish``); ``overwrite=True`` replaces a published one."""
+        return publish_adapter(self, name, location, overwrite=overwrite, with_head=with_head, format=format)
+
+    def save_all_adapters(self, directory: "str | os.PathLike", *, with_head: bool = True) -> None:
+        """Each adapter into ``directory/<name>``."""
+        for name in self.adapters:
+            self.save_adapter(os.path.join(directory, name), name, with_head=with_head)
+
+    def load_adapter(
+        self, directory: "str | os.PathLike", *, load_as: Optional[str] = None, set_active: bool = False,
+        with_head: bool = True, allow_pickle: bool = False, strict_base: bool = True, source: Optional[str] = None,
+    ) -> str:
+        """Load an adapter (and its head) saved by ``save_adapter``, or by PEFT or AdapterHub
+        (recognised by their files); returns its name. Checks that the checkpoint fits this base
+        model, and (``strict_base``) that it was trained on this very base (``fingerprint.py``);
+        on any error the model is left as it was. ``allow_pickle=True`` reads a foreign folder's
+        pickled ``*.bin`` weights (``torch.load(weights_only=True)``); they are refused otherwise.
+        ``directory`` may also be a location (``file://``, ``s3://``, ``http(s)://``, ``hf://``): it is
+        fetched into the verified cache first (``adapterkit.sharing``); AdapterHub's
+        ``load_adapter("org/name", source="hf")`` means ``"hf://org/name"``."""
+        folder = local_folder(directory, source=source)  # a download holds no lock: forwards go on
+        with lock_of(self).writing("call load_adapter()"):
+            record, head = read_adapter(self, folder, load_as=load_as, with_head=with_head,
+                                               allow_pickle=allow_pickle, strict_base=strict_base)
+            name = record.name
+            self._attach(record)
+            if head is not None:
+                self.heads[name] = head
+            if set_active:
+                self.set_active_adapters(name)
+            else:
+                self._refresh(compile_only=(name,))
+        return name
