@@ -165,10 +165,10 @@ def _board(app_name: str):
 
 
 def _gone(err: Exception) -> bool:
-    """The board is dead (or was never found). A timeout is not: a board just started may take
-    seconds to come up on a busy node, and dropping the handle of a board this process started
-    would end it (a non-detached actor lives while its starter holds a handle)."""
-    return not isinstance(err, asyncio.TimeoutError)
+    """Ray says the board's actor has died. Nothing else drops a handle: a timeout may be a board
+    just started on a busy node, and dropping the handle of a board this process started would end
+    it (a non-detached actor lives while its starter holds a handle)."""
+    return isinstance(err, ray.exceptions.RayActorError)
 
 
 class _Reporter:
