@@ -7,8 +7,8 @@ Two deployments (``build_application``):
   hands the request unchanged to the model deployment through a handle with
   ``multiplexed_model_id=adapter``: Ray's model multiplexing routes it to a replica that already
   holds that adapter (or, when none does, to the least loaded one). Requests without an adapter
-  (``GET /v1/adapters``, ``/health``, ``/metrics``, ``/openapi.json``, generate with the bare base)
-  go to any replica.
+  (``GET /v1/adapters``, ``/openapi.json``, generate with the bare base) go to any replica;
+  ``GET /metrics`` and ``GET /health`` the ingress answers itself (below).
 * ``AdapterReplica`` (``replicas`` of them, across the cluster's nodes) holds one base model and
   runs the single-process server's FastAPI app (``app.create_app``) in process: the same routes,
   batcher, limits and answers. Its ``@serve.multiplexed`` loader puts an adapter into the model on
@@ -16,6 +16,10 @@ Two deployments (``build_application``):
   recently used (removed from the model once no request in this replica holds it). Every answer
   names its replica and the adapters it holds (``x-adapterkit-replica``,
   ``x-adapterkit-resident``), so the multiplexing can be watched.
+
+``GET /metrics`` and ``GET /health`` answer for the whole deployment: every replica reports its
+metrics and resident adapters once a second to the application's ``MetricsBoard`` actor
+(``ray_metrics.py``) and the ingress answers from the board.
 
 The OpenAI endpoints (``openai_api.py``) run in every replica like the rest of the app: each
 replica's ``/v1/models`` lists the configuration's adapters, i.e. the whole deployment's; a stream
@@ -31,19 +35,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any, Optional
 
+import ray
 import torch
 from fastapi import HTTPException
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .config import ServeConfig
 from .engine import build_engine
+from .ray_metrics import PUSH_SECONDS, STALE_SECONDS, IngressMetrics, MetricsBoard, board_name, deployment_health
 from .registry import Registry
 
+_log = logging.getLogger("ray.serve")
 _ADAPTER_PATHS = ("/v1/classify", "/v1/generate")
 _MODEL_PATHS = ("/v1/completions", "/v1/chat/completions")  # OpenAI's: the adapter is "model" (openai_api.py)
 
@@ -146,6 +154,62 @@ def _streams(path: str, body: bytes) -> bool:
         return False
 
 
+_Board = ray.remote(num_cpus=0)(MetricsBoard)
+
+
+def _board(app_name: str):
+    """The application's ``MetricsBoard`` actor, started by whoever asks first. Not detached: it
+    ends with the process that started it (and with the application), and the next to ask starts
+    another, to which the replicas report again within a second."""
+    return _Board.options(name=board_name(app_name), get_if_exists=True).remote()
+
+
+def _gone(err: Exception) -> bool:
+    """Ray says the board's actor has died. Nothing else drops a handle: a timeout may be a board
+    just started on a busy node, and dropping the handle of a board this process started would end
+    it (a non-detached actor lives while its starter holds a handle)."""
+    return isinstance(err, ray.exceptions.RayActorError)
+
+
+class _Reporter:
+    """Sends a replica's report (``ReplicaServer.report``) to the board every ``PUSH_SECONDS``
+    from the replica's event loop; ``close`` takes the replica off the board."""
+
+    def __init__(self, app_name: str, replica: str, report):
+        self.app_name, self.replica, self.report, self.board, self.failing = app_name, replica, report, None, False
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    async def push(self) -> None:
+        try:
+            if self.board is None:
+                self.board = _board(self.app_name)
+            # awaited without a time limit: one report on its way at a time, never a backlog (a dead
+            # board raises ActorDiedError)
+            await self.board.put.remote(self.replica, time.time(), *self.report())
+        except Exception as err:  # noqa: BLE001 - reported below; the replica serves on
+            if not self.failing:
+                _log.warning("adapterkit: replica %s cannot report to %s: %r", self.replica,
+                             board_name(self.app_name), err)
+            self.failing = True
+            if _gone(err):  # its starter stopped: find or start another next time
+                self.board = None
+        else:
+            self.failing = False
+
+    async def run(self) -> None:
+        while True:
+            await self.push()
+            await asyncio.sleep(PUSH_SECONDS)
+
+    async def close(self) -> None:
+        self.task.cancel()
+        if self.board is not None:
+            try:
+                await asyncio.wait_for(self.board.remove.remote(self.replica), 5)
+            except Exception:  # noqa: BLE001 - no board: nothing to remove; silent replicas age out anyway
+                pass
+
+
 class _Resident:
     """What Ray's multiplexer holds for one adapter of a replica. Ray awaits ``__del__`` when it
     evicts the adapter; it is an instance attribute so that garbage collection never calls it."""
@@ -220,6 +284,11 @@ class ReplicaServer:
                 else:
                     await self.server.on_demand.drop(name)
 
+    def report(self) -> tuple[str, dict]:
+        """This replica's Prometheus exposition and state (resident adapters, queue) for the board."""
+        queue = self.server.batcher.depth if self.server.batcher is not None else 0
+        return self.server.metrics.render().decode(), {"resident": sorted(self.resident), "queue": queue}
+
     async def handle(self, adapter: str, ensure, method: str, path: str, query: bytes,
                      headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, list, bytes]:
         """One request: the adapter made resident (``ensure``: Ray's multiplexed loader) and held
@@ -286,8 +355,11 @@ def build_application(config: ServeConfig):
     class AdapterReplica:
         def __init__(self, config: ServeConfig):
             self.inner = ReplicaServer(config)
+            context = serve.get_replica_context()  # the constructor runs on the replica's event loop
+            self.reporter = _Reporter(context.app_name, context.replica_id.unique_id, self.inner.report)
 
         async def __del__(self) -> None:  # Ray Serve awaits it when it stops the replica
+            await self.reporter.close()
             await self.inner.stop()
 
         @serve.multiplexed(max_num_models_per_replica=config.max_num_models_per_replica)
@@ -306,10 +378,39 @@ def build_application(config: ServeConfig):
     @serve.deployment(name="AdapterIngress", ray_actor_options={"num_cpus": 0},
                       max_ongoing_requests=max(4 * config.queue_size, 1))
     class AdapterIngress:
-        def __init__(self, replicas, max_body_bytes: int, adapters: tuple[str, ...] = ()):
+        def __init__(self, replicas, max_body_bytes: int, adapters: tuple[str, ...] = (), model: str = ""):
             self.replicas, self.max_body_bytes, self.adapters = replicas, max_body_bytes, set(adapters)
+            self.model, self.metrics, self.board = model, IngressMetrics(), None
+            self.app_name = serve.get_replica_context().app_name
+
+        async def reports(self) -> dict:
+            """The live replicas' reports (none while the board cannot be reached: logged)."""
+            for attempt in range(2):  # a board that has gone: once more with the one found or started now
+                try:
+                    if self.board is None:
+                        self.board = _board(self.app_name)
+                    return await asyncio.wait_for(self.board.read.remote(STALE_SECONDS), 10)
+                except Exception as err:  # noqa: BLE001 - answered as no live replica (/health 503), logged
+                    if attempt or not _gone(err):
+                        _log.warning("adapterkit: the metrics board %s cannot be read: %r",
+                                     board_name(self.app_name), err)
+                        if _gone(err):
+                            self.board = None
+                        break
+                    self.board = None
+            return {}
 
         async def __call__(self, request: Request) -> Response:
+            response = await self.answer(request)
+            self.metrics.observe(request.url.path, response.status_code)
+            return response
+
+        async def answer(self, request: Request) -> Response:
+            if request.method == "GET" and request.url.path == "/metrics":  # the whole deployment's
+                return Response(self.metrics.render(await self.reports()), media_type=self.metrics.content_type)
+            if request.method == "GET" and request.url.path == "/health":
+                status, health = deployment_health(await self.reports(), self.model, len(self.adapters))
+                return JSONResponse(health, status)
             body = bytearray()
             async for chunk in request.stream():  # no further than the limit: the app answers 413
                 body += chunk
@@ -331,7 +432,8 @@ def build_application(config: ServeConfig):
             response.raw_headers = [(k, v) for k, v in headers]
             return response
 
-    return AdapterIngress.bind(AdapterReplica.bind(config), config.max_body_bytes, tuple(config.adapters))
+    return AdapterIngress.bind(AdapterReplica.bind(config), config.max_body_bytes, tuple(config.adapters),
+                               str(config.model))
 
 
 def run(config: ServeConfig, *, blocking: bool = True) -> str:
