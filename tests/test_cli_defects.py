@@ -74,6 +74,23 @@ def test_merge_into_an_out_in_use_is_refused_before_loading(ws, tmp_path, capsys
     assert list(out.iterdir()) == []  # nothing of the refused merge is left
 
 
+def test_convert_into_a_folder_in_use_is_refused_and_a_finished_one_leaves_no_lock(ws, tmp_path, capsys):
+    """convert takes the run lock of its destination, as train and merge do."""
+    from adapterkit.train.runlock import RunLock
+
+    busy = tmp_path / "busy"
+    with RunLock(busy, "convert"):
+        err = one_line(capsys, main(["convert", str(ws / "lora"), str(busy), "--to", "peft", "--without-head"]))
+    assert "in use by another adapterkit convert" in err
+    assert list(busy.iterdir()) == []  # nothing of the refused convert is left
+    done = tmp_path / "peft"
+    assert main(["convert", str(ws / "lora"), str(done), "--to", "peft", "--without-head"]) == 0
+    assert (done / "adapter_config.json").is_file() and not (done / ".adapterkit.lock").exists()
+    # the same destination again: a PEFT folder is replaced, the lock is no foreign file
+    assert main(["convert", str(ws / "lora"), str(done), "--to", "peft", "--without-head"]) == 0
+    assert sorted(p.name for p in done.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 # -- a full disk ------------------------------------------------------------------------------------
 def _full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")

@@ -34,6 +34,8 @@ from safetensors.torch import load_file, save_file
 from .errors import CheckpointError
 
 CONFIG_NAME = "adapter_config.json"
+#: the run lock of a command writing this folder (``train.runlock``): not a user's file
+LOCK_NAME = ".adapterkit.lock"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 
@@ -132,7 +134,7 @@ def _check_replaceable(target: Path) -> None:
         return
     if not target.is_dir():
         raise CheckpointError(f"'{target}' is a file, not a folder; save the adapter to a folder path.")
-    others = sorted(p.name for p in target.iterdir() if p.name not in (CONFIG_NAME, WEIGHTS_NAME))
+    others = sorted(p.name for p in target.iterdir() if p.name not in (CONFIG_NAME, WEIGHTS_NAME, LOCK_NAME))
     if others:
         raise CheckpointError(
             f"'{target}' holds other files ({', '.join(others[:5])}) that saving the adapter there would "

@@ -634,8 +634,17 @@ def _fail(command: str, message: str) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    print(convert(args.src, args.dst, args.to, model=args.model, allow_pickle=args.allow_pickle,
-                  with_head=not args.without_head))
+    # one convert per destination, as merge: a second one stops at the lock instead of both
+    # printing their summary while one folder is lost
+    lock = RunLock(Path(args.dst), "convert").acquire()
+    try:
+        message = convert(args.src, args.dst, args.to, model=args.model, allow_pickle=args.allow_pickle,
+                          with_head=not args.without_head)
+    except BaseException:
+        lock.release(discard=True)
+        raise
+    lock.release()
+    print(message)
     return 0
 
 

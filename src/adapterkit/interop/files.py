@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint_format import follow_umask, resolve_target, write_dir_atomic
+from ..checkpoint_format import LOCK_NAME, follow_umask, resolve_target, write_dir_atomic
 from ..errors import CheckpointError
 
 
@@ -81,7 +81,7 @@ def write_folder(directory: "str | Path", json_files: dict[str, dict], tensor_fi
     if target.exists():
         if not target.is_dir():
             raise CheckpointError(f"'{target}' is a file, not a folder; save the adapter to a folder path.")
-        others = sorted(p.name for p in target.iterdir() if p.name not in replaceable)
+        others = sorted(p.name for p in target.iterdir() if p.name not in replaceable and p.name != LOCK_NAME)
         if others:
             raise CheckpointError(
                 f"'{target}' holds other files ({', '.join(others[:5])}) that saving the adapter there would "

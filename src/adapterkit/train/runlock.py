@@ -1,7 +1,8 @@
 """One run at a time per run folder: an OS file lock held for the whole run.
 
-Every command that writes a folder takes it: ``train`` (its ``--out``) and ``merge`` (its
-``--out``, held from the check that the folder is free until the merged model is in place).
+Every command that writes a folder takes it: ``train`` (its ``--out``), ``merge`` (its
+``--out``, held from the check that the folder is free until the merged model is in place) and
+``convert`` (its destination, likewise).
 
 Two ``adapterkit train`` processes writing the same ``--out`` would both report success while
 one's adapter is lost and ``metrics.jsonl`` interleaves both. The first takes an exclusive
@@ -20,9 +21,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from ..checkpoint_format import LOCK_NAME
 from ..errors import AdapterError
 
-LOCK_NAME = ".adapterkit.lock"
 
 
 def _unwritable(out: Path, err: OSError) -> AdapterError:
