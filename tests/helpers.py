@@ -440,6 +440,18 @@ def run(model: nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> torc
     return output_of(model(**batch, **kwargs))
 
 
+def assert_routed_equals_alone(model: AdapterModel, batch: dict[str, torch.Tensor], names: list,
+                               tol: float = 1e-5) -> None:
+    """One routed call over ``names`` (one adapter name or ``None`` per row) equals each row run
+    alone with its adapter active; leaves no adapter active."""
+    routed = run(model, batch, adapter_names=names)
+    for i, name in enumerate(names):
+        model.set_active_adapters(name)
+        alone = run(model, {k: v[i:i + 1] for k, v in batch.items()})
+        assert (routed[i:i + 1] - alone).abs().max() <= tol, (i, name)
+    model.set_active_adapters(None)
+
+
 @torch.no_grad()
 def perturb(module: nn.Module, scale: float = 0.3, seed: int = 7) -> None:
     """Move every parameter away from its (identity) initialisation, reproducibly."""
