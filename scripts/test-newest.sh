@@ -20,13 +20,5 @@ echo "== resolved versions (differences from constraints.txt) =="
   | sort > "$VENV/resolved.txt"
 grep -v '^#' constraints.txt | sort | comm -13 - "$VENV/resolved.txt" || true
 "$VENV/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
-docs_out=$(mktemp -d)
-NO_MKDOCS_2_WARNING=1 "$VENV/bin/python" -m mkdocs build --strict -q -d "$docs_out" || { rm -rf "$docs_out"; echo "ERROR: mkdocs build --strict failed" >&2; exit 1; }
-rm -rf "$docs_out"
-"$VENV/bin/python" -m pytest tests -q -p no:cacheprovider "$@"
-rc=$?
-if [ "$rc" -eq 5 ]; then
-  echo "ERROR: pytest collected no tests" >&2
-  exit 1
-fi
-exit "$rc"
+# the same checks and suite as scripts/test.sh, in this venv
+ADAPTERKIT_VENV="$VENV" ADAPTERKIT_SKIP_SETUP=1 exec bash scripts/test.sh "$@"

@@ -5,7 +5,8 @@
 # nothing must not pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh || exit 1
+# ADAPTERKIT_SKIP_SETUP=1: use the venv as it is (scripts/test-newest.sh brings its own)
+[ "${ADAPTERKIT_SKIP_SETUP:-0}" = 1 ] || bash scripts/setup.sh || exit 1
 VENV=${ADAPTERKIT_VENV:-.venv}
 # The layers and the lint first (pyproject.toml: [tool.importlinter], [tool.ruff]): an upward
 # import or an import hidden in a function fails the run before any test.
