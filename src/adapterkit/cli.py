@@ -114,7 +114,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--adapter-drop", "adapter_drop", int, "AdapterDrop: each step, drop the adapters of the first n layers, n drawn "
                                             "from 0..N (default: 0 = off)"),
     ("--epochs", "epochs", int, "passes over the training data (default: 3)"),
-    ("--lr", "lr", float, "peak learning rate (default: 2e-3 for adapters, 1e-4 with --full-finetune)"),
+    ("--lr", "lr", float, "peak learning rate (default: the method's own, 2e-3 for most adapters; 1e-4 with --full-finetune)"),
     ("--loraplus-lr-ratio", "loraplus_lr_ratio", float,
      "LoRA+: LoRA's B matrices learn this many times faster than the rest (default: off)"),
     ("--batch-size", "batch_size", int, "examples per optimizer step, over all processes (default: 32)"),

@@ -74,6 +74,9 @@ class AdapterConfig:
     default_strategy: ClassVar[str] = "add"
     #: whether ``Fuse`` can attend over this method's values at its slots
     supports_fusion: ClassVar[bool] = True
+    #: the learning rate ``adapterkit train`` uses when ``--lr`` is not given (chosen on SST-2 dev
+    #: with all-MiniLM-L6-v2; ``bench/accuracy.py``, docs/benchmarks.md)
+    training_lr: ClassVar[float] = 2e-3
 
     target_modules: str | tuple[str, ...] | None = None
     layers: tuple[int, ...] | None = None

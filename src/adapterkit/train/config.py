@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..config import resolve_config
 from ..errors import AdapterError
 from ..typecheck import check_field_types
 
@@ -92,9 +93,15 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
+        """``lr``; else 1e-4 for full fine-tuning; else the method's own ``training_lr`` (2e-3 for most)."""
         if self.lr is not None:
             return self.lr
-        return FULL_FINETUNE_LR if self.full_finetune else ADAPTER_LR
+        if self.full_finetune:
+            return FULL_FINETUNE_LR
+        try:
+            return type(resolve_config(self.method)).training_lr
+        except AdapterError:  # an unknown method: validate() names it
+            return ADAPTER_LR
 
     def validate(self) -> None:
         """Checks that need neither files nor the model (``AdapterError`` naming the flag)."""
