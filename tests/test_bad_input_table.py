@@ -235,6 +235,12 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train: --quantize of no scheme", TRAIN + ["--quantize", "int3"], "--quantize must be int8 or int4, got 'int3'."),
     ("train: --quantize with --full-finetune", TRAIN + ["--full-finetune", "--quantize", "int8"],
      "--quantize freezes the base in low precision; --full-finetune trains it. Drop one of them."),
+    ("train: --cache-activations with the base's dropout on", TRAIN + ["--cache-activations", "--layers", "1"],
+     "add --no-base-dropout"),
+    ("train: --cache-activations with the adapter in layer 0", TRAIN + ["--cache-activations", "--no-base-dropout"],
+     "starts at layer 0; put it in the upper layers only (e.g. --layers 1)"),
+    ("train: --cache-memory below 0", TRAIN + ["--cache-activations", "--no-base-dropout", "--layers", "1",
+                                          "--cache-memory", "-1"], "--cache-memory must be >= 0 MiB"),
 ]
 STDIN = {"predict: nothing on stdin": b"\n\n", "predict: stdin not in UTF-8": "na\xefve\n".encode("latin-1")}
 

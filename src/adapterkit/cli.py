@@ -172,6 +172,15 @@ def _add_train(sub: Any) -> None:
                         "steps about 25 %% faster; default: its dropout stays on, as in AdapterHub and PEFT")
     p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false", default=_S,
                    help="plain random batches instead of length-grouped ones")
+    p.add_argument("--fixed-batches", dest="fixed_batches", action="store_true", default=_S,
+                   help="the same batches (examples together) in every epoch, only their order shuffled")
+    p.add_argument("--cache-activations", dest="cache_activations", action="store_true", default=_S,
+                   help="with the adapter in the upper layers only (--layers) and --no-base-dropout: run the frozen "
+                        "layers below it once per batch, not once per epoch (implies --fixed-batches; the adapter "
+                        "is the same bit for bit; docs/training.md)")
+    p.add_argument("--cache-memory", dest="cache_memory_mb", type=float, default=_S, metavar="MIB",
+                   help="--cache-activations: keep up to MIB of them in memory, the rest in a file in the run "
+                        "folder, deleted when the run ends (default: 1024)")
     p.add_argument("--out", help="run folder to create (must be new or empty)")
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
@@ -251,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 # -- train -----------------------------------------------------------------------------------------
 def _config_from_args(args: argparse.Namespace, base: Optional[dict[str, Any]] = None):
     given = {dest: getattr(args, dest) for _, dest, _, _ in _TRAIN_FLAGS if hasattr(args, dest)}
-    for flag in ("full_finetune", "group_by_length", "base_dropout"):
+    for flag in ("full_finetune", "group_by_length", "base_dropout", "fixed_batches", "cache_activations",
+                 "cache_memory_mb"):
         if hasattr(args, flag):
             given[flag] = getattr(args, flag)
     options = dict(getattr(args, "method_options", []))

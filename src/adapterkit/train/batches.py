@@ -8,6 +8,10 @@ micro-batches for gradient accumulation. Because every split is weighted by its 
 global batch (``units``), one process with batch *b*, two processes with *b/2* each, and
 accumulation over micro-batches all compute the same gradient; resuming at step *k* only needs
 ``(epoch, index in epoch)``.
+
+``fixed_epoch_batches`` keeps the batches of epoch 1 (the same examples together, so the same
+padded shapes) and only shuffles their order in later epochs: what ``--cache-activations``
+needs, since a frozen layer's output for a batch is then the same bits in every epoch.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from ..data import LM_TASKS, Encoded
 
 MEGA_BATCHES = 50
+FIXED_SALT = 7_919  # the batch order of fixed batches is drawn apart from the examples' order
 
 
 def epoch_batches(
@@ -36,6 +41,20 @@ def epoch_batches(
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     order = torch.randperm(len(batches), generator=gen).tolist()
     return [batches[i] for i in order]
+
+
+def fixed_epoch_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, *, group_by_length: bool = True
+) -> tuple[list[list[int]], list[int]]:
+    """Epoch 1's batches in this epoch's order, and each one's id (its position in epoch 1);
+    deterministic in (seed, epoch). Epoch 1 is ``epoch_batches(..., 1)`` itself."""
+    batches = epoch_batches(lengths, batch_size, seed, 1, group_by_length=group_by_length)
+    if epoch == 1:
+        order = list(range(len(batches)))
+    else:
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch + FIXED_SALT)
+        order = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in order], order
 
 
 def shard(batch: Sequence[int], rank: int, world_size: int) -> list[int]:

@@ -77,6 +77,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     max_steps: Optional[int] = None
     group_by_length: bool = True
+    fixed_batches: bool = False  # epoch 1's batches in every epoch, only their order shuffled
+    cache_activations: bool = False  # keep the frozen lower layers' output per batch (train/activation_cache.py)
+    cache_memory_mb: float = 1024.0  # beyond this the cached activations go to a file in the run folder
     # data subsets
     max_train_rows: Optional[int] = None
     max_eval_rows: Optional[int] = None
@@ -90,6 +93,11 @@ class TrainConfig:
     save_every: int = 200
     log_every: int = 20
     progress: str = "auto"
+
+    @property
+    def same_batches_every_epoch(self) -> bool:
+        """``fixed_batches``, which ``cache_activations`` implies."""
+        return self.fixed_batches or self.cache_activations
 
     @property
     def learning_rate(self) -> float:
@@ -147,6 +155,15 @@ class TrainConfig:
             (bool(self.train), "--train FILE is required."),
             (not (self.eval and self.val_fraction), "Pass --eval FILE or --val-fraction, not both."),
             (not (self.full_finetune and self.options), "--full-finetune trains all weights; drop the method options."),
+            (self.cache_memory_mb >= 0, f"--cache-memory must be >= 0 MiB (0 = all on disk), got {self.cache_memory_mb}."),
+            (not (self.cache_activations and self.full_finetune),
+             "--cache-activations keeps the output of frozen layers; --full-finetune trains them all. Drop one."),
+            (not (self.cache_activations and self.base_dropout),
+             "--cache-activations needs the frozen layers to compute the same output in every epoch: add "
+             "--no-base-dropout (the base's dropout draws new masks each time), or drop --cache-activations."),
+            (not (self.cache_activations and self.adapter_drop),
+             "--cache-activations needs the same adapted layers in every step; --adapter-drop changes them. "
+             "Drop one of the two flags."),
             (not (self.full_finetune and not self.base_dropout),
              "--no-base-dropout is for adapter training; full fine-tuning trains the base with its dropout. "
              "Drop the flag."),

@@ -11,7 +11,9 @@ method options, tokenisation) and writes nothing. ``fit(prepared, out)`` then tr
 * a resumable checkpoint every ``save_every`` steps and after every evaluation; resuming replays
   the remaining steps exactly (same order, same RNG, same optimizer state), so the adapter equals
   that of an uninterrupted run;
-* ``metrics.jsonl``, ``training.png``, ``results.json``; only rank 0 writes.
+* ``metrics.jsonl``, ``training.png``, ``results.json``; only rank 0 writes;
+* with ``cache_activations``, the frozen blocks below the adapter run once per batch
+  (``activation_cache``), over the same batches every epoch (``fixed_batches``).
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ from ..loader import check_max_length, load_config, load_tokenizer, max_position
 from ..model import AdapterModel
 from . import checkpoint as ckpt
 from . import distributed as D
+from .activation_cache import CACHE_PREFIX, ActivationCache, cache_cut
 from .artifacts import write_base_ref
-from .batches import collate, epoch_batches, micro_batches, shard, units
+from .batches import collate, epoch_batches, fixed_epoch_batches, micro_batches, shard, units
 from .config import TrainConfig
 from .evaluate import evaluate
 from .metrics import LOWER_IS_BETTER, MetricsLog, better, metric_names, primary_metric
@@ -159,6 +162,8 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
     _check_bottleneck_width(adapter_config, model.layout.hidden_size)
     _check_prompt_room(adapter_config, config.max_length, config.model, model.config)
     setup_model(model, spec, name, config, adapter_config)
+    if config.cache_activations:
+        cache_cut(model, name)  # refused here, before the run folder is written
     torch.manual_seed(config.seed + 1000 * env.rank)  # dropout differs per process, as with a larger batch
     data["rows"] = {"train": len(train_enc), "eval": len(eval_enc) if eval_enc else 0, "test": len(test_enc) if test_enc else 0}
     return Prepared(config, spec, name, model, tokenizer, train_enc, eval_enc, test_enc, env, adapter_config, data)
@@ -194,6 +199,8 @@ def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
     check_metric(config, spec)
     _check_bottleneck_width(adapter_config, model.layout.hidden_size)
     setup_model(model, spec, name, config, adapter_config)
+    if config.cache_activations:
+        cache_cut(model, name)
     torch.manual_seed(config.seed + 1000 * env.rank)
     data = {k: folder_fingerprint(getattr(config, k)) if getattr(config, k) else None for k in ("train", "eval", "test")}
     data["rows"] = {"train": len(train), "eval": len(splits["eval"] or []), "test": len(splits["test"] or [])}
@@ -368,6 +375,15 @@ class _Runner:
         self.saved_step: Optional[int] = None  # the step of the checkpoint on disk
         self.eval_batch = self.cfg.eval_batch_size or max(64, 2 * self.cfg.batch_size)
         self.drop = AdapterDrop(self.cfg.adapter_drop, self.cfg.seed) if self.cfg.adapter_drop else None
+        self.cache: Optional[ActivationCache] = None  # made by run(), in the run folder
+
+    def epoch_plan(self, epoch: int) -> tuple[list[list[int]], list[int]]:
+        """This epoch's global batches and their ids (the cache's keys)."""
+        cfg = self.cfg
+        if cfg.same_batches_every_epoch:
+            return fixed_epoch_batches(self.lengths, cfg.batch_size, cfg.seed, epoch, group_by_length=cfg.group_by_length)
+        batches = epoch_batches(self.lengths, cfg.batch_size, cfg.seed, epoch, group_by_length=cfg.group_by_length)
+        return batches, list(range(len(batches)))
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -385,7 +401,7 @@ class _Runner:
                 found = ckpt.existing_dir(self.out / name)
                 if found is not None and found != self.out / name:  # died between the two renames
                     os.replace(found, self.out / name)
-            for path in self.out.glob(".adapter.staging-*"):
+            for path in [*self.out.glob(".adapter.staging-*"), *self.out.glob(CACHE_PREFIX + "*")]:
                 shutil.rmtree(path, ignore_errors=True)
         D.barrier(self.env)
         if ckpt.existing_dir(self.out / "checkpoint") is None:
@@ -403,16 +419,16 @@ class _Runner:
         return time.perf_counter() - self.started
 
     # -- one optimizer step ----------------------------------------------------------------------------
-    def step(self, ddp: nn.Module, batch: list[int]) -> float:
+    def step(self, ddp: nn.Module, batch: list[int], batch_id: int = 0) -> float:
         if self.drop is None:
-            return self._step(ddp, batch)
+            return self._step(ddp, batch, batch_id)
         self.drop.before_step(self.model, self.state["step"])
         try:
-            return self._step(ddp, batch)
+            return self._step(ddp, batch, batch_id)
         finally:
             self.drop.after_step(self.model)
 
-    def _step(self, ddp: nn.Module, batch: list[int]) -> float:
+    def _step(self, ddp: nn.Module, batch: list[int], batch_id: int) -> float:
         task, enc, env = self.spec.task, self.prep.train, self.env
         n_global = units(enc, batch, task)
         mine = shard(batch, env.rank, env.world_size)
@@ -423,7 +439,7 @@ class _Runner:
             ctx = ddp.no_sync() if env.enabled and not sync else contextlib.nullcontext()
             with ctx:
                 inputs = {k: v.to(self.device) for k, v in collate(enc, part, task, self.prep.pad_id).items()}
-                out = ddp(**inputs)
+                out = ddp(**inputs) if self.cache is None else self.cache.run(ddp, inputs, (batch_id, j))
                 u = units(enc, part, task) if mine else 0
                 if u > 0 and n_global > 0:
                     weight = u / n_global
@@ -518,6 +534,13 @@ class _Runner:
 
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self, resume: bool) -> dict[str, Any]:
+        try:
+            return self._run(resume)
+        finally:
+            if self.cache is not None:
+                self.cache.close()
+
+    def _run(self, resume: bool) -> dict[str, Any]:
         cfg, env = self.cfg, self.env
         self.started = time.perf_counter()
         if resume and self.restore():
@@ -526,11 +549,14 @@ class _Runner:
         elif env.is_main:
             self.log.truncate(0, 0)
         ddp = D.wrap(self.model, env)
+        if cfg.cache_activations:
+            self.cache = ActivationCache(self.model, self.prep.name, self.out, int(cfg.cache_memory_mb * 2**20),
+                                         echo=self.progress.write)
         stop = self.state["stopped_early"] or self.state["step"] >= self.total_steps
         window_t, window_ex = time.perf_counter(), 0  # examples per second, since the last record
         while not stop and self.state["epoch"] <= cfg.epochs:
             epoch = self.state["epoch"]
-            batches = epoch_batches(self.lengths, cfg.batch_size, cfg.seed, epoch, group_by_length=cfg.group_by_length)
+            batches, batch_ids = self.epoch_plan(epoch)
             steps_left_total = self.total_steps - self.state["step"]
             epoch_total = min(len(batches), self.state["batch"] + steps_left_total)
             self.progress.start_epoch(epoch, cfg.epochs, epoch_total, self.state["batch"])
@@ -538,7 +564,7 @@ class _Runner:
                 batch = batches[self.state["batch"]]
                 lr = lr_at(self.state["step"], self.total_steps, self.warmup, cfg.learning_rate, cfg.schedule)
                 set_lr(self.optimizer, lr)
-                loss = self.step(ddp, batch)
+                loss = self.step(ddp, batch, batch_ids[self.state["batch"]])
                 self.state["step"] += 1
                 self.state["batch"] += 1
                 step = self.state["step"]
@@ -578,6 +604,8 @@ class _Runner:
                 plot_training(self.log.records, self.out / "training.png", self.metric, title=self._title())
         if self.state["last_eval_step"] != self.state["step"]:
             self.eval_and_keep(self.state["step"] / self.steps_per_epoch)
+        if self.cache is not None:
+            self.cache.close()  # before the test set is scored: its memory and file are not needed any more
         return self.finish()
 
     def _title(self) -> str:
@@ -597,6 +625,8 @@ class _Runner:
         }
         if self.prep.eval is not None:
             results["eval"] = self.state.get("best_scores")
+        if self.cache is not None:
+            results["activation_cache"] = self.cache.summary()
         if self.prep.test is not None:
             results["test"] = self.evaluate("test", self.prep.test)
             self.log.write({"type": "eval", "split": "test", "step": self.state["step"], **results["test"]})
