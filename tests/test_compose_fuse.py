@@ -51,6 +51,38 @@ def test_fusion_unit_formula(residual_before):
     torch.testing.assert_close(unit.scores, s)
 
 
+def test_inference_folds_query_and_key_once_and_follows_their_changes():
+    """Without gradients the fusion projects the query once, through ``W_k^T W_q`` folded per
+    change of those weights: the same function as the two projections of training."""
+    torch.manual_seed(2)
+    unit = FusionUnit(8, FusionConfig(temperature=0.5))
+    with torch.no_grad():
+        for lin in (unit.query, unit.key):
+            lin.weight.normal_()
+            lin.bias.normal_()
+    q, base, o1, o2 = (torch.randn(2, 3, 8) for _ in range(4))
+    trained = unit(q, base, [o1, o2])  # weights that train: two projections
+    assert unit._folded is None
+    with torch.no_grad():
+        folded = unit(q, base, [o1, o2])
+    assert unit._folded is not None
+    torch.testing.assert_close(folded, trained)
+    with torch.no_grad():
+        unit.query.weight.mul_(-1.0)  # an optimizer step or a load: the fold must not go stale
+        changed = unit(q, base, [o1, o2])
+    expected = unit(q, base, [o1, o2])
+    torch.testing.assert_close(changed, expected)
+    assert not torch.allclose(changed, folded, atol=1e-3)
+    with torch.inference_mode():
+        torch.testing.assert_close(unit(q, base, [o1, o2]), expected)
+    unit.requires_grad_(False)  # frozen fusion under a trained adapter: the fold, and gradients reach q
+    q.requires_grad_(True)
+    out = unit(q, base, [o1, o2])
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected.detach())
+    assert q.grad is not None and q.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("pair", [("a", "b"), ("l", "i")])
 def test_uniform_attention_with_identity_values_is_the_average(pair):
     """Every method can be fused: with the query at zero the scores are uniform and, ``W_v``

@@ -18,7 +18,8 @@ adapter is absent, is not at a ``post`` place, or with ``query_before_ln=True``.
 ``W_v`` starts as the identity (AdapterHub's ``value_initialized``), ``W_q`` / ``W_k`` small, so
 a fresh fusion is about the mean of its adapters' outputs. The forward computes this with one
 ``d x d`` projection per token for each of query, key and value, not one per adapter (see
-``FusionUnit.forward``); the key's bias, kept for AdapterHub's layout, adds the same to every
+``FusionUnit.forward``), and where the query and key weights need no gradient (inference) with
+one for both, through their product folded once (``FusionUnit._query_key``); the key's bias, kept for AdapterHub's layout, adds the same to every
 logit and so never changes the output (it gets no gradient). With ``regularization`` (the
 default, as AdapterHub's Pfeiffer fusion) a training forward adds ``reg_weight * ||W_v - I||^2``
 per slot to the forward context's auxiliary loss (``output.loss`` includes it). The last
@@ -92,22 +93,40 @@ class FusionUnit(nn.Module):
                 nn.init.zeros_(lin.bias)
             self.value.weight.copy_(torch.eye(width))
         self.scores: torch.Tensor | None = None
+        self._folded: tuple | None = None  # (weights' stamp, W_k^T W_q, b_q W_k): see _query_key
 
     def forward(self, query: torch.Tensor, base: torch.Tensor, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         # The same function as the module docstring's, with one projection per token instead of
         # one per adapter: q . (W_k v_i + b_k) = (W_k^T q) . v_i + q . b_k, whose last term is
         # equal for every adapter and cancels in the softmax; and sum_i s_i W_v v_i = W_v sum_i s_i v_i.
-        values = list(outputs) if self.config.residual_before else [o - base for o in outputs]
-        v = torch.stack(values, -2)  # (B, T, n, d)
-        qk = torch.matmul(self.query(query), self.key.weight).unsqueeze(-1)  # W_k^T q: (B, T, d, 1)
-        logits = torch.matmul(v, qk).squeeze(-1) / self.config.temperature  # (B, T, n)
-        scores = F.softmax(logits, dim=-1)
+        values = list(outputs) if self.config.residual_before else [o - base for o in outputs]  # n x (B, T, d)
+        qk = self._query_key(query)  # W_k^T W_q q: (B, T, d)
+        logits = torch.stack([torch.linalg.vecdot(v, qk) for v in values], -1)  # (B, T, n)
+        scores = F.softmax(logits / self.config.temperature, dim=-1)
         self.scores = scores.detach()
         if self.training and self.config.regularization and self.value.weight.requires_grad:
-            eye = torch.eye(self.value.weight.shape[0], device=v.device, dtype=v.dtype)
+            eye = torch.eye(self.value.weight.shape[0], device=base.device, dtype=base.dtype)
             context.add_aux_loss(self.config.reg_weight * (self.value.weight - eye).pow(2).sum())
-        out = self.value(torch.matmul(scores.unsqueeze(-2), v).squeeze(-2))  # (B, T, d)
+        # sum_i s_i v_i, one pass per adapter (no (B, T, n, d) copy of the values)
+        mixed = values[0] * scores[..., 0:1]
+        for i in range(1, len(values)):
+            mixed = mixed.addcmul(values[i], scores[..., i:i + 1])
+        out = self.value(mixed)  # (B, T, d)
         return out if self.config.residual_before else base + out
+
+    def _query_key(self, query: torch.Tensor) -> torch.Tensor:
+        """``(W_q q + b_q) W_k``: two projections while the query or key weights train; else one,
+        through ``W_k^T W_q`` and ``b_q W_k``, folded once per change of those weights (at
+        inference the fusion then costs two ``d x d`` projections per token, not three)."""
+        weights = (self.query.weight, self.query.bias, self.key.weight)
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return torch.matmul(self.query(query), self.key.weight)
+        stamp = tuple((id(w), w._version, w.data_ptr(), w.dtype, w.device) for w in weights)
+        if self._folded is None or self._folded[0] != stamp:
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable in any later mode
+                wq, bq, wk = (w.detach() for w in weights)
+                self._folded = (stamp, wk.t() @ wq, bq @ wk)
+        return F.linear(query, self._folded[1], self._folded[2])
 
 
 def fusion_key(names: Sequence[str]) -> str:
