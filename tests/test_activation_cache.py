@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from adapterkit import AdapterModel
 from adapterkit.errors import AdapterError
-from adapterkit.train import TrainConfig, train
+from adapterkit.train import TrainConfig, fit, prepare, train
 from adapterkit.train.activation_cache import CACHE_PREFIX, ActivationCache
 from adapterkit.train.batches import epoch_batches, fixed_epoch_batches
 from trainkit import sentiment_rows, tiny_bert, write_tsv
@@ -100,3 +100,30 @@ def test_a_cache_that_cannot_be_exact_is_refused_before_anything_is_written(bert
         train(cfg(bert, sst, cache_activations=True, **change), tmp_path / "run")
     assert "--cache-activations" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_a_resumed_cached_run_trains_the_same_adapter_and_cleans_up(bert, sst, tmp_path, monkeypatch):
+    from adapterkit.train import loop
+
+    train(cfg(bert, sst, fixed_batches=True), tmp_path / "ref")
+    out = tmp_path / "run"
+    saved = loop._Runner.save_checkpoint
+
+    def save_then_die(self):
+        saved(self)
+        if self.state["step"] == 10:  # in epoch 2, with batches served from the cache
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop._Runner, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        fit(prepare(cfg(bert, sst, cache_activations=True, cache_memory_mb=0.0)), out)
+    monkeypatch.setattr(loop._Runner, "save_checkpoint", saved)
+    assert not list(out.glob(CACHE_PREFIX + "*"))  # closed on the way out
+    (out / (CACHE_PREFIX + "left-by-kill-9")).mkdir()  # what a killed run leaves
+    mine = out / "notes.txt"
+    mine.write_text("mine")
+    results = fit(prepare(cfg(bert, sst, cache_activations=True, cache_memory_mb=0.0)), out, resume=True)
+    a, b = adapter(tmp_path / "ref"), adapter(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert results["activation_cache"]["misses"] > 0 and results["activation_cache"]["hits"] > 0
+    assert not list(out.glob(CACHE_PREFIX + "*")) and mine.read_text() == "mine"

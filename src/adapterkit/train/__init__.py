@@ -8,7 +8,8 @@ Modules: ``config`` (settings and defaults), ``batches`` (order, sharding, paddi
 (AdamW, schedule, optimizer state as safetensors), ``checkpoint`` (run folder, atomic writes,
 resumable state), ``evaluate`` / ``metrics`` (per-task metrics, ``metrics.jsonl``), ``plots``
 (``training.png``), ``distributed`` (torchrun / DDP), ``progress`` (tqdm bar or log lines),
-``loop`` (``prepare`` validates everything before anything is written, ``fit`` trains).
+``loop`` (``prepare`` validates everything before anything is written, ``fit`` trains),
+``activation_cache`` (``--cache-activations``: the frozen layers below the adapter once per batch).
 """
 
 from .config import TrainConfig
