@@ -68,7 +68,7 @@ ROUTING_TARGET = 1.03
 # AdapterDrop (issue 13): adapters in the top 3 of MiniLM's 6 layers only; the blocks below run
 # without an autograd graph, so the backward pass stops at layer 3.
 TOP_LAYERS = [3, 4, 5]
-TOP3_TARGET = 0.70
+TOP3_TARGET = 0.72  # issue 24 (was 0.70): the forward of all six layers, dropout masks included, stays
 # Issue 24: the same, base in eval mode, from the second epoch on with --cache-activations (the
 # input of layer 3 read from the cache, so only layers 3-5 run).
 TOP3_CACHED_TARGET = 0.40

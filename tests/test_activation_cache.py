@@ -127,3 +127,18 @@ def test_a_resumed_cached_run_trains_the_same_adapter_and_cleans_up(bert, sst, t
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert results["activation_cache"]["misses"] > 0 and results["activation_cache"]["hits"] > 0
     assert not list(out.glob(CACHE_PREFIX + "*")) and mine.read_text() == "mine"
+
+
+def test_the_command_line_flags_reach_the_run(bert, sst, tmp_path):
+    import json
+
+    from adapterkit.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["train", "--model", str(bert), "--train", str(sst / "train.tsv"), "--out", str(out), "--epochs", "2",
+                 "--batch-size", "16", "--progress", "none", "--layers", "2,3", "--no-base-dropout",
+                 "--cache-activations", "--cache-memory", "0"]) == 0
+    config = json.loads((out / "run.json").read_text())["config"]
+    assert config["cache_activations"] and config["cache_memory_mb"] == 0 and not config["fixed_batches"]
+    cache = json.loads((out / "results.json").read_text())["activation_cache"]
+    assert cache["hits"] == cache["misses"] == 8 and cache["disk_mib"] > 0
