@@ -124,6 +124,16 @@ def dequantized(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return F.linear(eye, weight).T  # (in, in) @ W^T -> (in, out), transposed: (out, in)
 
 
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` as a float tensor: the weight itself, or the float weight a quantized one
+    stands for (dequantized in the layer's compute dtype, returned in float32; built per call, never
+    kept). For methods that read the host's weight: DoRA's norm, PiSSA / OLoRA's decomposition."""
+    weight = module.weight
+    if not is_quantized(module):
+        return weight
+    return dequantized(weight, getattr(module, "compute_dtype", torch.float32)).to(torch.float32)
+
+
 class _FrozenProduct(torch.autograd.Function):
     """``x @ W^T`` with a frozen quantized ``W``; the input's gradient goes through ``W``
     dequantized (straight through the quantization), ``W`` gets none."""
@@ -320,4 +330,4 @@ def check_mergeable(name: str, sites: Any) -> None:
 
 
 __all__ = ["SCHEMES", "CHOICES", "Scheme", "Rows", "QuantizedLinear", "QuantizedEmbedding", "quantize_base", "is_quantized", "precision",
-           "check_scheme", "weight_bytes", "dequantized", "check_mergeable", "PRECISION_ATTR"]
+           "check_scheme", "weight_bytes", "dequantized", "float_weight", "check_mergeable", "PRECISION_ATTR"]
