@@ -315,3 +315,22 @@ def test_dora_norms_the_dequantized_weight(bases, scheme):
     float_rows = bases["float"].encoder.layer[0].attention.self.query.weight.norm(dim=1)
     assert torch.allclose(magnitude, dequantized(query.weight, query.compute_dtype).float().norm(dim=1), rtol=1e-5)
     assert 0 < _rel(magnitude, float_rows) < BASE_TOL[scheme]  # the quantized weight's norms, near the float's
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_prompt_tuning_generates_with_a_cache_on_a_quantized_decoder(scheme):
+    """A decoder with untied (so quantized) token embeddings: prompt tuning's cached steps probe the
+    table's dtype (torchao's int8 tensor has no ``new_zeros``); cached = uncached generation."""
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=96, tie_word_embeddings=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AdapterModel(quantize_base(T.LlamaForCausalLM(cfg).eval(), scheme))
+    assert isinstance(model.model.model.embed_tokens, QuantizedEmbedding)
+    model.add_adapter("p", "prompt_tuning", set_active=True)
+    _perturb(model.adapters["p"])
+    ids = torch.randint(1, 96, (2, 5))
+    cached = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, use_cache=True)
+    uncached = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert cached.shape == (2, 9) and torch.equal(cached, uncached)
