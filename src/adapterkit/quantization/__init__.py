@@ -227,7 +227,7 @@ class QuantizedEmbedding(nn.Embedding):
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """Whether ``module``'s own weight is quantized (a ``QuantizedLinear`` or an int8 embedding)."""
+    """Whether ``module``'s own weight is quantized (a ``QuantizedLinear`` or ``QuantizedEmbedding``)."""
     weight = getattr(module, "weight", None)
     return isinstance(module, (QuantizedLinear, QuantizedEmbedding)) or (
         isinstance(weight, torch.Tensor) and type(weight) not in (torch.Tensor, nn.Parameter))

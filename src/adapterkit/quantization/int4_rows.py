@@ -58,10 +58,11 @@ class Int4Rows(TorchAOBaseTensor):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The float rows of ``ids`` (..., ) -> (..., dim), dequantizing those rows only."""
         packed = self.qdata[ids]  # (..., dim / 2)
-        codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).to(self.scale.dtype)  # (..., dim / 2, 2)
+        codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).to(self.dtype)  # (..., dim / 2, 2)
         groups = codes.reshape(*ids.shape, -1, self.group_size)  # (..., dim / g, g)
-        zero, scale = self.zero_point[ids].unsqueeze(-1), self.scale[ids].unsqueeze(-1)  # (..., dim / g, 1)
-        return ((groups - zero) * scale).to(self.dtype).reshape(*ids.shape, self.shape[1])
+        zero = self.zero_point[ids].unsqueeze(-1).to(self.dtype)  # (..., dim / g, 1)
+        scale = self.scale[ids].unsqueeze(-1).to(self.dtype)  # in the table's dtype: float16 math is slower on a CPU
+        return ((groups - zero) * scale).reshape(*ids.shape, self.shape[1])
 
     def dequantize(self, output_dtype=None) -> torch.Tensor:
         table = self.rows(torch.arange(self.shape[0], device=self.qdata.device))  # (num, dim)
