@@ -1,7 +1,8 @@
 """Quantized embedding tables (``quantization.QuantizedEmbedding``): packed 4-bit token rows under
 ``quantize="int4"`` (``quantization.int4_rows.Int4Rows``), int8 rows elsewhere.
 
-* the packed rows stand for the float table within half a quantization step per group, two codes
+* the packed rows stand for the float table within half a quantization step per group (a zero
+  padding row stays exactly zero), two codes
   a byte, with float16 scales and zero points: 0.625 bytes a value (int8 rows: 1 + a row scale);
 * a lookup dequantizes the looked-up rows only, and equals the whole table dequantized, then indexed;
 * under ``int4`` only the token table is 4-bit; position tables keep int8 rows, and a token table
@@ -43,6 +44,10 @@ def test_packed_rows_stand_for_the_table_within_half_a_step():
     assert 0.01 < ((deq - table).norm() / table.norm()).item() < 0.12  # quantized, not stored float
     codes = torch.stack((w.qdata & 0xF, w.qdata >> 4), -1).reshape(50, 64)
     assert codes.min() == 0 and codes.max() == 15  # every group spans the 16 levels
+    table[7] = 0.0  # a padding row (BERT's is zero), and a constant row
+    table[8] = 0.25
+    deq = Int4Rows.from_float(table, 32).dequantize()
+    assert torch.equal(deq[7], table[7]) and torch.allclose(deq[8], table[8], rtol=1e-3)
 
 
 def test_lookup_dequantizes_only_the_rows_it_reads(monkeypatch):
