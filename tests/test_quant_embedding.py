@@ -2,8 +2,8 @@
 ``quantize="int4"`` (``quantization.int4_rows.Int4Rows``), int8 rows elsewhere.
 
 * the packed rows stand for the float table within half a quantization step per group (a zero
-  padding row stays exactly zero), two codes
-  a byte, with float16 scales and zero points: 0.625 bytes a value (int8 rows: 1 + a row scale);
+  padding row stays exactly zero), two codes a byte, with float16 scales and zero points: 0.625
+  bytes a value (int8 rows: 1 + a row scale);
 * a lookup dequantizes the looked-up rows only, and equals the whole table dequantized, then indexed;
 * under ``int4`` only the token table is 4-bit; position tables keep int8 rows, and a token table
   whose width the group does not divide keeps int8 rows too; the module survives ``deepcopy``.
