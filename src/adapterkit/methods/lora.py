@@ -22,6 +22,7 @@ from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
 from ..layouts import linear_features
 from ..places.slots import Site
+from ..quantization import float_weight
 from .lora_init import INITS, ResidualLoRA
 from .lora_layers import HOSTS, LORA_HOSTS, LoRA, SlicedSite, host_kind
 
@@ -136,7 +137,7 @@ class LoRAConfig(AdapterConfig):
                 raise AdapterError(f"init_weights={cfg.init_weights!r} initialises LoRA from a Linear layer's weight; "
                                    f"'{site.place_id}' is not a whole Linear layer. Use init_weights='lora' there.")
             return ResidualLoRA(cfg, site.in_features, site.out_features, linear_features(site.host)[2],
-                                site.host.weight)
+                                float_weight(site.host))  # a quantized base's: dequantized
         return kind.build(cfg, site)
 
 

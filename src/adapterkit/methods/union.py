@@ -91,6 +91,13 @@ class ConfigUnion(AdapterConfig):
             parts = tuple(p.replace(**{key: value}) if p in takers else p for p in parts)
         return dataclasses.replace(self, **{**shared, "parts": shared.get("parts", parts)})
 
+    def for_loading(self) -> "ConfigUnion":
+        return dataclasses.replace(self, parts=tuple(p.for_loading() for p in self.parts))
+
+    def as_saved(self) -> "ConfigUnion":
+        """Each part as it saves (prefix tuning: ``flat=True``), so a union with one loads again."""
+        return dataclasses.replace(self, parts=tuple(p.as_saved() for p in self.parts))
+
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out["parts"] = [p.to_dict() for p in self.parts]
