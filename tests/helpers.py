@@ -186,6 +186,7 @@ EXTRA_METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
     # AdapterHub's use_gating (methods/gating.py): a mean over tokens in encoders, per token in decoders
     "lora-gated": ("lora", {"r": 4, "alpha": 8.0, "use_gating": True, "roles": "ALL"}, True),
     "pfeiffer-gated": ("pfeiffer", {"use_gating": True}, True),
+    "vera-full": ("vera", {"r": 4, "full_scaling": True}, True),  # AdapterHub's VeRA: (r, r) and (out, out) matrices
     "houlsby-gated-postnorm": ("houlsby", {"use_gating": True, "norm_position": "post", "scaling": "learned"}, True),
 }
 
@@ -337,6 +338,8 @@ def expected_adapter_params(case: Case) -> int:
         roles = cfg.roles or case.arch.lora_default
         shapes = [case.arch.stacks[s][r] for s in stacks for r in roles if r in case.arch.stacks[s]]
         if cfg.method == "vera":  # d (r,) and b (out,); the shared random matrices are frozen buffers
+            if cfg.full_scaling:  # AdapterHub's: d (r, r) and b (out, out)
+                return layers * sum(cfg.r * cfg.r + o * o for _, o in shapes) + norms
             return layers * sum(cfg.r + o for _, o in shapes) + norms
         # DoRA: LoRA's r * (in + out) plus a magnitude per output row
         return layers * sum(cfg.r * (i + o) + o for i, o in shapes) + norms
@@ -380,6 +383,11 @@ def expected_saved_params(case: Case) -> int:
     if cfg.method == "reft" and cfg.orthogonality:  # torch's orthogonal parametrisation keeps a (d, d) base
         units = (1 if cfg.tied_weights else 2) * len(cfg.stacks or case.arch.stacks) * _layers_used(cfg)
         return expected_adapter_params(case) + units * D * D
+    if cfg.method == "vera" and cfg.full_scaling:  # AdapterHub's VeRA saves its random A (r, in) and B (out, r) too
+        roles = cfg.roles or case.arch.lora_default
+        shapes = [case.arch.stacks[s][r] for s in (cfg.stacks or case.arch.stacks) for r in roles
+                  if r in case.arch.stacks[s]]
+        return expected_adapter_params(case) + _layers_used(cfg) * sum(cfg.r * (i + o) for i, o in shapes)
     residual = getattr(cfg, "init_weights", "lora") not in ("lora",) and cfg.method == "lora"
     return expected_adapter_params(case) * (2 if residual else 1)
 

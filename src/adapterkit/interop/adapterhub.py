@@ -40,7 +40,7 @@ from ..methods.dora import DoRAConfig
 from ..methods.ia3 import IA3Config
 from ..methods.lora import LoRAConfig
 from ..methods.lora_init import as_plain_lora
-from . import adapterhub_compacter, adapterhub_prefix, adapterhub_reft, adapterhub_union
+from . import adapterhub_compacter, adapterhub_prefix, adapterhub_reft, adapterhub_union, adapterhub_vera
 from . import heads as H
 from .files import read_json, read_weights, write_folder
 from .meta import by_place, checkpoint, head_tensors, refuse_options
@@ -131,9 +131,11 @@ def _kind(ah: Any, config_file: Path) -> str:
         arch = "compacter"
     if arch == "lora":
         arch = "ia3" if ah.get("composition_mode") == "scale" else ("dora" if ah.get("use_dora") else "lora")
+        if arch == "lora" and (ah.get("vera_d") is not None or ah.get("vera_b") is not None):
+            arch = "vera"
     if arch not in READERS:
         raise CheckpointError(f"'{config_file}': config architecture {arch!r} is not supported; adapterkit reads "
-                              "AdapterHub bottleneck (SeqBn, DoubleSeqBn, ParBn), LoRA, IA3, DoRA, ReFT, prefix tuning and "
+                              "AdapterHub bottleneck (SeqBn, DoubleSeqBn, ParBn), LoRA, IA3, DoRA, VeRA, ReFT, prefix tuning and "
                               "union (UniPELT) adapters.")
     return arch
 
@@ -430,16 +432,7 @@ def _write_weight_method(config, sites: dict, name: str, layout, ia3: bool):
                            "(norm_with_scaling=False, rescale_bias=True); this DoRA adapter uses PEFT's formula; nothing "
                            "was written. Save it with format='peft' or 'adapterkit'.")
     refuse_options(config, handled | ({"norm_with_scaling", "rescale_bias"} if dora else set()), "AdapterHub")
-    layers, by_rest = _layers_and_paths(sites, layout)
-    linears = single_stack(layout).spec.linears
-    roles = {path: role for role, path in linears.items()}
-    table = LORA_LOCATIONS[id(layout.spec)]
-    chosen = []
-    for rest in by_rest:
-        if roles.get(rest) not in table:
-            raise AdapterError(f"AdapterHub's {'IA3' if ia3 else 'LoRA'} cannot adapt '{rest}' of {layout.model_type} "
-                               f"(it adapts {', '.join(linears[r] for r in table)}); nothing was written.")
-        chosen.append(table[roles[rest]])
+    locations = lora_locations(sites, layout, "IA3" if ia3 else "LoRA")
     out = {}
     for place, params in sites.items():
         prefix = f"{peer_path(layout, place, with_prefix=False)}.loras.{name}"
@@ -452,10 +445,7 @@ def _write_weight_method(config, sites: dict, name: str, layout, ia3: bool):
         for param in ("gate.weight", "gate.bias"):  # use_gating
             if param in params:
                 out[f"{prefix}.{param}"] = params[param]
-    attn = sorted(c for c in chosen if c in ("q", "k", "v"))
-    ah = {"architecture": "lora", "selfattn_lora": bool(attn), "attn_matrices": attn,
-          "intermediate_lora": "intermediate" in chosen, "output_lora": "output" in chosen,
-          "leave_out": _leave_out(layers, layout), "use_gating": bool(getattr(config, "use_gating", False)),
+    ah = {"architecture": "lora", **locations, "use_gating": bool(getattr(config, "use_gating", False)),
           "use_dora": dora, "dtype": None}
     if ia3:
         ah.update(r=1, alpha=1, dropout=0.0, composition_mode="scale", init_weights="ia3")
@@ -464,6 +454,24 @@ def _write_weight_method(config, sites: dict, name: str, layout, ia3: bool):
         alpha = config.alpha * math.sqrt(config.r) if config.use_rslora else config.alpha
         ah.update(r=config.r, alpha=alpha, dropout=config.dropout, composition_mode="add", init_weights="lora")
     return ah, out
+
+
+def lora_locations(sites: dict, layout, what: str) -> dict[str, Any]:
+    """AdapterHub's LoRA options (``selfattn_lora``, ``attn_matrices``, ``intermediate_lora``,
+    ``output_lora``, ``leave_out``) that place a LoRA-like adapter on exactly ``sites``."""
+    layers, by_rest = _layers_and_paths(sites, layout)
+    linears = single_stack(layout).spec.linears
+    roles = {path: role for role, path in linears.items()}
+    table = LORA_LOCATIONS[id(layout.spec)]
+    chosen = []
+    for rest in by_rest:
+        if roles.get(rest) not in table:
+            raise AdapterError(f"AdapterHub's {what} cannot adapt '{rest}' of {layout.model_type} "
+                               f"(it adapts {', '.join(linears[r] for r in table)}); nothing was written.")
+        chosen.append(table[roles[rest]])
+    attn = sorted(c for c in chosen if c in ("q", "k", "v"))
+    return {"selfattn_lora": bool(attn), "attn_matrices": attn, "intermediate_lora": "intermediate" in chosen,
+            "output_lora": "output" in chosen, "leave_out": _leave_out(layers, layout)}
 
 
 def refuse_decoder_gating_export(config, layout) -> None:
@@ -512,6 +520,10 @@ WRITERS["compacter"] = lambda *a: adapterhub_compacter.write(*a, bottleneck=_wri
 READERS["prefix_tuning"], READ_OPTIONS["prefix_tuning"], OFF_OPTIONS["prefix_tuning"] = \
     adapterhub_prefix.read, adapterhub_prefix.READ, {}
 WRITERS["prefix_tuning"] = adapterhub_prefix.write
+# VeRA (adapterhub_vera.py): full (r, r) / (out, out) scaling matrices, the random matrices saved
+READERS["vera"] = lambda *a: adapterhub_vera.read(*a, sliced=SLICED)
+READ_OPTIONS["vera"], OFF_OPTIONS["vera"] = LORA_READ | {"vera_d", "vera_b"}, {"use_dora": False, "use_gating": False}
+WRITERS["vera"] = lambda *a: adapterhub_vera.write(*a, locations=lora_locations)
 READERS["union"] = lambda *a: adapterhub_union.read(*a, kind_of=_kind, read_part=from_adapterhub)
 READ_OPTIONS["union"], OFF_OPTIONS["union"] = adapterhub_union.READ, {}
 WRITERS["union"] = lambda *a: adapterhub_union.write(*a, writers=WRITERS)
