@@ -43,11 +43,10 @@ def _attention_path(layout, layer: int) -> str:
     return peer_path(layout, f"layers.{layer}.{query.rpartition('.')[0]}", with_prefix=False)
 
 
-def _check_model(layout, where: str) -> None:
+def _supported(layout) -> bool:
+    """AdapterHub prefix tuning is read and written on single-stack encoders (BERT, RoBERTa, ...)."""
     stack = single_stack(layout)
-    if stack is None or "q" not in stack.spec.linears:
-        raise CheckpointError(f"{where}: adapterkit reads and writes AdapterHub prefix tuning on single-stack models "
-                              f"with a query projection (BERT, RoBERTa, Llama, ...), not on {layout.model_type}.")
+    return stack is not None and "q" in stack.spec.linears and not layout.is_decoder
 
 
 def read(ah: dict, tensors: dict, name: str, model, weights_file: Path):
@@ -57,7 +56,9 @@ def read(ah: dict, tensors: dict, name: str, model, weights_file: Path):
             raise CheckpointError(f"'{config_file}': config option '{key}' = {value!r} has no adapterkit counterpart "
                                   "in prefix tuning; only adapters without it can be loaded.")
     layout = model.layout
-    _check_model(layout, f"'{weights_file}'")
+    if not _supported(layout):
+        raise CheckpointError(f"'{weights_file}': adapterkit reads AdapterHub prefix tuning on single-stack encoders "
+                              f"(BERT, RoBERTa, ...), not on {layout.model_type}.")
     options = dict(prefix_length=int(ah.get("prefix_length", 30)), bottleneck_size=int(ah.get("bottleneck_size", 512)),
                    non_linearity=str(ah.get("non_linearity", "tanh")), dropout=float(ah.get("dropout") or 0.0),
                    flat=bool(ah.get("flat")), leave_out=tuple(ah.get("leave_out") or ()),
@@ -101,7 +102,9 @@ def read(ah: dict, tensors: dict, name: str, model, weights_file: Path):
 def write(config: PrefixTuningConfig, sites: dict, name: str, layout) -> tuple[dict[str, Any], dict]:
     refuse_options(config, {"prefix_length", "bottleneck_size", "non_linearity", "dropout", "flat", "leave_out",
                             "use_gating", "shared_gating", "encoder_prefix", "cross_prefix"}, "AdapterHub")
-    _check_model(layout, "AdapterHub")
+    if not _supported(layout):
+        raise AdapterError(f"adapterkit writes AdapterHub prefix tuning for single-stack encoders (BERT, RoBERTa, ...), "
+                           f"not {layout.model_type}; nothing was written. Save it with format='adapterkit' or 'peft'.")
     if set(sites) != {PLACE}:
         raise AdapterError(f"AdapterHub's prefix tuning sits in the self-attention only; this adapter's places are "
                            f"{sorted(sites)}. Nothing was written.")
