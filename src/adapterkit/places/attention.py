@@ -277,6 +277,8 @@ class AttentionSlot(Slot):
     def prefix(self, layer: int, batch: int) -> Optional[Prefix]:
         """Layer ``layer``'s prefixes for a batch of ``batch`` examples under the current plan,
         or ``None`` when no example has one."""
+        inputs = self._local.__dict__.get("inputs")
+        hidden = inputs.pop(self.site.members[layer], None) if inputs else None  # gated prefixes' input
         plan = self._current_plan()
         if plan is None or not self.units or (plan is self.plan and layer in self.skipped):
             return None  # (per-example routing ignores skip_layers, as elsewhere)
@@ -293,17 +295,18 @@ class AttentionSlot(Slot):
         if not all(bool(weight.eq(1).all()) for _, weight in used):
             weights = torch.cat([w[:, None].expand(-1, t.shape[1]) for (_, w), t in zip(used, kv)], dim=1)
         both = torch.cat(kv, dim=1) if len(kv) > 1 else kv[0]
-        return Prefix(both[0], both[1], weights, self._scales(layer, batch, used, kv))
+        return Prefix(both[0], both[1], weights, _scales(layer, batch, used, kv, hidden))
 
-    def _scales(self, layer: int, batch: int, used: list, kv: list) -> Optional[torch.Tensor]:
-        """``(2, B, P)``: the gated prefixes' factors (``PrefixTuning.gate_at``), one elsewhere."""
-        hidden = self._local.__dict__.get("inputs", {}).pop(self.site.members[layer], None)
-        gates = [getattr(unit, "gate_at", lambda *_: None)(layer, hidden) for unit, _ in used]
-        if all(g is None for g in gates):
-            return None
-        ones = kv[0].new_ones(batch, 2)
-        return torch.cat([(ones if g is None else g.to(ones.dtype)).T[:, :, None].expand(-1, -1, t.shape[1])
-                          for g, t in zip(gates, kv)], dim=2)  # (2, B, P)
+
+def _scales(layer: int, batch: int, used: list, kv: list, hidden: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``(2, B, P)``: the gated prefixes' factors (``PrefixTuning.gate_at`` of the attention's
+    input ``hidden``), one elsewhere; ``None`` when no prefix is gated."""
+    gates = [getattr(unit, "gate_at", lambda *_: None)(layer, hidden) for unit, _ in used]
+    if all(g is None for g in gates):
+        return None
+    ones = kv[0].new_ones(batch, 2)
+    return torch.cat([(ones if g is None else g.to(ones.dtype)).T[:, :, None].expand(-1, -1, t.shape[1])
+                      for g, t in zip(gates, kv)], dim=2)  # (2, B, P)
 
 
 def _members_text(layout: Any, modules: Sequence[nn.Module]) -> str:
