@@ -11,13 +11,18 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as T
 
 from adapterkit import AdapterError, AdapterModel, resolve_config
-from adapterhub_peer import adapterhub_output, fixture_base
-from helpers import ARCHS, Snapshot, assert_routed_equals_alone, make_base, make_batch, perturb
+from adapterkit.errors import CheckpointError
+from adapterhub_peer import FIXTURES, adapterhub_output, fixture_base
+from helpers import ARCHS, Snapshot, assert_routed_equals_alone, make_base, make_batch, perturb, total_hooks
 
 GATED = {"lora": {"r": 4, "alpha": 8.0, "use_gating": True, "roles": "all-linear"},
          "houlsby": {"use_gating": True, "reduction_factor": 4}}
@@ -167,3 +172,15 @@ def test_a_gated_export_to_adapterhub_on_a_decoder_is_refused(tmp_path):
     with pytest.raises(AdapterError, match="nothing was written"):
         model.save_adapter(tmp_path / "ah", "g", format="adapterhub")
     assert not (tmp_path / "ah").exists()
+
+
+def test_an_adapterhub_gated_adapter_on_a_decoder_is_refused_with_the_model_unchanged(tmp_path):
+    """AdapterHub's gate there averages over the call's tokens, ours is per token: not loaded."""
+    folder = Path(shutil.copytree(FIXTURES / "ah_llama_lora_lm" / "adapter", tmp_path / "ah"))
+    data = json.loads((folder / "adapter_config.json").read_text())
+    data["config"]["use_gating"] = True
+    (folder / "adapter_config.json").write_text(json.dumps(data))
+    model = AdapterModel(fixture_base("llama", causal_lm=True))
+    with pytest.raises(CheckpointError, match="use_gating on a decoder"):
+        model.load_adapter(folder)
+    assert list(model.adapters) == [] and total_hooks(model) == 0
