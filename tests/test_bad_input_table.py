@@ -54,6 +54,8 @@ def ws(tmp_path_factory):
         assert main(["train", "--model", "bert", "--train", "train.tsv", "--out", "lora", "--method", "lora",
                      "--lora-r", "2", *FAST]) == 0
         assert main(["merge", "--adapter", "lora", "--out", "merged"]) == 0
+        assert main(["train", "--model", "bert", "--train", "train.tsv", "--out", "gated", "--method", "lora",
+                     "--lora-r", "2", "-o", "use_gating=true", *FAST]) == 0
         assert main(["train", "--model", "bert", "--train", "train.tsv", "--out", "stopped", "--max-steps", "1",
                      *FAST]) == 0
         run = json.loads((d / "stopped" / "run.json").read_text())
@@ -235,6 +237,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train: --quantize of no scheme", TRAIN + ["--quantize", "int3"], "--quantize must be int8 or int4, got 'int3'."),
     ("train: --quantize with --full-finetune", TRAIN + ["--full-finetune", "--quantize", "int8"],
      "--quantize freezes the base in low precision; --full-finetune trains it. Drop one of them."),
+    ("merge: a gated LoRA (use_gating)", ["merge", "--adapter", "gated", "--out", "m"],
+     "it has use_gating=True: its gate depends on the input"),
 ]
 STDIN = {"predict: nothing on stdin": b"\n\n", "predict: stdin not in UTF-8": "na\xefve\n".encode("latin-1")}
 

@@ -584,9 +584,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if artifact.kind != "adapter":
         raise AdapterError(f"--adapter {args.adapter}: is a full model already (nothing to merge); use it as --model.")
     config = read_meta(artifact.path / CONFIG_NAME)["config"]  # a damaged file: one line naming it
-    if not config_from_dict(config).supports_merge:
+    method = config_from_dict(config)
+    if not method.supports_merge:
         raise AdapterError(f"--adapter {args.adapter}: a {config['method']} adapter adds modules and cannot be folded "
                            "into the weights; only lora and ia3 adapters can be merged.")
+    why = method.merge_refusal()  # e.g. a gated LoRA (use_gating)
+    if why is not None:
+        raise AdapterError(f"--adapter {args.adapter}: this {config['method']} adapter cannot be folded into the weights: "
+                           f"{why}.")
     # one merge per --out: a second one stops at the lock (or, once the first is done, at the check
     # under it) instead of both printing "saved" while one result is lost
     lock = RunLock(out, "merge").acquire()

@@ -59,6 +59,9 @@ class DoRAConfig(LoRAConfig):
         if self.init_weights != "lora":
             raise AdapterError(f"DoRA starts from LoRA's zero update; init_weights={self.init_weights!r} is for method "
                                "'lora'. Drop the option.")
+        if self.use_gating:
+            raise AdapterError("use_gating is AdapterHub's gated LoRA, which has no DoRA form there; use method 'lora' "
+                               "with use_gating=True, or DoRA without it.")
 
     def build(self, site: Site) -> nn.Module:
         if isinstance(site, SlicedSite) and site.enabled or linear_features(site.host) is None:
