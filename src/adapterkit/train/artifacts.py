@@ -117,6 +117,13 @@ def task_of(artifact: Artifact, head_config: Optional[dict[str, Any]], decoder: 
     return TaskSpec(task="tagging", columns=Columns(), labels=labels)
 
 
+def saved_task(adapter: "str | Path") -> Optional[str]:
+    """The task recorded beside an adapter or model (``adapterkit_task.json``), without loading
+    anything; ``None`` when there is none."""
+    spec = TaskSpec.load(locate(adapter).path)
+    return spec.task if spec is not None else None
+
+
 @dataclass
 class Loaded:
     model: AdapterModel
