@@ -55,13 +55,15 @@ def write_digits(root: Path, name: str, n: int, seed: int, *, rate: int = RATE, 
     return tsv
 
 
-def speech_base(folder: Path, *, layers: int = 2, seed: int = 0) -> Path:
-    """A tiny random wav2vec2 (hidden 32; two 32-channel convolutions, 20 samples per frame)
-    with its 8 kHz feature extractor, saved to ``folder``."""
+def speech_base(folder: Path, *, layers: int = 2, seed: int = 0, **config_changes) -> Path:
+    """A tiny random wav2vec2 (hidden 64, two layers; two 32-channel convolutions, 20 samples per
+    frame) with its 8 kHz feature extractor, saved to ``folder``; ``config_changes`` override."""
     torch.manual_seed(seed)
     config = ARCHS["wav2vec2"].config()
     config.num_hidden_layers = layers
     config.conv_dim, config.conv_kernel, config.conv_stride = (32, 32), (10, 8), (5, 4)
+    config.hidden_size, config.intermediate_size = 64, 128
+    config.update(config_changes)
     T.Wav2Vec2Model(config).save_pretrained(folder)
     T.Wav2Vec2FeatureExtractor(sampling_rate=RATE, do_normalize=True, return_attention_mask=True).save_pretrained(folder)
     return folder

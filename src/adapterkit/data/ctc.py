@@ -36,11 +36,12 @@ HEADER = ("path", "text")
 
 @dataclass(frozen=True)
 class Transcript:
-    """One line of a transcript file: the clip's path (resolved) and its text."""
+    """One line of a transcript file: the clip's path (resolved, and as listed) and its text."""
 
     path: Path
     text: str
     line: int
+    listed: str = ""
 
 
 def read_transcripts(path: "str | Path") -> list[Transcript]:
@@ -74,7 +75,7 @@ def read_transcripts(path: "str | Path") -> list[Transcript]:
         if not resolved.is_file():
             raise DataError(f"{where}: no such audio file {resolved} (paths are relative to the TSV's folder); fix "
                             "the path or remove the line.")
-        out.append(Transcript(resolved, text, number))
+        out.append(Transcript(resolved, text, number, clip))
     if not out:
         raise DataError(f"{path}: no clips listed; write one line per clip: path<TAB>transcript.")
     return out
@@ -219,7 +220,7 @@ def read_ctc_split(path: "str | Path", vocab: Optional[Vocabulary], extractor: A
         ids = vocab.encode(item.text)
         have, need = frames(len(clip)), ctc_frames_needed(ids)
         if have < need:
-            raise DataError(f"{_where(Path(path), item.line)}: {item.path.name} lasts {len(clip) / rate:.2f} s, "
+            raise DataError(f"{_where(Path(path), item.line)}: {item.listed} lasts {len(clip) / rate:.2f} s, "
                             f"{have} frames of the model, but its transcript needs {need} (one per character and "
                             "space, one more between repeated characters); use a longer clip or a shorter transcript.")
         values.append(extractor(clip, sampling_rate=rate, return_tensors="np").input_values[0].astype("float32"))
