@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformers as T
 
+from adapterkit import AdapterModel
 from adapterkit.cli import main
 from adapterkit.data.ctc import Vocabulary, ctc_frames_needed, read_transcripts
 from adapterkit.data.files import DataError
@@ -118,3 +119,17 @@ def test_eval_reproduces_the_runs_test_scores_and_predict_gives_the_transcripts(
     refs = [gold[f"test/{path.rsplit('/', 1)[1]}"] for _, path in lines]
     assert len(lines) == 32
     assert word_error_rate(refs, [text for text, _ in lines]) == pytest.approx(scores["wer"], abs=1e-9)
+
+
+def test_an_adapter_saved_from_python_is_scored_as_ctc_from_its_head(digits, tmp_path, capsys):
+    """No adapterkit_task.json beside it: the CTC head's id2label is the vocabulary."""
+    model = AdapterModel.from_pretrained(str(digits / "model"))
+    name = model.load_adapter(digits / "run" / "adapter", set_active=True)
+    model.save_adapter(tmp_path / "saved", name)
+    assert not (tmp_path / "saved" / "adapterkit_task.json").exists()
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(tmp_path / "saved"), "--model", str(digits / "model"),
+                 "--data", str(digits / "test.tsv"), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    results = json.loads((digits / "run" / "results.json").read_text())
+    assert scores["task"] == "ctc" and scores["wer"] == pytest.approx(results["test"]["wer"], abs=1e-9)

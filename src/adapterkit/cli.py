@@ -345,6 +345,10 @@ def _head_note(prep: Any) -> None:
     if formats:
         head = prep.model.heads[prep.name].config
         names = " or ".join({"peft": "PEFT", "adapterhub": "AdapterHub"}[f] for f in formats)
+        if head.type == "ctc":
+            _note(f"note: a CTC head cannot be converted to {names}; adapterkit convert --without-head converts the "
+                  "adapter alone.")
+            return
         _note(f"note: this head ({head.layers} layer(s), pooling {head.pooling}) cannot be converted to {names}; "
               "adapterkit convert --without-head converts the adapter alone. Their heads read one token: train with "
               "--pooling cls (encoders) or last (decoders) to convert the head too.")
