@@ -120,6 +120,10 @@ def test_eval_reproduces_the_runs_test_scores_and_predict_gives_the_transcripts(
     assert len(lines) == 32
     assert word_error_rate(refs, [text for text, _ in lines]) == pytest.approx(scores["wer"], abs=1e-9)
 
+    # each clip alone (no padding) gets the transcript it got in a padded batch
+    assert main(["predict", "--adapter", str(digits / "run"), "--batch-size", "1", str(digits / "test")]) == 0
+    assert [line.split("\t") for line in capsys.readouterr().out.splitlines()] == lines
+
 
 def test_an_adapter_saved_from_python_is_scored_as_ctc_from_its_head(digits, tmp_path, capsys):
     """No adapterkit_task.json beside it: the CTC head's id2label is the vocabulary."""
