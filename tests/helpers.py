@@ -157,13 +157,15 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "vera": ("vera", {"r": 4}),
     "loreft": ("loreft", {"r": 2, "suffix_positions": 2}),
     "compacter++": ("compacter++", {"reduction_factor": 8}),
+    "unipelt": ("unipelt", {"prefix_length": 3, "bottleneck_size": 8, "r": 4}),
 }
 #: methods that run on some architectures only (the rest run on all of ``ARCHS``)
 METHOD_ARCHS: dict[str, tuple[str, ...]] = {
     "prefix_tuning": ("bert", "gpt2", "llama", "mistral", "qwen2", "t5", "bart"),
+    "unipelt": ("bert",),  # gated prefixes: encoder stacks only (methods/gating.py); T5 / BART: SEQ2SEQ_METHODS
 }
 #: methods whose fresh adapter changes the outputs (prefix tuning: its keys and values are drawn)
-NOT_IDENTITY_AT_INIT = {"prefix_tuning", "loreft"}  # LoReFT: W, b and R start random (Wu et al. 2024)
+NOT_IDENTITY_AT_INIT = {"prefix_tuning", "loreft", "unipelt"}  # LoReFT: W, b and R start random (Wu et al. 2024)
 
 #: Extra configurations that exercise options beyond the presets, run on one architecture per layout
 #: family. The third element says whether a fresh adapter is an identity: AdapterHub's
@@ -181,6 +183,11 @@ EXTRA_METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "ia3-all-roles": ("ia3", {"roles": "ALL"}, True),
     "lora-pissa": ("lora", {"r": 4, "alpha": 8.0, "init_weights": "pissa"}, True),
     "lora-olora": ("lora", {"r": 3, "alpha": 6.0, "init_weights": "olora", "roles": ["ffn_in", "ffn_proj"]}, True),
+    # AdapterHub's use_gating (methods/gating.py): a mean over tokens in encoders, per token in decoders
+    "lora-gated": ("lora", {"r": 4, "alpha": 8.0, "use_gating": True, "roles": "ALL"}, True),
+    "pfeiffer-gated": ("pfeiffer", {"use_gating": True}, True),
+    "vera-full": ("vera", {"r": 4, "full_scaling": True}, True),  # AdapterHub's VeRA: (r, r) and (out, out) matrices
+    "houlsby-gated-postnorm": ("houlsby", {"use_gating": True, "norm_position": "post", "scaling": "learned"}, True),
 }
 
 #: Configurations of encoder-decoders only: one stack, and the cross-attention place.
@@ -189,6 +196,9 @@ SEQ2SEQ_METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "houlsby-cross": ("houlsby", {"cross_adapter": True}, True),
     "lora-encoder-stack-layers": ("lora", {"r": 2, "alpha": 4.0, "stacks": ["encoder"], "layers": [0, 3]}, True),
     "ia3-decoder-cross-roles": ("ia3", {"roles": ["cross_k", "cross_v"], "stacks": "decoder"}, True),
+    "prefix-gated-encoder": ("prefix_tuning", {"prefix_length": 3, "bottleneck_size": 8, "use_gating": True,
+                                               "shared_gating": False, "stacks": ["encoder"]}, False),
+    "unipelt-encoder": ("unipelt", {"prefix_length": 3, "bottleneck_size": 8, "r": 4, "stacks": ["encoder"]}, False),
 }
 
 
@@ -233,7 +243,7 @@ class Case:
 
     @property
     def mergeable(self) -> bool:
-        return type(self.config).supports_merge and self.merges
+        return self.config.merges_exactly and self.merges  # not a gated LoRA (use_gating)
 
 
 def _extra_cases() -> list[Case]:
@@ -307,6 +317,7 @@ def expected_adapter_params(case: Case) -> int:
         per_site = D * m + m + m * D + D
         per_site += 2 * D if cfg.norm_position else 0
         per_site += {"learned": 1, "channel": D}.get(cfg.scaling, 0) if isinstance(cfg.scaling, str) else 0
+        per_site += (D + 1) if cfg.use_gating else 0  # the gate: Linear(d, 1)
         chosen = {"attn_out": cfg.mh_adapter, "cross_attn_out": cfg.cross_adapter, "ffn_out": cfg.output_adapter}
         sites = sum(chosen[p] for s in stacks for p in case.arch.places(s))
         return per_site * sites * layers + norms
@@ -327,6 +338,8 @@ def expected_adapter_params(case: Case) -> int:
         roles = cfg.roles or case.arch.lora_default
         shapes = [case.arch.stacks[s][r] for s in stacks for r in roles if r in case.arch.stacks[s]]
         if cfg.method == "vera":  # d (r,) and b (out,); the shared random matrices are frozen buffers
+            if cfg.full_scaling:  # AdapterHub's: d (r, r) and b (out, out)
+                return layers * sum(cfg.r * cfg.r + o * o for _, o in shapes) + norms
             return layers * sum(cfg.r + o for _, o in shapes) + norms
         # DoRA: LoRA's r * (in + out) plus a magnitude per output row
         return layers * sum(cfg.r * (i + o) + o for i, o in shapes) + norms
@@ -335,6 +348,7 @@ def expected_adapter_params(case: Case) -> int:
         shapes = [] if cfg.target_modules else [case.arch.stacks[s][r] for s in stacks for r in roles
                                                   if r in case.arch.stacks[s]]  # target_modules replace roles
         per_layer = sum(cfg.r * (i + o) for i, o in shapes) if cfg.method == "lora" else sum(o for _, o in shapes)
+        per_layer += sum(i + 1 for i, _ in shapes) if getattr(cfg, "use_gating", False) else 0  # gate Linear(in, 1)
         # LoRA's further hosts: r * (in + out), in counting a convolution's kernel (in_channels x kernel)
         chosen = cfg.target_modules or roles if cfg.method == "lora" else ()
         extra = [case.arch.lora_extra[k] for k in case.arch.lora_extra
@@ -352,7 +366,8 @@ def expected_adapter_params(case: Case) -> int:
         roles = case.arch.roles
         kv_width = roles["k"][1] if "k" in roles else roles["qkv"][1] // 3
         out, p, m = layers * 2 * kv_width, cfg.prefix_length, cfg.bottleneck_size
-        return sites * (out * p if cfg.flat else p * D + D * m + m + m * out + out)
+        gates = layers * (D + 1) * (1 if cfg.shared_gating else 2) if cfg.use_gating else 0  # Linear(d, 1 or 2) a layer
+        return sites * (out * p if cfg.flat else p * D + D * m + m + m * out + out) + sites * gates
     raise AssertionError(f"no parameter formula for method {cfg.method}: add one to tests/helpers.py")
 
 
@@ -368,6 +383,11 @@ def expected_saved_params(case: Case) -> int:
     if cfg.method == "reft" and cfg.orthogonality:  # torch's orthogonal parametrisation keeps a (d, d) base
         units = (1 if cfg.tied_weights else 2) * len(cfg.stacks or case.arch.stacks) * _layers_used(cfg)
         return expected_adapter_params(case) + units * D * D
+    if cfg.method == "vera" and cfg.full_scaling:  # AdapterHub's VeRA saves its random A (r, in) and B (out, r) too
+        roles = cfg.roles or case.arch.lora_default
+        shapes = [case.arch.stacks[s][r] for s in (cfg.stacks or case.arch.stacks) for r in roles
+                  if r in case.arch.stacks[s]]
+        return expected_adapter_params(case) + _layers_used(cfg) * sum(cfg.r * (i + o) for i, o in shapes)
     residual = getattr(cfg, "init_weights", "lora") not in ("lora",) and cfg.method == "lora"
     return expected_adapter_params(case) * (2 if residual else 1)
 

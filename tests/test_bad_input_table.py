@@ -54,6 +54,10 @@ def ws(tmp_path_factory):
         assert main(["train", "--model", "bert", "--train", "train.tsv", "--out", "lora", "--method", "lora",
                      "--lora-r", "2", *FAST]) == 0
         assert main(["merge", "--adapter", "lora", "--out", "merged"]) == 0
+        assert main(["train", "--model", "bert", "--train", "train.tsv", "--out", "gated", "--method", "lora",
+                     "--lora-r", "2", "-o", "use_gating=true", *FAST]) == 0
+        assert main(["train", "--model", "speech", "--task", "ctc", "--train", "ctc-train.tsv", "--out", "ctc-run",
+                     *FAST]) == 0
         assert main(["train", "--model", "bert", "--train", "train.tsv", "--out", "stopped", "--max-steps", "1",
                      *FAST]) == 0
         run = json.loads((d / "stopped" / "run.json").read_text())
@@ -102,10 +106,26 @@ def _audio(d: Path) -> None:
         for label in labels:
             (d / folder / label).mkdir(parents=True)
             soundfile.write(str(d / folder / label / "0.wav"), rng.normal(0, 0.1, 800).astype("float32"), rate)
+    # speech recognition (--task ctc): TSVs of path<TAB>transcript, paths relative to the TSV
+    for name, text in (("ctc-train", "path\ttext\nclips/yes/0.wav\tyes\nclips/no/0.wav\tno\n"),
+                       ("ctc-missing", "clips/yes/0.wav\tyes\nclips/maybe.wav\tmaybe\n"),
+                       ("ctc-empty", "clips/yes/0.wav\tyes\nclips/no/0.wav\t  \n"),
+                       ("ctc-unknown", "clips/yes/0.wav\tyés!\n"),
+                       ("ctc-16k", "clips-16k/yes/0.wav\tyes\n"),
+                       ("ctc-long", "clips/yes/0.wav\t" + "yes " * 30 + "\n"),
+                       ("ctc-notab", "clips/yes/0.wav yes\n")):
+        (d / f"{name}.tsv").write_text(text, encoding="utf-8")
 
 
 TRAIN = ["train", "--model", "bert", "--train", "train.tsv", "--out", "new", *FAST]
 AUDIO = ["train", "--model", "speech", "--train", "clips", "--out", "new", *FAST]
+CTC = ["train", "--model", "speech", "--task", "ctc", "--train", "ctc-train.tsv", "--out", "new", *FAST]
+
+
+def _ctc(train: str) -> list[str]:
+    args = list(CTC)
+    args[args.index("--train") + 1] = train
+    return args
 
 
 def _with(flag: str, value: str) -> list[str]:
@@ -235,6 +255,26 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train: --quantize of no scheme", TRAIN + ["--quantize", "int3"], "--quantize must be int8 or int4, got 'int3'."),
     ("train: --quantize with --full-finetune", TRAIN + ["--full-finetune", "--quantize", "int8"],
      "--quantize freezes the base in low precision; --full-finetune trains it. Drop one of them."),
+    ("merge: a gated LoRA (use_gating)", ["merge", "--adapter", "gated", "--out", "m"],
+     "it has use_gating=True: its gate depends on the input"),
+    ("ctc: a clip the TSV lists is missing", _ctc("ctc-missing.tsv"), "ctc-missing.tsv:2: no such audio file"),
+    ("ctc: an empty transcript", _ctc("ctc-empty.tsv"), "ctc-empty.tsv:2: the transcript of clips/no/0.wav is empty"),
+    ("ctc: a line without a tab", _ctc("ctc-notab.tsv"), "has 1 tab-separated field(s)"),
+    ("ctc: eval characters never in training", CTC + ["--eval", "ctc-unknown.tsv"],
+     "character(s) 'é' '!' that never occur in the training transcripts"),
+    ("ctc: audio at another sampling rate", _ctc("ctc-16k.tsv"), "expects 8000 Hz"),
+    ("ctc: a clip too short for its transcript", _ctc("ctc-long.tsv"), "clips/yes/0.wav lasts 0.10 s, 79 frames of the model, but its transcript needs 119"),
+    ("ctc: --train is a folder", _ctc("clips"), "--task ctc reads a TSV of path<TAB>transcript lines"),
+    ("ctc: a text model", ["train", "--model", "bert", "--task", "ctc", "--train", "ctc-train.tsv", "--out", "new",
+                           *FAST], "model that reads text"),
+    ("a transcript TSV for a speech model without --task ctc",
+     ["train", "--model", "speech", "--train", "ctc-train.tsv", "--out", "new", *FAST], "or --task ctc with a TSV"),
+    ("eval: ctc characters never in training", ["eval", "--adapter", "ctc-run", "--data", "ctc-unknown.tsv"],
+     "ctc-unknown.tsv:1: the transcript has character(s) 'é' '!'"),
+    ("eval: a folder for a speech recognition adapter", ["eval", "--adapter", "ctc-run", "--data", "clips"],
+     "clips: is a folder"),
+    ("predict: text for a speech recognition adapter", ["predict", "--adapter", "ctc-run", "good film"],
+     "transcribes audio"),
     ("train: --cache-activations with the base's dropout on", TRAIN + ["--cache-activations", "--layers", "1"],
      "add --no-base-dropout"),
     ("train: --cache-activations with the adapter in layer 0", TRAIN + ["--cache-activations", "--no-base-dropout"],

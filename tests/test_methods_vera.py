@@ -8,6 +8,7 @@ import json
 import peft
 import pytest
 import torch
+from adapterhub_peer import adapterhub_output, fixture_base
 from helpers import ARCHS, assert_routed_equals_alone, make_base, make_batch, perturb, run
 
 from adapterkit import AdapterError, AdapterModel
@@ -84,3 +85,43 @@ def test_routed_vera_equals_each_example_alone():
     model.eval()
     batch = make_batch(batch_size=4)
     assert_routed_equals_alone(model, batch, ["a1", None, "a0", "a1"])
+
+
+# -- AdapterHub's VeRA (full_scaling): the fixture ah_bert_vera_cls is read in tests/test_interop.py ------------
+@pytest.mark.parametrize("full", [True, False])
+def test_adapterhub_loads_our_vera_export(full, tmp_path):
+    """AdapterHub computes our outputs for a VeRA written in its format: ``full_scaling`` as it is,
+    vectors as the diagonal matrices they are (``alpha = r``: a factor of one)."""
+    model = AdapterModel(fixture_base("bert", causal_lm=False))
+    model.add_adapter("v", "vera", r=4, full_scaling=full, roles=["q", "v"], set_active=True)
+    perturb(model.adapters["v"], scale=0.3)
+    batch = {"input_ids": torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(2)),
+             "attention_mask": torch.tensor([[1] * 9, [1] * 6 + [0] * 3])}
+    model.eval()
+    with torch.no_grad():
+        ours = model.model(**batch).last_hidden_state
+        with model.disable_adapters():
+            assert (model.model(**batch).last_hidden_state - ours).abs().max() > 1e-3
+    model.save_adapter(tmp_path / "ah", "v", format="adapterhub")
+    theirs = adapterhub_output(tmp_path / "ah", "bert", batch, tmp_path, causal_lm=False)
+    real = batch["attention_mask"].bool()
+    assert (ours[real] - theirs[real]).abs().max() <= 1e-5
+
+
+def test_full_scaling_vera_saves_its_matrices_and_is_not_written_for_peft(tmp_path):
+    model = AdapterModel(make_base(ARCHS["bert"]))
+    model.add_adapter("v", "vera", r=4, full_scaling=True, set_active=True)
+    unit = next(iter(model.adapters["v"].values()))
+    assert unit.vera_lambda_d.shape == (4, 4) and torch.equal(unit.vera_lambda_d, torch.diag(torch.full((4,), 0.1)))
+    perturb(model.adapters["v"], scale=0.3)
+    with torch.no_grad():
+        unit.vera_A.mul_(2.0)  # not the seed's draw any more: the saved matrices must be the ones used
+    batch = make_batch()
+    out = run(model.eval(), batch)
+    model.save_adapter(tmp_path / "v", "v")
+    again = AdapterModel(make_base(ARCHS["bert"]))
+    again.load_adapter(tmp_path / "v", set_active=True)
+    assert torch.equal(run(again.eval(), batch), out)
+    with pytest.raises(AdapterError, match="nothing was written"):
+        model.save_adapter(tmp_path / "p", "v", format="peft")
+    assert not (tmp_path / "p").exists()

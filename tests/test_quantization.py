@@ -3,13 +3,14 @@
 The tiny BERT has widths divisible by 32 (int4's group), so every Linear and the token embeddings
 are quantized. What holds on the quantized base:
 
-* the adapter adds what it adds on the float base, within the quantization error (``DELTA_TOL``,
-  relative, measured: int8 <= 0.02, int4 <= 0.06 on these random weights);
+* every method (and LoRA initialised from the weight: PiSSA, OLoRA; DoRA, whose norm reads the
+  dequantized weight) adds what it adds on the float base, within the quantization error
+  (``DELTA_TOL``, relative);
 * gradients reach every adapter parameter (also below quantized layers) and no base weight, and
   point where the float base's do;
-* an adapter saved on the quantized base loads on the float one bit for bit and the reverse, a
-  different base is still refused; merging into quantized weights is refused;
-* per-example routing gives each example what it gets alone;
+* an adapter of every method saved on the quantized base loads on the float one bit for bit and
+  the reverse, a different base is still refused; merging into quantized weights is refused;
+* per-example routing gives each example what it gets alone (``ROUTED_TOL``);
 * the base fingerprint is the float base's in every version (1: the blocks; 2: the whole backbone
   and hosts outside it, such as an untied, quantized LM head).
 """
@@ -28,24 +29,46 @@ from torch import nn
 from adapterkit import AdapterModel
 from adapterkit.errors import AdapterError, CheckpointError
 from adapterkit.fingerprint import base_fingerprint
-from adapterkit.quantization import QuantizedEmbedding, QuantizedLinear, precision, quantize_base, weight_bytes
+from adapterkit.quantization import (QuantizedEmbedding, QuantizedLinear, dequantized, precision, quantize_base,
+                                     weight_bytes)
 
 pytest.importorskip("torchao")
 
 SCHEMES = ("int8", "int4")
+#: test name -> (method, options): every method, and LoRA's initialisations from the host's weight
 METHODS = {
-    "pfeiffer": {},
-    "houlsby": {},
-    "parallel": {},
-    "lora": {},
-    "lora_all": {"roles": ["all-linear", "embeddings"]},
-    "ia3": {},
-    "prefix_tuning": {},
-    "prompt_tuning": {},
+    "pfeiffer": ("pfeiffer", {}),
+    "houlsby": ("houlsby", {}),
+    "parallel": ("parallel", {}),
+    "compacter": ("compacter", {"reduction_factor": 8}),  # bottleneck 8: phm_dim 4 divides it
+    "lora": ("lora", {}),
+    "lora_all": ("lora", {"roles": ["all-linear", "embeddings"]}),
+    "pissa": ("lora", {"init_weights": "pissa"}),  # the host's SVD: of the dequantized weight
+    "olora": ("lora", {"init_weights": "olora"}),  # the host's QR: of the dequantized weight
+    "dora": ("dora", {}),  # the norm of the dequantized weight + B A
+    "vera": ("vera", {}),
+    "ia3": ("ia3", {}),
+    "loreft": ("loreft", {"suffix_positions": 1}),  # both units used: each must get a gradient
+    "prefix_tuning": ("prefix_tuning", {}),
+    "prompt_tuning": ("prompt_tuning", {}),
+    "e_adapter": ("e_adapter", {}),  # ELP-adapter tuning's parts
+    "l_adapter": ("l_adapter", {}),
+    "p_adapter": ("p_adapter", {}),
+    "union": ("lora+prefix_tuning", {}),  # several methods as one adapter (MAM-like)
 }
-#: relative error of the adapter's contribution, quantized vs float base (measured maxima 0.012 for
-#: int8, 0.091 for int4: LoRA on q, v, whose update passes through every quantized layer above it)
+#: relative error of the adapter's contribution, quantized vs float base (measured, 2026-12-07:
+#: int8 0.002-0.021, int4 0.012-0.12; largest for IA3, VeRA, PiSSA, prefix tuning, LoRA on q, v,
+#: whose change passes through every quantized layer above it or scales a quantized output)
 DELTA_TOL = {"int8": 0.05, "int4": 0.15}
+#: how far the adapters are moved from their initialisation: enough to change the output by > 5 %
+#: (IA3's scales start at one; DoRA's magnitudes and VeRA's vectors act through the small weights),
+#: not so far that the output is another (the union's two parts at 0.3 changed it by 98 %, measured)
+PERTURB = {"ia3": 2.0, "dora": 1.0, "vera": 1.0, "union": 0.15}
+#: routed against alone, relative error of each example's hidden states: int8 quantizes activations
+#: per token at run time, so the float rounding by which a routed batch differs from one example
+#: run alone (<= 1e-6 on the float base, measured) can move activations by one int8 step (measured:
+#: up to 1e-4 relative, 4e-3 on one entry). A wrong route errs by the adapter's contribution (> 5 %).
+ROUTED_TOL = {"int8": 2e-3, "int4": 1e-5}
 #: relative error of the bare base's hidden states
 BASE_TOL = {"int8": 0.03, "int4": 0.08}
 
@@ -89,9 +112,10 @@ def _perturb(module: nn.Module, seed: int = 7, scale: float = 0.3) -> None:
 def _pair(bases: dict, scheme: str, method: str) -> tuple[AdapterModel, AdapterModel]:
     """The same (perturbed) adapter on the float base and on its ``scheme`` copy, active, eval mode."""
     fm, qm = AdapterModel(copy.deepcopy(bases["float"])), AdapterModel(copy.deepcopy(bases[scheme]))
+    kind, options = METHODS[method]
     for m in (fm, qm):
-        m.add_adapter("a", method.removesuffix("_all"), **METHODS[method])
-    _perturb(fm.adapters["a"], scale=2.0 if method == "ia3" else 0.3)  # IA3's scales start at one
+        m.add_adapter("a", kind, **options)
+    _perturb(fm.adapters["a"], scale=PERTURB.get(method, 0.3))
     qm.adapters["a"].load_state_dict(fm.adapters["a"].state_dict())
     for m in (fm, qm):
         m.set_active_adapters("a")
@@ -113,7 +137,7 @@ def test_base_is_quantized_close_to_float_and_smaller(bases, scheme):
     assert isinstance(emb, QuantizedEmbedding)
     assert torch.equal(emb(batch["input_ids"]), torch.nn.functional.embedding(batch["input_ids"], emb.weight))
     ratio = weight_bytes(q) / weight_bytes(bases["float"])
-    assert ratio < {"int8": 0.30, "int4": 0.22}[scheme]
+    assert ratio < {"int8": 0.30, "int4": 0.20}[scheme]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -155,8 +179,9 @@ def test_gradients_reach_adapters_only_and_match_float(bases, scheme, method):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_save_on_quantized_load_on_float_and_back(bases, scheme, tmp_path):
-    fm, qm = _pair(bases, scheme, "lora")
+@pytest.mark.parametrize("method", METHODS)
+def test_save_on_quantized_load_on_float_and_back(bases, scheme, method, tmp_path):
+    fm, qm = _pair(bases, scheme, method)
     qm.save_adapter(tmp_path / "from_quant", "a")
     other = AdapterModel(copy.deepcopy(bases["float"]))
     with pytest.warns(UserWarning, match=f"trained on this base in {scheme}"):
@@ -178,10 +203,11 @@ def test_save_on_quantized_load_on_float_and_back(bases, scheme, tmp_path):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_routed_equals_alone_on_quantized_base(bases, scheme):
+@pytest.mark.parametrize("method", METHODS)
+def test_routed_equals_alone_on_quantized_base(bases, scheme, method):
     model = AdapterModel(copy.deepcopy(bases[scheme]))
-    for i, method in enumerate(("lora", "lora", "pfeiffer")):
-        model.add_adapter(f"a{i}", method)
+    for i, (kind, options) in enumerate((METHODS[method], METHODS[method], METHODS["pfeiffer"])):
+        model.add_adapter(f"a{i}", kind, **options)
         _perturb(model.adapters[f"a{i}"], seed=i)
     model.eval()
     batch = _batch()
@@ -192,12 +218,13 @@ def test_routed_equals_alone_on_quantized_base(bases, scheme):
         model.set_active_adapters(name)
         one = {k: v[row:row + 1] for k, v in batch.items()}
         alone = _hidden(model, one)
-        assert torch.allclose(routed[row:row + 1], alone, atol=1e-5, rtol=1e-4), (row, name)
+        assert _rel(routed[row:row + 1], alone) <= ROUTED_TOL[scheme], (row, name)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_merge_into_quantized_base_is_refused(bases, scheme):
-    _, qm = _pair(bases, scheme, "lora")
+@pytest.mark.parametrize("method", ["lora", "pissa", "dora", "vera", "ia3"])
+def test_merge_into_quantized_base_is_refused(bases, scheme, method):
+    _, qm = _pair(bases, scheme, method)
     before = _hidden(qm, _batch())
     with pytest.raises(AdapterError, match=f"cannot be merged: the base is quantized .*{scheme} weights.*unmerged"):
         qm.merge_adapter("a")
@@ -274,3 +301,41 @@ def test_the_docs_example_runs(tmp_path, monkeypatch):
     assert grads and all(n.startswith(("adapters.sst2.", "heads.sst2.")) for n in grads)
     saved = json.loads((tmp_path / "out/sst2/adapter_config.json").read_text())
     assert saved["base_model"]["precision"] == "int8"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_dora_norms_the_dequantized_weight(bases, scheme):
+    """DoRA's magnitude starts at the row norms of the weight the quantized one stands for, so a
+    fresh DoRA leaves the quantized base's output unchanged, bit for bit."""
+    model = AdapterModel(copy.deepcopy(bases[scheme]))
+    model.add_adapter("a", "dora", set_active=True)
+    model.eval()
+    with model.disable_adapters():
+        bare = _hidden(model, _batch())
+    assert torch.equal(_hidden(model, _batch()), bare)
+    query = model.model.encoder.layer[0].attention.self.query
+    magnitude = next(m.lora_magnitude_vector for m in model.adapters["a"].modules()
+                     if hasattr(m, "lora_magnitude_vector") and m.host_weight().shape == query.weight.shape
+                     and m._host[0] is query)
+    float_rows = bases["float"].encoder.layer[0].attention.self.query.weight.norm(dim=1)
+    assert torch.allclose(magnitude, dequantized(query.weight, query.compute_dtype).float().norm(dim=1), rtol=1e-5)
+    assert 0 < _rel(magnitude, float_rows) < BASE_TOL[scheme]  # the quantized weight's norms, near the float's
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_prompt_tuning_generates_with_a_cache_on_a_quantized_decoder(scheme):
+    """A decoder with untied (so quantized) token embeddings: prompt tuning's cached steps probe the
+    table's dtype (torchao's int8 tensor has no ``new_zeros``); cached = uncached generation."""
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=96, tie_word_embeddings=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AdapterModel(quantize_base(T.LlamaForCausalLM(cfg).eval(), scheme))
+    assert isinstance(model.model.model.embed_tokens, QuantizedEmbedding)
+    model.add_adapter("p", "prompt_tuning", set_active=True)
+    _perturb(model.adapters["p"])
+    ids = torch.randint(1, 96, (2, 5))
+    cached = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, use_cache=True)
+    uncached = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert cached.shape == (2, 9) and torch.equal(cached, uncached)

@@ -39,6 +39,7 @@ from .data import (
     read_table,
 )
 from .data.audio import is_audio_file, is_audio_folder, prediction_clips, read_split
+from .data.ctc import Vocabulary, clip_frames, read_ctc_split
 from .errors import AdapterError
 from .inference import predict_audio, predict_texts
 from .inspection import describe
@@ -47,7 +48,7 @@ from .loader import check_max_length
 from .serve import command as serve_command
 from .train import distributed as D
 from .train import loop
-from .train.artifacts import load_bare, load_trained, locate
+from .train.artifacts import load_bare, load_trained, locate, saved_task
 from .train.checkpoint import save_head, write_dir_atomic
 from .train.config import TrainConfig
 from .train.evaluate import evaluate
@@ -100,8 +101,8 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--label-column", "label_column", str, "column with the label(s) (default: detected)"),
     ("--prompt-column", "prompt_column", str, "causal LM: column with the prompt (no loss on it)"),
     ("--completion-column", "completion_column", str, "causal LM: column with the completion"),
-    ("--task", "task", str, "classification, multilabel, regression, tagging, causal-lm or lm-classification "
-                            "(default: detected)"),
+    ("--task", "task", str, "classification, multilabel, regression, tagging, causal-lm, lm-classification "
+                            "(default: detected) or ctc (speech recognition: --train is a TSV of path<TAB>transcript)"),
     ("--template", "template", str, "lm-classification (implied): the prompt, e.g. \"Review: {text} Sentiment:\""),
     ("--verbalizer", "verbalizer", str, "lm-classification: the answer word of each label, e.g. negative,positive "
                                         "or 0=negative,1=positive (default: the label names)"),
@@ -354,6 +355,10 @@ def _head_note(prep: Any) -> None:
     if formats:
         head = prep.model.heads[prep.name].config
         names = " or ".join({"peft": "PEFT", "adapterhub": "AdapterHub"}[f] for f in formats)
+        if head.type == "ctc":
+            _note(f"note: a CTC head cannot be converted to {names}; adapterkit convert --without-head converts the "
+                  "adapter alone.")
+            return
         _note(f"note: this head ({head.layers} layer(s), pooling {head.pooling}) cannot be converted to {names}; "
               "adapterkit convert --without-head converts the adapter alone. Their heads read one token: train with "
               "--pooling cls (encoders) or last (decoders) to convert the head too.")
@@ -400,6 +405,8 @@ def _print_results(results: dict[str, Any], out: Path, seconds: float) -> None:
 # -- eval / predict / inspect / merge -------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
     _check_sizes(args)
+    if args.adapter is not None and saved_task(args.adapter) == "ctc":  # a TSV of clip paths and transcripts
+        return _eval_ctc(args)
     if is_audio_folder(args.data):  # a folder of WAV files, one subfolder per label, as for train
         return _eval_audio(args)
     table = read_table(args.data, args.format)  # before loading the model: fail fast
@@ -468,6 +475,22 @@ def _eval_audio(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_ctc(args: argparse.Namespace) -> int:
+    """``eval --data FILE.tsv`` of a speech recognition adapter: WER / CER of greedy decoding."""
+    unused = [f"--{k.replace('_', '-')}" for k in ("format", "text_column", "text_pair_column", "label_column",
+                                                   "max_length", "task", "template", "verbalizer") if getattr(args, k)]
+    if unused:
+        raise AdapterError(f"{', '.join(unused)}: not used for speech recognition (--data is a TSV of "
+                           "path<TAB>transcript lines); drop them.")
+    loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base, quantize=args.quantize)
+    net = loaded.model.model
+    clips, _ = read_ctc_split(args.data, Vocabulary(tuple(loaded.spec.labels)), loaded.tokenizer, min_samples(net),
+                              clip_frames(net))
+    scores = evaluate(loaded.model, clips, loaded.spec, batch_size=args.batch_size, pad_id=0)
+    _print_scores(args, loaded.spec, len(clips), scores)
+    return 0
+
+
 def _check_sizes(args: argparse.Namespace) -> None:
     """``--batch-size`` / ``--max-length`` of ``eval`` and ``predict``, as ``train`` checks them."""
     if args.batch_size < 1:
@@ -531,7 +554,12 @@ def _predict_audio(args: argparse.Namespace, sources: list[str]) -> int:
                            "FILE or lines on stdin.")
     clips = prediction_clips(sources, loaded.tokenizer, min_samples(loaded.model.model))
     for r in predict_audio(loaded.model, clips, loaded.spec, batch_size=args.batch_size):
-        print(json.dumps(r, ensure_ascii=False) if args.json else f"{r['label']}\t{r['probability']:.4f}\t{r['path']}")
+        if args.json:
+            print(json.dumps(r, ensure_ascii=False))
+        elif "text" in r:  # speech recognition: the transcript, then the clip
+            print(f"{r['text']}\t{r['path']}")
+        else:
+            print(f"{r['label']}\t{r['probability']:.4f}\t{r['path']}")
     return 0
 
 
@@ -546,7 +574,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     loaded = load_trained(args.adapter, args.model, allow_other_base=args.allow_other_base, quantize=args.quantize)
     if loaded.audio:
-        raise AdapterError(f"--adapter {args.adapter} classifies audio; pass WAV files or folders of them (as "
+        what = "transcribes" if loaded.spec.task == "ctc" else "classifies"
+        raise AdapterError(f"--adapter {args.adapter} {what} audio; pass WAV files or folders of them (as "
                            "arguments or --input), not text.")
     texts = prediction_inputs(loaded.spec, source, args.text_column) if isinstance(source, Table) else source
     _check_text(texts)
@@ -594,9 +623,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if artifact.kind != "adapter":
         raise AdapterError(f"--adapter {args.adapter}: is a full model already (nothing to merge); use it as --model.")
     config = read_meta(artifact.path / CONFIG_NAME)["config"]  # a damaged file: one line naming it
-    if not config_from_dict(config).supports_merge:
+    method = config_from_dict(config)
+    if not method.supports_merge:
         raise AdapterError(f"--adapter {args.adapter}: a {config['method']} adapter adds modules and cannot be folded "
                            "into the weights; only lora and ia3 adapters can be merged.")
+    why = method.merge_refusal()  # e.g. a gated LoRA (use_gating)
+    if why is not None:
+        raise AdapterError(f"--adapter {args.adapter}: this {config['method']} adapter cannot be folded into the weights: "
+                           f"{why}.")
     # one merge per --out: a second one stops at the lock (or, once the first is done, at the check
     # under it) instead of both printing "saved" while one result is lost
     lock = RunLock(out, "merge").acquire()

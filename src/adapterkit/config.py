@@ -163,7 +163,16 @@ class AdapterConfig:
     def merges_exactly(self) -> bool:
         """Whether ``merge_adapter`` can fold this adapter into the weights: a mergeable method
         combined by its own strategy, with nothing random or learned around it."""
-        return self.supports_merge and self.strategy in (None, self.default_strategy)
+        return self.merge_refusal() is None
+
+    def merge_refusal(self) -> Optional[str]:
+        """Why ``merge_adapter`` cannot fold this adapter into the weights, or ``None`` (a method
+        adds its own reasons, e.g. LoRA's ``use_gating``)."""
+        if not self.supports_merge:
+            return "only methods that change weights can (lora, ia3)"
+        if self.strategy not in (None, self.default_strategy):
+            return f"its strategy '{self.strategy}' is not the method's own ('{self.default_strategy}')"
+        return None
 
     def placed_sites(self, layout: "Layout") -> list["Site"]:
         """``sites(layout)``, each as this adapter meets it (``Site.at(place_for(site))``), then

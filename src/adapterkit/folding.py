@@ -38,9 +38,8 @@ class Merges:
         ``apply`` next). A weight that ``base`` shares between modules (GPT-2's input embeddings
         tied to its LM head) is refused: merging would change the other module too."""
         config = record.config
-        if not config.merges_exactly:
-            why = ("only methods that change weights can (lora, ia3)" if not config.supports_merge
-                   else f"its strategy '{config.strategy}' is not the method's own ('{config.default_strategy}')")
+        why = config.merge_refusal()
+        if why is not None:
             raise AdapterError(f"Adapter '{record.name}' ({config.method}) cannot be merged: {why}.")
         if record.name in self.order:
             raise AdapterError(f"Adapter '{record.name}' is already merged.")

@@ -10,7 +10,8 @@ a prompt. Results are dicts (printed as TSV or JSON lines):
 * tagging: ``tokens`` and one ``tags`` entry per token (the first word piece decides);
 * causal-lm: the greedy continuation (``generated``), ``max_new_tokens`` long at most;
 * lm-classification: as classification (probabilities are the LM's answer scores renormalised
-  over the labels), plus the ``answer`` word.
+  over the labels), plus the ``answer`` word;
+* ctc (audio clips, ``predict_audio``): the greedy CTC transcript (``text``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from .data import Table, TaskSpec, encode
+from .data.ctc import Vocabulary, greedy_ids
 from .train.choices import choice_scores
 
 Input = Union[str, tuple[str, str], list[str]]
@@ -71,13 +73,21 @@ def predict_texts(model: Any, tokenizer: Any, spec: TaskSpec, lines: Sequence[In
 @torch.inference_mode()
 def predict_audio(model: Any, clips: Any, spec: TaskSpec, *, batch_size: int = 32) -> list[dict[str, Any]]:
     """Labels of audio clips (a ``data.audio.AudioSet``), in their order, each with its ``path``;
-    batches hold clips of similar length (little padding), as evaluation runs them."""
+    batches hold clips of similar length (little padding), as evaluation runs them. For ``ctc``
+    each clip's ``text`` is its greedy transcript (``data.ctc``)."""
     model.eval()
     order = sorted(range(len(clips)), key=lambda i: clips.lengths()[i])
     found: dict[int, dict[str, Any]] = {}
+    vocab = Vocabulary(tuple(spec.labels)) if spec.task == "ctc" else None
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        logits = model(**clips.collate(chunk, with_labels=False)).logits.float()  # (B, labels)
+        batch = clips.collate(chunk, with_labels=False)
+        logits = model(**batch).logits.float()  # (B, labels), or (B, frames, vocabulary) for ctc
+        if vocab is not None:
+            frames = model.layout.hidden_mask(batch["attention_mask"], logits)
+            for i, ids in zip(chunk, greedy_ids(logits, frames)):
+                found[i] = {"path": clips.paths[i], "text": vocab.decode(ids)}
+            continue
         for i, row in zip(chunk, logits):
             found[i] = {"path": clips.paths[i], **_read(spec, row)}
     return [found[i] for i in range(len(clips))]

@@ -11,7 +11,8 @@ that are not all integers; integers mean classes unless ``--task regression``), 
 (one label per token), ``causal-lm`` (decoder models: a text column without labels, or
 prompt + completion where the loss covers the completion only) and ``lm-classification``
 (decoder models: the LM answers ``--template`` with one ``--verbalizer`` word per label; chosen
-whenever ``--template`` is given; see ``verbalizer``). Only JSON can hold lists, so
+whenever ``--template`` is given; see ``verbalizer``); ``ctc`` (speech recognition: a TSV
+of clip paths and transcripts, never detected; see ``ctc``). Only JSON can hold lists, so
 tagging and multi-label rows are detected from JSON lists; in TSV / CSV, ``--task tagging``
 splits both columns on whitespace and ``--task multilabel`` splits the label on ``--label-sep``.
 """
@@ -28,7 +29,9 @@ from typing import Any, Optional
 from .files import DataError, Table, _is_number, _where
 from .verbalizer import check_template, parse_verbalizer
 
-TASKS = ("classification", "multilabel", "regression", "tagging", "causal-lm", "lm-classification")
+TASKS = ("classification", "multilabel", "regression", "tagging", "causal-lm", "lm-classification", "ctc")
+#: tasks whose data is not a table but audio clips with transcripts (``ctc.py``)
+SPEECH_TASKS = ("ctc",)
 #: tasks trained by the language model's own next-token loss (no head): labels are token ids
 LM_TASKS = ("causal-lm", "lm-classification")
 TASK_FILE = "adapterkit_task.json"

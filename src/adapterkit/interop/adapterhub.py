@@ -40,7 +40,7 @@ from ..methods.dora import DoRAConfig
 from ..methods.ia3 import IA3Config
 from ..methods.lora import LoRAConfig
 from ..methods.lora_init import as_plain_lora
-from . import adapterhub_compacter, adapterhub_reft
+from . import adapterhub_compacter, adapterhub_prefix, adapterhub_reft, adapterhub_union, adapterhub_vera
 from . import heads as H
 from .files import read_json, read_weights, write_folder
 from .meta import by_place, checkpoint, head_tensors, refuse_options
@@ -76,11 +76,12 @@ ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "swish": "swish", "silu": "silu",
 #: BnConfig options read here; those that must be off; the rest only matter with phm_layer
 BN_READ = {"mh_adapter", "output_adapter", "reduction_factor", "non_linearity", "original_ln_before",
            "original_ln_after", "residual_before_ln", "adapter_residual_before_ln", "ln_before", "ln_after",
-           "init_weights", "is_parallel", "scaling", "dropout", "leave_out", "stochastic_depth", "architecture"}
-BN_OFF = {"use_gating": False, "phm_layer": False, "inv_adapter": None, "cross_adapter": False}
+           "init_weights", "is_parallel", "scaling", "dropout", "leave_out", "stochastic_depth", "architecture",
+           "use_gating"}
+BN_OFF = {"phm_layer": False, "inv_adapter": None, "cross_adapter": False}
 LORA_READ = {"r", "alpha", "dropout", "attn_matrices", "selfattn_lora", "intermediate_lora", "output_lora",
-             "leave_out", "composition_mode", "init_weights", "init_weights_seed", "architecture", "dtype"}
-LORA_OFF = {"use_gating": False, "use_dora": False, "vera_d": None, "vera_b": None}
+             "leave_out", "composition_mode", "init_weights", "init_weights_seed", "architecture", "dtype", "use_gating"}
+LORA_OFF = {"use_dora": False, "vera_d": None, "vera_b": None}
 
 
 # -- reading -------------------------------------------------------------------------------------------
@@ -130,9 +131,12 @@ def _kind(ah: Any, config_file: Path) -> str:
         arch = "compacter"
     if arch == "lora":
         arch = "ia3" if ah.get("composition_mode") == "scale" else ("dora" if ah.get("use_dora") else "lora")
+        if arch == "lora" and (ah.get("vera_d") is not None or ah.get("vera_b") is not None):
+            arch = "vera"
     if arch not in READERS:
         raise CheckpointError(f"'{config_file}': config architecture {arch!r} is not supported; adapterkit reads "
-                              "AdapterHub bottleneck (SeqBn, DoubleSeqBn, ParBn), LoRA, IA3, DoRA and ReFT adapters.")
+                              "AdapterHub bottleneck (SeqBn, DoubleSeqBn, ParBn), LoRA, IA3, DoRA, VeRA, ReFT, prefix tuning and "
+                              "union (UniPELT) adapters.")
     return arch
 
 
@@ -168,6 +172,8 @@ def _bottleneck_param(param: str, ln_before: bool) -> Optional[str]:
     m = re.fullmatch(r"(adapter_up|adapter_norm_before|adapter_norm_after)\.(weight|bias|W_left|W_right|b)", param)
     if m:
         return f"{m.group(1)[len('adapter_'):]}.{m.group(2)}"
+    if param in ("gate.weight", "gate.bias"):  # use_gating
+        return param
     return "scaling" if param == "scaling" else None
 
 
@@ -177,6 +183,7 @@ def _read_bottleneck(ah: dict, tensors: dict, name: str, model, weights_file: Pa
         raise CheckpointError(f"'{weights_file}': adapterkit places AdapterHub bottleneck adapters on BERT, RoBERTa, "
                               f"DistilBERT, GPT-2 and Llama-family models, not on {layout.model_type}.")
     where_is = {v: k for k, v in BOTTLENECK_LOCATIONS[id(layout.spec)].items()}
+    refuse_decoder_gating(ah, layout, weights_file)
     ln_before, ln_after = bool(ah.get("ln_before")), bool(ah.get("ln_after"))
     sites: dict[str, dict[str, torch.Tensor]] = {}
     origins: dict[str, str] = {}
@@ -186,6 +193,9 @@ def _read_bottleneck(ah: dict, tensors: dict, name: str, model, weights_file: Pa
         mine = _bottleneck_param(param, ln_before)
         if location not in where_is or mine is None:
             raise CheckpointError(f"'{weights_file}': key '{key}' is not a bottleneck parameter adapterkit knows.")
+        if mine.startswith("gate.") and not ah.get("use_gating"):
+            raise CheckpointError(f"'{weights_file}': key '{key}' is a gate, but the config says use_gating=false; the "
+                                  "file was edited or belongs to another adapter.")
         sites.setdefault(f"layers.{layer}.{where_is[location]}", {})[mine] = value
         origins[f"layers.{layer}.{where_is[location]}"] = f"{path}.adapters.{name}"
     rf = ah.get("reduction_factor", 16)
@@ -210,16 +220,22 @@ def _read_bottleneck(ah: dict, tensors: dict, name: str, model, weights_file: Pa
         scaling=ah.get("scaling", 1.0), leave_out=tuple(ah.get("leave_out") or ()),
         stochastic_depth=float(ah.get("stochastic_depth") or 0.0),
         init_weights=ah.get("init_weights") if ah.get("init_weights") in INITS else "mam_adapter",
+        use_gating=bool(ah.get("use_gating")),
     )
     return _config(BottleneckConfig, options, weights_file), sites, origins
 
 
 def _read_weight_method(ah: dict, tensors: dict, name: str, model, weights_file: Path, ia3: bool):
     layout = model.layout
+    gated = bool(ah.get("use_gating"))
+    if gated and (ia3 or ah.get("use_dora")):
+        raise CheckpointError(f"'{weights_file.parent / CONFIG}': use_gating with {'IA3' if ia3 else 'DoRA'} has no "
+                              "adapterkit counterpart (gated LoRA has); only adapters without it can be loaded.")
+    refuse_decoder_gating(ah, layout, weights_file)
     sites: dict[str, dict[str, torch.Tensor]] = {}
     origins: dict[str, str] = {}
-    for key, path, param, value in _keys(tensors, rf"(.+)\.loras\.{re.escape(name)}\.(lora_A|lora_B|m\.weight)",
-                                         weights_file):
+    for key, path, param, value in _keys(tensors, rf"(.+)\.loras\.{re.escape(name)}\.(lora_A|lora_B|m\.weight|"
+                                         r"gate\.weight|gate\.bias)", weights_file):
         place = place_of(layout, path, f"'{weights_file}', key '{key}'")
         module_at(layout, place, f"'{weights_file}', key '{key}'")
         if layout.spec is not None and place.endswith("." + SLICED.get(id(layout.spec), "-")):
@@ -239,16 +255,29 @@ def _read_weight_method(ah: dict, tensors: dict, name: str, model, weights_file:
     if ia3:
         return _config(IA3Config, options, weights_file), sites, origins
     dora = bool(ah.get("use_dora"))
-    needed = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if dora else set())
+    needed = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if dora else set()) | \
+        ({"gate.weight", "gate.bias"} if gated else set())
     for place, params in sites.items():
         if set(params) != needed:
             raise CheckpointError(f"'{weights_file}': the {'DoRA' if dora else 'LoRA'} of '{place}' has {sorted(params)} "
                                   f"but needs {sorted(needed)}; the file is incomplete.")
     options.update(r=int(ah.get("r", 8)), alpha=float(ah.get("alpha", 8)), dropout=float(ah.get("dropout") or 0.0))
+    if gated:
+        options["use_gating"] = True
     if dora:  # AdapterHub's DoRA: the norm of W + B A (no scaling), the factor on the bias too
         return _config(DoRAConfig, {**options, "norm_with_scaling": False, "rescale_bias": True}, weights_file), \
             sites, origins
     return _config(LoRAConfig, options, weights_file), sites, origins
+
+
+def refuse_decoder_gating(ah: dict, layout, weights_file: Path) -> None:
+    """AdapterHub's gate averages over a call's tokens; on a decoder adapterkit's is per token
+    (``methods/gating.py``), so an AdapterHub gated adapter would compute something else there."""
+    if ah.get("use_gating") and layout.is_decoder:
+        raise CheckpointError(f"'{weights_file.parent / CONFIG}': use_gating on a decoder ({layout.model_type}): "
+                              "AdapterHub's gate averages over the tokens of a call, adapterkit's is per token there "
+                              "(causal, so generation with a KV cache equals recomputing); the logits would differ, so "
+                              "the adapter is not loaded.")
 
 
 def _config(cls: type[AdapterConfig], options: dict, weights_file: Path) -> AdapterConfig:
@@ -357,7 +386,8 @@ def _write_bottleneck(config: BottleneckConfig, sites: dict, name: str, layout):
     refuse_options(config, {"mh_adapter", "output_adapter", "reduction_factor", "bottleneck_dim", "non_linearity",
                             "dropout", "norm_position", "original_ln_before", "original_ln_after", "residual_before_ln",
                             "adapter_residual_before_ln", "is_parallel", "scaling", "init_weights", "layers",
-                            "leave_out", "stochastic_depth"}, "AdapterHub")
+                            "leave_out", "stochastic_depth", "use_gating"}, "AdapterHub")
+    refuse_decoder_gating_export(config, layout)
     layers, by_rest = _layers_and_paths(sites, layout)
     locations = BOTTLENECK_LOCATIONS[id(layout.spec)]
     rf = config.reduction_factor
@@ -368,7 +398,7 @@ def _write_bottleneck(config: BottleneckConfig, sites: dict, name: str, layout):
                                f"give bottleneck_dim={config.bottleneck_dim}; nothing was written.")
     shift = 1 if config.norm_position == "pre" else 0
     names = {"norm_before": ["adapter_norm_before", "adapter_down.0"], "down": [f"adapter_down.{shift}"],
-             "up": ["adapter_up"], "norm_after": ["adapter_norm_after"], "scaling": ["scaling"]}
+             "up": ["adapter_up"], "norm_after": ["adapter_norm_after"], "scaling": ["scaling"], "gate": ["gate"]}
     out = {}
     for place, params in sites.items():
         _, layer, where = place.split(".", 2)
@@ -384,7 +414,7 @@ def _write_bottleneck(config: BottleneckConfig, sites: dict, name: str, layout):
           "adapter_residual_before_ln": config.adapter_residual_before_ln, "ln_before": config.norm_position == "pre",
           "ln_after": config.norm_position == "post", "init_weights": "bert" if config.init_weights == "mam_adapter"
           else config.init_weights, "is_parallel": config.is_parallel, "scaling": config.scaling,
-          "use_gating": False, "phm_layer": False, "dropout": config.dropout,
+          "use_gating": config.use_gating, "phm_layer": False, "dropout": config.dropout,
           "stochastic_depth": config.stochastic_depth,
           "leave_out": _leave_out(layers, layout), "inv_adapter": None, "cross_adapter": False}
     return ah, out
@@ -394,23 +424,15 @@ def _write_weight_method(config, sites: dict, name: str, layout, ia3: bool):
     if not ia3:
         config, sites = as_plain_lora(config, sites)  # PiSSA / OLoRA: the rank-2r LoRA on the unmodified base
     handled = {"roles", "target_modules", "layers", "leave_out"} | (set() if ia3 else {"r", "alpha", "dropout",
-                                                                                         "use_rslora"})
+                                                                                         "use_rslora", "use_gating"})
+    refuse_decoder_gating_export(config, layout)
     dora = config.method == "dora"
     if dora and (config.norm_with_scaling or not config.rescale_bias):
         raise AdapterError("AdapterHub's DoRA takes the norm of W + B A without the scaling and rescales the bias "
                            "(norm_with_scaling=False, rescale_bias=True); this DoRA adapter uses PEFT's formula; nothing "
                            "was written. Save it with format='peft' or 'adapterkit'.")
     refuse_options(config, handled | ({"norm_with_scaling", "rescale_bias"} if dora else set()), "AdapterHub")
-    layers, by_rest = _layers_and_paths(sites, layout)
-    linears = single_stack(layout).spec.linears
-    roles = {path: role for role, path in linears.items()}
-    table = LORA_LOCATIONS[id(layout.spec)]
-    chosen = []
-    for rest in by_rest:
-        if roles.get(rest) not in table:
-            raise AdapterError(f"AdapterHub's {'IA3' if ia3 else 'LoRA'} cannot adapt '{rest}' of {layout.model_type} "
-                               f"(it adapts {', '.join(linears[r] for r in table)}); nothing was written.")
-        chosen.append(table[roles[rest]])
+    locations = lora_locations(sites, layout, "IA3" if ia3 else "LoRA")
     out = {}
     for place, params in sites.items():
         prefix = f"{peer_path(layout, place, with_prefix=False)}.loras.{name}"
@@ -420,10 +442,11 @@ def _write_weight_method(config, sites: dict, name: str, layout, ia3: bool):
             out[f"{prefix}.lora_A"], out[f"{prefix}.lora_B"] = params["lora_A"], params["lora_B"]
         if dora:
             out[f"{prefix}.m.weight"] = params["lora_magnitude_vector"].reshape(-1, 1)
-    attn = sorted(c for c in chosen if c in ("q", "k", "v"))
-    ah = {"architecture": "lora", "selfattn_lora": bool(attn), "attn_matrices": attn,
-          "intermediate_lora": "intermediate" in chosen, "output_lora": "output" in chosen,
-          "leave_out": _leave_out(layers, layout), "use_gating": False, "use_dora": dora, "dtype": None}
+        for param in ("gate.weight", "gate.bias"):  # use_gating
+            if param in params:
+                out[f"{prefix}.{param}"] = params[param]
+    ah = {"architecture": "lora", **locations, "use_gating": bool(getattr(config, "use_gating", False)),
+          "use_dora": dora, "dtype": None}
     if ia3:
         ah.update(r=1, alpha=1, dropout=0.0, composition_mode="scale", init_weights="ia3")
     else:
@@ -431,6 +454,31 @@ def _write_weight_method(config, sites: dict, name: str, layout, ia3: bool):
         alpha = config.alpha * math.sqrt(config.r) if config.use_rslora else config.alpha
         ah.update(r=config.r, alpha=alpha, dropout=config.dropout, composition_mode="add", init_weights="lora")
     return ah, out
+
+
+def lora_locations(sites: dict, layout, what: str) -> dict[str, Any]:
+    """AdapterHub's LoRA options (``selfattn_lora``, ``attn_matrices``, ``intermediate_lora``,
+    ``output_lora``, ``leave_out``) that place a LoRA-like adapter on exactly ``sites``."""
+    layers, by_rest = _layers_and_paths(sites, layout)
+    linears = single_stack(layout).spec.linears
+    roles = {path: role for role, path in linears.items()}
+    table = LORA_LOCATIONS[id(layout.spec)]
+    chosen = []
+    for rest in by_rest:
+        if roles.get(rest) not in table:
+            raise AdapterError(f"AdapterHub's {what} cannot adapt '{rest}' of {layout.model_type} "
+                               f"(it adapts {', '.join(linears[r] for r in table)}); nothing was written.")
+        chosen.append(table[roles[rest]])
+    attn = sorted(c for c in chosen if c in ("q", "k", "v"))
+    return {"selfattn_lora": bool(attn), "attn_matrices": attn, "intermediate_lora": "intermediate" in chosen,
+            "output_lora": "output" in chosen, "leave_out": _leave_out(layers, layout)}
+
+
+def refuse_decoder_gating_export(config, layout) -> None:
+    if getattr(config, "use_gating", False) and layout.is_decoder:
+        raise AdapterError(f"AdapterHub's gate averages over the tokens of a call, adapterkit's on a decoder "
+                           f"({layout.model_type}) is per token; AdapterHub would compute other logits, so nothing "
+                           "was written. Save it with format='adapterkit'.")
 
 
 def _write_head(head: dict, tensors: dict, name: str, info: dict, layout):
@@ -468,3 +516,14 @@ READERS["compacter"] = lambda *a: adapterhub_compacter.read(*a, bottleneck=_read
 READ_OPTIONS["compacter"] = BN_READ
 OFF_OPTIONS["compacter"] = {k: v for k, v in BN_OFF.items() if k != "phm_layer"}
 WRITERS["compacter"] = lambda *a: adapterhub_compacter.write(*a, bottleneck=_write_bottleneck)
+# prefix tuning (adapterhub_prefix.py) and unions of LoRA, bottleneck and prefix parts (adapterhub_union.py: UniPELT)
+READERS["prefix_tuning"], READ_OPTIONS["prefix_tuning"], OFF_OPTIONS["prefix_tuning"] = \
+    adapterhub_prefix.read, adapterhub_prefix.READ, {}
+WRITERS["prefix_tuning"] = adapterhub_prefix.write
+# VeRA (adapterhub_vera.py): full (r, r) / (out, out) scaling matrices, the random matrices saved
+READERS["vera"] = lambda *a: adapterhub_vera.read(*a, sliced=SLICED)
+READ_OPTIONS["vera"], OFF_OPTIONS["vera"] = LORA_READ | {"vera_d", "vera_b"}, {"use_dora": False, "use_gating": False}
+WRITERS["vera"] = lambda *a: adapterhub_vera.write(*a, locations=lora_locations)
+READERS["union"] = lambda *a: adapterhub_union.read(*a, kind_of=_kind, read_part=from_adapterhub)
+READ_OPTIONS["union"], OFF_OPTIONS["union"] = adapterhub_union.READ, {}
+WRITERS["union"] = lambda *a: adapterhub_union.write(*a, writers=WRITERS)

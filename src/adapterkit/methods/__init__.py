@@ -11,7 +11,8 @@ from .prefix_tuning import PrefixTuningConfig
 from .prompt_tuning import PromptTuningConfig
 from .reft import ReftConfig
 from .union import ConfigUnion
+from .unipelt import UNIPELT
 from .vera import VeRAConfig
 
 __all__ = ["BottleneckConfig", "LoRAConfig", "DoRAConfig", "IA3Config", "LAdapterConfig", "PrefixTuningConfig", "PromptTuningConfig",
-           "ConfigUnion", "TrainLayerNorms", "VeRAConfig", "ReftConfig", "CompacterConfig"]
+           "ConfigUnion", "TrainLayerNorms", "VeRAConfig", "ReftConfig", "CompacterConfig", "UNIPELT"]

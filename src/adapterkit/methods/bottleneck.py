@@ -33,6 +33,7 @@ from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
 from ..places.slots import Site, SlotIO
 from .base import AdapterModule, default_read, small_normal_
+from .gating import gate_for
 from .fused import Folded, add_linear, fold_layer_norm, layer_norm_stats, linear_of_layer_norm
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -64,6 +65,8 @@ class BottleneckConfig(AdapterConfig):
         scaling: factor on the adapter output: a float, ``"learned"`` (a scalar) or ``"channel"``.
         init_weights: ``"mam_adapter"`` (up-projection zero: identity at init), ``"bert"``
             (normal, std 0.02) or ``"houlsby"`` (truncated normal, std 0.01).
+        use_gating: multiply the adapter's output (before a ``"post"`` norm) by a learned gate
+            read from the adapter's input, AdapterHub's ``use_gating`` (UniPELT; ``gating.py``).
     """
 
     mh_adapter: bool = False
@@ -81,6 +84,7 @@ class BottleneckConfig(AdapterConfig):
     is_parallel: bool = False
     scaling: Union[float, str] = 1.0
     init_weights: str = "mam_adapter"
+    use_gating: bool = False
 
     def validate(self) -> None:
         if self.non_linearity.lower() not in ACTIVATIONS:
@@ -120,9 +124,15 @@ class BottleneckConfig(AdapterConfig):
 
     def build(self, site: Site) -> nn.Module:
         if site.place == "pre":  # rewrites the host's input
-            return Bottleneck(self, site.in_features, site.in_features)
+            return self.gated(Bottleneck(self, site.in_features, site.in_features), site)
         reads = site.in_features if site.place == "parallel" and site.residual_from is None else site.out_features
-        return Bottleneck(self, reads, site.out_features)
+        return self.gated(Bottleneck(self, reads, site.out_features), site)
+
+    def gated(self, unit: "Bottleneck", site: Site) -> "Bottleneck":
+        """``unit`` with its gate where ``use_gating`` asks for one."""
+        if self.use_gating:
+            unit.gate = gate_for(site, unit.down.in_features)
+        return unit
 
     def bottleneck_width(self, width: int) -> int:
         """``width // reduction_factor``; at least 1, with a warning where the factor exceeds the
@@ -148,6 +158,7 @@ class Bottleneck(AdapterModule):
         self.up = nn.Linear(width, out_features)
         self.norm_after = nn.LayerNorm(out_features) if config.norm_position == "post" else None
         self.dropout = nn.Dropout(config.dropout)
+        self.gate: Optional[nn.Module] = None  # use_gating's ``gating.TokenGate`` (``BottleneckConfig.gated``)
         if config.scaling == "learned":
             self.scaling = nn.Parameter(torch.ones(1))
         elif config.scaling == "channel":
@@ -216,6 +227,8 @@ class Bottleneck(AdapterModule):
         if self._scaled:
             out = out * self.scaling
         out = self.dropout(out)
+        if self.gate is not None:  # AdapterHub: after dropout, before the "post" norm
+            out = out * self.gate(h)
         if self.norm_after is None:
             return out
         if self.config.adapter_residual_before_ln and not self.config.is_parallel:
@@ -230,7 +243,8 @@ class Bottleneck(AdapterModule):
     def add_to(self, base: torch.Tensor, h: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
         """``base + scale * delta`` with the up-projection accumulated straight into the base
         (``fused.add_linear``): one pass over the output instead of three."""
-        if self._output_noise or self.norm_after is not None or not isinstance(self.scaling, float):
+        if self._output_noise or self.norm_after is not None or not isinstance(self.scaling, float) \
+                or self.gate is not None:
             return None
         return add_linear(base, self.hidden(h), self.up.weight, self.up.bias, self.scaling * scale)
 
@@ -252,7 +266,7 @@ class Bottleneck(AdapterModule):
         Pfeiffer shape at a ``post`` place with a residual, reading the model's own one-axis
         ``nn.LayerNorm`` (not a ``train_layer_norms`` copy)."""
         norm = site.layer_norm
-        self._foldable = (self._reads_model_norm and site.place == "post" and site.residual_from is not None
+        self._foldable = (self._reads_model_norm and self.gate is None and site.place == "post" and site.residual_from is not None
                           and not self._layer_norm_copy and type(norm) is nn.LayerNorm
                           and len(norm.normalized_shape) == 1)
 
@@ -279,7 +293,7 @@ class Bottleneck(AdapterModule):
     # -- batched per-example routing -----------------------------------------------------------
     def stack_key(self) -> Optional[Hashable]:
         if self.norm_before is not None or self.norm_after is not None or not isinstance(self.scaling, float) \
-                or self._output_noise or self._layer_norm_copy:
+                or self._output_noise or self._layer_norm_copy or self.gate is not None:
             return None
         cfg = self.config
         return (self.down.in_features, self.down.out_features, self.up.out_features, cfg.non_linearity.lower(),

@@ -123,7 +123,7 @@ class CompacterConfig(BottleneckConfig):
         if any(w % self.phm_dim for w in (reads, width, writes)):
             raise AdapterError(f"Compacter's phm_dim={self.phm_dim} must divide the widths {reads} -> {width} -> "
                                f"{writes} at '{site.place_id}'; choose another phm_dim or reduction_factor.")
-        return Compacter(self, reads, writes, rule)
+        return self.gated(Compacter(self, reads, writes, rule), site)
 
 
 register_preset("compacter", CompacterConfig(mh_adapter=True, output_adapter=True, original_ln_before=False,

@@ -28,6 +28,7 @@ from ..config import register_method, register_preset
 from ..errors import AdapterError
 from ..layouts import linear_features
 from ..places.slots import Site
+from ..quantization import float_weight
 from .lora import LoRAConfig
 from .lora_layers import LoRA, SlicedSite
 
@@ -58,6 +59,9 @@ class DoRAConfig(LoRAConfig):
         if self.init_weights != "lora":
             raise AdapterError(f"DoRA starts from LoRA's zero update; init_weights={self.init_weights!r} is for method "
                                "'lora'. Drop the option.")
+        if self.use_gating:
+            raise AdapterError("use_gating is AdapterHub's gated LoRA, which has no DoRA form there; use method 'lora' "
+                               "with use_gating=True, or DoRA without it.")
 
     def build(self, site: Site) -> nn.Module:
         if isinstance(site, SlicedSite) and site.enabled or linear_features(site.host) is None:
@@ -71,7 +75,8 @@ class DoRAConfig(LoRAConfig):
 class DoRA(LoRA):
     """LoRA's ``lora_A`` / ``lora_B`` plus ``lora_magnitude_vector`` (out,), PEFT's names. Reads the
     host's weight (never copies it): ``base`` may already carry other adapters' changes, so the
-    frozen ``W x`` is recomputed from the host."""
+    frozen ``W x`` is recomputed from the host. On a quantized host the weight is dequantized per
+    forward (``quantization.float_weight``): the norm needs every entry of ``W``."""
 
     def __init__(self, config: DoRAConfig, site: Site, unit: LoRA):
         super().__init__(config, site.in_features, site.out_features, unit.transposed)
@@ -84,7 +89,7 @@ class DoRA(LoRA):
             self.lora_magnitude_vector = nn.Parameter(self.weight_norm(self.host_weight()).clone())
 
     def host_weight(self) -> torch.Tensor:
-        weight = self._host[0].weight
+        weight = float_weight(self._host[0])  # a quantized base's: dequantized, for the norm and W x
         return weight.T if self.transposed else weight  # (out, in)
 
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,8 @@ from ..config import AdapterConfig, register_method, register_preset
 from ..errors import AdapterError
 from ..layouts import linear_features
 from ..places.slots import Site
+from ..quantization import float_weight
+from .gating import gate_for, gating_refusal
 from .lora_init import INITS, ResidualLoRA
 from .lora_layers import HOSTS, LORA_HOSTS, LoRA, SlicedSite, host_kind
 
@@ -59,6 +61,10 @@ class LoRAConfig(AdapterConfig):
             (``lora_init.INITS``): ``"pissa"`` (principal singular vectors) or ``"olora"`` (QR),
             PEFT's ``init_lora_weights``; on Linear layers, with the base left untouched
             (``lora_init.py`` says how such an adapter is saved and exported).
+        use_gating: multiply the update by a learned gate read from the layer's input,
+            AdapterHub's ``use_gating`` (UniPELT; ``gating.py``): ``gate(x) * B A x``, the gate
+            taking the place of ``alpha / r`` as in AdapterHub; on whole Linear layers with
+            ``init_weights="lora"``. A gated LoRA cannot be merged.
     """
 
     supports_merge = True
@@ -75,6 +81,10 @@ class LoRAConfig(AdapterConfig):
     rank_pattern: Optional[dict[str, int]] = None
     alpha_pattern: Optional[dict[str, float]] = None
     init_weights: str = "lora"
+    use_gating: bool = False
+
+    def merge_refusal(self) -> Optional[str]:
+        return gating_refusal(self) or super().merge_refusal()
 
     def validate(self) -> None:
         ranks = [self.r, *(self.rank_pattern or {}).values()]
@@ -132,12 +142,21 @@ class LoRAConfig(AdapterConfig):
             raise AdapterError(f"strategy='channel_gate' gates the last dimension, but '{site.place_id}' is a "
                                "convolution (channels in dimension 1); use 'gate', 'add' or 'scaled_add' there.")
         if cfg.init_weights != "lora":
+            if cfg.use_gating:
+                raise AdapterError(f"use_gating goes with init_weights='lora' (AdapterHub's gated LoRA), not "
+                                   f"{cfg.init_weights!r}; drop one of them.")
             if kind is not HOSTS[0] or isinstance(site, SlicedSite) and site.enabled:
                 raise AdapterError(f"init_weights={cfg.init_weights!r} initialises LoRA from a Linear layer's weight; "
                                    f"'{site.place_id}' is not a whole Linear layer. Use init_weights='lora' there.")
             return ResidualLoRA(cfg, site.in_features, site.out_features, linear_features(site.host)[2],
-                                site.host.weight)
-        return kind.build(cfg, site)
+                                float_weight(site.host))  # a quantized base's: dequantized
+        unit = kind.build(cfg, site)
+        if cfg.use_gating:
+            if type(unit) is not LoRA:
+                raise AdapterError(f"use_gating reads a Linear layer's input (AdapterHub's gated LoRA); '{site.place_id}' "
+                                   "is not a whole Linear layer. Choose Linear roles, or use_gating=False.")
+            unit.gate = gate_for(site, site.in_features)
+        return unit
 
 
 def _sliced_roles(layout, roles, stacks) -> list[str]:

@@ -54,6 +54,7 @@ class LoRAUnit(AdapterModule):
         super().__init__()
         self.scaling = _scaling(config)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else NO_DROPOUT
+        self.gate: Optional[nn.Module] = None  # AdapterHub's use_gating (``gating.TokenGate``), set by the config
 
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover
         """The update in the host's weight layout."""
@@ -83,15 +84,19 @@ class LoRA(LoRAUnit):
 
     def forward(self, h: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         xa = F.linear(self.dropout(h), self.lora_A)  # (B, T, in) -> (B, T, r)
+        if self.gate is not None:  # AdapterHub: the gate (B, 1 or T, 1) replaces alpha / r
+            return F.linear(xa, self.lora_B) * self.gate(h)
         return F.linear(xa, self.lora_B) * self.scaling  # (B, T, out)
 
-    def add_to(self, base: torch.Tensor, h: torch.Tensor, scale: float) -> torch.Tensor:
+    def add_to(self, base: torch.Tensor, h: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
+        if self.gate is not None:
+            return None
         xa = F.linear(self.dropout(h), self.lora_A)  # (B, T, in) -> (B, T, r)
         return add_linear(base, xa, self.lora_B, scale=self.scaling * scale)  # (B, T, out)
 
     # -- batched per-example routing -----------------------------------------------------------
     def stack_key(self) -> Optional[Hashable]:
-        if self.training and isinstance(self.dropout, nn.Dropout):
+        if self.training and isinstance(self.dropout, nn.Dropout) or self.gate is not None:
             return None
         return (self.lora_A.shape[1], self.lora_B.shape[0])
 

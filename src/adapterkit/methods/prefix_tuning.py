@@ -50,6 +50,7 @@ from ..places import attention as attention_place
 from ..places.slots import Site, SlotIO
 from .base import AdapterModule
 from .bottleneck import ACTIVATIONS
+from .gating import check_prefix_site, gate_for
 
 
 PREFIX_INITS = ("random", "zero", "from_string")
@@ -79,6 +80,9 @@ class PrefixTuningConfig(AdapterConfig):
         prefix_init: ``"random"``, ``"zero"`` or ``"from_string"`` (module docstring).
         prefix_init_text: the text whose keys and values start the prefixes (``"from_string"``).
         tokenizer_name_or_path: its tokenizer (a folder or alias); ``None``: the base model's.
+        use_gating: scale each layer's prefix keys and values by a learned gate read from the
+            attention's input, AdapterHub's ``use_gating`` (UniPELT; ``gating.py``): encoder
+            stacks only. ``shared_gating``: one gate for keys and values (else one each).
     """
 
     places = ("attention",)
@@ -94,6 +98,8 @@ class PrefixTuningConfig(AdapterConfig):
     prefix_init: str = "random"
     prefix_init_text: Optional[str] = None
     tokenizer_name_or_path: Optional[str] = None
+    use_gating: bool = False
+    shared_gating: bool = True
 
     def validate(self) -> None:
         if self.prefix_init not in PREFIX_INITS:
@@ -183,6 +189,10 @@ class PrefixTuningConfig(AdapterConfig):
     def build(self, site: Site) -> nn.Module:
         layers = select_layers(len(site.members), self.layers, self.leave_out)
         module = PrefixTuning(self, layers, site.in_features, site.out_features)
+        if self.use_gating:
+            check_prefix_site(site)
+            module.gates = nn.ModuleList(gate_for(site, site.in_features, 1 if self.shared_gating else 2)
+                                         for _ in layers)
         with torch.no_grad():
             if self.prefix_init == "zero":
                 for p in ([module.prefix] if self.flat else list(module.control_trans[-1].parameters())):
@@ -221,6 +231,7 @@ class PrefixTuning(AdapterModule):
                 nn.Linear(config.bottleneck_size, len(self.layers) * width),
             )
         self.dropout = nn.Dropout(config.dropout)
+        self.gates: Optional[nn.ModuleList] = None  # use_gating: one ``gating.TokenGate`` per layer
         self._folded: Optional[tuple[Any, torch.Tensor]] = None
 
     def covers(self, layer: int) -> bool:
@@ -260,6 +271,19 @@ class PrefixTuning(AdapterModule):
         if not self.training and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
             return self.folded()[i]
         return self.dropout(self._layer(i))
+
+    def gate_at(self, layer: int, hidden: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``(B, 2)``: each example's factors on layer ``layer``'s prefix keys and values, from the
+        attention's input ``hidden`` (B, T, d) (AdapterHub: ``mean(sigmoid(gate(x)), dim=1)``,
+        keys by its first output, values by its last); ``None`` when ungated."""
+        if self.gates is None:
+            return None
+        if hidden is None:
+            raise AdapterError("A gated prefix did not receive its attention's input; this model's attention module "
+                               "takes no hidden_states argument. Use use_gating=False on it.")
+        gate = self.gates[self._index[layer]]
+        g = gate(hidden.to(gate.weight.dtype)).squeeze(1)  # (B, 1 or 2)
+        return g[:, [0, -1]]
 
     def saved_state(self) -> dict[str, torch.Tensor]:
         state = {k: v for k, v in self.state_dict().items() if not k.startswith(("wte.", "control_trans."))}

@@ -91,6 +91,19 @@ class ConfigUnion(AdapterConfig):
             parts = tuple(p.replace(**{key: value}) if p in takers else p for p in parts)
         return dataclasses.replace(self, **{**shared, "parts": shared.get("parts", parts)})
 
+    def as_saved(self) -> "ConfigUnion":
+        """Each part as it saves itself (prefix tuning: ``flat=True``)."""
+        return self._each(lambda p: p.as_saved())
+
+    def for_loading(self) -> "ConfigUnion":
+        return self._each(lambda p: p.for_loading())
+
+    def _each(self, change) -> "ConfigUnion":
+        """The union of ``change(part)`` for every part, the places each part chose kept."""
+        out = dataclasses.replace(self, parts=tuple(change(p) for p in self.parts))
+        object.__setattr__(out, "_owners", self._owners)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out["parts"] = [p.to_dict() for p in self.parts]

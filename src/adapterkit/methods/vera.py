@@ -13,6 +13,12 @@ writes the vectors only and the matrices are drawn again on loading (PEFT's
 ``save_projection=False``); a PEFT folder's saved matrices are checked against the draw.
 The matrices are buffers, views of one tensor per adapter: shared in memory, never trained.
 Mergeable (``W + delta W``), on Linear layers and GPT-2's ``Conv1D``.
+
+``full_scaling=True`` is AdapterHub's VeRA (``adapters`` 1.x, ``methods/lora.py`` ``Vera``):
+``d`` and ``b`` are full matrices, ``vera_lambda_d`` (r, r) and ``vera_lambda_b`` (out, out),
+diagonal at init (``d_initial`` and zero), ``delta W = Lb B Ld A``; and since AdapterHub saves its
+random matrices (``shared_parameters.<name>.lora_A`` / ``lora_B``, not drawn from a seed), such an
+adapter saves ``vera_A`` / ``vera_B`` too, so a loaded one computes with the file's matrices.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ class VeRAConfig(AdapterConfig):
         d_initial: the initial value of every entry of ``d`` (``d_initial``).
         dropout: dropout on the adapter branch's input (``vera_dropout``).
         roles: layout roles to adapt, as LoRA's (``None``: query and value).
+        full_scaling: AdapterHub's form (module docstring): full ``(r, r)`` and ``(out, out)``
+            scaling matrices instead of vectors, and the random matrices saved with the adapter.
     """
 
     supports_merge = True
@@ -71,6 +79,7 @@ class VeRAConfig(AdapterConfig):
     d_initial: float = 0.1
     dropout: float = 0.0
     roles: Optional[tuple[str, ...]] = None
+    full_scaling: bool = False
 
     def validate(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
@@ -111,24 +120,37 @@ class VeRA(AdapterModule):
         super().__init__()
         self.transposed = transposed  # host stores its weight as (in, out), like transformers' Conv1D
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.register_buffer("vera_A", a, persistent=False)  # (r, in)
-        self.register_buffer("vera_B", b, persistent=False)  # (out, r)
-        self.vera_lambda_d = nn.Parameter(torch.full((config.r,), float(config.d_initial)))
-        self.vera_lambda_b = nn.Parameter(torch.zeros(b.shape[0]))
+        self.full = config.full_scaling  # AdapterHub's form: the matrices are saved too
+        self.register_buffer("vera_A", a, persistent=self.full)  # (r, in)
+        self.register_buffer("vera_B", b, persistent=self.full)  # (out, r)
+        d = torch.full((config.r,), float(config.d_initial))
+        self.vera_lambda_d = nn.Parameter(torch.diag(d) if self.full else d)  # (r, r) or (r,)
+        self.vera_lambda_b = nn.Parameter(torch.zeros((b.shape[0],) * (2 if self.full else 1)))  # (out, out) or (out,)
 
     def init_nonzero(self) -> None:
         small_normal_(self.vera_lambda_b)
 
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """The state dict; with ``full_scaling`` each site's own copy of its slices of the shared
+        matrices (they are views of one tensor, which safetensors would refuse)."""
+        state = self.state_dict()
+        return {k: v.clone() if k in ("vera_A", "vera_B") else v for k, v in state.items()}
+
     def delta_weight(self) -> torch.Tensor:
-        delta = (self.vera_lambda_b[:, None] * self.vera_B) @ (self.vera_lambda_d[:, None] * self.vera_A)  # (out, in)
+        if self.full:
+            delta = self.vera_lambda_b @ self.vera_B @ self.vera_lambda_d @ self.vera_A  # (out, in)
+        else:
+            delta = (self.vera_lambda_b[:, None] * self.vera_B) @ (self.vera_lambda_d[:, None] * self.vera_A)
         return delta.T if self.transposed else delta
 
     def merged(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         return weight + self.delta_weight().to(weight.dtype), bias
 
     def forward(self, h: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        xa = F.linear(self.dropout(h), self.vera_A) * self.vera_lambda_d  # (B, T, r)
-        return F.linear(xa, self.vera_B) * self.vera_lambda_b  # (B, T, out)
+        xa = F.linear(self.dropout(h), self.vera_A)  # (B, T, r)
+        if self.full:
+            return F.linear(F.linear(F.linear(xa, self.vera_lambda_d), self.vera_B), self.vera_lambda_b)  # (B, T, out)
+        return F.linear(xa * self.vera_lambda_d, self.vera_B) * self.vera_lambda_b  # (B, T, out)
 
 
 register_preset("vera", VeRAConfig())

@@ -72,6 +72,9 @@ class Prefix:
     keys: torch.Tensor
     values: torch.Tensor
     weights: Optional[torch.Tensor]
+    #: ``(2, B, P)``: each example's factor on each prefix key / value position (gated prefixes,
+    #: AdapterHub's ``use_gating``), ``None`` when ungated
+    scales: Optional[torch.Tensor] = None
 
 
 def _original(name: str, module: nn.Module) -> Callable:
@@ -142,8 +145,12 @@ def _prepend(prefix: Prefix, module: nn.Module, query: torch.Tensor, key: torch.
     if mask is None:
         mask, key, value, kwargs = _explicit_mask(module, query, key, value, kwargs, sdpa)
     as_heads = lambda t: t.view(positions, heads, dim).transpose(0, 1).to(key.dtype)  # noqa: E731  (H_kv, P, d)
-    key = torch.cat([as_heads(prefix.keys).expand(batch, -1, -1, -1), key], dim=2)
-    value = torch.cat([as_heads(prefix.values).expand(batch, -1, -1, -1), value], dim=2)
+    keys, values = as_heads(prefix.keys).expand(batch, -1, -1, -1), as_heads(prefix.values).expand(batch, -1, -1, -1)
+    if prefix.scales is not None:  # gated: (B, P) factors per example and position
+        scales = prefix.scales.to(key.dtype)
+        keys, values = keys * scales[0][:, None, :, None], values * scales[1][:, None, :, None]
+    key = torch.cat([keys, key], dim=2)
+    value = torch.cat([values, value], dim=2)
     rows, mask_heads, q_len, _ = mask.shape
     weights = prefix.weights
     if weights is None:
@@ -233,6 +240,7 @@ class AttentionSlot(Slot):
         self.units, self.skipped = list(units.values()), skip_layers
         for column, unit in enumerate(self.units):
             unit.column = column
+        self._sync_input_hooks()
 
     def _sync_hooks(self) -> None:
         wanted = self.plan is not None or (self._routing_armed and self.routed is not None)
@@ -248,10 +256,29 @@ class AttentionSlot(Slot):
             for config in _configs(members):
                 _switch(config, wanted)
         self._installed = wanted
+        self._sync_input_hooks()
+
+    def _sync_input_hooks(self) -> None:
+        """Gated prefixes read their attention's input (``hidden_states``): while the slot is
+        installed and holds a gated unit, a pre-hook on every member keeps it for the call."""
+        wanted = self._installed and any(getattr(u, "gates", None) is not None for u in self.units)
+        if wanted == bool(self._handles):
+            return
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if wanted:
+            self._handles.extend(m.register_forward_pre_hook(self._keep_input, with_kwargs=True)
+                                 for m in self.site.members)
+
+    def _keep_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._local.__dict__.setdefault("inputs", {})[module] = args[0] if args else kwargs.get("hidden_states")
 
     def prefix(self, layer: int, batch: int) -> Optional[Prefix]:
         """Layer ``layer``'s prefixes for a batch of ``batch`` examples under the current plan,
         or ``None`` when no example has one."""
+        inputs = self._local.__dict__.get("inputs")
+        hidden = inputs.pop(self.site.members[layer], None) if inputs else None  # gated prefixes' input
         plan = self._current_plan()
         if plan is None or not self.units or (plan is self.plan and layer in self.skipped):
             return None  # (per-example routing ignores skip_layers, as elsewhere)
@@ -268,7 +295,18 @@ class AttentionSlot(Slot):
         if not all(bool(weight.eq(1).all()) for _, weight in used):
             weights = torch.cat([w[:, None].expand(-1, t.shape[1]) for (_, w), t in zip(used, kv)], dim=1)
         both = torch.cat(kv, dim=1) if len(kv) > 1 else kv[0]
-        return Prefix(both[0], both[1], weights)
+        return Prefix(both[0], both[1], weights, _scales(layer, batch, used, kv, hidden))
+
+
+def _scales(layer: int, batch: int, used: list, kv: list, hidden: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``(2, B, P)``: the gated prefixes' factors (``PrefixTuning.gate_at`` of the attention's
+    input ``hidden``), one elsewhere; ``None`` when no prefix is gated."""
+    gates = [getattr(unit, "gate_at", lambda *_: None)(layer, hidden) for unit, _ in used]
+    if all(g is None for g in gates):
+        return None
+    ones = kv[0].new_ones(batch, 2)
+    return torch.cat([(ones if g is None else g.to(ones.dtype)).T[:, :, None].expand(-1, -1, t.shape[1])
+                      for g, t in zip(gates, kv)], dim=2)  # (2, B, P)
 
 
 def _members_text(layout: Any, modules: Sequence[nn.Module]) -> str:

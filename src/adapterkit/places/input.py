@@ -271,7 +271,8 @@ class InputSlot(Slot):
             raise AdapterError("A key/value cache reached an encoder with a prompt; prompt tuning caches only "
                                "decoder-only models (GPT-2, Llama family).")
         batch, length = (x.shape[0], x.shape[1]) if x is not None else ids.shape[:2]
-        probe = host.embedding.weight.new_zeros(batch, 0, host.width)
+        weight = host.embedding.weight  # a quantized table's tensor has no new_zeros: build a plain one
+        probe = torch.zeros(batch, 0, host.width, dtype=weight.dtype, device=weight.device)
         _, layout = self._layout(probe, length)
         if layout is None:
             return None

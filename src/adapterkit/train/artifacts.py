@@ -114,7 +114,20 @@ def task_of(artifact: Artifact, head_config: Optional[dict[str, Any]], decoder: 
         return TaskSpec(task="multilabel" if head_config.get("multilabel") else "classification", columns=Columns(), labels=labels)
     if kind == "regression":
         return TaskSpec(task="regression", columns=Columns())
+    if kind == "ctc":  # the head's id2label is the vocabulary, blank first (data/ctc.py)
+        return TaskSpec(task="ctc", columns=Columns(text="path", label="text"), labels=labels)
     return TaskSpec(task="tagging", columns=Columns(), labels=labels)
+
+
+def saved_task(adapter: "str | Path") -> Optional[str]:
+    """The task recorded beside an adapter or model (``adapterkit_task.json``; for an adapter saved
+    from Python, ``ctc`` when its head is one), without loading the model; ``None`` otherwise."""
+    artifact = locate(adapter)
+    spec = TaskSpec.load(artifact.path)
+    if spec is not None:
+        return spec.task
+    head = read_meta(artifact.path / CONFIG_NAME).get("head") if artifact.kind == "adapter" else None
+    return "ctc" if isinstance(head, dict) and head.get("type") == "ctc" else None
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Examples are sorted by length before batching (little padding) and run under
 ``torch.inference_mode``; with several processes each runs a strided shard and the outputs are
 gathered. Each example yields one 1-D tensor: class logits, a regression value, per-token
-logits (tagging, flattened), ``[loss sum, token count]`` (causal LM) or the log-probability of
-each label's answer (``lm-classification``, ``choices.choice_scores``).
+logits (tagging, flattened), ``[loss sum, token count]`` (causal LM), the log-probability of
+each label's answer (``lm-classification``, ``choices.choice_scores``) or the most probable token
+of every real frame (``ctc``, read by greedy decoding).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Encoded, TaskSpec
+from ..data.ctc import Vocabulary, greedy_ids
 from ..data.verbalizer import gold_class, prompt_of
 from . import metrics as M
 from .batches import collate
 from .choices import choice_scores
 from .distributed import DistEnv, gather_rows
+from .wer import ctc_metrics
 
 
 @torch.inference_mode()
@@ -56,6 +59,9 @@ def run_outputs(
             logits = model(**batch).logits.float()
             if spec.task == "causal-lm":
                 out = _causal_rows(logits, labels.to(logits.device))
+            elif spec.task == "ctc":  # frames -> ids, over each clip's own frames only
+                frames = model.layout.hidden_mask(batch.get("attention_mask"), logits)
+                out = [torch.tensor(ids, dtype=torch.float32) for ids in greedy_ids(logits, frames)]
             elif spec.task == "tagging":
                 out = [logits[b, : len(enc.input_ids[mine[k]])].reshape(-1) for b, k in enumerate(ks)]
             else:
@@ -80,6 +86,9 @@ def compute_metrics(spec: TaskSpec, rows: list[torch.Tensor], enc: Encoded) -> d
     if spec.task == "causal-lm":
         stacked = torch.stack(rows)
         return M.causal_metrics(stacked[:, 0].sum().item(), int(stacked[:, 1].sum().item()))
+    if spec.task == "ctc":
+        vocab = Vocabulary(tuple(spec.labels))
+        return ctc_metrics(enc.texts, [vocab.decode(row.long().tolist()) for row in rows])
     if spec.task == "tagging":
         pred, gold = [], []
         for row, labels in zip(rows, enc.labels):

@@ -49,6 +49,7 @@ from ..data import (
     read_table,
 )
 from ..data.audio import folder_fingerprint, is_audio_folder, load_feature_extractor, read_split
+from ..data.ctc import clip_frames, read_ctc_split, transcripts_fingerprint
 from ..data.task import Columns
 from ..errors import AdapterError, CheckpointError
 from ..fingerprint import base_identity
@@ -59,7 +60,7 @@ from ..model import AdapterModel
 from . import checkpoint as ckpt
 from . import distributed as D
 from .activation_cache import CACHE_PREFIX, ActivationCache, cache_cut
-from .artifacts import write_base_ref
+from .artifacts import reads_audio, write_base_ref
 from .batches import collate, epoch_batches, fixed_epoch_batches, micro_batches, shard, units
 from .config import TrainConfig
 from .evaluate import evaluate
@@ -119,8 +120,14 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
     env = env or D.DistEnv()
     echo = echo or (lambda _msg: None)
     config.validate()
+    if config.task == "ctc":  # speech recognition: a TSV of clip paths and transcripts (data/ctc.py)
+        return _prepare_ctc(config, env)
     if is_audio_folder(config.train):  # a folder of WAV files, one subfolder per label (data/audio.py)
         return _prepare_audio(config, env)
+    if reads_audio(config.model):
+        raise AdapterError(f"'{config.model}' is a speech model, and --train {config.train} is a file: pass a folder of "
+                           "WAV files with one subfolder per label (classification), or --task ctc with a TSV of "
+                           "path<TAB>transcript lines (speech recognition).")
     train_table = read_table(config.train, config.format)
     eval_table = read_table(config.eval, config.format) if config.eval else None
     test_table = read_table(config.test, config.format) if config.test else None
@@ -174,15 +181,8 @@ def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
     normalised by the model's feature extractor, the labels from the subfolder names."""
 
     adapter_config = None if config.full_finetune else resolve_config(config.method, **config.options)
-    name = config.name or default_name(Path(config.train).resolve())  # data/speech/train -> speech
-    if not name or not all(c.isalnum() or c in "_-" for c in name):
-        raise AdapterError(f"--name '{name}' is invalid: use letters, digits, '_' and '-' only.")
-    model_config = load_config(config.model)
-    spec = spec_for(model_config)
-    if spec is None or spec.modality != "audio":
-        raise AdapterError(f"--train {config.train} is a folder of audio clips, but '{config.model}' is a "
-                           f"{model_config.model_type} model that reads {spec.modality if spec else 'text'}; pass a "
-                           "speech model folder (wav2vec2, HuBERT, WavLM) with its preprocessor_config.json.")
+    name = _run_name(config)
+    _check_speech_model(config, "a folder of audio clips")
     extractor = load_feature_extractor(config.model)
     torch.manual_seed(config.seed)
     model = AdapterModel.from_pretrained(config.model, quantize=config.quantize)
@@ -190,11 +190,8 @@ def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
     train, labels = read_split(config.train, None, extractor, shortest)
     splits = {k: read_split(getattr(config, k), labels, extractor, shortest)[0] if getattr(config, k) else None
               for k in ("eval", "test")}
-    train = train.subset(_subset_rows(len(train), config.max_train_rows))
-    if config.val_fraction:
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(1)).tolist()
-        n_val = max(1, int(round(config.val_fraction * len(train))))
-        train, splits["eval"] = train.subset(sorted(perm[n_val:])), train.subset(sorted(perm[:n_val]))
+    train, splits["eval"] = _hold_out(train.subset(_subset_rows(len(train), config.max_train_rows)),
+                                      config.val_fraction, splits["eval"])
     spec = TaskSpec("classification", Columns(text="audio", label="label"), labels=labels)
     check_metric(config, spec)
     _check_bottleneck_width(adapter_config, model.layout.hidden_size)
@@ -206,6 +203,64 @@ def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
     data["rows"] = {"train": len(train), "eval": len(splits["eval"] or []), "test": len(splits["test"] or [])}
     return Prepared(config, spec, name, model, extractor, train, splits["eval"], splits["test"], env, adapter_config,
                     data)
+
+
+def _prepare_ctc(config: TrainConfig, env: D.DistEnv) -> Prepared:
+    """``prepare`` for speech recognition (``--task ctc``): TSVs of ``path<TAB>transcript``
+    (``data/ctc.py``), the character vocabulary of the training transcripts, a CTC head."""
+    if is_audio_folder(config.train):
+        raise AdapterError(f"--task ctc reads a TSV of path<TAB>transcript lines, and --train {config.train} is a "
+                           "folder; pass the TSV, or drop --task ctc to classify the folder's label subfolders.")
+    adapter_config = None if config.full_finetune else resolve_config(config.method, **config.options)
+    name = _run_name(config)
+    _check_speech_model(config, "speech for --task ctc")
+    extractor = load_feature_extractor(config.model)
+    torch.manual_seed(config.seed)
+    model = AdapterModel.from_pretrained(config.model, quantize=config.quantize)
+    shortest = min_samples(model.model)
+    frames = clip_frames(model.model)
+    train, vocab = read_ctc_split(config.train, None, extractor, shortest, frames)
+    splits = {k: read_ctc_split(getattr(config, k), vocab, extractor, shortest, frames)[0] if getattr(config, k) else None
+              for k in ("eval", "test")}
+    train, splits["eval"] = _hold_out(train.subset(_subset_rows(len(train), config.max_train_rows)),
+                                      config.val_fraction, splits["eval"])
+    spec = TaskSpec("ctc", Columns(text="path", label="text"), labels=list(vocab.tokens))
+    check_metric(config, spec)
+    _check_bottleneck_width(adapter_config, model.layout.hidden_size)
+    setup_model(model, spec, name, config, adapter_config)
+    if config.cache_activations:
+        cache_cut(model, name)
+    torch.manual_seed(config.seed + 1000 * env.rank)
+    data = {k: transcripts_fingerprint(getattr(config, k)) if getattr(config, k) else None
+            for k in ("train", "eval", "test")}
+    data["rows"] = {"train": len(train), "eval": len(splits["eval"] or []), "test": len(splits["test"] or [])}
+    return Prepared(config, spec, name, model, extractor, train, splits["eval"], splits["test"], env, adapter_config,
+                    data)
+
+
+def _run_name(config: TrainConfig) -> str:
+    name = config.name or default_name(Path(config.train).resolve())  # data/speech/train -> speech
+    if not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise AdapterError(f"--name '{name}' is invalid: use letters, digits, '_' and '-' only.")
+    return name
+
+
+def _check_speech_model(config: TrainConfig, what: str) -> None:
+    model_config = load_config(config.model)
+    spec = spec_for(model_config)
+    if spec is None or spec.modality != "audio":
+        raise AdapterError(f"--train {config.train} is {what}, but '{config.model}' is a "
+                           f"{model_config.model_type} model that reads {spec.modality if spec else 'text'}; pass a "
+                           "speech model folder (wav2vec2, HuBERT, WavLM) with its preprocessor_config.json.")
+
+
+def _hold_out(train: Any, fraction: Optional[float], eval_set: Any) -> tuple[Any, Any]:
+    """``--val-fraction`` of audio data: that share of the training clips becomes the eval split."""
+    if not fraction:
+        return train, eval_set
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(1)).tolist()
+    n_val = max(1, int(round(fraction * len(train))))
+    return train.subset(sorted(perm[n_val:])), train.subset(sorted(perm[:n_val]))
 
 
 def check_metric(config: TrainConfig, spec: TaskSpec) -> None:
@@ -257,7 +312,10 @@ def add_head(model: AdapterModel, name: str, spec: TaskSpec, *, pooling: str = "
     if spec.task in LM_TASKS:
         return
     id2label = dict(enumerate(spec.labels))
-    if spec.task == "tagging":
+    if spec.task == "ctc":  # the vocabulary's blank is <pad>, id 0 (data/ctc.py)
+        model.add_ctc_head(name, len(spec.labels), blank=0, layers=1 if layers == 2 else layers, dropout=dropout,
+                           id2label=id2label, overwrite=True)
+    elif spec.task == "tagging":
         model.add_tagging_head(name, len(spec.labels), layers=1 if layers == 2 else layers, dropout=dropout,
                                id2label=id2label, overwrite=True)
     elif spec.task == "regression":

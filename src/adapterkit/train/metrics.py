@@ -9,9 +9,12 @@
   BIO / IOB2 (``B-X``, ``I-X``, ``O``), else ``macro_f1`` over tags; also ``token_accuracy``;
 * causal-lm: ``loss`` (selects; mean cross-entropy per predicted token) and ``perplexity``;
 * lm-classification: as classification, from the LM's log-probability of each label's answer
-  (``loss`` is the cross-entropy of those scores renormalised over the labels).
+  (``loss`` is the cross-entropy of those scores renormalised over the labels);
+* ctc (speech recognition): ``wer`` (selects; word error rate of greedy CTC decoding), ``cer``
+  and ``sentence_accuracy`` (``wer.py``).
 
-``--metric`` picks another one; ``loss``, ``mse``, ``rmse`` and ``perplexity`` are better lower.
+``--metric`` picks another one; ``loss``, ``mse``, ``rmse``, ``perplexity``, ``wer`` and ``cer`` are
+better lower.
 """
 
 from __future__ import annotations
@@ -27,14 +30,14 @@ import torch.nn.functional as F
 
 from ..data import TaskSpec
 
-LOWER_IS_BETTER = {"loss", "mse", "rmse", "perplexity"}
+LOWER_IS_BETTER = {"loss", "mse", "rmse", "perplexity", "wer", "cer"}
 
 
 def primary_metric(spec: TaskSpec) -> str:
     if spec.task == "tagging":
         return "span_f1" if is_bio(spec.labels) else "macro_f1"
     return {"classification": "accuracy", "multilabel": "micro_f1", "regression": "pearson",
-            "causal-lm": "loss", "lm-classification": "accuracy"}[spec.task]
+            "causal-lm": "loss", "lm-classification": "accuracy", "ctc": "wer"}[spec.task]
 
 
 def metric_names(spec: TaskSpec) -> list[str]:
@@ -45,6 +48,7 @@ def metric_names(spec: TaskSpec) -> list[str]:
         "tagging": ["span_f1", "macro_f1", "token_accuracy"] if is_bio(spec.labels) else ["macro_f1", "token_accuracy"],
         "causal-lm": ["loss", "perplexity"],
         "lm-classification": ["accuracy", "macro_f1", "loss"],
+        "ctc": ["wer", "cer", "sentence_accuracy"],
     }[spec.task]
 
 

@@ -11,9 +11,10 @@ rewrites a ``transformers`` model (before it is wrapped in an ``AdapterModel``) 
   scales and zero points chosen by HQQ, ``torchao``'s CPU tinygemm layout,
   ``PrototypeInt4WeightOnlyConfig``), run on bfloat16 activations (its only fast CPU path; float32
   activations take ~70x longer);
-* in both, the embedding tables (untied ones) with int8 rows (``IntxWeightOnlyConfig``), as a
-  ``QuantizedEmbedding`` that dequantizes only the rows it looks up: in small encoders the token
-  table is half the weights.
+* the embedding tables (untied ones) as a ``QuantizedEmbedding`` that dequantizes only the rows
+  it looks up (in small encoders the token table is half the weights): int8 rows
+  (``IntxWeightOnlyConfig``), except the token table under ``int4``: packed 4-bit rows in groups
+  of 32 with HQQ scales (``int4_rows.Int4Rows``; torchao has no packed 4-bit CPU embedding).
 
 A quantized Linear becomes a ``QuantizedLinear`` (an ``nn.Linear``, so layouts, LoRA and IA3 find
 it as before) whose forward takes and returns the caller's float dtype: hooks, and therefore every
@@ -40,23 +41,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import AdapterError
-from .fingerprint import PRECISION_ATTR, keep_float_sample, precision
+from ..errors import AdapterError
+from ..fingerprint import PRECISION_ATTR, keep_float_sample, precision
 
 #: the ``quantize=`` values (``None`` = the float base)
 CHOICES = ("int8", "int4")
 
 
 @dataclass(frozen=True)
+class Rows:
+    """How an embedding table's rows are stored: ``bits`` per value (8: torchao's int8 rows, one
+    scale per row; 4: ``int4_rows.Int4Rows``, packed, a scale and zero point per ``group_size``)."""
+
+    bits: int
+    group_size: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class Scheme:
     """One way to quantize the base: a torchao config per Linear, the dtype the quantized product
-    runs in, and whether untied token embeddings get int8 rows."""
+    runs in, and the rows of untied embedding tables: ``token_rows`` for the model's input (token)
+    embeddings, ``rows`` for the others (positions, token types); ``None`` keeps them float."""
 
     name: str
     linear_config: Callable[[], Any]
     compute_dtype: torch.dtype
     group_size: Optional[int] = None  # Linears whose input width it does not divide stay float
-    embeddings: bool = True
+    rows: Optional[Rows] = Rows(8)
+    token_rows: Optional[Rows] = Rows(8)
 
 
 def _int8_config() -> Any:
@@ -84,7 +96,8 @@ def _embedding_config() -> Any:
 
 SCHEMES: dict[str, Scheme] = {
     "int8": Scheme("int8", _int8_config, torch.float32),
-    "int4": Scheme("int4", _int4_config, torch.bfloat16, group_size=32),
+    # 4-bit token rows: docs/design.md (groups of 32, HQQ; position tables stay int8, by measurement)
+    "int4": Scheme("int4", _int4_config, torch.bfloat16, group_size=32, token_rows=Rows(4, group_size=32)),
 }
 
 
@@ -109,6 +122,16 @@ def dequantized(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     except (NotImplementedError, RuntimeError, AttributeError):
         eye = torch.eye(weight.shape[1], dtype=dtype, device=weight.device)
         return F.linear(eye, weight).T  # (in, in) @ W^T -> (in, out), transposed: (out, in)
+
+
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` as a float tensor: the weight itself, or the float weight a quantized one
+    stands for (dequantized in the layer's compute dtype, returned in float32; built per call, never
+    kept). For methods that read the host's weight: DoRA's norm, PiSSA / OLoRA's decomposition."""
+    weight = module.weight
+    if not is_quantized(module):
+        return weight
+    return dequantized(weight, getattr(module, "compute_dtype", torch.float32)).to(torch.float32)
 
 
 class _FrozenProduct(torch.autograd.Function):
@@ -148,31 +171,63 @@ class QuantizedLinear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
 
 
-class QuantizedEmbedding(nn.Embedding):
-    """A frozen ``nn.Embedding`` with int8 rows (one scale per row, torchao's
-    ``IntxWeightOnlyConfig``) that dequantizes only the rows it looks up: torchao's own embedding
-    dequantizes the whole table on every call (45 ms per forward for MiniLM's 30,522 rows, more
-    than the rest of a short batch). Built by ``quantize_base``."""
+def _int8_rows(table: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """torchao's int8 rows (``IntxWeightOnlyConfig``, one scale per row)."""
+    work = nn.Embedding(*table.shape, device="meta")
+    work.weight = nn.Parameter(table.detach(), requires_grad=False)
+    _torchao().quantize_(work, _embedding_config(), filter_fn=lambda module, fqn: True)
+    return work.weight  # IntxUnpackedToInt8Tensor: qdata (num, dim) int8, scale / zero_point (num, 1)
 
-    def __init__(self, source: nn.Embedding):
+
+def _int8_lookup(w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    rows = w.qdata[ids].to(w.scale.dtype) - w.zero_point[ids].to(w.scale.dtype)  # (B, T, dim)
+    return rows * w.scale[ids]  # (B, T, dim) * (B, T, 1)
+
+
+def _int4_rows(table: torch.Tensor, rows: Rows) -> torch.Tensor:
+    _torchao()  # the error saying how to install it
+    from .int4_rows import Int4Rows  # noqa: PLC0415 - optional dependency: quant (it subclasses a torchao tensor)
+
+    return nn.Parameter(Int4Rows.from_float(table, rows.group_size), requires_grad=False)
+
+
+def _int4_lookup(w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return w.rows(ids)
+
+
+#: bits -> (quantize a float table, look rows up without dequantizing the table)
+ROW_FORMATS: dict[int, tuple[Callable[[torch.Tensor, Rows], torch.Tensor], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {
+    8: (_int8_rows, _int8_lookup),
+    4: (_int4_rows, _int4_lookup),
+}
+
+
+class QuantizedEmbedding(nn.Embedding):
+    """A frozen ``nn.Embedding`` with quantized rows (``Rows``: int8, one scale per row, torchao's
+    ``IntxWeightOnlyConfig``; or packed 4-bit in groups, ``int4_rows.Int4Rows``) that dequantizes
+    only the rows it looks up: torchao's own embedding dequantizes the whole table on every call
+    (45 ms per forward for MiniLM's 30,522 rows, more than the rest of a short batch). Built by
+    ``quantize_base``."""
+
+    def __init__(self, source: nn.Embedding, rows: Rows = Rows(8)):
         nn.Module.__init__(self)  # no float table allocated
         for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
                      "scale_grad_by_freq", "sparse"):
             setattr(self, attr, getattr(source, attr))
-        work = nn.Embedding(source.num_embeddings, source.embedding_dim, device="meta")
-        work.weight = nn.Parameter(source.weight.detach(), requires_grad=False)
-        _torchao().quantize_(work, _embedding_config(), filter_fn=lambda module, fqn: True)
-        self.weight = work.weight  # IntxUnpackedToInt8Tensor: qdata (num, dim) int8, scale / zero_point (num, 1)
+        quantize, self._lookup = ROW_FORMATS[rows.bits]  # chosen once, not per call
+        self.bits = rows.bits
+        self.weight = quantize(source.weight, rows)
         self.weight.requires_grad_(False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        rows = w.qdata[ids].to(w.scale.dtype) - w.zero_point[ids].to(w.scale.dtype)  # (B, T, dim)
-        return rows * w.scale[ids]  # (B, T, dim) * (B, T, 1)
+        return self._lookup(self.weight, ids)  # (B, T) -> (B, T, dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """Whether ``module``'s own weight is quantized (a ``QuantizedLinear`` or an int8 embedding)."""
+    """Whether ``module``'s own weight is quantized (a ``QuantizedLinear`` or ``QuantizedEmbedding``)."""
     weight = getattr(module, "weight", None)
     return isinstance(module, (QuantizedLinear, QuantizedEmbedding)) or (
         isinstance(weight, torch.Tensor) and type(weight) not in (torch.Tensor, nn.Parameter))
@@ -196,6 +251,24 @@ def _tied(model: nn.Module) -> set[int]:
     return {k for k, n in seen.items() if n > 1}
 
 
+def _token_embedding(model: nn.Module) -> Optional[nn.Module]:
+    """The model's input (token) embeddings, if ``transformers`` names them."""
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        return getter() if getter is not None else None
+    except (NotImplementedError, AttributeError):  # models without token embeddings (speech encoders)
+        return None
+
+
+def _rows(scheme: Scheme, table: nn.Embedding, token: bool) -> Optional[Rows]:
+    """The rows ``scheme`` gives ``table``: its token rows for the token table, when their group
+    divides the width (else the other tables' rows)."""
+    rows = scheme.token_rows if token else scheme.rows
+    if rows is not None and rows.group_size and table.embedding_dim % rows.group_size:
+        return scheme.rows
+    return rows
+
+
 @torch.no_grad()
 def quantize_base(model: nn.Module, quantize: Optional[str]) -> nn.Module:
     """Quantize ``model``'s Linear layers (and untied embeddings) in place with ``SCHEMES[quantize]``
@@ -213,7 +286,7 @@ def quantize_base(model: nn.Module, quantize: Optional[str]) -> nn.Module:
     if any(p.requires_grad for p in model.parameters()) and any(p.grad is not None for p in model.parameters()):
         raise AdapterError("The model has gradients on its weights: quantize a frozen base, not one being trained.")
     _torchao()
-    tied = _tied(model)
+    tied, token = _tied(model), _token_embedding(model)
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
     for parent in model.modules():
         for child_name, child in parent.named_children():
@@ -221,9 +294,11 @@ def quantize_base(model: nn.Module, quantize: Optional[str]) -> nn.Module:
                 if scheme.group_size and child.in_features % scheme.group_size:
                     continue
                 swaps.append((parent, child_name, QuantizedLinear(child, scheme)))
-            elif (scheme.embeddings and type(child) is nn.Embedding and id(child.weight) not in tied
+            elif (type(child) is nn.Embedding and id(child.weight) not in tied
                   and child.weight.dtype == torch.float32 and child.max_norm is None):
-                swaps.append((parent, child_name, QuantizedEmbedding(child)))
+                rows = _rows(scheme, child, child is token)
+                if rows is not None:
+                    swaps.append((parent, child_name, QuantizedEmbedding(child, rows)))
     for parent, child_name, new in swaps:
         keep_float_sample(new, getattr(parent, child_name).weight)  # the fingerprint reads the float weight's
         setattr(parent, child_name, new)
@@ -254,5 +329,5 @@ def check_mergeable(name: str, sites: Any) -> None:
             "float base (without quantize=) to merge, then quantize the merged model.")
 
 
-__all__ = ["SCHEMES", "CHOICES", "Scheme", "QuantizedLinear", "QuantizedEmbedding", "quantize_base", "is_quantized", "precision",
-           "check_scheme", "weight_bytes", "dequantized", "check_mergeable", "PRECISION_ATTR"]
+__all__ = ["SCHEMES", "CHOICES", "Scheme", "Rows", "QuantizedLinear", "QuantizedEmbedding", "quantize_base", "is_quantized", "precision",
+           "check_scheme", "weight_bytes", "dequantized", "float_weight", "check_mergeable", "PRECISION_ATTR"]
