@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..places.slots import Plan, SlotIO
+from .routing import stackable
 
 Setup = Union[str, "Block"]
 
@@ -150,7 +151,10 @@ class Parallel(Block):
     """One forward pass through several adapters, each with its own head (AdapterHub
     ``Parallel``): ``model(...)`` returns one output per child. The batch is replicated once per
     child at the input of the lowest block holding one of its adapters (``composition/parallel.py``), so the
-    layers below run once; at each slot child ``i`` acts on the ``i``-th copy."""
+    layers below run once; at each slot child ``i`` acts on the ``i``-th copy. Where the children
+    are adapters of one shape (``routing.stackable``), a slot runs the copies as one batch through
+    their stacked weights, one batched matmul per projection (``AdapterModule.run_stacked`` with
+    ``which=None``); otherwise each child runs on its copy's rows."""
 
     def compile(self, plans: list[Optional[Plan]], modules: Mapping[str, nn.Module]) -> Optional[Plan]:
         if all(p is None for p in plans):
@@ -164,8 +168,15 @@ class Parallel(Block):
             return [(i * rows // n, (i + 1) * rows // n) for i in range(n)]
 
         groups = _RowGroups(copies)
+        # every child one adapter placed here: the copies may run as one batch through their
+        # stacked weights (checked per call: stack keys and regularisers follow train / eval mode)
+        units = [modules[c] for c in self.children] if all(isinstance(c, str) and c in modules
+                                                             for c in self.children) else None
 
         def parallel(io: SlotIO) -> torch.Tensor:
+            if units is not None and stackable(units):
+                copies(io.passthrough.shape[0])  # the same check as the loop's
+                return type(units[0]).run_stacked(units, None, io)
             return route(io, list(zip(groups(io.passthrough), plans)))
 
         return parallel
