@@ -1,5 +1,7 @@
 """Thousands of adapters over one base: what a call or a setup change costs must not grow with
-the number of adapters loaded (counted in Python function calls and compile work, not timed)."""
+the number of adapters loaded (counted in Python function calls and compile work, not timed);
+what an adapter holds beyond its weights (shared stateless modules) and the invariants with them;
+``Parallel`` of same-shape adapters as one batch through stacked weights, replicated late."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 import transformers as T
 
 from adapterkit import AdapterModel, Parallel
+from helpers import assert_routed_equals_alone, perturb, run
 
 CFG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
 NAMES = ["a0", "a1", None, "a0", "a1", "a1"]
@@ -187,3 +190,57 @@ def test_delete_frees_the_adapters_tensors_even_after_routed_and_parallel_calls(
     model.delete_adapter("a1")
     gc.collect()
     assert all(r() is None for r in refs), "a deleted adapter's tensors are still referenced"
+
+
+def test_parallel_replicates_the_first_block_at_its_adapters_as_adapterhub_does():
+    """Pfeiffer adapters (at ``ffn_out``, whose ``BertOutput`` adds the residual and normalises):
+    the first block runs its attention and FFN once on the B examples, the copies start at the
+    adapters; outputs (with padding) equal each adapter alone."""
+    torch.manual_seed(0)
+    model = AdapterModel(T.BertModel(T.BertConfig(**{**CFG, "num_hidden_layers": 4}))).eval()
+    names = ["p0", "p1", "p2"]
+    for name in names:
+        model.add_adapter(name, "pfeiffer", layers=[2, 3])
+    with torch.no_grad():
+        for p in model.adapters.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(5))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    seen = {}
+    layer = model.model.encoder.layer
+    for key, module in {"ffn2": layer[2].intermediate.dense, "norm2": layer[2].output.LayerNorm,
+                        "attn3": layer[3].attention.self.query}.items():
+        module.register_forward_hook(lambda m, a, out, key=key: seen.__setitem__(key, out.shape[0]))
+    model.set_active_adapters(Parallel(*names))
+    outs = model(input_ids=ids, attention_mask=mask)
+    assert seen == {"ffn2": 2, "norm2": 6, "attn3": 6}
+    for name, out in zip(names, outs):
+        model.set_active_adapters(name)
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(out.last_hidden_state, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["lora", "pfeiffer"])
+def test_the_shared_storage_keeps_the_invariants(preset, tmp_path):
+    """With the stateless modules shared by every adapter: routed = alone, save -> load gives the
+    same outputs and tensors, merged = unmerged (LoRA), and deleting one adapter changes no other."""
+    model = loaded(preset, 4)
+    perturb(model.adapters, seed=11)
+    batch = {"input_ids": torch.randint(0, 100, (len(NAMES), 5), generator=torch.Generator().manual_seed(6))}
+    with torch.no_grad():
+        assert_routed_equals_alone(model, batch, NAMES, tol=1e-6)
+        model.set_active_adapters("a2")
+        before = run(model, batch)
+        model.save_adapter(tmp_path / "a2", "a2")
+        model.load_adapter(tmp_path / "a2", load_as="back")
+        model.set_active_adapters("back")
+        assert torch.equal(run(model, batch), before)
+        assert all(torch.equal(a, b) for a, b in zip(model.adapters["a2"].state_dict().values(),
+                                                       model.adapters["back"].state_dict().values()))
+        if preset == "lora":
+            model.merge_adapter("back")
+            torch.testing.assert_close(run(model, batch), before, rtol=0, atol=1e-5)
+            model.unmerge_adapter("back")
+        model.delete_adapter("a1")
+        model.set_active_adapters("a2")
+        assert torch.equal(run(model, batch), before)

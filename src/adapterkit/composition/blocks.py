@@ -17,6 +17,7 @@ contributions are there for blocks that need them (``AdapterModule.__call__``).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -174,6 +175,8 @@ class Parallel(Block):
                                                              for c in self.children) else None
 
         def parallel(io: SlotIO) -> torch.Tensor:
+            if io.residual is not None and io.residual.shape[0] == n * io.passthrough.shape[0]:
+                io = _replicated(io, n)  # the first block replicates late: its residual only (parallel.py)
             if units is not None and stackable(units):
                 copies(io.passthrough.shape[0])  # the same check as the loop's
                 return type(units[0]).run_stacked(units, None, io)
@@ -277,6 +280,20 @@ class _RowGroups:
                 self._index = {}
             index = self._index[key] = [torch.arange(a, b, device=value.device) for a, b in self._bounds(key[0])]
         return index
+
+
+def _replicated(io: SlotIO, n: int) -> SlotIO:
+    """``io`` with its batch-sized tensors repeated ``n`` times along the batch (copy ``i``: rows
+    ``i*B .. (i+1)*B``), as the ``Parallel`` block's replication does them."""
+    rows = io.passthrough.shape[0]
+
+    def grow(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if t is None or t.dim() < 2 or t.shape[0] != rows:
+            return t
+        return t.repeat(n, *([1] * (t.dim() - 1)))
+
+    return replace(io, x=grow(io.x), y=grow(io.y), layers=tuple(grow(t) for t in io.layers),
+                   attention_mask=grow(io.attention_mask))
 
 
 def route(io: SlotIO, groups: Sequence[tuple[torch.Tensor, Optional[Plan]]]) -> torch.Tensor:
