@@ -244,3 +244,22 @@ def test_the_shared_storage_keeps_the_invariants(preset, tmp_path):
         model.delete_adapter("a1")
         model.set_active_adapters("a2")
         assert torch.equal(run(model, batch), before)
+
+
+def test_parallel_with_its_first_block_skipped_replicates_at_the_block_input():
+    """AdapterDrop's ``skip_layers`` on the block where the copies would start late: the plans there
+    do not run, so the batch is replicated at that block's input; each copy equals its adapter alone
+    with the same layers skipped."""
+    torch.manual_seed(0)
+    model = AdapterModel(T.BertModel(T.BertConfig(**{**CFG, "num_hidden_layers": 3}))).eval()
+    names = ["p0", "p1"]
+    for name in names:
+        model.add_adapter(name, "pfeiffer", layers=[1, 2])
+    perturb(model.adapters, seed=12)
+    ids = torch.randint(0, 100, (3, 5), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        model.set_active_adapters(Parallel(*names), skip_layers=[1])
+        outs = model(input_ids=ids)
+        for name, out in zip(names, outs):
+            model.set_active_adapters(name, skip_layers=[1])
+            torch.testing.assert_close(out.last_hidden_state, run(model, {"input_ids": ids}), rtol=0, atol=1e-6)

@@ -369,7 +369,8 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, SavingMethods, 
         if parallel is None:
             self._replicator.update([], 0)
         else:
-            self._replicator.update(*replication(setup, parallel, self.records, self.layout, owners))
+            self._replicator.update(*replication(setup, parallel, self.records, self.layout, owners,
+                                                 self._skip_layers))
 
     # -- merging -----------------------------------------------------------------------------------
     @property

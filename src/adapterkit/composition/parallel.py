@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -113,15 +113,18 @@ def replicated_modules(layout: "Layout", first: tuple[str, int]) -> list[nn.Modu
 
 
 def late_residual(setup: Block, parallel: Parallel, records: Mapping[str, "AdapterRecord"],
-                  owners: Mapping[int, tuple[str, int]], first: tuple[str, int]) -> Optional[tuple[nn.Module, ArgRef]]:
+                  owners: Mapping[int, tuple[str, int]], first: tuple[str, int],
+                  skip_layers: Collection[int] = ()) -> Optional[tuple[nn.Module, ArgRef]]:
     """Where block ``first`` may run unreplicated up to its adapters, as AdapterHub's does: the
     module and argument of the residual its adapters' sites read, when every site of the
     ``Parallel``'s adapters in that block is a ``post`` site at its ``ffn_out`` whose residual
     module adds that argument and applies the layer norm itself (BERT's ``BertOutput``:
     ``LayerNorm(dropout(dense(h)) + input_tensor)``), so that replicating the argument and the
     host's output replicates everything after the sites; the setup is the ``Parallel`` itself
-    (a ``Stack`` member before it would meet the copies unreplicated). ``None`` otherwise."""
-    if setup is not parallel:
+    (a ``Stack`` member before it would meet the copies unreplicated) and the block is not in
+    AdapterDrop's ``skip_layers`` (its plans, which replicate the host's output, would not run).
+    ``None`` otherwise."""
+    if setup is not parallel or first[1] in skip_layers:
         return None
     sites = [s for name in parallel.names() for s in records[name].sites if owners.get(id(s.host)) == first]
     residuals = {(id(s.residual_from[0]), s.residual_from[1]) for s in sites if s.residual_from is not None}
@@ -136,12 +139,13 @@ def late_residual(setup: Block, parallel: Parallel, records: Mapping[str, "Adapt
 
 
 def replication(setup: Block, parallel: Parallel, records: Mapping[str, "AdapterRecord"], layout: "Layout",
-                owners: Mapping[int, tuple[str, int]]) -> tuple[list[nn.Module], int, Optional[tuple[nn.Module, ArgRef]]]:
+                owners: Mapping[int, tuple[str, int]], skip_layers: Collection[int] = ()
+                ) -> tuple[list[nn.Module], int, Optional[tuple[nn.Module, ArgRef]]]:
     """``Replicator.update``'s arguments for a ``Parallel`` setup: the blocks replicated at their
     input, the number of copies, and the residual replicated late in the first block
     (``late_residual``; its blocks then start at the next one)."""
     first = first_block(parallel, records, layout, owners)
-    late = late_residual(setup, parallel, records, owners, first)
+    late = late_residual(setup, parallel, records, owners, first, skip_layers)
     if late is not None:
         first = (first[0], first[1] + 1)
     return replicated_modules(layout, first), len(parallel.children), late
