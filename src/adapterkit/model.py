@@ -44,7 +44,7 @@ from .composition.parallel import (
     Replicator,
     find_parallel,
     first_block,
-    replicated_modules,
+    replication,
 )
 from .composition.routing import RoutedCalls, routed_plan
 from .config import AdapterConfig, resolve_config
@@ -369,8 +369,8 @@ class AdapterModel(HeadMethods, FusionMethods, AveragingMethods, SavingMethods, 
         if parallel is None:
             self._replicator.update([], 0)
         else:
-            first = first_block(parallel, self.records, self.layout, owners)
-            self._replicator.update(replicated_modules(self.layout, first), len(parallel.children))
+            self._replicator.update(*replication(setup, parallel, self.records, self.layout, owners,
+                                                 self._skip_layers))
 
     # -- merging -----------------------------------------------------------------------------------
     @property

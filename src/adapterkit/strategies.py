@@ -63,6 +63,10 @@ class Strategy(nn.Module):
 
     #: a fresh adapter is the identity through the strategy itself (a zero gate)
     makes_identity: ClassVar[bool] = False
+    #: without regularisers an instance holds no state (no parameters, buffers or training
+    #: behaviour), so every unit with the same options shares one (``make_strategy``); a class
+    #: says so itself (a subclass, which may add state, does not inherit it)
+    stateless: ClassVar[bool] = False
 
     def __init__(self, stochastic_depth: float = 0.0, l2_lambda: float = 0.0):
         super().__init__()
@@ -157,6 +161,8 @@ def check_strategy(name: str) -> None:
 class Add(Strategy):
     """``base + delta``: NeMo's residual add."""
 
+    stateless = True
+
     def fusion_scale(self) -> Optional[float]:
         return 1.0
 
@@ -167,6 +173,8 @@ class Add(Strategy):
 @register_strategy("scaled_add")
 class ScaledAdd(Strategy):
     """``base + scale * delta`` with a fixed ``scale``."""
+
+    stateless = True
 
     def __init__(self, scale: float, **regularisers: float):
         super().__init__(**regularisers)
@@ -218,6 +226,8 @@ class ChannelGate(Gate):
 class Multiply(Strategy):
     """``base * factor``: IA3's rescaling."""
 
+    stateless = True
+
     def delta(self, base, c, output):
         return base * (as_factor(c, output) - 1)
 
@@ -231,6 +241,18 @@ STRATEGIES = ("add", "scaled_add", "gate", "channel_gate", "multiply")
 
 def make_strategy(name: str, width: int, *, scale: float = 1.0, stochastic_depth: float = 0.0,
                   l2_lambda: float = 0.0) -> Strategy:
-    """The strategy called ``name`` for a site whose combined value has ``width`` channels."""
+    """The strategy called ``name`` for a site whose combined value has ``width`` channels. A
+    ``stateless`` one without regularisers is one shared instance per (class, scale): a module
+    per unit would cost about 2 KB each with thousands of adapters loaded (docs/design.md)."""
     check_strategy(name)
-    return _STRATEGIES[name].create(width, scale, stochastic_depth=stochastic_depth, l2_lambda=l2_lambda)
+    cls = _STRATEGIES[name]
+    if cls.__dict__.get("stateless", False) and not stochastic_depth and not l2_lambda:
+        key = (cls, float(scale))
+        if key not in _SHARED:
+            _SHARED[key] = cls.create(width, scale)
+        return _SHARED[key]
+    return cls.create(width, scale, stochastic_depth=stochastic_depth, l2_lambda=l2_lambda)
+
+
+#: the shared instances of stateless strategies, by (class, scale)
+_SHARED: dict[tuple[type, float], Strategy] = {}

@@ -17,6 +17,7 @@ contributions are there for blocks that need them (``AdapterModule.__call__``).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..places.slots import Plan, SlotIO
+from .routing import stackable
 
 Setup = Union[str, "Block"]
 
@@ -150,7 +152,10 @@ class Parallel(Block):
     """One forward pass through several adapters, each with its own head (AdapterHub
     ``Parallel``): ``model(...)`` returns one output per child. The batch is replicated once per
     child at the input of the lowest block holding one of its adapters (``composition/parallel.py``), so the
-    layers below run once; at each slot child ``i`` acts on the ``i``-th copy."""
+    layers below run once; at each slot child ``i`` acts on the ``i``-th copy. Where the children
+    are adapters of one shape (``routing.stackable``), a slot runs the copies as one batch through
+    their stacked weights, one batched matmul per projection (``AdapterModule.run_stacked`` with
+    ``which=None``); otherwise each child runs on its copy's rows."""
 
     def compile(self, plans: list[Optional[Plan]], modules: Mapping[str, nn.Module]) -> Optional[Plan]:
         if all(p is None for p in plans):
@@ -164,8 +169,17 @@ class Parallel(Block):
             return [(i * rows // n, (i + 1) * rows // n) for i in range(n)]
 
         groups = _RowGroups(copies)
+        # every child one adapter placed here: the copies may run as one batch through their
+        # stacked weights (checked per call: stack keys and regularisers follow train / eval mode)
+        units = [modules[c] for c in self.children] if all(isinstance(c, str) and c in modules
+                                                             for c in self.children) else None
 
         def parallel(io: SlotIO) -> torch.Tensor:
+            if io.residual is not None and io.residual.shape[0] == n * io.passthrough.shape[0]:
+                io = _replicated(io, n)  # the first block replicates late: its residual only (parallel.py)
+            if units is not None and stackable(units):
+                copies(io.passthrough.shape[0])  # the same check as the loop's
+                return type(units[0]).run_stacked(units, None, io)
             return route(io, list(zip(groups(io.passthrough), plans)))
 
         return parallel
@@ -266,6 +280,20 @@ class _RowGroups:
                 self._index = {}
             index = self._index[key] = [torch.arange(a, b, device=value.device) for a, b in self._bounds(key[0])]
         return index
+
+
+def _replicated(io: SlotIO, n: int) -> SlotIO:
+    """``io`` with its batch-sized tensors repeated ``n`` times along the batch (copy ``i``: rows
+    ``i*B .. (i+1)*B``), as the ``Parallel`` block's replication does them."""
+    rows = io.passthrough.shape[0]
+
+    def grow(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if t is None or t.dim() < 2 or t.shape[0] != rows:
+            return t
+        return t.repeat(n, *([1] * (t.dim() - 1)))
+
+    return replace(io, x=grow(io.x), y=grow(io.y), layers=tuple(grow(t) for t in io.layers),
+                   attention_mask=grow(io.attention_mask))
 
 
 def route(io: SlotIO, groups: Sequence[tuple[torch.Tensor, Optional[Plan]]]) -> torch.Tensor:

@@ -10,9 +10,12 @@ rotary position embeddings, the encoder's output and mask at the decoder's cross
 Where the replication starts in the encoder, a pre-hook on the decoder stack as a whole
 replicates its inputs (decoder ids, masks) before it builds its masks. At
 each slot the block's plan gives copy ``i`` to child ``i``. The handle then splits the output:
-child ``i``'s head (or the model's own LM head) reads copy ``i`` (``run_parallel``). AdapterHub
-replicates at the first layer instead, so nothing below is shared. On an encoder-decoder whose
-adapters all sit in the decoder, the encoder runs once.
+child ``i``'s head (or the model's own LM head) reads copy ``i`` (``run_parallel``). On an
+encoder-decoder whose adapters all sit in the decoder, the encoder runs once. Where the first
+block's adapters all sit at its ``ffn_out`` and the sub-layer module there adds the residual and
+normalises itself (BERT's ``BertOutput``; ``late_residual``), the first block runs unreplicated up
+to the adapters, as AdapterHub's does: a pre-hook replicates only that module's residual argument,
+and the ``Parallel`` plan at the site replicates the host's output (``blocks.Parallel``).
 
 Labels: with a head per child, each head's loss; without heads, on a sequence-to-sequence LM
 (T5, BART: ``prepare_decoder_input_ids_from_labels``), each copy's token cross-entropy over the
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +46,7 @@ from .. import context
 from .blocks import Block, Parallel, Stack
 from ..errors import AdapterError
 from ..layouts.inputs import INPUT_KINDS
+from ..places.slots import ArgRef
 from ..heads import AdapterModelOutput, last_hidden, run_heads
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,6 +112,45 @@ def replicated_modules(layout: "Layout", first: tuple[str, int]) -> list[nn.Modu
     return modules
 
 
+def late_residual(setup: Block, parallel: Parallel, records: Mapping[str, "AdapterRecord"],
+                  owners: Mapping[int, tuple[str, int]], first: tuple[str, int],
+                  skip_layers: Collection[int] = ()) -> Optional[tuple[nn.Module, ArgRef]]:
+    """Where block ``first`` may run unreplicated up to its adapters, as AdapterHub's does: the
+    module and argument of the residual its adapters' sites read, when every site of the
+    ``Parallel``'s adapters in that block is a ``post`` site at its ``ffn_out`` whose residual
+    module adds that argument and applies the layer norm itself (BERT's ``BertOutput``:
+    ``LayerNorm(dropout(dense(h)) + input_tensor)``), so that replicating the argument and the
+    host's output replicates everything after the sites; the setup is the ``Parallel`` itself
+    (a ``Stack`` member before it would meet the copies unreplicated) and the block is not in
+    AdapterDrop's ``skip_layers`` (its plans, which replicate the host's output, would not run).
+    ``None`` otherwise."""
+    if setup is not parallel or first[1] in skip_layers:
+        return None
+    sites = [s for name in parallel.names() for s in records[name].sites if owners.get(id(s.host)) == first]
+    residuals = {(id(s.residual_from[0]), s.residual_from[1]) for s in sites if s.residual_from is not None}
+    if not sites or len(residuals) != 1:
+        return None
+    for s in sites:
+        inside = {id(m) for m in s.residual_from[0].modules()} if s.residual_from is not None else set()
+        if s.place != "post" or not s.place_id.endswith("ffn_out") or s.layer_norm is None \
+                or id(s.host) not in inside or id(s.layer_norm) not in inside:
+            return None
+    return sites[0].residual_from
+
+
+def replication(setup: Block, parallel: Parallel, records: Mapping[str, "AdapterRecord"], layout: "Layout",
+                owners: Mapping[int, tuple[str, int]], skip_layers: Collection[int] = ()
+                ) -> tuple[list[nn.Module], int, Optional[tuple[nn.Module, ArgRef]]]:
+    """``Replicator.update``'s arguments for a ``Parallel`` setup: the blocks replicated at their
+    input, the number of copies, and the residual replicated late in the first block
+    (``late_residual``; its blocks then start at the next one)."""
+    first = first_block(parallel, records, layout, owners)
+    late = late_residual(setup, parallel, records, owners, first, skip_layers)
+    if late is not None:
+        first = (first[0], first[1] + 1)
+    return replicated_modules(layout, first), len(parallel.children), late
+
+
 class Replicator:
     """The pre-hooks that replicate the batch for a ``Parallel`` setup (module docstring)."""
 
@@ -123,13 +166,35 @@ class Replicator:
         self.__dict__.update(state)
         self._local = threading.local()
 
-    def update(self, blocks: Sequence[nn.Module], copies: int) -> None:
-        """Hook ``blocks`` (``replicated_modules``); none: no hooks."""
+    def update(self, blocks: Sequence[nn.Module], copies: int,
+               late: Optional[tuple[nn.Module, ArgRef]] = None) -> None:
+        """Hook ``blocks`` (``replicated_modules``), and ``late``'s residual argument
+        (``late_residual``); none: no hooks."""
         for handle in self._handles:
             handle.remove()
         self._handles, self.copies = [], copies
         for block in blocks:
             self._handles.append(block.register_forward_pre_hook(self._hook, with_kwargs=True))
+        if late is not None:  # before the slot's own pre-hook reads the residual
+            module, arg = late
+            self._handles.append(module.register_forward_pre_hook(self._late_hook(arg), with_kwargs=True,
+                                                                  prepend=True))
+
+    def _late_hook(self, arg: ArgRef):
+        """A pre-hook replicating one argument (the residual) of the first block's sub-layer; the
+        ``Parallel`` plan at its site replicates the host's output (``blocks.Parallel``)."""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            rows = getattr(self._local, "rows", None)
+            if rows is None:
+                return None
+            if arg.index < len(args):
+                args = args[:arg.index] + (self._grow(args[arg.index], rows),) + args[arg.index + 1:]
+            elif arg.name in kwargs:
+                kwargs = {**kwargs, arg.name: self._grow(kwargs[arg.name], rows)}
+            return args, kwargs
+
+        return hook
 
     @contextlib.contextmanager
     def batch(self, rows: int) -> Iterator[None]:

@@ -96,7 +96,7 @@ class Routing:
         return self._which[key]
 
 
-def _stackable(units: Sequence["AdapterModule"]) -> bool:
+def stackable(units: Sequence["AdapterModule"]) -> bool:
     """Every unit of one class, with equal stack keys, combined by the plain strategy the class
     stacks (``AdapterModule.stacked_strategy``) with no regulariser at work."""
     if len(units) < 2:
@@ -128,7 +128,7 @@ def routed_plan(units: Mapping[str, "AdapterModule"]):
                 return units_used[0].run(io)
             return passthrough.index_copy(0, kept, units_used[0].run(io.rows(kept)))
         # checked per call, over the adapters used: stack keys and regularisers follow train / eval mode
-        if _stackable(units_used):
+        if stackable(units_used):
             if kept is None:
                 return type(units_used[0]).run_stacked(units_used, which, io)
             out = type(units_used[0]).run_stacked(units_used, which, io.rows(kept))

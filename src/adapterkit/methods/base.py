@@ -20,7 +20,9 @@ calls it itself. A slot calls ``unit.run(io)``.
 
 Per-example routing can run several adapters of one class at one site in one batched operation:
 a module class that can do that implements ``stack_key()`` (equal keys = stackable together) and
-the class method ``run_stacked(units, which, io)`` (``composition/routing.py``).
+the class method ``run_stacked(units, which, io)`` (``composition/routing.py``). ``Parallel`` uses
+the same method with ``which=None``: the batch is ``len(units)`` equal blocks of rows (its copies),
+block ``i`` through ``units[i]``, so the weights need no per-row gather (``composition/blocks.py``).
 """
 
 from __future__ import annotations
@@ -113,14 +115,26 @@ class AdapterModule(nn.Module):
         return None
 
     @classmethod
-    def run_stacked(cls, units: Sequence["AdapterModule"], which: torch.Tensor, io: "SlotIO") -> torch.Tensor:
-        """Each example ``i`` through ``units[which[i]]`` (``which[i] == len(units)``: no adapter)."""
+    def run_stacked(cls, units: Sequence["AdapterModule"], which: Optional[torch.Tensor],
+                    io: "SlotIO") -> torch.Tensor:
+        """Each example ``i`` through ``units[which[i]]``; ``which=None``: the batch is
+        ``len(units)`` equal blocks of rows, block ``i`` through ``units[i]`` (``Parallel``)."""
         raise NotImplementedError  # pragma: no cover
 
 
-def gather(tensors: Sequence[torch.Tensor], which: torch.Tensor) -> torch.Tensor:
-    """``stack(tensors)[which]``: each routed example's copy of a per-adapter tensor."""
-    return torch.stack(list(tensors)).index_select(0, which)
+def gather(tensors: Sequence[torch.Tensor], which: Optional[torch.Tensor]) -> torch.Tensor:
+    """``stack(tensors)[which]``: each routed example's copy of a per-adapter tensor; with
+    ``which=None`` (``Parallel``'s copies) the stack itself, one row per unit."""
+    stacked = torch.stack(list(tensors))
+    return stacked if which is None else stacked.index_select(0, which)
+
+
+def per_row(which: Optional[torch.Tensor], units: int, rows: int, device: torch.device) -> torch.Tensor:
+    """``which`` itself, or for ``which=None`` (``units`` equal blocks of ``rows`` rows, block
+    ``i`` through unit ``i``) each row's unit: for ``run_stacked`` code that indexes per row."""
+    if which is not None:
+        return which
+    return torch.arange(units, device=device).repeat_interleave(rows // units)
 
 
 @torch.no_grad()

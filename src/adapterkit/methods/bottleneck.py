@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
-from typing import Hashable, Optional, Sequence, Union
+from typing import Callable, Hashable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -145,6 +146,19 @@ class BottleneckConfig(AdapterConfig):
         return max(1, int(width // self.reduction_factor))
 
 
+#: stateless modules every unit without dropout / with one activation shares, not one per unit (each
+#: ``nn.Module`` costs about 2 KB, which counts with thousands of adapters loaded; docs/design.md)
+NO_DROPOUT = nn.Identity()
+_ACTIVATION_MODULES: dict[str, nn.Module] = {}
+
+
+def _shared_activation(name: str) -> nn.Module:
+    """The one module of activation ``name`` (stateless: no parameters, no training behaviour)."""
+    if name not in _ACTIVATION_MODULES:
+        _ACTIVATION_MODULES[name] = ACTIVATIONS[name]()
+    return _ACTIVATION_MODULES[name]
+
+
 class Bottleneck(AdapterModule):
     """``up(act(down(norm(h)))) * scaling``: a delta, read where the config says (see ``read``)."""
 
@@ -154,10 +168,10 @@ class Bottleneck(AdapterModule):
         width = config.bottleneck_width(out_features)
         self.norm_before = nn.LayerNorm(in_features) if config.norm_position == "pre" else None
         self.down = nn.Linear(in_features, width)
-        self.act = ACTIVATIONS[config.non_linearity.lower()]()
+        self.act = _shared_activation(config.non_linearity.lower())
         self.up = nn.Linear(width, out_features)
         self.norm_after = nn.LayerNorm(out_features) if config.norm_position == "post" else None
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else NO_DROPOUT
         self.gate: Optional[nn.Module] = None  # use_gating's ``gating.TokenGate`` (``BottleneckConfig.gated``)
         if config.scaling == "learned":
             self.scaling = nn.Parameter(torch.ones(1))
@@ -176,6 +190,10 @@ class Bottleneck(AdapterModule):
         self._folded: Optional[tuple[list, list, Folded]] = None  # (tensors read, their state, fold)
         self._stacks: dict = {}  # run_stacked's stacked weights, by adapter set (``_stacked``)
         self._init(config.init_weights)
+
+    def __getstate__(self) -> dict:
+        """A copy or pickle starts without the kept stacks (they hold weak references)."""
+        return {**super().__getstate__(), "_stacks": {}}
 
     @torch.no_grad()
     def _init(self, scheme: str) -> None:
@@ -338,39 +356,53 @@ class Bottleneck(AdapterModule):
         if kept is None or kept[1] != state:
             if len(cache) >= 4:
                 cache.clear()
-            kept = cache[key] = (read, state, build())  # the tensors read are held: no address reuse
+            # the tensors read are held (no address reuse); the entry goes when any other unit of
+            # the set does (a deleted adapter's weights and their stacked copy are freed with it)
+            drop = _dropper(cache, key)
+            kept = cache[key] = (read, state, build(), [weakref.ref(u, drop) for u in units[1:]])
         return kept[2]
 
     @classmethod
-    def run_stacked(cls, units: Sequence["Bottleneck"], which: torch.Tensor, io: SlotIO) -> torch.Tensor:
+    def run_stacked(cls, units: Sequence["Bottleneck"], which: Optional[torch.Tensor], io: SlotIO) -> torch.Tensor:
         """Every routed example through its own adapter, one batched matmul per projection. At
         inference the Pfeiffer shape folds the model's layer norm as ``fused_site`` does, with each
         adapter's fold gathered per example, and writes its output over ``y + residual``. The
-        stacked weights are kept between calls at inference (``_stacked``)."""
+        stacked weights are kept between calls at inference (``_stacked``). ``which=None``
+        (``Parallel``): copy ``i`` of the batch through ``units[i]``, the stacked weights used as
+        they are, one matmul per projection over (k, B * T, d)."""
         first = units[0]
-        n = io.passthrough.shape[0]
+        n = io.passthrough.shape[0] if which is not None else len(units)
+
+        def pick(stacked: torch.Tensor) -> torch.Tensor:  # one row per unit -> each example's row
+            return stacked if which is None else stacked.index_select(0, which)
+
         if first._can_fold(io):
             s = (io.y + io.residual).contiguous()
             stats = layer_norm_stats(s, io.layer_norm.eps)
             if stats is not None:
                 mean, rstd = stats  # (B, T, 1) each
                 ups, wg_ts, wg_sums, shifts = cls._stacked(units, io.layer_norm)
-                up = ups.index_select(0, which)  # (B, d_out, m + 1)
-                wg_t = wg_ts.index_select(0, which)  # (B, d_in, m)
-                wg_sum = wg_sums.index_select(0, which).unsqueeze(1)  # (B, 1, m)
-                shift = shifts.index_select(0, which).unsqueeze(1)  # (B, 1, m)
+                up = pick(ups)  # (B, d_out, m + 1); (k, ...) for Parallel's copies
+                wg_t = pick(wg_ts)  # (B, d_in, m)
+                wg_sum = pick(wg_sums).unsqueeze(1)  # (B, 1, m)
+                shift = pick(shifts).unsqueeze(1)  # (B, 1, m)
                 s3 = s.view(n, -1, s.shape[-1])
                 z = torch.bmm(s3, wg_t).sub_(mean.view(n, -1, 1) * wg_sum).mul_(rstd.view(n, -1, 1)).add_(shift)
                 y3 = io.y.reshape(n, -1, io.y.shape[-1])
                 return torch.baddbmm(y3, _with_ones(first.act(z)), up.transpose(1, 2), out=s3).view(io.y.shape)
         ups, downs_w, downs_b = cls._stacked(units, None)
-        up = ups.index_select(0, which)  # (B, d_out, m + 1)
+        up = pick(ups)  # (B, d_out, m + 1)
         h, base = first.read(io)
         h3, base3 = h.reshape(n, -1, h.shape[-1]), base.reshape(n, -1, base.shape[-1])  # (B, T, d)
-        down_w = downs_w.index_select(0, which)  # (B, m, d_in)
-        down_b = downs_b.index_select(0, which).unsqueeze(1)  # (B, 1, m)
+        down_w = pick(downs_w)  # (B, m, d_in)
+        down_b = pick(downs_b).unsqueeze(1)  # (B, 1, m)
         z = first.act(torch.baddbmm(down_b, h3, down_w.transpose(1, 2)))  # (B, T, m)
         return torch.baddbmm(base3, _with_ones(z), up.transpose(1, 2)).view(base.shape)
+
+
+def _dropper(cache: dict, key: tuple) -> Callable[[object], None]:
+    """A weakref callback removing ``key`` from ``cache``."""
+    return lambda _ref: cache.pop(key, None)
 
 
 def _with_ones(z: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import AdapterConfig, register_method, register_preset
 from ..places.slots import Site, SlotIO
-from .base import AdapterModule, gather, small_normal_
+from .base import AdapterModule, gather, per_row, small_normal_
 
 
 @register_method("ia3")
@@ -102,9 +102,9 @@ class IA3(AdapterModule):
         return (self.ia3_l.shape[0],)
 
     @classmethod
-    def run_stacked(cls, units: Sequence["IA3"], which: torch.Tensor, io: SlotIO) -> torch.Tensor:
+    def run_stacked(cls, units: Sequence["IA3"], which: Optional[torch.Tensor], io: SlotIO) -> torch.Tensor:
         _, base = units[0].read(io)
-        scale = gather([u.ia3_l for u in units], which)  # (B, out)
+        scale = gather([u.ia3_l for u in units], per_row(which, len(units), base.shape[0], base.device))  # (B, out)
         return base * scale.view(scale.shape[0], *([1] * (base.dim() - 2)), scale.shape[1])
 
 

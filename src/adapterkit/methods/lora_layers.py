@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import AdapterError
 from ..layouts import HostTypes, linear_features
 from ..places.slots import Site, SlotIO
-from .base import AdapterModule, gather, small_normal_
+from .base import AdapterModule, gather, per_row, small_normal_
 from .fused import add_linear
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -101,11 +101,12 @@ class LoRA(LoRAUnit):
         return (self.lora_A.shape[1], self.lora_B.shape[0])
 
     @classmethod
-    def run_stacked(cls, units: Sequence["LoRA"], which: torch.Tensor, io: SlotIO) -> torch.Tensor:
+    def run_stacked(cls, units: Sequence["LoRA"], which: Optional[torch.Tensor], io: SlotIO) -> torch.Tensor:
         """Each routed example through its own LoRA in two batched matmuls (BGMV); ranks are
-        padded with zeros to the largest, which adds exact zeros."""
+        padded with zeros to the largest, which adds exact zeros. ``which=None`` (``Parallel``):
+        copy ``i`` of the batch through ``units[i]``, one matmul per projection over (k, B * T, d)."""
         h, base = units[0].read(io)
-        n = base.shape[0]
+        n = base.shape[0] if which is not None else len(units)
         r = max(u.lora_A.shape[0] for u in units)
         a = gather([F.pad(u.lora_A, (0, 0, 0, r - u.lora_A.shape[0])) for u in units], which)  # (B, r, in)
         b = gather([F.pad(u.lora_B * u.scaling, (0, r - u.lora_B.shape[1])) for u in units], which)  # (B, out, r)
@@ -192,11 +193,13 @@ class EmbeddingLoRA(LoRAUnit):
         return tuple(self.lora_embedding_A.shape[1:]) + tuple(self.lora_embedding_B.shape[:1]) + ("embedding",)
 
     @classmethod
-    def run_stacked(cls, units: Sequence["EmbeddingLoRA"], which: torch.Tensor, io: SlotIO) -> torch.Tensor:
+    def run_stacked(cls, units: Sequence["EmbeddingLoRA"], which: Optional[torch.Tensor],
+                    io: SlotIO) -> torch.Tensor:
         """Each example's ids index its own adapter's ``A`` (one gather over the stacked tables,
         no per-example copy of a table), then one batched matmul with its ``B``."""
         ids, base = units[0].read(io)
         n = base.shape[0]
+        which = per_row(which, len(units), n, base.device)
         r = max(u.lora_embedding_A.shape[0] for u in units)
         tables = torch.stack([F.pad(u.lora_embedding_A, (0, 0, 0, r - u.lora_embedding_A.shape[0])).T
                               for u in units])  # (U, num, r)
