@@ -229,6 +229,7 @@ class AttentionSlot(Slot):
         self.units: list[nn.Module] = []
         self.skipped: frozenset[int] = frozenset()  # AdapterDrop's skip_layers (active setup only)
         self._installed = False
+        self._gated = False  # a gated prefix among the units (bind)
 
     def __setstate__(self, state: dict) -> None:  # copy.deepcopy of a model: register the copy's modules
         super().__setstate__(state)
@@ -240,6 +241,8 @@ class AttentionSlot(Slot):
         self.units, self.skipped = list(units.values()), skip_layers
         for column, unit in enumerate(self.units):
             unit.column = column
+        # whether a gated prefix is bound: computed here, once per setup change, not per call
+        self._gated = any(getattr(u, "gates", None) is not None for u in self.units)
         self._sync_input_hooks()
 
     def _sync_hooks(self) -> None:
@@ -261,7 +264,7 @@ class AttentionSlot(Slot):
     def _sync_input_hooks(self) -> None:
         """Gated prefixes read their attention's input (``hidden_states``): while the slot is
         installed and holds a gated unit, a pre-hook on every member keeps it for the call."""
-        wanted = self._installed and any(getattr(u, "gates", None) is not None for u in self.units)
+        wanted = self._installed and self._gated
         if wanted == bool(self._handles):
             return
         for handle in self._handles:
