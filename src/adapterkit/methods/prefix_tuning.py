@@ -27,8 +27,19 @@ output is zero and its gradient is not); ``"from_string"``: Li & Liang's recipe 
 the prefix with activations of real words"): the keys and values the frozen model itself computes
 for ``prefix_init_text`` (its tokens repeated or cut to ``prefix_length``, PEFT's rule), layer by
 layer, captured inside the attention (``places/attention.capturing``), so each layer's prefix starts
-as a real context. It sets the prefixes themselves, so it needs ``flat=True``. A saved adapter is
-flat and initialised from its file (``as_saved`` resets the option: loading needs no tokenizer).
+as a real context. It sets the prefixes themselves, so it needs ``flat=True`` (or the warm-up below, where the text's
+keys and values are the flat part the MLP's output is added to). A saved adapter is flat and
+initialised from its file (``as_saved`` resets the option: loading needs no tokenizer).
+
+**The MLP with a warm-up** (``mlp_warmup``; Li & Liang train through the MLP for the whole run and
+drop it afterwards, sec. 4.3). The prefix is ``MLP(P') + F`` with a flat part ``F`` (zero, or the init
+text's keys and values). For the first ``mlp_warmup`` optimizer steps (a fraction of the run's steps
+when below 1) only the MLP trains (``F`` is held: no gradient); from then on the MLP's output is a
+constant, computed once, and only ``F`` trains: the prefix is folded and training continues flat.
+Adam moves ``F`` exactly as it would move a flat prefix that starts at the MLP's output, and the
+function is the same before and after the fold, bit for bit (nothing is recomputed differently).
+The trainer tells each module the step (``AdapterModule.at_step``); a loop of one's own calls
+``methods.base.tell_step(model, step, total_steps)``, else the MLP trains for the whole run.
 """
 
 from __future__ import annotations
@@ -77,6 +88,8 @@ class PrefixTuningConfig(AdapterConfig):
         encoder_prefix: prefixes in the encoder of an encoder-decoder (T5, BART).
         cross_prefix: prefixes in the decoder's cross-attention of an encoder-decoder.
         prefix_init: ``"random"``, ``"zero"`` or ``"from_string"`` (module docstring).
+        mlp_warmup: train through the MLP for this many optimizer steps (below 1: this fraction of
+            the run's steps), then fold it and train the prefixes flat; 0: the MLP all run long.
         prefix_init_text: the text whose keys and values start the prefixes (``"from_string"``).
         tokenizer_name_or_path: its tokenizer (a folder or alias); ``None``: the base model's.
     """
@@ -92,15 +105,21 @@ class PrefixTuningConfig(AdapterConfig):
     encoder_prefix: bool = True
     cross_prefix: bool = True
     prefix_init: str = "random"
+    mlp_warmup: float = 0.0
     prefix_init_text: Optional[str] = None
     tokenizer_name_or_path: Optional[str] = None
 
     def validate(self) -> None:
         if self.prefix_init not in PREFIX_INITS:
             raise AdapterError(f"prefix_init='{self.prefix_init}' is unknown; choose one of: {', '.join(PREFIX_INITS)}.")
-        if self.prefix_init == "from_string" and not (self.prefix_init_text and self.flat):
+        if self.prefix_init == "from_string" and not (self.prefix_init_text and (self.flat or self.mlp_warmup)):
             raise AdapterError("prefix_init='from_string' sets the prefixes themselves from the keys and values of "
-                               "prefix_init_text: pass prefix_init_text='...' and flat=True.")
+                               "prefix_init_text: pass prefix_init_text='...' and flat=True (or mlp_warmup=...).")
+        if not (0 <= self.mlp_warmup < math.inf) or (self.mlp_warmup > 1 and self.mlp_warmup != int(self.mlp_warmup)):
+            raise AdapterError(f"mlp_warmup must be a fraction of the steps below 1 or a whole number of steps, got "
+                               f"{self.mlp_warmup}.")
+        if self.mlp_warmup and self.flat:
+            raise AdapterError("mlp_warmup trains through the MLP first, and flat=True has no MLP; drop one of them.")
         if self.prefix_length < 1:
             raise AdapterError(f"prefix_length must be a positive number of positions, got {self.prefix_length}.")
         if self.bottleneck_size < 1:
@@ -184,9 +203,11 @@ class PrefixTuningConfig(AdapterConfig):
         layers = select_layers(len(site.members), self.layers, self.leave_out)
         module = PrefixTuning(self, layers, site.in_features, site.out_features)
         with torch.no_grad():
-            if self.prefix_init == "zero":
-                for p in ([module.prefix] if self.flat else list(module.control_trans[-1].parameters())):
+            if self.prefix_init != "random" and not self.flat:  # the MLP's output starts at zero
+                for p in module.control_trans[-1].parameters():
                     p.zero_()
+            if self.prefix_init == "zero" and self.flat:
+                module.prefix.zero_()
             elif self.prefix_init == "from_string" and isinstance(site, TextSite):
                 module.prefix.copy_(torch.stack([site.init_kv[i] for i in layers]).to(module.prefix.dtype))
         return module
@@ -196,7 +217,8 @@ class PrefixTuningConfig(AdapterConfig):
         return self.replace(prefix_init="random", prefix_init_text=None, tokenizer_name_or_path=None)
 
     def as_saved(self) -> "PrefixTuningConfig":
-        return self.replace(flat=True, prefix_init="random", prefix_init_text=None, tokenizer_name_or_path=None)
+        return self.replace(flat=True, prefix_init="random", prefix_init_text=None, tokenizer_name_or_path=None,
+                            mlp_warmup=0.0)
 
 
 class PrefixTuning(AdapterModule):
@@ -211,9 +233,12 @@ class PrefixTuning(AdapterModule):
         self._index = {layer: i for i, layer in enumerate(self.layers)}
         self.column = 0  # this adapter's column in its slot's value (``AttentionSlot.bind``)
         self.shape = (len(self.layers), 2, config.prefix_length, width // 2)  # (layers, k / v, P, H_kv * d)
-        if config.flat:
-            self.prefix = nn.Parameter(torch.randn(self.shape))
-        else:
+        self.mlp_warmup = config.mlp_warmup
+        self.mlp_frozen = False  # after the warm-up: the MLP's output is a constant, the flat part trains
+        self.partly_idle = bool(config.mlp_warmup)
+        if config.flat or config.mlp_warmup:
+            self.prefix = nn.Parameter(torch.randn(self.shape) if config.flat else torch.zeros(self.shape))
+        if not config.flat:
             self.wte = nn.Embedding(config.prefix_length, hidden)
             self.control_trans = nn.Sequential(
                 nn.Linear(hidden, config.bottleneck_size),
@@ -234,11 +259,35 @@ class PrefixTuning(AdapterModule):
         delta[:, self.column] = 1.0
         return delta
 
+    def at_step(self, step: int, total_steps: int) -> None:
+        """Fold the MLP once ``step`` (0-based, the next optimizer step) reaches the warm-up."""
+        if self.mlp_warmup:
+            end = self.mlp_warmup if self.mlp_warmup >= 1 else round(self.mlp_warmup * total_steps)
+            self.mlp_frozen = step >= end
+
     def _layer(self, i: int) -> torch.Tensor:
-        """The ``i``-th chosen layer's prefix ``(2, P, H_kv * d)``, without dropout: the rows of
-        the MLP's last projection that belong to that layer (AdapterHub's layout)."""
+        """The ``i``-th chosen layer's prefix ``(2, P, H_kv * d)``, without dropout: the MLP's
+        output plus the flat part, whichever of the two there is (and trains now)."""
         if not hasattr(self, "control_trans"):
             return self.prefix[i]
+        if not hasattr(self, "prefix"):
+            return self._mlp(i)
+        if self.mlp_frozen:
+            return self._mlp_output()[i] + self.prefix[i]
+        return self._mlp(i) + self.prefix[i].detach()
+
+    @torch.no_grad()
+    def _mlp_output(self) -> torch.Tensor:
+        """Every layer's MLP output, computed once after the fold (until an MLP weight changes)."""
+        mlp = [self.wte.weight, *self.control_trans.parameters()]
+        version = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in mlp)
+        if getattr(self, "_mlp_cache", None) is None or self._mlp_cache[0] != version:
+            self._mlp_cache = (version, torch.stack([self._mlp(i) for i in range(self.shape[0])]))
+        return self._mlp_cache[1]
+
+    def _mlp(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s MLP output: the rows of its last projection that belong to that layer
+        (AdapterHub's layout)."""
         first, act, last = self.control_trans
         _, _, positions, half = self.shape
         rows = slice(i * 2 * half, (i + 1) * 2 * half)

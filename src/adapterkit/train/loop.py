@@ -52,6 +52,7 @@ from ..errors import AdapterError, CheckpointError
 from ..fingerprint import base_identity
 from ..layouts import spec_for
 from ..layouts.inputs import min_samples
+from ..methods.base import tell_step
 from ..loader import check_max_length, load_config, load_tokenizer, max_positions, model_is_decoder
 from ..model import AdapterModel
 from . import checkpoint as ckpt
@@ -538,6 +539,7 @@ class _Runner:
                 batch = batches[self.state["batch"]]
                 lr = lr_at(self.state["step"], self.total_steps, self.warmup, cfg.learning_rate, cfg.schedule)
                 set_lr(self.optimizer, lr)
+                tell_step(self.model, self.state["step"], self.total_steps)  # e.g. prefix tuning's MLP warm-up
                 loss = self.step(ddp, batch)
                 self.state["step"] += 1
                 self.state["batch"] += 1
