@@ -1,4 +1,4 @@
-"""PEFT's prefix tuning beside ours, in the same budget (issue 21): SST-2 scored by SmolLM2-135M.
+"""PEFT's prefix tuning beside ours, in the same budget: SST-2 scored by SmolLM2-135M.
 
 The rows, tokenisation, batches, learning-rate schedule, optimizer, gradient clipping, dev
 evaluations and verbalizer scoring are adapterkit's own (``adapterkit.train``: ``prepare`` reads
