@@ -15,7 +15,8 @@ from helpers import make_batch, output_of, run
 
 from adapterkit import AdapterError, AdapterModel
 from adapterkit.methods.base import tell_step
-from adapterkit.methods.prefix_tuning import PrefixTuning
+from adapterkit.config import resolve_config
+from adapterkit.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from adapterkit.train import TrainConfig, fit, prepare
 from trainkit import sentiment_rows, tiny_llama as save_tiny_llama, write_tsv
 
@@ -163,3 +164,19 @@ def test_adapterkit_train_folds_at_the_warm_up(tmp_path):
     assert unit.prefix.abs().max() > 0 and not torch.equal(unit.control_trans[2].weight, mlp_start)
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert saved["config"]["flat"] is True and saved["config"]["mlp_warmup"] == 0
+
+
+@pytest.mark.parametrize("method, options, flat, positions", [
+    ("prefix_tuning", {}, True, 20),                        # the measured defaults: flat, 20 positions
+    ("prefix_tuning", {"prefix_length": 10}, True, 10),     # the user's options win
+    ("prefix_tuning", {"mlp_warmup": 0.3}, False, 20),      # an MLP option keeps the MLP
+    ("prefix_tuning", {"flat": False}, False, 20),
+    ("prefix_tuning_flat", {}, True, 30),                   # a preset gets no training defaults
+])
+def test_adapterkit_train_defaults_for_prefix_tuning(method, options, flat, positions):
+    config = TrainConfig(method=method, options=options)
+    adapter = config.adapter_config()
+    assert (adapter.flat, adapter.prefix_length) == (flat, positions)
+    assert config.learning_rate == 1e-2 and TrainConfig(method=method, options=options, lr=3e-3).learning_rate == 3e-3
+    assert PrefixTuningConfig() == PrefixTuningConfig(prefix_length=30, flat=False)  # the Python API: AdapterHub's
+    assert TrainConfig(method="pfeiffer").adapter_config() == resolve_config("pfeiffer")

@@ -47,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +96,9 @@ class PrefixTuningConfig(AdapterConfig):
 
     places = ("attention",)
     supports_fusion = False
+    #: ``adapterkit train``'s defaults (docs/methods-new.md): flat prefixes of 20 positions at 1e-2,
+    #: PEFT's recipe; the MLP failed on SmolLM2 at every rate tried and the flat prefix learnt there
+    training_lr = 1e-2
 
     prefix_length: int = 30
     bottleneck_size: int = 512
@@ -108,6 +111,12 @@ class PrefixTuningConfig(AdapterConfig):
     mlp_warmup: float = 0.0
     prefix_init_text: Optional[str] = None
     tokenizer_name_or_path: Optional[str] = None
+
+    @classmethod
+    def training_defaults(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Flat (unless an MLP option is given) with 20 positions."""
+        mlp = {"flat", "bottleneck_size", "non_linearity", "mlp_warmup"} & set(options)
+        return {"prefix_length": 20, **({} if mlp else {"flat": True})}
 
     def validate(self) -> None:
         if self.prefix_init not in PREFIX_INITS:

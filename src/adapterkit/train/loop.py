@@ -32,7 +32,7 @@ from torch import nn
 from .._version import __version__
 from ..checkpoint_format import adapter_size_bytes, temp_dir
 from ..composition.adapterdrop import AdapterDrop
-from ..config import AdapterConfig, resolve_config
+from ..config import AdapterConfig
 from ..data import (
     LM_TASKS,
     Encoded,
@@ -135,7 +135,7 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
             check_same_columns(spec, table, train_table)
             check_eval_labels(spec, table)
     check_max_length(config.model, config.max_length)
-    adapter_config = None if config.full_finetune else resolve_config(config.method, **config.options)
+    adapter_config = None if config.full_finetune else config.adapter_config()
     if config.loraplus_lr_ratio is not None and getattr(adapter_config, "method", None) != "lora":
         raise AdapterError(f"--loraplus-lr-ratio applies to LoRA's B matrices, and this run trains "
                            f"{'all weights' if adapter_config is None else adapter_config.method}; "
@@ -169,7 +169,7 @@ def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
     """``prepare`` for audio classification folders: the clips of each split, read and
     normalised by the model's feature extractor, the labels from the subfolder names."""
 
-    adapter_config = None if config.full_finetune else resolve_config(config.method, **config.options)
+    adapter_config = None if config.full_finetune else config.adapter_config()
     name = config.name or default_name(Path(config.train).resolve())  # data/speech/train -> speech
     if not name or not all(c.isalnum() or c in "_-" for c in name):
         raise AdapterError(f"--name '{name}' is invalid: use letters, digits, '_' and '-' only.")
