@@ -7,9 +7,11 @@ tells the modules the step."""
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
 import transformers as T
 from helpers import make_batch, output_of, run
 
@@ -18,6 +20,7 @@ from adapterkit.methods.base import tell_step
 from adapterkit.config import resolve_config
 from adapterkit.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from adapterkit.train import TrainConfig, fit, prepare
+from adapterkit.train import distributed as D
 from trainkit import sentiment_rows, tiny_llama as save_tiny_llama, write_tsv
 
 TEXT = "the movie was wonderful"
@@ -28,6 +31,12 @@ def tiny_llama() -> torch.nn.Module:
     return T.AutoModelForCausalLM.from_config(T.LlamaConfig(
         vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=37, pad_token_id=0)).eval()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def with_warmup(**options) -> AdapterModel:
@@ -180,3 +189,23 @@ def test_adapterkit_train_defaults_for_prefix_tuning(method, options, flat, posi
     assert config.learning_rate == 1e-2 and TrainConfig(method=method, options=options, lr=3e-3).learning_rate == 3e-3
     assert PrefixTuningConfig() == PrefixTuningConfig(prefix_length=30, flat=False)  # the Python API: AdapterHub's
     assert TrainConfig(method="pfeiffer").adapter_config() == resolve_config("pfeiffer")
+
+
+def test_ddp_looks_for_unused_parameters_only_with_a_warm_up():
+    """Under DDP the warm-up's idle half gets no gradient: DDP must be told (and only then)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    ddp = None
+    try:
+        model = with_warmup()
+        ddp = D.wrap(model, D.DistEnv(rank=0, world_size=2))  # as rank 0 of two
+        assert ddp.find_unused_parameters
+        for step in (0, 2):  # a step in each phase runs backward without DDP's unused-parameter error
+            tell_step(model, step, 4)
+            output_of(ddp(**make_batch())).square().mean().backward()
+        flat = AdapterModel(tiny_llama())
+        flat.add_adapter("p", "prefix_tuning", prefix_length=3, flat=True, set_active=True)
+        flat.train_adapter("p")
+        assert not D.wrap(flat, D.DistEnv(rank=0, world_size=2)).find_unused_parameters
+    finally:
+        ddp = None
+        D.shutdown(D.DistEnv(rank=0, world_size=2))
