@@ -256,6 +256,7 @@ class PrefixTuning(AdapterModule):
             )
         self.dropout = nn.Dropout(config.dropout)
         self._folded: Optional[tuple[Any, torch.Tensor]] = None
+        self._mlp_cache: Optional[tuple[Any, torch.Tensor]] = None  # the MLP's output after the fold
 
     def covers(self, layer: int) -> bool:
         return layer in self._index
@@ -290,7 +291,7 @@ class PrefixTuning(AdapterModule):
         """Every layer's MLP output, computed once after the fold (until an MLP weight changes)."""
         mlp = [self.wte.weight, *self.control_trans.parameters()]
         version = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in mlp)
-        if getattr(self, "_mlp_cache", None) is None or self._mlp_cache[0] != version:
+        if self._mlp_cache is None or self._mlp_cache[0] != version:
             self._mlp_cache = (version, torch.stack([self._mlp(i) for i in range(self.shape[0])]))
         return self._mlp_cache[1]
 
