@@ -176,7 +176,7 @@ def test_adapterkit_train_folds_at_the_warm_up(tmp_path):
 
 
 @pytest.mark.parametrize("method, options, flat, positions", [
-    ("prefix_tuning", {}, True, 20),                        # the measured defaults: flat, 20 positions
+    ("prefix_tuning", {}, True, 20),                        # the measured defaults: flat, 20 positions, zero
     ("prefix_tuning", {"prefix_length": 10}, True, 10),     # the user's options win
     ("prefix_tuning", {"mlp_warmup": 0.3}, False, 20),      # an MLP option keeps the MLP
     ("prefix_tuning", {"flat": False}, False, 20),
@@ -186,6 +186,7 @@ def test_adapterkit_train_defaults_for_prefix_tuning(method, options, flat, posi
     config = TrainConfig(method=method, options=options)
     adapter = config.adapter_config()
     assert (adapter.flat, adapter.prefix_length) == (flat, positions)
+    assert adapter.prefix_init == ("zero" if method == "prefix_tuning" else "random")
     assert config.learning_rate == 1e-2 and TrainConfig(method=method, options=options, lr=3e-3).learning_rate == 3e-3
     assert PrefixTuningConfig() == PrefixTuningConfig(prefix_length=30, flat=False)  # the Python API: AdapterHub's
     assert TrainConfig(method="pfeiffer").adapter_config() == resolve_config("pfeiffer")
