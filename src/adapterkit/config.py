@@ -89,6 +89,13 @@ class AdapterConfig:
     l2_lambda: float = 0.0
     train_layer_norms: bool = False
 
+
+    @classmethod
+    def training_defaults(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Options ``adapterkit train --method <this method's name>`` adds where the user's
+        ``options`` leave them out (chosen from measurements, like ``training_lr``; a preset name
+        gets none); the default adds nothing."""
+        return {}
     def __post_init__(self) -> None:
         # Lists from JSON or from users become tuples so that configs stay hashable and frozen.
         for f in fields(self):

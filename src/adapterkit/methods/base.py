@@ -58,6 +58,10 @@ class AdapterModule(nn.Module):
     stacked_strategy: ClassVar[str] = "add"
     strategy: "Strategy"
 
+    #: some of its trainable parameters get no gradient in some steps (prefix tuning's MLP warm-up):
+    #: DDP must then look for unused parameters
+    partly_idle: bool = False
+
     #: the adapter's copy of the layer norm this module reads (``train_layer_norms``), in a
     #: tuple so that it is not registered twice as a submodule
     _layer_norm_copy: tuple = ()
@@ -100,6 +104,11 @@ class AdapterModule(nn.Module):
         adapter the identity and gradients reach both gate and adapter."""
         raise AdapterError(f"{type(self).__name__} cannot be used with a gate strategy; use 'add' or 'scaled_add'.")
 
+    def at_step(self, step: int, total_steps: int) -> None:
+        """Told before each optimizer step (``step`` 0-based, of ``total_steps``) by ``tell_step``:
+        a module whose training changes course during a run (prefix tuning's MLP warm-up) acts on
+        it; the default does nothing."""
+
     def saved_state(self) -> dict[str, torch.Tensor]:
         """The tensors ``save_adapter`` writes (its ``state_dict``, or a folded form that the
         config's ``as_saved()`` builds: prefix tuning saves its prefixes without the MLP)."""
@@ -120,6 +129,14 @@ class AdapterModule(nn.Module):
         """Each example ``i`` through ``units[which[i]]``; ``which=None``: the batch is
         ``len(units)`` equal blocks of rows, block ``i`` through ``units[i]`` (``Parallel``)."""
         raise NotImplementedError  # pragma: no cover
+
+
+def tell_step(model: nn.Module, step: int, total_steps: int) -> None:
+    """Tell every adapter module in ``model`` the optimizer step about to be taken (a training loop
+    calls this before each step; ``adapterkit train`` does)."""
+    for module in model.modules():
+        if isinstance(module, AdapterModule):
+            module.at_step(step, total_steps)
 
 
 def gather(tensors: Sequence[torch.Tensor], which: Optional[torch.Tensor]) -> torch.Tensor:

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..config import resolve_config
+from ..config import AdapterConfig, resolve_config
 from ..errors import AdapterError
 from ..typecheck import check_field_types
 
@@ -110,6 +110,13 @@ class TrainConfig:
             return type(resolve_config(self.method)).training_lr
         except AdapterError:  # an unknown method: validate() names it
             return ADAPTER_LR
+
+    def adapter_config(self) -> "AdapterConfig":
+        """The adapter ``--method`` and ``-o`` give, plus the method's own training defaults
+        (``AdapterConfig.training_defaults``) where ``--method`` is the method's name."""
+        base = resolve_config(self.method)
+        extra = type(base).training_defaults(self.options) if self.method.lower() == base.method else {}
+        return resolve_config(self.method, **{**extra, **self.options})
 
     def validate(self) -> None:
         """Checks that need neither files nor the model (``AdapterError`` naming the flag)."""

@@ -35,6 +35,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..methods.base import AdapterModule
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -81,7 +83,9 @@ def wrap(model: nn.Module, env: DistEnv) -> nn.Module:
     ignore += [n for n, _ in model.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
     device_ids = [env.local_rank] if torch.cuda.is_available() and next(model.parameters()).is_cuda else None
-    return DDP(model, device_ids=device_ids)  # buffers are ignored above: nothing to broadcast
+    idle = any(isinstance(m, AdapterModule) and m.partly_idle for m in model.modules())
+    # buffers are ignored above: nothing to broadcast
+    return DDP(model, device_ids=device_ids, find_unused_parameters=idle)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

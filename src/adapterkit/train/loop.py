@@ -34,7 +34,7 @@ from torch import nn
 from .._version import __version__
 from ..checkpoint_format import adapter_size_bytes, temp_dir
 from ..composition.adapterdrop import AdapterDrop
-from ..config import AdapterConfig, resolve_config
+from ..config import AdapterConfig
 from ..data import (
     LM_TASKS,
     Encoded,
@@ -55,6 +55,7 @@ from ..errors import AdapterError, CheckpointError
 from ..fingerprint import base_identity
 from ..layouts import spec_for
 from ..layouts.inputs import min_samples
+from ..methods.base import tell_step
 from ..loader import check_max_length, load_config, load_tokenizer, max_positions, model_is_decoder
 from ..model import AdapterModel
 from . import checkpoint as ckpt
@@ -144,7 +145,7 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
             check_same_columns(spec, table, train_table)
             check_eval_labels(spec, table)
     check_max_length(config.model, config.max_length)
-    adapter_config = None if config.full_finetune else resolve_config(config.method, **config.options)
+    adapter_config = None if config.full_finetune else config.adapter_config()
     if config.loraplus_lr_ratio is not None and getattr(adapter_config, "method", None) != "lora":
         raise AdapterError(f"--loraplus-lr-ratio applies to LoRA's B matrices, and this run trains "
                            f"{'all weights' if adapter_config is None else adapter_config.method}; "
@@ -180,7 +181,7 @@ def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
     """``prepare`` for audio classification folders: the clips of each split, read and
     normalised by the model's feature extractor, the labels from the subfolder names."""
 
-    adapter_config = None if config.full_finetune else resolve_config(config.method, **config.options)
+    adapter_config = None if config.full_finetune else config.adapter_config()
     name = _run_name(config)
     _check_speech_model(config, "a folder of audio clips")
     extractor = load_feature_extractor(config.model)
@@ -211,7 +212,7 @@ def _prepare_ctc(config: TrainConfig, env: D.DistEnv) -> Prepared:
     if is_audio_folder(config.train):
         raise AdapterError(f"--task ctc reads a TSV of path<TAB>transcript lines, and --train {config.train} is a "
                            "folder; pass the TSV, or drop --task ctc to classify the folder's label subfolders.")
-    adapter_config = None if config.full_finetune else resolve_config(config.method, **config.options)
+    adapter_config = None if config.full_finetune else config.adapter_config()
     name = _run_name(config)
     _check_speech_model(config, "speech for --task ctc")
     extractor = load_feature_extractor(config.model)
@@ -622,6 +623,7 @@ class _Runner:
                 batch = batches[self.state["batch"]]
                 lr = lr_at(self.state["step"], self.total_steps, self.warmup, cfg.learning_rate, cfg.schedule)
                 set_lr(self.optimizer, lr)
+                tell_step(self.model, self.state["step"], self.total_steps)  # e.g. prefix tuning's MLP warm-up
                 loss = self.step(ddp, batch, batch_ids[self.state["batch"]])
                 self.state["step"] += 1
                 self.state["batch"] += 1
