@@ -316,6 +316,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--seeds", default="42,43,44,45,46", help="seeds averaged in each row (the second sizes use the first)")
     p.add_argument("--no-reuse", action="store_true", help="retrain even when a run folder holds the same finished run")
+    p.add_argument("--full-seeds", help="seeds of the full fine-tuning row (default: --seeds)")
     p.add_argument("--full-epochs", type=int, default=2)
     p.add_argument("--full-lr", type=float, help="skip the sweep and fine-tune with this learning rate")
     p.add_argument("--full-lrs", default="5e-5,1e-4,2e-4", help="the sweep (first seed), chosen by dev accuracy")
@@ -347,7 +348,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                           full_finetune=True, epochs=args.full_epochs, lr=lr) for lr in sweep]
     best = max(candidates, key=lambda r: r["dev_accuracy"])  # chosen on dev, never on test
     full_runs = [best] + [run_one("full fine-tuning", runs / f"full-{best['lr']:g}-seed{seed}", args, seed,
-                                  full_finetune=True, epochs=args.full_epochs, lr=best["lr"]) for seed in seeds[1:]]
+                                  full_finetune=True, epochs=args.full_epochs, lr=best["lr"])
+                          for seed in ([int(x) for x in args.full_seeds.split(",")] if args.full_seeds else seeds)[1:]]
     full = aggregate(full_runs)
     full["label"] = "full fine-tuning"
     rows = [full]

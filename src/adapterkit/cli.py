@@ -147,8 +147,8 @@ _METHOD_SHORTCUTS = [
     ("--non-linearity", "non_linearity", str, "bottleneck: relu, gelu, swish, tanh"),
     ("--lora-r", "r", int, "LoRA rank"),
     ("--lora-alpha", "alpha", float, "LoRA alpha (the update is scaled by alpha / r)"),
-    ("--roles", "roles", str, "LoRA / IA3: projections to adapt, e.g. q,v or all-linear (default: the architecture's, "
-                              "q,v for LoRA)"),
+    ("--roles", "roles", str, "LoRA / IA3: projections to adapt, e.g. q,v or all-linear (default: all-linear for LoRA "
+                              "and DoRA, the architecture's for IA3)"),
     ("--adapter-dropout", "dropout", float, "dropout inside the adapter"),
     ("--layers", "layers", _int_list, "only these layers, e.g. 6,7,8,9,10,11"),
     ("--leave-out", "leave_out", _int_list, "no adapter in these layers"),
