@@ -80,22 +80,26 @@ METHOD_ROWS = [
     Row("Pfeiffer", "pfeiffer", judged=True),
     Row("Houlsby", "houlsby", judged=True),
     Row("parallel (He et al.)", "parallel", judged=True),
-    Row("LoRA (r 8, q+v)", "lora", judged=True),
-    Row("LoRA (r 8, every linear layer)", "lora", {"roles": "all-linear"}, judged=True),
-    Row("DoRA (r 8, q+v)", "dora", judged=True),
-    Row("DoRA (r 8, every linear layer)", "dora", {"roles": "all-linear"}, judged=True),
+    Row("LoRA (r 8, q+v)", "lora", {"roles": "q,v"}, judged=True),
+    Row("LoRA (r 8, every linear layer: the CLI's default)", "lora", {"roles": "all-linear"}, judged=True),
+    Row("DoRA (r 8, q+v)", "dora", {"roles": "q,v"}, judged=True),
+    Row("DoRA (r 8, every linear layer: the CLI's default)", "dora", {"roles": "all-linear"}, judged=True),
     Row("VeRA (r 256, q+v)", "vera", judged=True),
-    Row("(IA)^3", "ia3", judged=True),
+    Row("VeRA (r 256, q+v), lr 1e-2", "vera", settings={"lr": 1e-2}),
+    Row("IA3", "ia3", judged=True),
+    Row("IA3, lr 1e-2", "ia3", settings={"lr": 1e-2}),
     Row("Compacter++", "compacter++", judged=True),
     Row("LoReFT", "loreft", judged=True),
     Row("UniPELT", "unipelt", judged=True),
     Row("prefix tuning", "prefix_tuning", judged=True),
     Row("prompt tuning", "prompt_tuning", judged=True),
+    Row("prompt tuning, lr 1e-2", "prompt_tuning", settings={"lr": 1e-2}),
 ]
 QUANT_ROWS = [
     Row(f"{label}, {q or 'float32'} base", method, settings={"quantize": q} if q else None, judged=True)
     for label, method in (("Pfeiffer", "pfeiffer"), ("LoRA (r 8, q+v)", "lora")) for q in (None, "int8", "int4")
 ]
+QUANT_ROWS = [row._replace(options={"roles": "q,v"}) if row.method == "lora" else row for row in QUANT_ROWS]
 ROW_TABLES = {"readme": ADAPTER_ROWS, "methods": METHOD_ROWS, "quantized": QUANT_ROWS}
 
 # ``--sweep``: the learning rates behind the defaults, first seed only, compared on dev (never on
@@ -357,7 +361,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         options, settings = dict(row.options or {}), dict(row.settings or {})
         if args.only and not any(s.strip().lower() in row.label.lower() for s in args.only.split(",")):
             continue
-        lr = TrainConfig(method=row.method, **settings).learning_rate  # what ``adapterkit train --method <method>`` uses
+        lr = settings.pop("lr", None) or TrainConfig(method=row.method, **settings).learning_rate  # what ``adapterkit train --method <method>`` uses
         rows.append({**aggregate([
             run_one(row.label, run_folder(runs, row.method, options, settings, lr, seed), args, seed,
                     method=row.method, options=options, epochs=1 if args.quick else row.epochs, lr=lr, **settings)

@@ -72,3 +72,20 @@ def test_phm_dim_must_divide_the_widths():
     with pytest.raises(AdapterError, match="phm_dim=3 must divide the widths 32 -> 4 -> 32"):
         model.add_adapter("c", "compacter++", reduction_factor=8, phm_dim=3)
     assert list(model.adapters) == []
+
+
+@pytest.mark.parametrize("preset", ["compacter", "compacter++"])
+def test_inference_mode_gives_the_no_grad_output(preset):
+    """Under ``torch.inference_mode`` the PHM weights are inference tensors, which carry no version
+    counter: the bottleneck's layer-norm fold (cached by version) crashed ``adapterkit train``'s
+    evaluation with "Inference tensors do not track version counter"."""
+    model = AdapterModel(make_base(ARCHS["bert"]))
+    model.add_adapter("c", preset, reduction_factor=4, phm_dim=2, set_active=True)
+    perturb(model.adapters, 0.3)
+    model.eval()
+    batch = make_batch(arch=ARCHS["bert"])
+    with torch.no_grad():
+        expected = run(model, batch)
+    with torch.inference_mode():
+        got = run(model, batch)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

@@ -303,6 +303,8 @@ class Bottleneck(AdapterModule):
         or a load bumps ``_version``). The tensors are held with the fold, so a replaced one
         cannot hand its address to its successor."""
         tensors = [t for t in (self.down.weight, self.down.bias, norm.weight, norm.bias) if t is not None]
+        if any(t.is_inference() for t in tensors):  # computed under inference_mode (Compacter's PHM
+            return fold_layer_norm(norm, self.down.weight, self.down.bias)  # weights): no version to key on
         state = [(t.data_ptr(), t._version, t.dtype) for t in tensors]
         if self._folded is None or self._folded[1] != state:
             self._folded = (tensors, state, fold_layer_norm(norm, self.down.weight, self.down.bias))
