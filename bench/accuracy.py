@@ -89,7 +89,9 @@ METHOD_ROWS = [
     Row("IA3", "ia3", judged=True),
     Row("IA3, lr 1e-2", "ia3", settings={"lr": 1e-2}),
     Row("Compacter++", "compacter++", judged=True),
+    Row("Compacter++, lr 1e-2", "compacter++", settings={"lr": 1e-2}),
     Row("LoReFT", "loreft", judged=True),
+    Row("LoReFT, lr 1e-2", "loreft", settings={"lr": 1e-2}),
     Row("UniPELT", "unipelt", judged=True),
     Row("prefix tuning", "prefix_tuning", judged=True),
     Row("prompt tuning", "prompt_tuning", judged=True),
@@ -329,7 +331,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="also run the LoRA variants of docs/training.md (+20 min)")
     p.add_argument("--table", choices=sorted(ROW_TABLES), default="readme",
                    help="which rows: the README's (default), every method (methods), or the quantized bases")
-    p.add_argument("--only", help="comma-separated row labels (substrings) to run after full fine-tuning")
+    p.add_argument("--only", help="row labels (substrings) to run after full fine-tuning, separated by commas, or "
+                   "by semicolons when the labels hold commas")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--quick", action="store_true", help="smoke run: 400 rows, 200 dev rows, 1 epoch, no sweep")
     p.add_argument("--verbose", action="store_true", help="training progress on stderr")
@@ -359,7 +362,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = [full]
     for row in ROW_TABLES[args.table]:
         options, settings = dict(row.options or {}), dict(row.settings or {})
-        if args.only and not any(s.strip().lower() in row.label.lower() for s in args.only.split(",")):
+        if args.only and not any(s.strip().lower() in row.label.lower()
+                                 for s in args.only.split(";" if ";" in args.only else ",")):
             continue
         lr = settings.pop("lr", None) or TrainConfig(method=row.method, **settings).learning_rate  # what ``adapterkit train --method <method>`` uses
         rows.append({**aggregate([

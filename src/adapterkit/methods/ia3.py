@@ -38,6 +38,9 @@ class IA3Config(AdapterConfig):
 
     supports_merge = True
     places = ("weight", "pre")
+    #: ``adapterkit train``'s default: on SST-2 dev (MiniLM, 3 epochs) 1e-2 beat 2e-3 (87.95 against
+    #: 86.30 %); a scaling vector that starts at one moves slowly at the bottleneck adapters' rate
+    training_lr = 1e-2
     default_strategy = "multiply"
     #: roles used when ``roles`` is None; a role a stack lacks is skipped there
     default_roles: ClassVar[tuple[str, ...]] = ("k", "v", "ffn_in", "cross_k", "cross_v")
