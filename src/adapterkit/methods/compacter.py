@@ -94,6 +94,10 @@ class CompacterConfig(BottleneckConfig):
         phm_init_range: std of the rule's normal initialisation.
     """
 
+    #: ``adapterkit train``'s default: on SST-2 dev (MiniLM, 3 epochs) 1e-2 beat 2e-3 (87.70 against
+    #: 86.30 %); the paper trains Compacter at 3e-3 for many more steps
+    training_lr = 1e-2
+
     phm_dim: int = 4
     phm_rank: int = 1
     phm_init_range: float = 1e-4
