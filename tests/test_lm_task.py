@@ -88,10 +88,10 @@ def test_resume_continues_a_verbalizer_run(ws, tmp_path, capsys, monkeypatch):
     assert main(["train", *common, "--out", str(tmp_path / "full")]) == 0
     step = loop._Runner.step
 
-    def interrupted(self, ddp, batch):
+    def interrupted(self, ddp, batch, *rest):
         if self.state["step"] == 7:
             raise KeyboardInterrupt
-        return step(self, ddp, batch)
+        return step(self, ddp, batch, *rest)
 
     monkeypatch.setattr(loop._Runner, "step", interrupted)
     assert main(["train", *common, "--out", str(tmp_path / "part")]) == 130
