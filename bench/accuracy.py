@@ -95,7 +95,7 @@ METHOD_ROWS = [
     Row("UniPELT", "unipelt", judged=True),
     Row("prefix tuning", "prefix_tuning", judged=True),
     Row("prompt tuning", "prompt_tuning", judged=True),
-    Row("prompt tuning, lr 1e-2", "prompt_tuning", settings={"lr": 1e-2}),
+    Row("prompt tuning, lr 2e-3", "prompt_tuning", settings={"lr": 2e-3}),
 ]
 QUANT_ROWS = [
     Row(f"{label}, {q or 'float32'} base", method, settings={"quantize": q} if q else None, judged=True)

