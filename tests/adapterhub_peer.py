@@ -59,3 +59,20 @@ def fixture_base(base: str, causal_lm: bool):
 
 
 __all__ = ["adapterhub_output", "fixture_base"]
+
+
+def assert_adapterhub_computes_ours(model, name: str, tmp: Path, *, padding: bool = False) -> None:
+    """Save adapter ``name`` of ``model`` (over ``fixture_base("bert")``) in AdapterHub's format and
+    check that AdapterHub, loading it, computes our hidden states to 1e-5 (on the real tokens, or
+    on every position with ``padding=True``, for methods whose AdapterHub formula reads padding)."""
+    batch = {"input_ids": torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(2)),
+             "attention_mask": torch.tensor([[1] * 9, [1] * 6 + [0] * 3])}
+    model.eval()
+    with torch.no_grad():
+        ours = model.model(**batch).last_hidden_state
+        with model.disable_adapters():
+            assert (model.model(**batch).last_hidden_state - ours).abs().max() > 1e-3  # the adapter acts
+    model.save_adapter(tmp / "ah", name, format="adapterhub")
+    theirs = adapterhub_output(tmp / "ah", "bert", batch, tmp, causal_lm=False)
+    real = torch.ones_like(batch["attention_mask"]).bool() if padding else batch["attention_mask"].bool()
+    assert (ours[real] - theirs[real]).abs().max() <= 1e-5

@@ -109,17 +109,22 @@ class AudioSet:
 
     def collate(self, indices: Sequence[int], *, with_labels: bool = True) -> dict:
         """Right-padded ``input_values`` (B, samples) with an ``attention_mask`` over samples."""
-        width = max(self.min_samples, max(len(self.values[i]) for i in indices))
-        values = torch.zeros(len(indices), width)
-        mask = torch.zeros(len(indices), width, dtype=torch.long)
-        for row, i in enumerate(indices):
-            clip = torch.from_numpy(self.values[i])
-            values[row, : len(clip)] = clip
-            mask[row, : len(clip)] = 1
-        batch = {"input_values": values, "attention_mask": mask}
+        batch = pad_clips([self.values[i] for i in indices], self.min_samples)
         if with_labels:
             batch["labels"] = torch.tensor([self.labels[i] for i in indices], dtype=torch.long)
         return batch
+
+
+def pad_clips(clips: Sequence[Any], min_samples: int = 1) -> dict[str, torch.Tensor]:
+    """``input_values`` (B, samples): the clips (1-d float arrays) right-padded with zeros to the
+    longest (at least ``min_samples``), and the ``attention_mask`` over their real samples."""
+    width = max(min_samples, max(len(c) for c in clips))
+    values = torch.zeros(len(clips), width)
+    mask = torch.zeros(len(clips), width, dtype=torch.long)
+    for row, c in enumerate(clips):
+        values[row, : len(c)] = torch.from_numpy(c)
+        mask[row, : len(c)] = 1
+    return {"input_values": values, "attention_mask": mask}
 
 
 def read_split(root: "str | Path", labels: Optional[list[str]], extractor: Any, min_samples: int = 1) -> tuple[AudioSet, list[str]]:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .audio import read_clip
+from .audio import pad_clips, read_clip
 from .files import DataError, _decode, _where
 
 PAD, UNK, DELIMITER = "<pad>", "<unk>", "|"
@@ -180,14 +180,7 @@ class CtcSet:
     def collate(self, indices: Sequence[int], *, with_labels: bool = True) -> dict:
         """``input_values`` (B, samples) right-padded, ``attention_mask`` over samples, and
         ``labels`` (B, longest target) padded with -100."""
-        width = max(self.min_samples, max(len(self.values[i]) for i in indices))
-        values = torch.zeros(len(indices), width)
-        mask = torch.zeros(len(indices), width, dtype=torch.long)
-        for row, i in enumerate(indices):
-            clip = torch.from_numpy(self.values[i])
-            values[row, : len(clip)] = clip
-            mask[row, : len(clip)] = 1
-        batch = {"input_values": values, "attention_mask": mask}
+        batch = pad_clips([self.values[i] for i in indices], self.min_samples)
         if with_labels:
             labels = torch.full((len(indices), max(len(self.targets[i]) for i in indices)), -100, dtype=torch.long)
             for row, i in enumerate(indices):
