@@ -177,17 +177,24 @@ def prepare(config: TrainConfig, env: Optional[D.DistEnv] = None, echo: Optional
     return Prepared(config, spec, name, model, tokenizer, train_enc, eval_enc, test_enc, env, adapter_config, data)
 
 
+def _speech_start(config: TrainConfig, what: str) -> tuple[Any, str, Any, AdapterModel, int]:
+    """What both speech tasks begin with: the adapter config, the run name, a check that the model
+    reads speech (``what`` names the data in the message), its feature extractor, the model (seeded
+    for the head's initialisation) and the shortest clip it accepts, in samples."""
+    adapter_config = None if config.full_finetune else config.adapter_config()
+    name = _run_name(config)
+    _check_speech_model(config, what)
+    extractor = load_feature_extractor(config.model)
+    torch.manual_seed(config.seed)
+    model = AdapterModel.from_pretrained(config.model, quantize=config.quantize)
+    return adapter_config, name, extractor, model, min_samples(model.model)
+
+
 def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
     """``prepare`` for audio classification folders: the clips of each split, read and
     normalised by the model's feature extractor, the labels from the subfolder names."""
 
-    adapter_config = None if config.full_finetune else config.adapter_config()
-    name = _run_name(config)
-    _check_speech_model(config, "a folder of audio clips")
-    extractor = load_feature_extractor(config.model)
-    torch.manual_seed(config.seed)
-    model = AdapterModel.from_pretrained(config.model, quantize=config.quantize)
-    shortest = min_samples(model.model)
+    adapter_config, name, extractor, model, shortest = _speech_start(config, "a folder of audio clips")
     train, labels = read_split(config.train, None, extractor, shortest)
     splits = {k: read_split(getattr(config, k), labels, extractor, shortest)[0] if getattr(config, k) else None
               for k in ("eval", "test")}
@@ -212,13 +219,7 @@ def _prepare_ctc(config: TrainConfig, env: D.DistEnv) -> Prepared:
     if is_audio_folder(config.train):
         raise AdapterError(f"--task ctc reads a TSV of path<TAB>transcript lines, and --train {config.train} is a "
                            "folder; pass the TSV, or drop --task ctc to classify the folder's label subfolders.")
-    adapter_config = None if config.full_finetune else config.adapter_config()
-    name = _run_name(config)
-    _check_speech_model(config, "speech for --task ctc")
-    extractor = load_feature_extractor(config.model)
-    torch.manual_seed(config.seed)
-    model = AdapterModel.from_pretrained(config.model, quantize=config.quantize)
-    shortest = min_samples(model.model)
+    adapter_config, name, extractor, model, shortest = _speech_start(config, "speech for --task ctc")
     frames = clip_frames(model.model)
     train, vocab = read_ctc_split(config.train, None, extractor, shortest, frames)
     splits = {k: read_ctc_split(getattr(config, k), vocab, extractor, shortest, frames)[0] if getattr(config, k) else None
