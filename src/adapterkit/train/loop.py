@@ -190,6 +190,22 @@ def _speech_start(config: TrainConfig, what: str) -> tuple[Any, str, Any, Adapte
     return adapter_config, name, extractor, model, min_samples(model.model)
 
 
+def _speech_finish(config: TrainConfig, env: D.DistEnv, spec: TaskSpec, name: str, model: AdapterModel, extractor: Any,
+                   adapter_config: Any, train: Any, splits: dict, fingerprint: Callable[[str], Any]) -> Prepared:
+    """What both speech tasks end with: the metric and width checks, the adapter and head, the
+    activation cache's cut, the data's fingerprints (``fingerprint`` of each split's path) and row counts."""
+    check_metric(config, spec)
+    _check_bottleneck_width(adapter_config, model.layout.hidden_size)
+    setup_model(model, spec, name, config, adapter_config)
+    if config.cache_activations:
+        cache_cut(model, name)
+    torch.manual_seed(config.seed + 1000 * env.rank)
+    data = {k: fingerprint(getattr(config, k)) if getattr(config, k) else None for k in ("train", "eval", "test")}
+    data["rows"] = {"train": len(train), "eval": len(splits["eval"] or []), "test": len(splits["test"] or [])}
+    return Prepared(config, spec, name, model, extractor, train, splits["eval"], splits["test"], env, adapter_config,
+                    data)
+
+
 def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
     """``prepare`` for audio classification folders: the clips of each split, read and
     normalised by the model's feature extractor, the labels from the subfolder names."""
@@ -201,16 +217,7 @@ def _prepare_audio(config: TrainConfig, env: D.DistEnv) -> Prepared:
     train, splits["eval"] = _hold_out(train.subset(_subset_rows(len(train), config.max_train_rows)),
                                       config.val_fraction, splits["eval"])
     spec = TaskSpec("classification", Columns(text="audio", label="label"), labels=labels)
-    check_metric(config, spec)
-    _check_bottleneck_width(adapter_config, model.layout.hidden_size)
-    setup_model(model, spec, name, config, adapter_config)
-    if config.cache_activations:
-        cache_cut(model, name)
-    torch.manual_seed(config.seed + 1000 * env.rank)
-    data = {k: folder_fingerprint(getattr(config, k)) if getattr(config, k) else None for k in ("train", "eval", "test")}
-    data["rows"] = {"train": len(train), "eval": len(splits["eval"] or []), "test": len(splits["test"] or [])}
-    return Prepared(config, spec, name, model, extractor, train, splits["eval"], splits["test"], env, adapter_config,
-                    data)
+    return _speech_finish(config, env, spec, name, model, extractor, adapter_config, train, splits, folder_fingerprint)
 
 
 def _prepare_ctc(config: TrainConfig, env: D.DistEnv) -> Prepared:
@@ -227,17 +234,8 @@ def _prepare_ctc(config: TrainConfig, env: D.DistEnv) -> Prepared:
     train, splits["eval"] = _hold_out(train.subset(_subset_rows(len(train), config.max_train_rows)),
                                       config.val_fraction, splits["eval"])
     spec = TaskSpec("ctc", Columns(text="path", label="text"), labels=list(vocab.tokens))
-    check_metric(config, spec)
-    _check_bottleneck_width(adapter_config, model.layout.hidden_size)
-    setup_model(model, spec, name, config, adapter_config)
-    if config.cache_activations:
-        cache_cut(model, name)
-    torch.manual_seed(config.seed + 1000 * env.rank)
-    data = {k: transcripts_fingerprint(getattr(config, k)) if getattr(config, k) else None
-            for k in ("train", "eval", "test")}
-    data["rows"] = {"train": len(train), "eval": len(splits["eval"] or []), "test": len(splits["test"] or [])}
-    return Prepared(config, spec, name, model, extractor, train, splits["eval"], splits["test"], env, adapter_config,
-                    data)
+    return _speech_finish(config, env, spec, name, model, extractor, adapter_config, train, splits,
+                          transcripts_fingerprint)
 
 
 def _run_name(config: TrainConfig) -> str:
