@@ -131,12 +131,18 @@ class AdapterModule(nn.Module):
         raise NotImplementedError  # pragma: no cover
 
 
-def tell_step(model: nn.Module, step: int, total_steps: int) -> None:
-    """Tell every adapter module in ``model`` the optimizer step about to be taken (a training loop
-    calls this before each step; ``adapterkit train`` does)."""
-    for module in model.modules():
-        if isinstance(module, AdapterModule):
-            module.at_step(step, total_steps)
+def step_listeners(model: nn.Module) -> list["AdapterModule"]:
+    """The adapter modules in ``model`` that act on ``at_step`` (those that override it): a training
+    loop collects them once, as the adapter setup does not change while it trains."""
+    return [m for m in model.modules()
+            if isinstance(m, AdapterModule) and type(m).at_step is not AdapterModule.at_step]
+
+
+def tell_step(model: "nn.Module | Sequence[AdapterModule]", step: int, total_steps: int) -> None:
+    """Tell the adapter modules of ``model`` (or the ``step_listeners`` collected from it) the optimizer
+    step about to be taken (a training loop calls this before each step; ``adapterkit train`` does)."""
+    for module in step_listeners(model) if isinstance(model, nn.Module) else model:
+        module.at_step(step, total_steps)
 
 
 def gather(tensors: Sequence[torch.Tensor], which: Optional[torch.Tensor]) -> torch.Tensor:

@@ -55,7 +55,7 @@ from ..errors import AdapterError, CheckpointError
 from ..fingerprint import base_identity
 from ..layouts import spec_for
 from ..layouts.inputs import min_samples
-from ..methods.base import tell_step
+from ..methods.base import step_listeners, tell_step
 from ..loader import check_max_length, load_config, load_tokenizer, max_positions, model_is_decoder
 from ..model import AdapterModel
 from . import checkpoint as ckpt
@@ -407,6 +407,7 @@ class _Runner:
         self.prep, self.out, self.echo, self.progress = prep, out, echo, progress
         self.cfg, self.spec, self.env = prep.config, prep.spec, prep.env
         self.model = prep.model
+        self.listeners = step_listeners(self.model)  # e.g. prefix tuning's MLP warm-up; the setup is fixed now
         self.device = torch.device("cuda", self.env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         self.model.to(self.device)
         self.names = [n for n, _ in trainable(self.model)]
@@ -622,7 +623,7 @@ class _Runner:
                 batch = batches[self.state["batch"]]
                 lr = lr_at(self.state["step"], self.total_steps, self.warmup, cfg.learning_rate, cfg.schedule)
                 set_lr(self.optimizer, lr)
-                tell_step(self.model, self.state["step"], self.total_steps)  # e.g. prefix tuning's MLP warm-up
+                tell_step(self.listeners, self.state["step"], self.total_steps)
                 loss = self.step(ddp, batch, batch_ids[self.state["batch"]])
                 self.state["step"] += 1
                 self.state["batch"] += 1
