@@ -102,6 +102,49 @@ def test_run_lock_is_exclusive_and_discards_what_it_created(tmp_path):
     assert not out.exists()
 
 
+def test_run_lock_copes_with_a_racing_process_making_the_folder_first(tmp_path, monkeypatch):
+    """Two merges into one new --out: both found it missing, the slower mkdir failed with "File
+    exists" and stopped with "cannot write there" (CI, once in a while)."""
+    from adapterkit.train.runlock import LOCK_NAME, RunLock
+
+    out = tmp_path / "new"
+    real_mkdir = Path.mkdir
+
+    def beaten(self, *args, **kwargs):
+        if self == out and not out.exists():
+            real_mkdir(self)  # the other process gets there first
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", beaten)
+    lock = RunLock(out, "merge").acquire()
+    assert (out / LOCK_NAME).read_text().split() == [str(os.getpid()), "merge"]
+    lock.release(discard=True)
+    assert out.is_dir()  # the other process made the folder: it is not ours to remove
+
+
+def test_run_lock_takes_the_lock_now_in_the_folder_not_one_swapped_away(tmp_path, monkeypatch):
+    """A folder swapped in between our open and our flock (merge's atomic write, or a run that
+    removed its folder again) holds another lock file: the one we opened locks nothing."""
+    from adapterkit.train import runlock
+
+    out = tmp_path / "swapped"
+    real_flock, swaps = runlock.fcntl.flock, []
+
+    def swap_then_flock(fd, op):
+        if not swaps:
+            swaps.append(out.rename(tmp_path / "old"))
+            out.mkdir()
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(runlock.fcntl, "flock", swap_then_flock)
+    lock = runlock.RunLock(out).acquire()
+    assert swaps and runlock._same_file(out / runlock.LOCK_NAME, lock._fd)
+    with pytest.raises(AdapterError, match="in use by another adapterkit train"):
+        runlock.RunLock(out).acquire()  # the lock of the folder as it is now is held
+    lock.release()
+    assert not (out / runlock.LOCK_NAME).exists()
+
+
 def test_second_run_into_the_same_folder_exits_2_naming_the_first(ws, tmp_path, capsys):
     out = tmp_path / "busy"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -24,6 +24,16 @@ from typing import Optional
 from ..checkpoint_format import LOCK_NAME
 from ..errors import AdapterError
 
+_ATTEMPTS = 50  # rounds of "folder removed or swapped under us" before giving up
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """``path`` names the open file ``fd`` (not removed, not replaced by another file)."""
+    try:
+        here, held = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _unwritable(out: Path, err: OSError) -> AdapterError:
@@ -46,34 +56,62 @@ class RunLock:
         return self._fd is not None
 
     def acquire(self) -> "RunLock":
-        """Take the lock, creating the folder if needed; ``AdapterError`` if another process has it."""
+        """Take the lock, creating the folder if needed; ``AdapterError`` if another process has it.
+
+        Safe against a racing process: one that creates the folder first, removes it again (a run
+        refused for bad input), or swaps a new folder in (``merge``) between our ``open`` and our
+        ``flock``; the lock taken is always the file now at ``DIR/.adapterkit.lock``."""
         if self._fd is not None:
             return self
-        if self.out.exists() and not self.out.is_dir():
-            raise AdapterError(f"--out {self.out} is a file; pass a folder path.")
-        try:
-            if not self.out.exists():
-                self.out.mkdir(parents=True)
-                self._created_dir = True
-            self._created_file = not self.path.exists()
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as err:
-            self._discard()
-            raise _unwritable(self.out, err) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = os.read(fd, 64).decode("ascii", "replace").split() or ["unknown"]
-            os.close(fd)
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise _unwritable(self.out, err) from None
-            what = holder[1] if len(holder) > 1 else "train"  # a lock written before the command was recorded
-            raise AdapterError(f"--out {self.out} is in use by another adapterkit {what} (PID {holder[0]}); wait for "
-                               "it to finish (or stop it), or choose another --out.") from None
+        for _ in range(_ATTEMPTS):
+            fd = self._open()
+            if fd is None:  # the folder or its lock file vanished under us: look again
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = os.read(fd, 64).decode("ascii", "replace").split() or ["unknown"]
+                os.close(fd)
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise _unwritable(self.out, err) from None
+                what = holder[1] if len(holder) > 1 else "train"  # a lock written before the command was recorded
+                raise AdapterError(f"--out {self.out} is in use by another adapterkit {what} (PID {holder[0]}); wait "
+                                   "for it to finish (or stop it), or choose another --out.") from None
+            if _same_file(self.path, fd):
+                break
+            os.close(fd)  # locked a file that was removed or swapped away meanwhile: not the lock of DIR
+        else:
+            raise AdapterError(f"--out {self.out}: another process keeps creating and removing it; wait for it to "
+                               "finish, or choose another --out.")
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {self.command}\n".encode("ascii"))
         self._fd = fd
         return self
+
+    def _open(self) -> Optional[int]:
+        """Create the folder and the lock file as needed and open it; ``None`` when a racing process
+        removed either between the two steps."""
+        if self.out.exists() and not self.out.is_dir():
+            raise AdapterError(f"--out {self.out} is a file; pass a folder path.")
+        self._created_file = False
+        try:
+            try:
+                self.out.mkdir(parents=True)
+                self._created_dir = True
+            except FileExistsError:  # there already, or made by a racing process just now
+                if not self.out.is_dir():
+                    raise AdapterError(f"--out {self.out} is a file; pass a folder path.") from None
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                self._created_file = True
+            except FileExistsError:
+                fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            self._discard()
+            raise _unwritable(self.out, err) from None
+        return fd
 
     def release(self, *, discard: bool = False) -> None:
         """Let go of the lock. ``discard=True`` (the run never started) also removes the lock file
@@ -90,10 +128,7 @@ class RunLock:
     def _still_mine(self) -> bool:
         """The lock file is still the one this process locked: a folder swapped in by an atomic write
         (``merge``) has none, or a newer process's, which must not be removed."""
-        try:
-            return os.stat(self.path).st_ino == os.fstat(self._fd).st_ino  # type: ignore[arg-type]
-        except OSError:
-            return False
+        return _same_file(self.path, self._fd)  # type: ignore[arg-type]
 
     def _discard(self) -> None:
         if self._created_file:
