@@ -251,9 +251,33 @@ def within_budget(r: dict[str, Any], full: dict[str, Any]) -> bool:
     return r["seconds"] <= full["seconds"]
 
 
+# two-sided 95 % quantiles of Student's t, by degrees of freedom (1-30); beyond: 1.96
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def paired_interval(diffs: list[float]) -> tuple[float, float]:
+    """Mean of paired differences and the half-width of its 95 % interval (inf with one pair)."""
+    import statistics
+
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, float("inf")
+    t = T95[len(diffs) - 2] if len(diffs) - 1 <= len(T95) else 1.96
+    return mean, t * statistics.stdev(diffs) / len(diffs) ** 0.5
+
+
+def within_tolerance(mean: float, half: float, tolerance: float) -> str:
+    """PASS: the whole interval lies within ±tolerance; FAIL: wholly outside; else UNDECIDED."""
+    if abs(mean) + half <= tolerance:
+        return "PASS"
+    return "FAIL" if abs(mean) - half > tolerance else "UNDECIDED"
+
+
 def quantized_verdict(rows: list[dict[str, Any]]) -> list[str]:
-    """Each quantized row against the same method on the float32 base (issue 22: within 0.5 points)."""
-    out = []
+    """Each quantized row against the same method on the float32 base, paired by seed (issue 22:
+    within 0.5 points), with the 95 % interval of the paired mean; then all pairs pooled."""
+    out, pooled = [], []
     for r in rows:
         q = r["runs"][0].get("quantize") if r.get("runs") else None
         if not q:
@@ -264,10 +288,17 @@ def quantized_verdict(rows: list[dict[str, Any]]) -> list[str]:
             continue
         paired = [100 * (a["test_accuracy"] - b["test_accuracy"]) for a in r["runs"] for b in twin["runs"]
                   if a["seed"] == b["seed"]]
-        gap = sum(paired) / len(paired) if paired else 100 * (r["test_accuracy"] - twin["test_accuracy"])
-        out.append(f"{'PASS' if abs(gap) <= 0.5 else 'FAIL'}: {r['label']}: {100 * r['test_accuracy']:.2f} % against "
-                   f"{100 * twin['test_accuracy']:.2f} % on the float32 base, paired difference {gap:+.2f} points "
-                   f"over {len(paired)} seed(s) (target within 0.5)")
+        if not paired:
+            continue
+        pooled += paired
+        mean, half = paired_interval(paired)
+        out.append(f"{within_tolerance(mean, half, 0.5)}: {r['label']}: {100 * r['test_accuracy']:.2f} % against "
+                   f"{100 * twin['test_accuracy']:.2f} % on the float32 base, paired difference {mean:+.2f} "
+                   f"± {half:.2f} points (95 %, {len(paired)} seeds; target within 0.5)")
+    if len(pooled) > 1:
+        mean, half = paired_interval(pooled)
+        out.append(f"{within_tolerance(mean, half, 0.5)}: every quantized row pooled: paired difference {mean:+.2f} "
+                   f"± {half:.2f} points (95 %, {len(pooled)} pairs; target within 0.5)")
     return out
 
 

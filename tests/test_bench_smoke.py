@@ -44,3 +44,30 @@ def test_multitask_tasks_are_the_documented_functions_of_a_row(tmp_path, capsys)
     assert label["sentiment"](("never dull", 1)) == 1
     assert multitask.main(["--data", str(tmp_path / "nowhere")]) == 2
     assert "No SST-2 at" in capsys.readouterr().err
+
+
+def test_quantized_verdict_decides_only_what_its_seeds_can():
+    """bench/accuracy.py --table quantized: PASS only when the whole 95 % interval of the paired mean
+    lies within ±0.5 points, FAIL only when wholly outside, UNDECIDED otherwise (issue 22)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import accuracy
+    finally:
+        sys.path.remove(str(BENCH))
+    mean, half = accuracy.paired_interval([0.6, -0.6])
+    assert mean == 0.0 and abs(half - 12.706 * 0.6 * 2 ** 0.5 / 2 ** 0.5) < 1e-9  # sd 0.6 * sqrt 2, / sqrt 2 pairs
+    assert accuracy.paired_interval([0.3]) == (0.3, float("inf"))
+    assert accuracy.within_tolerance(0.1, 0.3, 0.5) == "PASS"
+    assert accuracy.within_tolerance(-0.1, 0.5, 0.5) == "UNDECIDED"
+    assert accuracy.within_tolerance(-1.2, 0.5, 0.5) == "FAIL"
+
+    def run(seed, acc, quantize=None):
+        return {"seed": seed, "test_accuracy": acc, "quantize": quantize}
+
+    def row(label, quantize, accs):
+        runs = [run(s, a, quantize) for s, a in zip((42, 43, 44), accs)]
+        return {"label": label, "method": "lora", "options": {}, "runs": runs, "test_accuracy": sum(accs) / len(accs)}
+
+    lines = accuracy.quantized_verdict([row("float", None, [0.85, 0.84, 0.86]), row("int8", "int8", [0.851, 0.841, 0.861])])
+    assert lines[0].startswith("PASS: int8:") and "+0.10 ± 0.00 points (95 %, 3 seeds" in lines[0]
+    assert lines[1].startswith("PASS: every quantized row pooled") and "3 pairs" in lines[1]
