@@ -92,7 +92,9 @@ def _fresh_health(url: str) -> dict:
         elapsed = time.monotonic() - start
         if health["replica"] and all(r["seconds_since_report"] + 0.5 < elapsed for r in health["replica"].values()):
             return health
-        assert elapsed < 20, health
+        # a liveness bound, not a speed target: replicas push every second, but Ray runs them
+        # niced, and on a loaded 2-core machine their pushes stalled past 20 s (a CI-like run)
+        assert elapsed < 90, health
         time.sleep(0.3)
 
 
