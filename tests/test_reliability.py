@@ -122,6 +122,28 @@ def test_run_lock_copes_with_a_racing_process_making_the_folder_first(tmp_path, 
     assert out.is_dir()  # the other process made the folder: it is not ours to remove
 
 
+def test_run_lock_names_a_holder_that_writes_its_line_a_moment_after_locking(tmp_path):
+    """The loser of a race read the lock file between the winner's flock and its write, and said
+    "in use by another adapterkit train (PID unknown)" of a merge (CI, once)."""
+    import fcntl
+    import threading
+
+    from adapterkit.train.runlock import LOCK_NAME, RunLock
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the winner has locked, and not yet written
+    late = threading.Timer(0.2, lambda: os.write(fd, b"4242 merge\n"))
+    late.start()
+    try:
+        with pytest.raises(AdapterError, match=r"in use by another adapterkit merge \(PID 4242\)"):
+            RunLock(out, "merge").acquire()
+    finally:
+        late.join()
+        os.close(fd)
+
+
 def test_run_lock_takes_the_lock_now_in_the_folder_not_one_swapped_away(tmp_path, monkeypatch):
     """A folder swapped in between our open and our flock (merge's atomic write, or a run that
     removed its folder again) holds another lock file: the one we opened locks nothing."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +35,18 @@ def _same_file(path: Path, fd: int) -> bool:
     except OSError:
         return False
     return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _holder(fd: int) -> list[str]:
+    """The lock holder's line ``PID COMMAND``, split. A process that has just taken the lock writes
+    it a moment later: wait up to about a second for a whole line before saying "unknown"."""
+    for _ in range(_ATTEMPTS):
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = os.read(fd, 64)
+        if data.endswith(b"\n"):
+            return data.decode("ascii", "replace").split() or ["unknown"]
+        time.sleep(0.02)
+    return data.decode("ascii", "replace").split() or ["unknown"]
 
 
 def _unwritable(out: Path, err: OSError) -> AdapterError:
@@ -70,11 +83,12 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
-                holder = os.read(fd, 64).decode("ascii", "replace").split() or ["unknown"]
+                holder = _holder(fd)
                 os.close(fd)
                 if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise _unwritable(self.out, err) from None
-                what = holder[1] if len(holder) > 1 else "train"  # a lock written before the command was recorded
+                # one word: a lock written before the command was recorded (train); none: a holder silent for 1 s
+                what = holder[1] if len(holder) > 1 else "train" if holder[0].isdigit() else "command"
                 raise AdapterError(f"--out {self.out} is in use by another adapterkit {what} (PID {holder[0]}); wait "
                                    "for it to finish (or stop it), or choose another --out.") from None
             if _same_file(self.path, fd):
