@@ -83,10 +83,11 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise _unwritable(self.out, err) from None
                 holder = _holder(fd)
                 os.close(fd)
-                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise _unwritable(self.out, err) from None
                 # one word: a lock written before the command was recorded (train); none: a holder silent for 1 s
                 what = holder[1] if len(holder) > 1 else "train" if holder[0].isdigit() else "command"
                 raise AdapterError(f"--out {self.out} is in use by another adapterkit {what} (PID {holder[0]}); wait "
@@ -105,8 +106,6 @@ class RunLock:
     def _open(self) -> Optional[int]:
         """Create the folder and the lock file as needed and open it; ``None`` when a racing process
         removed either between the two steps."""
-        if self.out.exists() and not self.out.is_dir():
-            raise AdapterError(f"--out {self.out} is a file; pass a folder path.")
         self._created_file = False
         try:
             try:
